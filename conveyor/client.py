@@ -1,0 +1,322 @@
+"""The Python API: Client, AsyncClient and Executor.
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        fut = client.submit(fn, *args, **kwargs)     # a concurrent.futures.Future (JobFuture)
+        for r in client.map(fn, items, chunksize=256): ...
+        client.options(mode="asyncio", retries=2, timeout=30, tags=["gpu"]).submit(fn, x)
+
+With no address and no CONVEYOR_DISPATCHER, a Client starts a private local cluster and stops it
+when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from conveyor.connection import Connection, JobFuture
+from conveyor.errors import ConveyorError
+from conveyor.local import LocalCluster
+from conveyor.protocol import Cmd
+from conveyor.protocol import errors as perr
+from conveyor.protocol.payload import decode_value, encode_call, encode_chunk, encode_function
+
+ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
+_OPTION_NAMES = ("mode", "tags", "retries", "retry_backoff", "timeout", "retry_on", "keep")
+
+
+def _wire_options(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in _OPTION_NAMES:
+            raise TypeError(f"unknown task option {key!r}; known: {', '.join(_OPTION_NAMES)}")
+        if value is None:
+            continue
+        if key == "tags":
+            value = [value] if isinstance(value, str) else list(value)
+        elif key == "retry_on":
+            value = [v if isinstance(v, str) else perr.type_name(v) for v in (value if isinstance(value, list | tuple) else [value])]
+        elif key == "mode" and value not in ("threads", "processes", "asyncio"):
+            raise ValueError(f"unknown mode {value!r}: choose threads, processes or asyncio")
+        out[key] = value
+    return out
+
+
+class Client:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        max_pending: int = 100_000,
+        reconnect_timeout: float = 60.0,
+        local_workers: int = 1,
+        local_mode: str = "processes",
+        local_concurrency: int | None = None,
+        **options: Any,
+    ):
+        address = address or os.environ.get(ENV_DISPATCHER) or None
+        self._cluster: LocalCluster | None = None
+        if address is None:
+            self._cluster = LocalCluster(workers=local_workers, mode=local_mode, concurrency=local_concurrency)
+            address = self._cluster.start()
+        self.address = address
+        self._options = _wire_options(options)
+        self._owner = True
+        try:
+            self._conn = Connection(address, max_pending=max_pending, reconnect_timeout=reconnect_timeout)
+            self._conn.connect(connect_timeout)
+        except BaseException:
+            if self._cluster is not None:
+                self._cluster.stop()
+            raise
+
+    # --- submitting ---------------------------------------------------------------------------------
+
+    def options(self, **options: Any) -> Client:
+        """A view of this client whose tasks carry these options (mode, tags, retries, timeout, ...)."""
+        view = object.__new__(Client)
+        view.__dict__.update(self.__dict__)
+        view._options = {**self._options, **_wire_options(options)}
+        view._owner = False
+        return view
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> JobFuture:
+        """Run fn(*args, **kwargs) on a worker. fn may be a function or a 'module:function' string."""
+        name, blob = encode_function(fn)
+        frames = encode_call(name, blob, args, kwargs)
+        return self._submit(name, frames)
+
+    def _submit(self, name: str, frames: list[Any]) -> JobFuture:
+        opts = {**self._options, "fn": name}
+        return self._conn.submit(self._conn.new_job_id(), opts, frames)
+
+    def map(
+        self,
+        fn: Callable[..., Any] | str,
+        *iterables: Iterable[Any],
+        chunksize: int = 1,
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> Iterator[Any]:
+        """Results of fn over the items, in input order, streamed: at most `window` tasks are in flight.
+
+        chunksize > 1 sends that many calls in one task (far less overhead for small functions);
+        timeout bounds the whole iteration, as in concurrent.futures.Executor.map.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        name, blob = encode_function(fn)
+        limit = window or max(8, 65536 // chunksize)
+        calls = zip(*iterables, strict=False)
+        return self._map_results(name, blob, calls, chunksize, limit, deadline)
+
+    def _map_results(
+        self,
+        name: str,
+        blob: bytes | None,
+        calls: Iterator[tuple[Any, ...]],
+        chunksize: int,
+        limit: int,
+        deadline: float | None,
+    ) -> Iterator[Any]:
+        in_flight: deque[JobFuture] = deque()
+
+        def fill() -> None:
+            while len(in_flight) < limit:
+                if chunksize == 1:
+                    args = next(calls, None)
+                    if args is None:
+                        return
+                    in_flight.append(self._submit(name, encode_call(name, blob, args, {})))
+                else:
+                    chunk = list(itertools.islice(calls, chunksize))
+                    if not chunk:
+                        return
+                    in_flight.append(self._submit(name, encode_chunk(name, blob, [(a, {}) for a in chunk])))
+
+        try:
+            fill()
+            while in_flight:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                value = in_flight[0].result(remaining)
+                in_flight.popleft()
+                fill()
+                if chunksize == 1:
+                    yield value
+                else:
+                    yield from value
+        finally:
+            for fut in in_flight:
+                fut.cancel()
+
+    # --- jobs by id (the CLI uses these) ------------------------------------------------------------
+
+    def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Wait for a job submitted by anyone and return its result (or raise its error)."""
+        record, data = self.wait_record(job_id, timeout)
+        if record["state"] == "succeeded":
+            return decode_value(data)
+        raise perr.rebuild_exception(record.get("error") or {}, data)
+
+    def wait_record(self, job_id: str, timeout: float | None = None) -> tuple[dict[str, Any], list[Any]]:
+        """(job record, result frames) once the job has finished."""
+        return self._conn.watch(job_id).result(timeout)  # type: ignore[no-any-return]
+
+    def job_info(self, *job_ids: str, timeout: float = 10.0) -> list[dict[str, Any] | None]:
+        reply = self._conn.request(Cmd.JOB_INFO, {"ids": list(job_ids)}, timeout)
+        return reply["jobs"]  # type: ignore[no-any-return]
+
+    def cancel(self, *jobs: JobFuture | str, timeout: float = 10.0) -> list[str]:
+        """Cancel queued or running jobs; returns the ids that were cancelled (not already finished)."""
+        ids = []
+        for job in jobs:
+            if isinstance(job, JobFuture):
+                Future_cancel = concurrent.futures.Future.cancel
+                Future_cancel(job)  # resolve locally without a second CANCEL message
+                ids.append(job.job_id)
+            else:
+                ids.append(job)
+        reply = self._conn.request(Cmd.CANCEL_JOBS, {"ids": ids}, timeout)
+        return reply["cancelled"]  # type: ignore[no-any-return]
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        reply = self._conn.request(Cmd.STATUS, {}, timeout)
+        reply.pop("req", None)
+        return reply  # type: ignore[no-any-return]
+
+    def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
+        """Block until at least n workers are registered (useful right after starting a cluster)."""
+        deadline = time.monotonic() + timeout
+        while len(self.status()["workers"]) < n:
+            if time.monotonic() > deadline:
+                raise ConveyorError(f"fewer than {n} worker(s) registered after {timeout:g} s")
+            time.sleep(0.05)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def pending(self) -> list[JobFuture]:
+        return self._conn.pending_futures()
+
+    def close(self) -> None:
+        if not self._owner:
+            return
+        self._conn.close()
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Executor(concurrent.futures.Executor):
+    """A concurrent.futures.Executor on a Conveyor cluster: swap it in for ProcessPoolExecutor.
+
+    `Executor()` with no address (and no CONVEYOR_DISPATCHER) runs a local cluster of
+    `max_workers` slots in processes mode.
+    """
+
+    def __init__(self, address: str | None = None, max_workers: int | None = None, **client_options: Any):
+        if max_workers is not None:
+            client_options.setdefault("local_concurrency", max_workers)
+        self._client = Client(address, **client_options)
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> JobFuture:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return self._client.submit(fn, *args, **kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return self._client.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._shutdown:
+            return
+        self._shutdown = True
+        pending = self._client.pending()
+        if cancel_futures and pending:
+            self._client.cancel(*[f for f in pending if not f.done()])
+        if wait:
+            concurrent.futures.wait(pending)
+        self._client.close()
+
+
+class AsyncClient:
+    """The Client's API for asyncio programs: `await c.submit(fn, x)` gives the result.
+
+        async with AsyncClient("tcp://127.0.0.1:5555") as c:
+            value = await c.submit(fn, x)
+            async for r in c.map(fn, items): ...
+    """
+
+    def __init__(self, address: str | None = None, **client_options: Any):
+        self._address = address
+        self._client_options = client_options
+        self._client: Client | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        self._client = await asyncio.to_thread(Client, self._address, **self._client_options)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("use `async with AsyncClient(...)` first")
+        return self._client
+
+    def options(self, **options: Any) -> AsyncClient:
+        view = AsyncClient(self._address, **self._client_options)
+        view._client = self.client.options(**options)
+        return view
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        return asyncio.wrap_future(self.client.submit(fn, *args, **kwargs))
+
+    async def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], chunksize: int = 1) -> AsyncIterator[Any]:
+        iterator = self.client.map(fn, *iterables, chunksize=chunksize)
+        sentinel = object()
+        try:
+            while True:
+                value = await asyncio.to_thread(next, iterator, sentinel)
+                if value is sentinel:
+                    return
+                yield value
+        finally:
+            await asyncio.to_thread(iterator.close)  # type: ignore[attr-defined]
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Any:
+        return await asyncio.to_thread(self.client.result, job_id, timeout)
+
+    async def cancel(self, *jobs: JobFuture | str) -> list[str]:
+        return await asyncio.to_thread(self.client.cancel, *jobs)
+
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.status)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)

@@ -1,0 +1,370 @@
+"""The client's side of the wire: one DEALER socket owned by one background I/O thread.
+
+ZeroMQ sockets are not thread-safe, so user threads never touch the socket: they append work to
+thread-safe queues and wake the I/O thread through a socketpair. The I/O thread batches every
+submission that arrived since its last turn into one SUBMIT message, resolves futures from
+JOB_DONE batches, answers requests (status, job info, cancel), pings the dispatcher, and
+re-sends every unfinished job if the dispatcher comes back as a new instance (job ids make that
+idempotent), so a restart of the dispatcher does not strand the client's futures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from conveyor.errors import DispatcherUnavailable, ProtocolVersionError
+from conveyor.protocol import Cmd, ProtocolError, decode, encode, split_frames
+from conveyor.protocol import errors as perr
+from conveyor.protocol.payload import decode_value
+
+log = logging.getLogger("conveyor.client")
+
+SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
+
+
+class JobFuture(Future[Any]):
+    """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran."""
+
+    def __init__(self, job_id: str, connection: Connection | None):
+        super().__init__()
+        self.job_id = job_id
+        self.info: dict[str, Any] = {}
+        self._connection = connection
+
+    def cancel(self) -> bool:
+        """Cancel the job, queued or running (it keeps running only in threads mode; see docs)."""
+        cancelled = super().cancel()
+        if cancelled and self._connection is not None:
+            self._connection.send_cancel([self.job_id])
+        return cancelled
+
+    def __repr__(self) -> str:
+        return f"<JobFuture {self.job_id} {self._state.lower()}>"
+
+
+class _Pending:
+    __slots__ = ("frames", "future", "opts")
+
+    def __init__(self, future: JobFuture, opts: dict[str, Any], frames: list[Any]):
+        self.future = future
+        self.opts = opts
+        self.frames = frames
+
+
+class Connection:
+    def __init__(
+        self,
+        address: str,
+        *,
+        heartbeat_interval: float = 1.0,
+        reconnect_timeout: float = 60.0,
+        max_pending: int = 100_000,
+    ):
+        self.address = address
+        self.heartbeat_interval = heartbeat_interval
+        self.reconnect_timeout = reconnect_timeout
+        self.max_pending = max_pending
+        self.client_id = uuid.uuid4().hex[:10]
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)  # submitters wait here when max_pending is reached
+        self._woken = False
+        self._submits: deque[tuple[str, dict[str, Any], list[Any]]] = deque()
+        self._commands: deque[tuple[Cmd, Any]] = deque()
+        self._pending: dict[str, _Pending] = {}
+        self._watchers: dict[str, list[Future[Any]]] = {}
+        self._requests: dict[int, Future[Any]] = {}
+        self._instance: str | None = None
+        self._fatal: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="conveyor-client-io", daemon=True)
+        self._welcome: Future[Any] = Future()
+        self._thread.start()
+
+    # --- API for user threads -----------------------------------------------------------------------
+
+    def new_job_id(self) -> str:
+        return f"{self.client_id}-{next(self._ids):x}"
+
+    def connect(self, timeout: float) -> dict[str, Any]:
+        """Wait for the dispatcher's WELCOME; raise DispatcherUnavailable if it does not come in time."""
+        try:
+            return self._welcome.result(timeout)  # type: ignore[no-any-return]
+        except TimeoutError:
+            self.close()
+            raise DispatcherUnavailable(
+                f"no Conveyor dispatcher answered at {self.address} within {timeout:g} s"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, job_id: str, opts: dict[str, Any], frames: list[Any], keep_frames: bool = True) -> JobFuture:
+        future = JobFuture(job_id, self)
+        with self._space:
+            while len(self._pending) >= self.max_pending and self._fatal is None and not self._closing:
+                self._space.wait(1.0)
+            self._raise_if_broken()
+            self._pending[job_id] = _Pending(future, opts, frames)
+            self._submits.append((job_id, opts, frames))
+            self._wake_locked()
+        return future
+
+    def watch(self, job_id: str) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            self._raise_if_broken()
+            self._watchers.setdefault(job_id, []).append(future)
+            self._commands.append((Cmd.WATCH, {"ids": [job_id]}))
+            self._wake_locked()
+        return future
+
+    def request(self, cmd: Cmd, body: dict[str, Any], timeout: float) -> Any:
+        future: Future[Any] = Future()
+        req = next(self._ids)
+        with self._lock:
+            self._raise_if_broken()
+            self._requests[req] = future
+            self._commands.append((cmd, {**body, "req": req}))
+            self._wake_locked()
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            raise DispatcherUnavailable(f"the dispatcher at {self.address} did not answer within {timeout:g} s") from None
+        finally:
+            with self._lock:
+                self._requests.pop(req, None)
+
+    def send_cancel(self, job_ids: list[str]) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._commands.append((Cmd.CANCEL_JOBS, {"ids": job_ids, "req": None}))
+            self._wake_locked()
+
+    def pending_futures(self) -> list[JobFuture]:
+        with self._lock:
+            return [p.future for p in self._pending.values()]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake_locked()
+            self._space.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _raise_if_broken(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closing:
+            raise RuntimeError("the client is closed")
+
+    def _wake_locked(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, f"c-{self.client_id}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError as exc:
+            self._welcome.set_exception(DispatcherUnavailable(f"bad dispatcher address {self.address!r}: {exc}"))
+            self._ctx.term()
+            return
+        self._sock = sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._send(Cmd.HELLO, {"client": self.client_id, "pid": os.getpid()})
+        last_heard = time.monotonic()
+        next_ping = last_heard + self.heartbeat_interval
+        try:
+            while True:
+                timeout = max(0.0, next_ping - time.monotonic())
+                events = dict(poller.poll(int(timeout * 1000) + 1))
+                if self._wake_r.fileno() in events:
+                    self._drain_wakeups()
+                if sock in events:
+                    last_heard = self._receive(sock, last_heard)
+                if self._closing:
+                    break
+                self._send_queued()
+                now = time.monotonic()
+                if now >= next_ping:
+                    self._send(Cmd.HEARTBEAT, {"role": "client"})
+                    next_ping = now + self.heartbeat_interval
+                    if self._instance is not None and now - last_heard > self.reconnect_timeout:
+                        self._fail_all(DispatcherUnavailable(
+                            f"lost the dispatcher at {self.address}: no answer for {self.reconnect_timeout:g} s"
+                        ))
+                        break
+        except Exception as exc:  # never leave futures hanging because of a bug here
+            log.exception("client I/O thread failed")
+            self._fail_all(exc)
+        finally:
+            sock.close(linger=0)
+            self._ctx.term()
+            self._wake_r.close()
+            self._wake_w.close()
+            self._fail_all(RuntimeError("the client is closed"), only_if_unset=True)
+
+    def _drain_wakeups(self) -> None:
+        with self._lock:
+            self._woken = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
+        self._sock.send_multipart(encode(cmd, body, frames or ()), copy=False)
+
+    def _send_queued(self) -> None:
+        with self._lock:
+            commands = list(self._commands)
+            self._commands.clear()
+            batches = []
+            while self._submits:
+                n = min(len(self._submits), SUBMIT_BATCH)
+                batches.append([self._submits.popleft() for _ in range(n)])
+        for batch in batches:  # submissions first: a command may name a job submitted just before it
+            self._send_submit(batch)
+        for cmd, body in commands:
+            self._send(cmd, body)
+
+    def _send_submit(self, batch: list[tuple[str, dict[str, Any], list[Any]]]) -> None:
+        entries = []
+        frames: list[Any] = []
+        for job_id, opts, data in batch:
+            entries.append([job_id, opts, len(data)])
+            frames.extend(data)
+        self._send(Cmd.SUBMIT, entries, frames)
+
+    def _receive(self, sock: zmq.Socket[Any], last_heard: float) -> float:
+        while True:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return last_heard
+            last_heard = time.monotonic()
+            try:
+                msg = decode(parts)
+            except ProtocolError as exc:
+                log.warning("ignoring a malformed message from the dispatcher: %s", exc)
+                continue
+            self._handle(msg.cmd, msg.body, msg.frames)
+
+    def _handle(self, cmd: Cmd, body: Any, frames: list[Any]) -> None:
+        if cmd == Cmd.JOB_DONE:
+            self._on_done(body, frames)
+        elif cmd in (Cmd.WELCOME, Cmd.HEARTBEAT):
+            instance = body.get("instance")
+            if self._instance is not None and instance != self._instance:
+                log.warning("dispatcher restarted; re-sending %d unfinished job(s)", len(self._pending))
+                self._resend_unfinished()
+            self._instance = instance
+            if not self._welcome.done():
+                self._welcome.set_result(body)
+        elif cmd == Cmd.ACCEPTED:
+            for job_id, reason in body.get("rejected", []):
+                self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
+        elif cmd in (Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED):
+            with self._lock:
+                future = self._requests.get(body.get("req"))
+            if future is not None and not future.done():
+                future.set_result(body)
+        elif cmd == Cmd.SHUTDOWN:
+            log.info("the dispatcher is shutting down")
+        elif cmd == Cmd.ERROR:
+            exc: BaseException
+            if body.get("code") == "version":
+                exc = ProtocolVersionError(f"protocol version mismatch: {body.get('message')}")
+            else:
+                exc = DispatcherUnavailable(f"the dispatcher refused this client: {body.get('message')}")
+            self._fatal = exc
+            if not self._welcome.done():
+                self._welcome.set_exception(exc)
+            self._fail_all(exc)
+
+    def _resend_unfinished(self) -> None:
+        with self._lock:
+            entries = [(job_id, p.opts, p.frames) for job_id, p in self._pending.items()]
+            watched = list(self._watchers)
+        for i in range(0, len(entries), SUBMIT_BATCH):
+            self._send_submit(entries[i : i + SUBMIT_BATCH])
+        if watched:
+            self._send(Cmd.WATCH, {"ids": watched})
+
+    def _on_done(self, entries: list[Any], frames: list[Any]) -> None:
+        per_entry = split_frames([int(e[3]) for e in entries], frames)
+        for (job_id, state, info, _), data in zip(entries, per_entry, strict=True):
+            self._resolve(str(job_id), str(state), info, data)
+
+    def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:
+        with self._lock:
+            pending = self._pending.pop(job_id, None)
+            watchers = self._watchers.pop(job_id, [])
+            self._space.notify()
+        record = {"id": job_id, "state": state, **info}
+        if pending is not None:
+            future = pending.future
+            future.info = record
+            if future.set_running_or_notify_cancel():
+                _settle(future, state, info, data)
+        for w in watchers:
+            if w.set_running_or_notify_cancel():
+                w.set_result((record, data))
+
+    def _fail_all(self, exc: BaseException, only_if_unset: bool = False) -> None:
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+            watchers = [f for fs in self._watchers.values() for f in fs]
+            self._watchers.clear()
+            requests = list(self._requests.values())
+            if self._fatal is None and not only_if_unset:
+                self._fatal = exc
+            self._space.notify_all()
+        for f in [p.future for p in pending] + watchers + requests:
+            if not f.done() and f.set_running_or_notify_cancel():
+                f.set_exception(exc)
+        if not self._welcome.done():
+            self._welcome.set_exception(exc)
+
+
+def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:
+    if state == "succeeded":
+        try:
+            future.set_result(decode_value(data))
+        except Exception as exc:  # e.g. the result's class is not importable here
+            future.set_exception(exc)
+    else:
+        future.set_exception(perr.rebuild_exception(info.get("error") or {}, data))

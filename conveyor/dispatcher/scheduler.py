@@ -1,0 +1,612 @@
+"""The dispatcher's scheduling state machine: jobs, queues, workers, assignments. No I/O.
+
+Events come in as method calls (submit, worker_ready, results, worker_lost, cancel, tick...),
+each taking the current time as an argument. What must go out on the wire accumulates in
+`outbox` as plain action objects, which the socket loop drains after each batch of events.
+This keeps every scheduling rule testable without sockets or clocks.
+
+Rules worth knowing before reading:
+- Credit: a worker announces free slots; it is never assigned more jobs than it has credit, and
+  each outcome or hand-back it sends returns one credit.
+- Fencing: every assignment has an attempt number. An outcome counts only if it is for the
+  job's current attempt on the worker holding it; a late *success* from a worker that lost the job
+  still finishes an unfinished job (once), never a finished one.
+- Retries: infrastructure failures (crash, lost worker) retry up to `infra_retries`; a task's own
+  failure retries up to its `retries` when the worker marked it retryable (`retry_on`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.protocol import errors as perr
+
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+ClassKey = tuple[str | None, frozenset[str]]  # (mode or None, required tags)
+MAX_BACKOFF = 300.0
+
+
+@dataclass(slots=True, frozen=True)
+class TaskOptions:
+    fn: str = "?"  # display name, for status and errors
+    mode: str | None = None
+    tags: frozenset[str] = frozenset()
+    retries: int = 0
+    retry_backoff: float = 1.0
+    timeout: float | None = None
+    retry_on: tuple[str, ...] = ()
+    keep: bool = False  # keep the result after delivering it (CLI jobs, fetched later by id)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> TaskOptions:
+        """Validate options sent by a client; raises ValueError with a readable reason."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError("task options must be a map")
+        mode = raw.get("mode")
+        if mode is not None and not isinstance(mode, str):
+            raise ValueError("mode must be a string")
+        tags = raw.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("tags must be a list of strings")
+        retries = raw.get("retries", 0)
+        backoff = raw.get("retry_backoff", 1.0)
+        timeout = raw.get("timeout")
+        retry_on = raw.get("retry_on") or []
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError("retries must be a non-negative integer")
+        if not isinstance(backoff, int | float) or backoff < 0:
+            raise ValueError("retry_backoff must be a non-negative number")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ValueError("timeout must be a positive number")
+        if not isinstance(retry_on, list) or not all(isinstance(t, str) for t in retry_on):
+            raise ValueError("retry_on must be a list of exception type names")
+        return cls(
+            fn=str(raw.get("fn", "?")),
+            mode=mode,
+            tags=frozenset(tags),
+            retries=retries,
+            retry_backoff=float(backoff),
+            timeout=float(timeout) if timeout is not None else None,
+            retry_on=tuple(retry_on),
+            keep=bool(raw.get("keep", False)),
+        )
+
+
+class Job:
+    __slots__ = (
+        "attempt",
+        "failures",
+        "finished_at",
+        "frames",
+        "history",
+        "id",
+        "infra_failures",
+        "opts",
+        "owner",
+        "result_frames",
+        "result_info",
+        "retry_at",
+        "seq",
+        "state",
+        "submitted_at",
+        "watchers",
+        "worker",
+    )
+
+    def __init__(self, job_id: str, opts: TaskOptions, frames: list[Any], owner: bytes | None, seq: int, now: float):
+        self.id = job_id
+        self.opts = opts
+        self.frames: list[Any] | None = frames
+        self.owner = owner
+        self.seq = seq
+        self.state = QUEUED
+        self.attempt = 0
+        self.worker: bytes | None = None
+        self.history: list[dict[str, Any]] = []
+        self.failures = 0
+        self.infra_failures = 0
+        self.submitted_at = now
+        self.finished_at: float | None = None
+        self.retry_at: float | None = None
+        self.result_info: dict[str, Any] = {}
+        self.result_frames: list[Any] = []
+        self.watchers: set[bytes] | None = None
+
+    @property
+    def class_key(self) -> ClassKey:
+        return (self.opts.mode, self.opts.tags)
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    id: bytes
+    name: str
+    host: str
+    pid: int
+    mode: str
+    concurrency: int
+    tags: frozenset[str]
+    credit: int
+    last_seen: float
+    registered_at: float
+    running: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    done: int = 0
+    draining: bool = False
+    classes: list[ClassKey] = field(default_factory=list)  # queue classes this worker can serve
+
+    def serves(self, key: ClassKey) -> bool:
+        mode, tags = key
+        return (mode is None or mode == self.mode) and tags <= self.tags
+
+
+# --- actions: what the socket loop must send ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class Assign:
+    worker: bytes
+    jobs: list[Job]
+
+
+@dataclass(slots=True)
+class CancelRunning:
+    worker: bytes
+    job_id: str
+    attempt: int
+
+
+@dataclass(slots=True)
+class Deliver:
+    client: bytes
+    jobs: list[Job]
+
+
+Action = Assign | CancelRunning | Deliver
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        infra_retries: int = 3,
+        liveness: float = 3.0,
+        result_ttl: float = 3600.0,
+        rng: random.Random | None = None,
+    ):
+        self.infra_retries = infra_retries
+        self.liveness = liveness  # seconds of silence after which a worker is lost
+        self.result_ttl = result_ttl
+        self.rng = rng or random.Random()
+        self.jobs: dict[str, Job] = {}  # every job not yet forgotten
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self._free: dict[bytes, None] = {}  # workers with credit, least recently assigned first
+        self._queues: dict[ClassKey, deque[Job]] = {}
+        self._queued_by_class: dict[ClassKey, int] = {}
+        self._delayed: list[tuple[float, int, str]] = []  # (ready_at, seq, job id) heap of retries
+        self._finished: deque[str] = deque()  # finished job ids in finishing order, for expiry
+        self._seq = 0
+        self.n_queued = 0
+        self.n_running = 0
+        self.counts = {SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, "retried": 0, "submitted": 0}
+        self.outbox: list[Action] = []
+        self._deliveries: dict[bytes, list[Job]] = {}
+
+    # --- clients ------------------------------------------------------------------------------
+
+    def submit(self, job_id: str, opts: TaskOptions, frames: list[Any], owner: bytes | None, now: float) -> Job:
+        """Accept a job; a job id seen before is not queued twice (a client re-sending after a restart)."""
+        existing = self.jobs.get(job_id)
+        if existing is not None:
+            if owner is not None:
+                existing.owner = owner
+                if existing.state in FINISHED_STATES:
+                    self._deliver_to(owner, existing)
+            return existing
+        self._seq += 1
+        job = Job(job_id, opts, frames, owner, self._seq, now)
+        self.jobs[job_id] = job
+        self.counts["submitted"] += 1
+        self._enqueue(job)
+        return job
+
+    def watch(self, client: bytes, job_ids: Iterable[str]) -> list[str]:
+        """Deliver these jobs' outcomes to client when they finish (now if finished). Returns unknown ids."""
+        unknown = []
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None:
+                unknown.append(job_id)
+            elif job.state in FINISHED_STATES:
+                self._deliver_to(client, job)
+            else:
+                if job.watchers is None:
+                    job.watchers = set()
+                job.watchers.add(client)
+        return unknown
+
+    def cancel(self, job_id: str, now: float) -> bool:
+        job = self.jobs.get(job_id)
+        if job is None or job.state in FINISHED_STATES:
+            return False
+        if job.state == RUNNING and job.worker is not None:
+            self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))
+            self._release(job)
+        elif job.state == QUEUED:
+            self._leave_queue(job)
+        info = perr.error_info(perr.CANCELLED, "JobCancelled", "the job was cancelled")
+        self._finish(job, CANCELLED, info, [], now)
+        return True
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job whose result was delivered and need not be kept."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.state in FINISHED_STATES:
+            del self.jobs[job_id]
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def worker_ready(
+        self,
+        wid: bytes,
+        *,
+        name: str,
+        host: str,
+        pid: int,
+        mode: str,
+        concurrency: int,
+        tags: Iterable[str],
+        credit: int,
+        running: Iterable[tuple[str, int]],
+        now: float,
+    ) -> WorkerInfo:
+        """Register a worker, or re-register one that reconnected, keeping the assignments it still holds."""
+        still_running = {job_id: attempt for job_id, attempt in running}
+        if wid in self.workers:
+            self._drop_worker(wid, keep=still_running, now=now)
+        w = WorkerInfo(
+            id=wid,
+            name=name,
+            host=host,
+            pid=pid,
+            mode=mode,
+            concurrency=concurrency,
+            tags=frozenset(tags),
+            credit=max(0, credit),
+            last_seen=now,
+            registered_at=now,
+        )
+        w.classes = [k for k in self._queues if w.serves(k)]
+        self.workers[wid] = w
+        for job_id, attempt in still_running.items():
+            job = self.jobs.get(job_id)
+            if job is not None and job.state == RUNNING and job.worker == wid and job.attempt == attempt:
+                w.running[job_id] = attempt
+        if w.credit:
+            self._free[wid] = None
+        return w
+
+    def heard_from(self, wid: bytes, now: float) -> bool:
+        """Any message from a worker proves it alive. False if the worker is unknown."""
+        w = self.workers.get(wid)
+        if w is None:
+            return False
+        w.last_seen = now
+        return True
+
+    def worker_leaving(self, wid: bytes) -> None:
+        w = self.workers.get(wid)
+        if w is not None:
+            w.draining = True
+            self._free.pop(wid, None)
+
+    def worker_gone(self, wid: bytes, now: float) -> None:
+        """The worker said goodbye: whatever it still held goes back to the queue."""
+        if wid in self.workers:
+            self._drop_worker(wid, keep={}, now=now)
+
+    def expire_workers(self, now: float) -> list[WorkerInfo]:
+        """Workers silent for longer than the liveness limit are lost; their jobs are retried."""
+        lost = [w for w in self.workers.values() if now - w.last_seen > self.liveness]
+        for w in lost:
+            self._drop_worker(w.id, keep={}, now=now)
+        return lost
+
+    def outcome(
+        self,
+        wid: bytes,
+        job_id: str,
+        attempt: int,
+        ok: bool,
+        info: dict[str, Any],
+        frames: list[Any],
+        now: float,
+    ) -> None:
+        """A worker reports how an attempt ended. Returns the worker's credit and applies fencing."""
+        w = self.workers.get(wid)
+        if w is not None and w.running.pop(job_id, None) is not None:
+            self._return_credit(w)
+            w.done += 1
+        elif w is not None:
+            self._return_credit(w)  # an attempt the worker held before we fenced it: the slot is free now
+        job = self.jobs.get(job_id)
+        if job is None or job.state in FINISHED_STATES:
+            return
+        current = job.state == RUNNING and job.worker == wid and job.attempt == attempt
+        if not current:
+            if ok:  # a late success still counts, once; stop the newer attempt if one runs
+                if job.state == RUNNING and job.worker is not None:
+                    self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))
+                    self._release(job)
+                elif job.state == QUEUED:
+                    self._leave_queue(job)
+                self._record_attempt(job, attempt, wid, None, now)
+                self._finish(job, SUCCEEDED, info, frames, now)
+            return
+        self._release(job)
+        if ok:
+            self._record_attempt(job, attempt, wid, None, now)
+            self._finish(job, SUCCEEDED, info, frames, now)
+            return
+        self._record_attempt(job, attempt, wid, info, now)
+        self._failed_attempt(job, info, frames, now, retryable=bool(info.get("retryable")))
+
+    def give_back(self, wid: bytes, job_id: str, attempt: int, now: float) -> None:
+        """A draining worker returns a job it will not finish; this does not count as a failure."""
+        w = self.workers.get(wid)
+        if w is not None:
+            w.running.pop(job_id, None)
+            if not w.draining:
+                self._return_credit(w)
+        job = self.jobs.get(job_id)
+        if job is None or job.state != RUNNING or job.worker != wid or job.attempt != attempt:
+            return
+        self._release(job)
+        self._enqueue(job, front=True)
+
+    # --- time and assignment --------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Move retries whose backoff has passed back into their queues; expire old results."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._delayed)
+            job = self.jobs.get(job_id)
+            if job is not None and job.state == QUEUED and job.retry_at is not None:
+                job.retry_at = None
+                self.n_queued -= 1  # _enqueue counts it again
+                self._enqueue(job)
+        while self._finished:
+            job = self.jobs.get(self._finished[0])
+            if job is not None and job.finished_at is not None and now - job.finished_at < self.result_ttl:
+                break
+            self._finished.popleft()
+            if job is not None and job.state in FINISHED_STATES:
+                del self.jobs[job.id]
+
+    def next_timer(self) -> float | None:
+        return self._delayed[0][0] if self._delayed else None
+
+    def schedule(self, now: float) -> None:
+        """Hand queued jobs to workers with credit, spreading them over the free workers."""
+        if not self.n_queued or not self._free:
+            return
+        for wid in list(self._free):
+            if not self.n_queued:
+                break
+            w = self.workers[wid]
+            share = max(1, self.n_queued // max(1, len(self._free)))
+            jobs = self._pop_for(w, min(w.credit, share))
+            if not jobs:
+                continue
+            for job in jobs:
+                job.state = RUNNING
+                job.attempt += 1
+                job.worker = wid
+                w.running[job.id] = job.attempt
+                job.history.append({"attempt": job.attempt, "worker": w.name, "started": now})
+            self.n_running += len(jobs)
+            w.credit -= len(jobs)
+            del self._free[wid]
+            if w.credit:
+                self._free[wid] = None  # to the back: least recently assigned goes first
+            self.outbox.append(Assign(wid, jobs))
+
+    def take_actions(self) -> list[Action]:
+        out = self.outbox
+        for client, jobs in self._deliveries.items():
+            out.append(Deliver(client, jobs))
+        self.outbox = []
+        self._deliveries = {}
+        return out
+
+    # --- views --------------------------------------------------------------------------------
+
+    def job_view(self, job: Job) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "id": job.id,
+            "state": job.state,
+            "fn": job.opts.fn,
+            "attempts": job.attempt,
+            "worker": job.history[-1]["worker"] if job.history else None,
+            "history": job.history,
+            "submitted_at": job.submitted_at,
+            "finished_at": job.finished_at,
+        }
+        if job.state == QUEUED and job.retry_at is not None:
+            view["retry_at"] = job.retry_at
+        if job.state in (FAILED, CANCELLED):
+            view["error"] = job.result_info
+        return view
+
+    def status(self, now: float) -> dict[str, Any]:
+        workers = [
+            {
+                "name": w.name,
+                "host": w.host,
+                "pid": w.pid,
+                "mode": w.mode,
+                "concurrency": w.concurrency,
+                "tags": sorted(w.tags),
+                "running": len(w.running),
+                "done": w.done,
+                "draining": w.draining,
+                "last_seen_ago": round(now - w.last_seen, 3),
+            }
+            for w in self.workers.values()
+        ]
+        by_class = [
+            {"mode": mode, "tags": sorted(tags), "queued": n}
+            for (mode, tags), n in self._queued_by_class.items()
+            if n
+        ]
+        return {
+            "workers": workers,
+            "queued": self.n_queued,
+            "running": self.n_running,
+            "delayed": len(self._delayed),
+            "queues": by_class,
+            "totals": dict(self.counts),
+        }
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job, front: bool = False) -> None:
+        job.state = QUEUED
+        job.worker = None
+        key = job.class_key
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = deque()
+            self._queued_by_class[key] = 0
+            for w in self.workers.values():
+                if w.serves(key):
+                    w.classes.append(key)
+        if front:
+            q.appendleft(job)
+        else:
+            q.append(job)
+        self._queued_by_class[key] += 1
+        self.n_queued += 1
+
+    def _leave_queue(self, job: Job) -> None:
+        """A queued job stops being queued other than by being popped (lazy removal from the deque)."""
+        self.n_queued -= 1
+        if job.retry_at is None:
+            self._queued_by_class[job.class_key] -= 1
+        job.retry_at = None
+
+    def _pop_for(self, w: WorkerInfo, n: int) -> list[Job]:
+        out: list[Job] = []
+        classes = [k for k in w.classes if self._queued_by_class[k]]
+        while len(out) < n and classes:
+            best: deque[Job] | None = None
+            best_key: ClassKey | None = None
+            for key in classes:
+                q = self._queues[key]
+                while q and (q[0].state != QUEUED or q[0].retry_at is not None):
+                    q.popleft()  # cancelled or finished while queued
+                if q and (best is None or q[0].seq < best[0].seq):
+                    best, best_key = q, key
+            if best is None or best_key is None:
+                break
+            job = best.popleft()
+            out.append(job)
+            self.n_queued -= 1
+            self._queued_by_class[best_key] -= 1
+            if not self._queued_by_class[best_key]:
+                classes.remove(best_key)
+        return out
+
+    def _return_credit(self, w: WorkerInfo) -> None:
+        if w.draining:
+            return
+        w.credit = min(w.credit + 1, w.concurrency)
+        if w.id not in self._free:
+            self._free[w.id] = None
+
+    def _release(self, job: Job) -> None:
+        """A running job stops running on its worker."""
+        self.n_running -= 1
+        if job.worker is not None:
+            w = self.workers.get(job.worker)
+            if w is not None:
+                w.running.pop(job.id, None)
+        job.worker = None
+
+    def _record_attempt(self, job: Job, attempt: int, wid: bytes, error: dict[str, Any] | None, now: float) -> None:
+        for entry in reversed(job.history):
+            if entry["attempt"] == attempt:
+                entry["finished"] = now
+                if error is not None:
+                    entry["error"] = perr.describe(error)
+                return
+
+    def _failed_attempt(
+        self, job: Job, info: dict[str, Any], frames: list[Any], now: float, retryable: bool
+    ) -> None:
+        kind = info.get("kind")
+        if kind in perr.INFRASTRUCTURE_KINDS:
+            job.infra_failures += 1
+            retry = job.infra_failures <= self.infra_retries
+            delay = 0.0
+        else:
+            job.failures += 1
+            retry = retryable and job.failures <= job.opts.retries
+            delay = job.opts.retry_backoff * (2 ** (job.failures - 1)) * self.rng.uniform(0.5, 1.5)
+        if not retry:
+            self._finish(job, FAILED, info, frames, now)
+            return
+        self.counts["retried"] += 1
+        delay = min(delay, MAX_BACKOFF)
+        if delay <= 0:
+            self._enqueue(job)
+            return
+        job.state = QUEUED
+        job.retry_at = now + delay
+        self.n_queued += 1
+        heapq.heappush(self._delayed, (job.retry_at, job.seq, job.id))
+
+    def _finish(self, job: Job, state: str, info: dict[str, Any], frames: list[Any], now: float) -> None:
+        job.state = state
+        job.finished_at = now
+        job.frames = None  # the call's data is no longer needed
+        job.result_info = info
+        job.result_frames = frames
+        self.counts[state] += 1
+        self._finished.append(job.id)
+        if job.owner is not None:
+            self._deliver_to(job.owner, job)
+        if job.watchers:
+            for client in job.watchers:
+                if client != job.owner:
+                    self._deliver_to(client, job)
+            job.watchers = None
+
+    def _deliver_to(self, client: bytes, job: Job) -> None:
+        self._deliveries.setdefault(client, []).append(job)
+
+    def _drop_worker(self, wid: bytes, keep: dict[str, int], now: float) -> None:
+        w = self.workers.pop(wid)
+        self._free.pop(wid, None)
+        for job_id, attempt in list(w.running.items()):
+            if keep.get(job_id) == attempt:
+                continue
+            job = self.jobs.get(job_id)
+            if job is None or job.state != RUNNING or job.worker != wid or job.attempt != attempt:
+                continue
+            self._release(job)
+            info = perr.error_info(perr.LOST, "WorkerLost", f"worker {w.name} on {w.host} stopped answering")
+            self._record_attempt(job, attempt, wid, info, now)
+            self._failed_attempt(job, info, [], now, retryable=True)

@@ -1,0 +1,362 @@
+"""The dispatcher's socket loop: one ROUTER socket, a thin shell around the Scheduler.
+
+Read this top to bottom: `run()` is the loop; `_handle()` routes each command to a handler;
+`_flush()` turns the scheduler's actions into messages. All scheduling decisions live in
+`scheduler.py`; this file only decodes, encodes, and keeps time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from conveyor.dispatcher.scheduler import (
+    SUCCEEDED,
+    Assign,
+    CancelRunning,
+    Deliver,
+    Job,
+    Scheduler,
+    TaskOptions,
+)
+from conveyor.protocol import Cmd, Message, ProtocolError, VersionMismatch, decode, encode, split_frames
+
+log = logging.getLogger("conveyor.dispatcher")
+
+MAX_MESSAGES_PER_TURN = 2000  # then flush, so a flood from one peer cannot starve assignment
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        bind: str,
+        *,
+        heartbeat_interval: float = 1.0,
+        liveness: int = 3,
+        infra_retries: int = 3,
+        result_ttl: float = 3600.0,
+        context: zmq.Context[Any] | None = None,
+    ):
+        self.bind_address = bind
+        self.heartbeat_interval = heartbeat_interval
+        self.instance = uuid.uuid4().hex[:12]
+        self.scheduler = Scheduler(
+            infra_retries=infra_retries, liveness=heartbeat_interval * liveness, result_ttl=result_ttl
+        )
+        self._ctx = context or zmq.Context.instance()
+        self._router: zmq.Socket[Any] | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.endpoint: str | None = None
+        self.malformed = 0
+        self._last_malformed_log = 0.0
+        self._handlers: dict[Cmd, Callable[[bytes, Message, float], None]] = {
+            Cmd.READY: self._on_ready,
+            Cmd.RESULTS: self._on_results,
+            Cmd.GIVEBACK: self._on_giveback,
+            Cmd.LEAVING: self._on_leaving,
+            Cmd.GOODBYE: self._on_goodbye,
+            Cmd.HELLO: self._on_hello,
+            Cmd.SUBMIT: self._on_submit,
+            Cmd.WATCH: self._on_watch,
+            Cmd.CANCEL_JOBS: self._on_cancel,
+            Cmd.STATUS: self._on_status,
+            Cmd.JOB_INFO: self._on_job_info,
+            Cmd.HEARTBEAT: self._on_heartbeat,
+        }
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Bind the ROUTER socket; returns the actual endpoint (port 0 picks a free port)."""
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # know when a peer is gone instead of dropping silently
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with the same id takes over
+        router.setsockopt(zmq.SNDHWM, 0)  # never block or drop on a slow peer; clients bound their windows
+        router.setsockopt(zmq.LINGER, 500)
+        address = self.bind_address
+        if address.startswith("tcp://") and address.endswith(":0"):
+            address = address[:-2] + ":*"
+        router.bind(address)
+        self._router = router
+        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to finish (thread-safe and signal-safe)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self) -> None:
+        if self._router is None:
+            self.bind()
+        router = self._router
+        assert router is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_heartbeat = time.monotonic()
+        log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                deadline = next_heartbeat
+                timer = self.scheduler.next_timer()
+                if timer is not None:
+                    deadline = min(deadline, timer)
+                events = dict(poller.poll(max(0, int((deadline - now) * 1000) + 1)))
+                if self._wake_r.fileno() in events:
+                    self._drain_wakeups()
+                if router in events:
+                    self._receive(router)
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    self._heartbeat(now)
+                    next_heartbeat = now + self.heartbeat_interval
+                self.scheduler.tick(now)
+                self.scheduler.schedule(now)
+                self._flush()
+            self._shutdown()
+        finally:
+            router.close(linger=500)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _shutdown(self) -> None:
+        """Tell every worker and client we are going, so they reconnect instead of waiting out liveness."""
+        body = {"instance": self.instance}
+        for wid in list(self.scheduler.workers):
+            self._send(wid, Cmd.SHUTDOWN, body)
+        log.info("dispatcher %s stopped", self.instance)
+
+    # --- receiving --------------------------------------------------------------------------------
+
+    def _receive(self, router: zmq.Socket[Any]) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            peer = parts[0].bytes
+            try:
+                msg = decode(parts[1:])
+            except VersionMismatch as exc:
+                self._send(peer, Cmd.ERROR, {"code": "version", "message": str(exc)})
+                continue
+            except ProtocolError as exc:
+                self._malformed(peer, str(exc), now)
+                continue
+            handler = self._handlers.get(msg.cmd)
+            if handler is None:
+                self._malformed(peer, f"unexpected command {msg.cmd.name}", now)
+                continue
+            try:
+                handler(peer, msg, now)
+            except (ProtocolError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                self._malformed(peer, f"{msg.cmd.name}: {type(exc).__name__}: {exc}", now)
+
+    def _malformed(self, peer: bytes, reason: str, now: float) -> None:
+        self.malformed += 1
+        if now - self._last_malformed_log > 5.0:  # rate-limited: garbage must not flood the log
+            self._last_malformed_log = now
+            log.warning("dropped malformed message from %r: %s (%d so far)", peer[:16], reason, self.malformed)
+
+    # --- worker commands ----------------------------------------------------------------------------
+
+    def _on_ready(self, peer: bytes, msg: Message, now: float) -> None:
+        b = msg.body
+        running = [(str(j), int(a)) for j, a in b.get("running", [])]
+        w = self.scheduler.worker_ready(
+            peer,
+            name=str(b["name"]),
+            host=str(b["host"]),
+            pid=int(b["pid"]),
+            mode=str(b["mode"]),
+            concurrency=int(b["concurrency"]),
+            tags=[str(t) for t in b.get("tags", [])],
+            credit=int(b["credit"]),
+            running=running,
+            now=now,
+        )
+        self._send(peer, Cmd.HEARTBEAT, {"instance": self.instance, "role": "dispatcher"})
+        log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
+
+    def _on_results(self, peer: bytes, msg: Message, now: float) -> None:
+        known = self.scheduler.heard_from(peer, now)
+        entries = msg.body
+        per_entry = split_frames([int(e[4]) for e in entries], msg.frames)
+        for entry, frames in zip(entries, per_entry, strict=True):
+            job_id, attempt, ok, info = str(entry[0]), int(entry[1]), bool(entry[2]), entry[3]
+            if not isinstance(info, dict):
+                raise ProtocolError("outcome info must be a map")
+            self.scheduler.outcome(peer, job_id, attempt, ok, info, frames, now)
+        if not known:
+            self._send(peer, Cmd.RECONNECT, {"instance": self.instance})
+
+    def _on_giveback(self, peer: bytes, msg: Message, now: float) -> None:
+        self.scheduler.heard_from(peer, now)
+        for job_id, attempt in msg.body:
+            self.scheduler.give_back(peer, str(job_id), int(attempt), now)
+
+    def _on_leaving(self, peer: bytes, msg: Message, now: float) -> None:
+        self.scheduler.heard_from(peer, now)
+        self.scheduler.worker_leaving(peer)
+
+    def _on_goodbye(self, peer: bytes, msg: Message, now: float) -> None:
+        w = self.scheduler.workers.get(peer)
+        self.scheduler.worker_gone(peer, now)
+        if w is not None:
+            log.info("worker %s left", w.name)
+
+    def _on_heartbeat(self, peer: bytes, msg: Message, now: float) -> None:
+        role = msg.body.get("role") if isinstance(msg.body, dict) else None
+        if role == "worker":
+            if not self.scheduler.heard_from(peer, now):
+                self._send(peer, Cmd.RECONNECT, {"instance": self.instance})
+        else:  # a client's ping: answer, so it knows we are alive and which instance we are
+            self._send(peer, Cmd.HEARTBEAT, {"instance": self.instance, "role": "dispatcher"})
+
+    # --- client commands ----------------------------------------------------------------------------
+
+    def _on_hello(self, peer: bytes, msg: Message, now: float) -> None:
+        self._send(
+            peer,
+            Cmd.WELCOME,
+            {
+                "instance": self.instance,
+                "heartbeat_interval": self.heartbeat_interval,
+                "req": msg.body.get("req") if isinstance(msg.body, dict) else None,
+            },
+        )
+
+    def _on_submit(self, peer: bytes, msg: Message, now: float) -> None:
+        entries = msg.body
+        per_entry = split_frames([int(e[2]) for e in entries], msg.frames)
+        accepted: list[str] = []
+        rejected: list[list[str]] = []
+        for entry, frames in zip(entries, per_entry, strict=True):
+            job_id = str(entry[0])
+            try:
+                opts = TaskOptions.from_wire(entry[1])
+                if not frames:
+                    raise ValueError("a task needs its call frames")
+            except ValueError as exc:
+                rejected.append([job_id, str(exc)])
+                continue
+            self.scheduler.submit(job_id, opts, frames, peer, now)
+            accepted.append(job_id)
+        self._send(peer, Cmd.ACCEPTED, {"accepted": accepted, "rejected": rejected})
+
+    def _on_watch(self, peer: bytes, msg: Message, now: float) -> None:
+        unknown = self.scheduler.watch(peer, [str(i) for i in msg.body["ids"]])
+        if unknown:
+            entries = [[job_id, "unknown", {"error": _unknown_job(job_id)}, 0] for job_id in unknown]
+            self._send(peer, Cmd.JOB_DONE, entries)
+
+    def _on_cancel(self, peer: bytes, msg: Message, now: float) -> None:
+        ids = [str(i) for i in msg.body["ids"]]
+        done = [job_id for job_id in ids if self.scheduler.cancel(job_id, now)]
+        self._send(peer, Cmd.CANCELLED, {"req": msg.body.get("req"), "cancelled": done})
+
+    def _on_status(self, peer: bytes, msg: Message, now: float) -> None:
+        status = self.scheduler.status(now)
+        status["dispatcher"] = {"instance": self.instance, "endpoint": self.endpoint, "pid": os.getpid()}
+        status["req"] = msg.body.get("req") if isinstance(msg.body, dict) else None
+        self._send(peer, Cmd.STATUS_REPLY, status)
+
+    def _on_job_info(self, peer: bytes, msg: Message, now: float) -> None:
+        views = []
+        for job_id in msg.body["ids"]:
+            job = self.scheduler.jobs.get(str(job_id))
+            views.append(self.scheduler.job_view(job) if job is not None else None)
+        self._send(peer, Cmd.JOB_INFO_REPLY, {"req": msg.body.get("req"), "jobs": views})
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def _heartbeat(self, now: float) -> None:
+        for w in self.scheduler.expire_workers(now):
+            log.warning("worker %s (pid %d on %s) missed its heartbeats: lost", w.name, w.pid, w.host)
+        body = {"instance": self.instance, "role": "dispatcher"}
+        for wid in list(self.scheduler.workers):
+            self._send(wid, Cmd.HEARTBEAT, body)
+
+    def _flush(self) -> None:
+        for action in self.scheduler.take_actions():
+            if isinstance(action, Assign):
+                self._send_assign(action)
+            elif isinstance(action, Deliver):
+                self._send_done(action.client, action.jobs)
+            elif isinstance(action, CancelRunning):
+                self._send(action.worker, Cmd.CANCEL, {"job": action.job_id, "attempt": action.attempt})
+
+    def _send_assign(self, action: Assign) -> None:
+        entries = []
+        frames: list[Any] = []
+        for job in action.jobs:
+            data = job.frames or []
+            opts = job.opts
+            entries.append([job.id, job.attempt, opts.timeout, list(opts.retry_on), len(data)])
+            frames.extend(data)
+        if not self._send(action.worker, Cmd.ASSIGN, entries, frames):
+            # The worker vanished between its credit and our send: the jobs go back to the queue.
+            now = time.monotonic()
+            self.scheduler.worker_gone(action.worker, now)
+
+    def _send_done(self, client: bytes, jobs: list[Job]) -> None:
+        entries = []
+        frames: list[Any] = []
+        for job in jobs:
+            info: dict[str, Any] = {
+                "worker": job.history[-1]["worker"] if job.history else None,
+                "attempts": job.attempt,
+            }
+            if job.state != SUCCEEDED or job.attempt > 1:
+                info["history"] = job.history
+            if job.state != SUCCEEDED:
+                info["error"] = job.result_info
+            entries.append([job.id, job.state, info, len(job.result_frames)])
+            frames.extend(job.result_frames)
+        if self._send(client, Cmd.JOB_DONE, entries, frames):
+            for job in jobs:
+                if not job.opts.keep:
+                    self.scheduler.forget(job.id)
+
+    def _send(self, peer: bytes, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> bool:
+        """Send without ever blocking; False if the peer is not connected."""
+        assert self._router is not None
+        try:
+            self._router.send_multipart([peer, *encode(cmd, body, frames or ())], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+        return True
+
+
+def _unknown_job(job_id: str) -> dict[str, str]:
+    return {"kind": "unknown", "type": "UnknownJob", "message": f"no job {job_id} (never submitted, or expired)"}

@@ -1,0 +1,123 @@
+"""A local cluster: a dispatcher and workers as child processes of this one, owned and stopped by it.
+
+Used by `Client()` / `Executor()` with no address and by `conveyor up`.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from types import TracebackType
+
+from conveyor.errors import ConveyorError
+
+STOP_TIMEOUT = 10.0
+
+
+def conveyor_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "conveyor", *args]
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        workers: int = 1,
+        mode: str = "processes",
+        concurrency: int | None = None,
+        bind: str = "tcp://127.0.0.1:0",
+        tags: list[str] | None = None,
+        log_level: str = "warning",
+        quiet: bool = True,
+    ):
+        self.n_workers = workers
+        self.mode = mode
+        self.concurrency = concurrency
+        self.bind = bind
+        self.tags = tags or []
+        self.log_level = log_level
+        self.quiet = quiet
+        self.address: str | None = None
+        self.dispatcher: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def start(self, timeout: float = 30.0) -> str:
+        out = subprocess.DEVNULL if self.quiet else None
+        self.dispatcher = subprocess.Popen(
+            conveyor_command("dispatcher", "--bind", self.bind, "--log-level", self.log_level),
+            stdout=subprocess.PIPE,
+            stderr=out,
+            start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+        )
+        try:
+            self.address = self._read_endpoint(self.dispatcher, timeout)
+            for i in range(self.n_workers):
+                args = ["worker", "--connect", self.address, "--mode", self.mode, "--log-level", self.log_level]
+                args += ["--name", f"local-{i + 1}"]
+                if self.concurrency:
+                    args += ["--concurrency", str(self.concurrency)]
+                for tag in self.tags:
+                    args += ["--tag", tag]
+                self.workers.append(
+                    subprocess.Popen(conveyor_command(*args), stdout=out, stderr=out, start_new_session=True)
+                )
+        except BaseException:
+            self.stop()
+            raise
+        return self.address
+
+    @staticmethod
+    def _read_endpoint(proc: subprocess.Popen[bytes], timeout: float) -> str:
+        """The dispatcher prints its endpoint as its first stdout line once bound."""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if sel.select(deadline - time.monotonic()):
+                    line = proc.stdout.readline().decode().strip()
+                    if line.startswith("tcp://") or line.startswith("ipc://"):
+                        return line
+                    if not line and proc.poll() is not None:
+                        break
+        raise ConveyorError(f"the local dispatcher did not start (exit code {proc.poll()})")
+
+    def stop(self) -> None:
+        """Stop workers first (they drain), then the dispatcher; kill whatever outlives the timeout."""
+        for proc in self.workers:
+            _signal(proc, signal.SIGTERM)
+        for proc in self.workers:
+            _wait_or_kill(proc)
+        self.workers = []
+        if self.dispatcher is not None:
+            _signal(self.dispatcher, signal.SIGTERM)
+            _wait_or_kill(self.dispatcher)
+            if self.dispatcher.stdout is not None:
+                self.dispatcher.stdout.close()
+            self.dispatcher = None
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

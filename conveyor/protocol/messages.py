@@ -1,0 +1,141 @@
+"""Conveyor wire messages: frame layout, commands, and pure encode/decode functions.
+
+Every message is a ZeroMQ multipart message (the ROUTER adds the peer's routing id in front):
+
+    frame 0   b"CNV1"            protocol signature and version
+    frame 1   one byte           the command (see `Cmd`)
+    frame 2   msgpack body       the command's fields (a map, or for batches an array)
+    frame 3.. data frames        opaque payloads (function, arguments, results), counted in the body
+
+`docs/protocol.md` is the specification; this module is its only implementation. Nothing here
+touches a socket, so every function can be tested with plain bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+SIGNATURE = b"CNV1"
+SIGNATURE_PREFIX = b"CNV"
+PROTOCOL_VERSION = 1
+
+# Limits applied to every decoded body: a peer cannot make the decoder allocate without bound.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class Cmd(enum.IntEnum):
+    # worker -> dispatcher
+    READY = 0x01  # register: name, host, pid, mode, concurrency, tags, credit, running
+    RESULTS = 0x02  # batch of task outcomes; each returns one credit
+    GIVEBACK = 0x03  # batch of job ids handed back unstarted/unfinished (drain); each returns credit
+    LEAVING = 0x04  # the worker is draining: send nothing new
+    GOODBYE = 0x05  # the worker is exiting now
+    # dispatcher -> worker
+    ASSIGN = 0x10  # batch of tasks, each with its data frames
+    CANCEL = 0x11  # stop running a job attempt
+    RECONNECT = 0x12  # "I don't know you": re-send READY
+    # client -> dispatcher
+    HELLO = 0x20  # open a session, learn the dispatcher instance
+    SUBMIT = 0x21  # batch of tasks
+    WATCH = 0x22  # send me these jobs' outcomes (now if finished, later if not)
+    CANCEL_JOBS = 0x23  # cancel these jobs
+    STATUS = 0x24  # cluster status request
+    JOB_INFO = 0x25  # snapshot of jobs' states without waiting
+    # dispatcher -> client
+    WELCOME = 0x30  # answer to HELLO
+    ACCEPTED = 0x31  # these job ids are accepted (durable if a journal is on)
+    JOB_DONE = 0x32  # batch of finished jobs, each with its result frames
+    STATUS_REPLY = 0x33
+    JOB_INFO_REPLY = 0x34
+    CANCELLED = 0x35  # ack of CANCEL_JOBS: which ids were cancelled
+    # both directions, any peer
+    HEARTBEAT = 0x40
+    ERROR = 0x41  # fatal for the session: version mismatch, malformed message, unknown peer kind
+    SHUTDOWN = 0x42  # dispatcher -> workers and clients: the dispatcher is stopping
+
+
+class ProtocolError(Exception):
+    """A message that does not follow docs/protocol.md."""
+
+
+class VersionMismatch(ProtocolError):
+    """A peer speaks another Conveyor protocol version."""
+
+
+@dataclass(slots=True)
+class Message:
+    cmd: Cmd
+    body: Any
+    frames: list[bytes]
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack(obj: Any) -> bytes:
+    return _packer.pack(obj)
+
+
+def unpack(data: bytes) -> Any:
+    if len(data) > MAX_BODY_BYTES:
+        raise ProtocolError("message body too large")
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=False,
+    )
+
+
+def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
+    """The frames of one message (without the ROUTER envelope)."""
+    out: list[Any] = [SIGNATURE, bytes((cmd,)), _packer.pack(body)]
+    if frames:
+        out.extend(frames)
+    return out
+
+
+def decode(parts: Sequence[Any]) -> Message:
+    """Parse the frames of one message (envelope already removed).
+
+    Raises VersionMismatch for another Conveyor version and ProtocolError for anything malformed.
+    """
+    if len(parts) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(parts)}")
+    sig = bytes(parts[0])
+    if sig != SIGNATURE:
+        if sig.startswith(SIGNATURE_PREFIX):
+            raise VersionMismatch(f"peer speaks {sig!r}, this dispatcher speaks {SIGNATURE!r}")
+        raise ProtocolError("not a Conveyor message")
+    cmd_frame = bytes(parts[1])
+    if len(cmd_frame) != 1:
+        raise ProtocolError("command frame must be one byte")
+    try:
+        cmd = Cmd(cmd_frame[0])
+    except ValueError:
+        raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}") from None
+    try:
+        body = unpack(bytes(parts[2]))
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several types for bad input
+        raise ProtocolError(f"bad msgpack body: {type(exc).__name__}") from None
+    return Message(cmd, body, list(parts[3:]))
+
+
+def split_frames(counts: Sequence[int], frames: list[bytes]) -> list[list[bytes]]:
+    """Cut the data frames of a batch into one list per entry, given each entry's frame count."""
+    out: list[list[bytes]] = []
+    pos = 0
+    for n in counts:
+        if not isinstance(n, int) or n < 0 or pos + n > len(frames):
+            raise ProtocolError("frame counts do not match the data frames")
+        out.append(frames[pos : pos + n])
+        pos += n
+    if pos != len(frames):
+        raise ProtocolError("extra data frames")
+    return out

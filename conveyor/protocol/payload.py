@@ -1,0 +1,232 @@
+"""Task payloads: how a function call and its result become data frames, and back.
+
+The dispatcher never calls anything here: it routes these frames as opaque bytes. Only clients
+(which encode calls and decode results) and workers (the reverse) do, so pickled data is only
+ever loaded by the peers that created or asked for it.
+
+A *value* (arguments, a result) is encoded as frames:
+    frame 0   one codec byte + body
+              b"m" + msgpack   plain data (None, bool, int, float, str, bytes, list, dict with str keys);
+                               bytes of 64 KiB or more travel as their own frames (ExtType 1 = frame index)
+              b"p" + pickle    anything else, pickle protocol 5; out-of-band buffers as their own frames
+    frame 1.. buffers          sent without copying (zmq copy=False)
+
+A *call* is encoded as frames:
+    frame 0   msgpack [fn_ref, by_value, chunk]   fn_ref "module:qualname" (also the display name)
+    frame 1   cloudpickle of the function          only when by_value
+    then      the value frames of [args, kwargs]   or, for a chunk, of [[args, kwargs], ...]
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+from conveyor.errors import FunctionNotFound
+from conveyor.protocol.messages import ProtocolError
+
+CODEC_MSGPACK = ord("m")
+CODEC_PICKLE = ord("p")
+OOB_THRESHOLD = 64 * 1024
+_EXT_FRAME = 1
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+Frames = list[Any]  # bytes, memoryview or zmq.Frame: anything with the buffer protocol
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _plain(obj: Any, buffers: list[Any]) -> Any:
+    """obj with large bytes replaced by frame references; raises _NotPlain if msgpack can't round-trip it."""
+    t = type(obj)
+    if t is str or t is float or t is bool or obj is None:
+        return obj
+    if t is int:
+        if _INT_MIN <= obj <= _INT_MAX:
+            return obj
+        raise _NotPlain
+    if t is bytes:
+        if len(obj) >= OOB_THRESHOLD:
+            buffers.append(obj)
+            return msgpack.ExtType(_EXT_FRAME, (len(buffers)).to_bytes(4, "little"))
+        return obj
+    if t is list:
+        return [_plain(x, buffers) for x in obj]
+    if t is dict:
+        out = {}
+        for k, v in obj.items():
+            if type(k) is not str:
+                raise _NotPlain
+            out[k] = _plain(v, buffers)
+        return out
+    raise _NotPlain
+
+
+def encode_value(obj: Any) -> Frames:
+    buffers: list[Any] = []
+    try:
+        plain = _plain(obj, buffers)
+    except (_NotPlain, RecursionError):
+        pass
+    else:
+        return [bytes((CODEC_MSGPACK,)) + msgpack.packb(plain, use_bin_type=True), *buffers]
+    oob: list[pickle.PickleBuffer] = []
+    body = cloudpickle.dumps(obj, protocol=5, buffer_callback=oob.append)
+    return [bytes((CODEC_PICKLE,)) + body, *(b.raw() for b in oob)]
+
+
+def decode_value(frames: Frames) -> Any:
+    if not frames:
+        raise ProtocolError("empty value")
+    head = memoryview(frames[0])
+    if len(head) == 0:
+        raise ProtocolError("empty value frame")
+    codec, body = head[0], head[1:]
+    rest = frames[1:]
+    if codec == CODEC_MSGPACK:
+
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code != _EXT_FRAME:
+                raise ProtocolError(f"unknown msgpack extension {code}")
+            index = int.from_bytes(data, "little")
+            if not 1 <= index <= len(rest):
+                raise ProtocolError("frame reference out of range")
+            return bytes(rest[index - 1])
+
+        return msgpack.unpackb(body, raw=False, ext_hook=ext_hook, strict_map_key=False)
+    if codec == CODEC_PICKLE:
+        return pickle.loads(body, buffers=rest)
+    raise ProtocolError(f"unknown codec {codec!r}")
+
+
+# --- functions -------------------------------------------------------------------------------
+
+
+def function_ref(fn: Callable[..., Any]) -> str | None:
+    """'module:qualname' when a worker can import fn by name, else None (send it by value)."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    mod = sys.modules.get(module)
+    if mod is None:
+        return None
+    target: Any = mod
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return None
+    if target is not fn:
+        return None
+    return f"{module}:{qualname}"
+
+
+def display_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    return f"{module}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def resolve_function(ref: str) -> Callable[..., Any]:
+    module_name, sep, qualname = ref.partition(":")
+    if not sep or not module_name or not qualname:
+        raise FunctionNotFound(f"bad function reference {ref!r}: expected 'module:function'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FunctionNotFound(f"cannot import module {module_name!r}: {exc}") from None
+    for part in qualname.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise FunctionNotFound(f"module {module_name!r} has no attribute {qualname!r}") from None
+    if not callable(target):
+        raise FunctionNotFound(f"{ref} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def encode_function(fn: Callable[..., Any] | str) -> tuple[str, bytes | None]:
+    """(reference or display name, pickled function or None)."""
+    if isinstance(fn, str):
+        return fn, None
+    ref = function_ref(fn)
+    if ref is not None:
+        return ref, None
+    return display_name(fn), cloudpickle.dumps(fn, protocol=5)
+
+
+def encode_call(
+    fn_name: str,
+    fn_bytes: bytes | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Frames:
+    header = msgpack.packb([fn_name, fn_bytes is not None, False], use_bin_type=True)
+    frames: Frames = [header]
+    if fn_bytes is not None:
+        frames.append(fn_bytes)
+    frames.extend(encode_value([list(args), kwargs]))
+    return frames
+
+
+def encode_chunk(fn_name: str, fn_bytes: bytes | None, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> Frames:
+    """One task that runs fn once per (args, kwargs) and returns the list of results."""
+    header = msgpack.packb([fn_name, fn_bytes is not None, True], use_bin_type=True)
+    frames: Frames = [header]
+    if fn_bytes is not None:
+        frames.append(fn_bytes)
+    frames.extend(encode_value([[list(a), k] for a, k in calls]))
+    return frames
+
+
+class Call:
+    """A decoded call, ready to run on a worker."""
+
+    __slots__ = ("args", "chunk", "fn", "kwargs", "name")
+
+    def __init__(self, name: str, fn: Callable[..., Any], chunk: bool, args: Any, kwargs: dict[str, Any]):
+        self.name = name
+        self.fn = fn
+        self.chunk = chunk
+        self.args = args  # for a chunk: list of (args, kwargs)
+        self.kwargs = kwargs
+
+
+_function_cache: dict[Any, Callable[..., Any]] = {}
+
+
+def decode_call(frames: Frames) -> Call:
+    """Inverse of encode_call/encode_chunk. Raises FunctionNotFound or ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty call")
+    try:
+        fn_name, by_value, chunk = msgpack.unpackb(bytes(frames[0]), raw=False)
+    except Exception:
+        raise ProtocolError("bad call header") from None
+    pos = 1
+    if by_value:
+        blob = bytes(frames[1])
+        pos = 2
+        fn = _function_cache.get(blob)
+        if fn is None:
+            fn = pickle.loads(blob)
+            if len(_function_cache) > 1024:
+                _function_cache.clear()
+            _function_cache[blob] = fn
+    else:
+        fn = _function_cache.get(fn_name)
+        if fn is None:
+            fn = resolve_function(fn_name)
+            _function_cache[fn_name] = fn
+    value = decode_value(frames[pos:])
+    if chunk:
+        return Call(fn_name, fn, True, [(tuple(a), k) for a, k in value], {})
+    args, kwargs = value
+    return Call(fn_name, fn, False, tuple(args), kwargs)

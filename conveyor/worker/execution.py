@@ -1,0 +1,135 @@
+"""Running one task: decode the call, run it, encode the outcome. Shared by every mode executor."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.errors import FunctionNotFound
+from conveyor.protocol import ProtocolError
+from conveyor.protocol import errors as perr
+from conveyor.protocol.payload import Call, decode_call, encode_value
+
+
+@dataclass(slots=True)
+class Task:
+    """One assignment from the dispatcher."""
+
+    job_id: str
+    attempt: int
+    timeout: float | None
+    retry_on: tuple[str, ...]
+    frames: list[Any]
+
+
+@dataclass(slots=True)
+class Outcome:
+    job_id: str
+    attempt: int
+    ok: bool
+    info: dict[str, Any]
+    frames: list[Any] = field(default_factory=list)
+
+
+def is_retryable(exc: BaseException, retry_on: tuple[str, ...]) -> bool:
+    """True if exc is an instance of a type named in retry_on (by name or qualified name)."""
+    if not retry_on:
+        return False
+    for cls in type(exc).__mro__:
+        if cls.__name__ in retry_on or perr.type_name(cls) in retry_on:
+            return True
+    return False
+
+
+def failure(task: Task, exc: BaseException, kind: str = perr.EXCEPTION) -> Outcome:
+    info, frames = perr.encode_exception(exc, kind)
+    info["retryable"] = is_retryable(exc, task.retry_on)
+    return Outcome(task.job_id, task.attempt, False, info, frames)
+
+
+def infra_failure(task: Task, kind: str, type_: str, message: str) -> Outcome:
+    info = perr.error_info(kind, type_, message)
+    return Outcome(task.job_id, task.attempt, False, info, [])
+
+
+def success(task: Task, value: Any, started: float) -> Outcome:
+    try:
+        frames = encode_value(value)
+    except Exception as exc:  # an unpicklable result is the task's failure, not the worker's
+        return failure(task, TypeError(f"cannot serialize the result: {exc}"))
+    return Outcome(task.job_id, task.attempt, True, {"duration": time.perf_counter() - started}, frames)
+
+
+def load(task: Task) -> Call | Outcome:
+    """Decode the task's call, or the outcome explaining why it cannot run."""
+    try:
+        return decode_call(task.frames)
+    except FunctionNotFound as exc:
+        out = failure(task, exc, perr.NOT_FOUND)
+        out.info["traceback"] = ""
+        return out
+    except ProtocolError as exc:
+        return failure(task, exc)
+    except Exception as exc:  # unpickling a function or arguments raised (missing module, ...)
+        return failure(task, exc)
+
+
+def run_sync(task: Task) -> Outcome:
+    """Run a task to completion in the calling thread (threads mode, process children)."""
+    call = load(task)
+    if isinstance(call, Outcome):
+        return call
+    started = time.perf_counter()
+    try:
+        if call.chunk:
+            value: Any = [_call_sync(call.fn, a, k) for a, k in call.args]
+        else:
+            value = _call_sync(call.fn, call.args, call.kwargs)
+    except (Exception, SystemExit) as exc:  # sys.exit() in a task fails the task, not the worker
+        return failure(task, exc)
+    return success(task, value, started)
+
+
+def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = fn(*args, **kwargs)
+    if inspect.isawaitable(result):  # a coroutine function outside asyncio mode: run it to completion
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+async def run_async(task: Task) -> Outcome:
+    """Run a task on the current event loop (asyncio mode).
+
+    Coroutine functions are awaited here, so thousands can wait at once on one thread. A plain
+    function would block every other task on the loop, so it runs in the loop's default thread pool.
+    """
+    call = load(task)
+    if isinstance(call, Outcome):
+        return call
+    started = time.perf_counter()
+    try:
+        if call.chunk:
+            value: Any = [await _call_async(call.fn, a, k) for a, k in call.args]
+        else:
+            value = await _call_async(call.fn, call.args, call.kwargs)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return failure(task, exc)
+    return success(task, value, started)
+
+
+async def _call_async(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    if inspect.isawaitable(result):
+        return await result
+    return result

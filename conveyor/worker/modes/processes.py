@@ -1,0 +1,190 @@
+"""processes mode: each task runs in one of `concurrency` child processes of the worker.
+
+Each child has its own interpreter, memory and GIL, so CPU-bound Python code uses every core. A
+child that dies (segfault, os._exit, OOM kill) fails only the task it was running, with
+WorkerCrashed, and is replaced; the worker and its other children carry on. A timed-out or
+cancelled task's child is terminated (SIGTERM, then SIGKILL after a grace period) and replaced.
+Children are started by the `forkserver` method, so they do not inherit the worker's threads or
+sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import sys
+from collections import deque
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgpack
+
+from conveyor.protocol import errors as perr
+from conveyor.worker.child import child_main
+from conveyor.worker.execution import Outcome, Task, infra_failure
+from conveyor.worker.modes.base import Mode
+
+KILL_GRACE = 1.0
+
+
+def _context() -> Any:
+    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["conveyor.worker.child"])
+    return ctx
+
+
+class _Child:
+    def __init__(self, process: BaseProcess, conn: Connection):
+        self.process = process
+        self.conn = conn
+        self.task: Task | None = None
+        self.future: asyncio.Future[Outcome] | None = None
+        self.dead = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+
+class ProcessesMode(Mode):
+    name = "processes"
+
+    def __init__(self, concurrency: int):
+        super().__init__(concurrency)
+        self._ctx = _context()
+        self._children: set[_Child] = set()
+        self._idle: deque[_Child] = deque()
+        self._waiting: deque[tuple[Task, asyncio.Future[Outcome]]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        starts = [asyncio.to_thread(self._start_child) for _ in range(self.concurrency)]
+        for child in await asyncio.gather(*starts):
+            self._adopt(child)
+
+    def _start_child(self) -> _Child:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=child_main, args=(child_conn,), daemon=True, name="conveyor-child")
+        process.start()
+        child_conn.close()
+        return _Child(process, parent_conn)
+
+    def _adopt(self, child: _Child) -> None:
+        assert self._loop is not None
+        self._children.add(child)
+        self._loop.add_reader(child.conn.fileno(), self._on_readable, child)
+        self._loop.add_reader(child.process.sentinel, self._on_exit, child)
+        self._idle.append(child)
+        self._dispatch()
+
+    def child_pids(self) -> list[int]:
+        return [c.pid for c in self._children if not c.dead]
+
+    async def run(self, task: Task) -> Outcome:
+        assert self._loop is not None
+        fut: asyncio.Future[Outcome] = self._loop.create_future()
+        self._waiting.append((task, fut))
+        self._dispatch()
+        return await self.supervise(task, fut)
+
+    def _dispatch(self) -> None:
+        while self._idle and self._waiting:
+            task, fut = self._waiting.popleft()
+            if fut.done():
+                continue
+            child = self._idle.popleft()
+            child.task, child.future = task, fut
+            try:
+                conn = child.conn
+                conn.send_bytes(msgpack.packb([task.job_id, task.attempt, task.timeout, task.retry_on, len(task.frames)]))
+                for frame in task.frames:
+                    conn.send_bytes(frame)
+            except OSError:
+                pass  # the child died; its sentinel fires and fails this task as crashed
+
+    def _on_readable(self, child: _Child) -> None:
+        try:
+            ok, info, n = msgpack.unpackb(child.conn.recv_bytes())
+            frames = [child.conn.recv_bytes() for _ in range(n)]
+        except (EOFError, OSError):
+            self._on_exit(child)
+            return
+        task, fut = child.task, child.future
+        child.task = child.future = None
+        if task is not None and fut is not None and not fut.done():
+            fut.set_result(Outcome(task.job_id, task.attempt, bool(ok), info, frames))
+        self._idle.append(child)
+        self._dispatch()
+
+    def _on_exit(self, child: _Child) -> None:
+        if child.dead:
+            return
+        child.dead = True
+        assert self._loop is not None
+        self._loop.remove_reader(child.conn.fileno())
+        self._loop.remove_reader(child.process.sentinel)
+        child.process.join(0)
+        code = child.process.exitcode
+        child.conn.close()
+        self._children.discard(child)
+        if child in self._idle:
+            self._idle.remove(child)
+        task, fut = child.task, child.future
+        if task is not None and fut is not None and not fut.done():
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            message = f"the child process (pid {child.pid}) running the task died: {how}"
+            fut.set_result(infra_failure(task, perr.CRASHED, "WorkerCrashed", message))
+        if not self._closing:
+            self._loop.create_task(self._replace())
+
+    async def _replace(self) -> None:
+        child = await asyncio.to_thread(self._start_child)
+        if self._closing:
+            child.conn.close()
+            child.process.join(1)
+            return
+        self._adopt(child)
+
+    def abort(self, task: Task, reason: BaseException) -> None:
+        for child in self._children:
+            if child.task is not None and child.task.job_id == task.job_id and not child.dead:
+                self._terminate(child)
+                return
+
+    def _terminate(self, child: _Child) -> None:
+        pid = child.pid
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        assert self._loop is not None
+        self._loop.call_later(KILL_GRACE, self._kill_if_alive, child)
+
+    @staticmethod
+    def _kill_if_alive(child: _Child) -> None:
+        if not child.dead and child.process.is_alive():
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        children = list(self._children)
+        for child in children:
+            if self._loop is not None and not child.dead:
+                self._loop.remove_reader(child.conn.fileno())
+                self._loop.remove_reader(child.process.sentinel)
+            child.conn.close()  # EOF: an idle child exits by itself
+        for child in children:
+            await asyncio.to_thread(child.process.join, 2)
+            if child.process.is_alive():
+                child.process.kill()
+                await asyncio.to_thread(child.process.join, 2)

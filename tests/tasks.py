@@ -1,0 +1,79 @@
+"""Task functions the tests submit; workers import them by reference (tests.tasks:NAME)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def whoami() -> dict[str, Any]:
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "thread": threading.current_thread().name,
+        "main_thread": threading.current_thread() is threading.main_thread(),
+        "in_loop": in_loop,
+    }
+
+
+async def async_whoami() -> dict[str, Any]:
+    await asyncio.sleep(0)
+    info = whoami()
+    info["in_loop"] = True
+    return info
+
+
+def fail(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+class CustomError(Exception):
+    pass
+
+
+def fail_custom() -> None:
+    raise CustomError("custom failure")
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+async def async_sleep(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+def spin(seconds: float) -> int:
+    """Busy pure-Python loop (interruptible at bytecode boundaries)."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def crash() -> None:
+    os._exit(13)
+
+
+def pid_and_sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
