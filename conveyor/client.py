@@ -60,6 +60,7 @@ class Client:
         local_workers: int = 1,
         local_mode: str = "processes",
         local_concurrency: int | None = None,
+        context: Any = None,
         **options: Any,
     ):
         address = address or os.environ.get(ENV_DISPATCHER) or None
@@ -71,7 +72,9 @@ class Client:
         self._options = _wire_options(options)
         self._owner = True
         try:
-            self._conn = Connection(address, max_pending=max_pending, reconnect_timeout=reconnect_timeout)
+            self._conn = Connection(
+                address, max_pending=max_pending, reconnect_timeout=reconnect_timeout, context=context
+            )
             self._conn.connect(connect_timeout)
         except BaseException:
             if self._cluster is not None:

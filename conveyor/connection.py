@@ -70,6 +70,7 @@ class Connection:
         heartbeat_interval: float = 1.0,
         reconnect_timeout: float = 60.0,
         max_pending: int = 100_000,
+        context: zmq.Context[Any] | None = None,
     ):
         self.address = address
         self.heartbeat_interval = heartbeat_interval
@@ -77,7 +78,8 @@ class Connection:
         self.max_pending = max_pending
         self.client_id = uuid.uuid4().hex[:10]
         self._ids = itertools.count(1)
-        self._ctx = zmq.Context()
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._lock = threading.Lock()
@@ -196,7 +198,9 @@ class Connection:
             sock.connect(self.address)
         except zmq.ZMQError as exc:
             self._welcome.set_exception(DispatcherUnavailable(f"bad dispatcher address {self.address!r}: {exc}"))
-            self._ctx.term()
+            sock.close(linger=0)
+            if self._own_context:
+                self._ctx.term()
             return
         self._sock = sock
         poller = zmq.Poller()
@@ -230,7 +234,8 @@ class Connection:
             self._fail_all(exc)
         finally:
             sock.close(linger=0)
-            self._ctx.term()
+            if self._own_context:
+                self._ctx.term()
             self._wake_r.close()
             self._wake_w.close()
             self._fail_all(RuntimeError("the client is closed"), only_if_unset=True)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -77,3 +78,23 @@ def crash() -> None:
 def pid_and_sleep(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def flaky(marker: str, failures: int) -> int:
+    """Fail with OSError `failures` times (counted in a file), then return the attempt number."""
+    path = Path(marker)
+    attempt = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(attempt))
+    if attempt <= failures:
+        raise OSError(f"flaky failure {attempt}")
+    return attempt
+
+
+class Unpicklable(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.lock = threading.Lock()  # cannot be pickled: the client gets a RemoteError instead
+
+
+def fail_unpicklable() -> None:
+    raise Unpicklable("holds a lock")

@@ -68,6 +68,7 @@ class Worker:
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
         drain_timeout: float = 30.0,
+        context: zmq.asyncio.Context | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -84,7 +85,8 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.identity = f"w-{uuid.uuid4().hex[:12]}".encode()
         self.mode: Mode = MODES[mode](self.concurrency)
-        self._ctx = zmq.asyncio.Context()
+        self._own_context = context is None
+        self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
         self._outbox: list[Outcome] = []
@@ -130,7 +132,8 @@ class Worker:
         finally:
             await self.mode.shutdown()
             self._close_socket()
-            self._ctx.term()
+            if self._own_context:
+                self._ctx.term()
 
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
