@@ -96,7 +96,9 @@ def _record_json(record: dict[str, Any], data: list[Any]) -> dict[str, Any]:
 
 @app.command()
 def dispatcher(
-    bind: Annotated[str, typer.Option("--bind", help="Address to listen on; port 0 picks a free one.")] = DEFAULT_ADDRESS,
+    bind: Annotated[str, typer.Option("--bind", help="Address to listen on; port 0 picks a free one.")] = (
+        DEFAULT_ADDRESS
+    ),
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
     liveness: Annotated[int, typer.Option(help="Missed heartbeats before a worker is declared lost.")] = 3,
     result_ttl: Annotated[float, typer.Option(help="Seconds a finished job's result is kept for `result`.")] = 3600.0,
@@ -118,9 +120,13 @@ def dispatcher(
 
 @app.command()
 def worker(
-    connect: Annotated[str | None, typer.Option("--connect", "-c", help=f"Dispatcher address [env {ENV_DISPATCHER}]")] = None,
+    connect: Annotated[
+        str | None, typer.Option("--connect", "-c", help=f"Dispatcher address [env {ENV_DISPATCHER}]")
+    ] = None,
     mode: Annotated[str, typer.Option(help="threads, processes or asyncio.")] = "processes",
-    concurrency: Annotated[int | None, typer.Option("--concurrency", "-n", help="Tasks at once [CPUs; asyncio 1000].")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-n", help="Tasks at once [CPUs; asyncio 1000].")
+    ] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="A tag this worker offers (repeatable).")] = None,
     name: Annotated[str | None, typer.Option(help="Worker name [host-pid].")] = None,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,

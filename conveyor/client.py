@@ -42,7 +42,8 @@ def _wire_options(options: dict[str, Any]) -> dict[str, Any]:
         if key == "tags":
             value = [value] if isinstance(value, str) else list(value)
         elif key == "retry_on":
-            value = [v if isinstance(v, str) else perr.type_name(v) for v in (value if isinstance(value, list | tuple) else [value])]
+            names = value if isinstance(value, list | tuple) else [value]
+            value = [v if isinstance(v, str) else perr.type_name(v) for v in names]
         elif key == "mode" and value not in ("threads", "processes", "asyncio"):
             raise ValueError(f"unknown mode {value!r}: choose threads, processes or asyncio")
         out[key] = value
@@ -76,7 +77,11 @@ class Client:
                 address, max_pending=max_pending, reconnect_timeout=reconnect_timeout, context=context
             )
             self._conn.connect(connect_timeout)
+            if self._cluster is not None:
+                self.wait_for_workers(local_workers)
         except BaseException:
+            if hasattr(self, "_conn"):
+                self._conn.close()
             if self._cluster is not None:
                 self._cluster.stop()
             raise
@@ -282,7 +287,9 @@ class AsyncClient:
         self._client = await asyncio.to_thread(Client, self._address, **self._client_options)
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     @property
@@ -299,7 +306,9 @@ class AsyncClient:
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         return asyncio.wrap_future(self.client.submit(fn, *args, **kwargs))
 
-    async def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], chunksize: int = 1) -> AsyncIterator[Any]:
+    async def map(
+        self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], chunksize: int = 1
+    ) -> AsyncIterator[Any]:
         iterator = self.client.map(fn, *iterables, chunksize=chunksize)
         sentinel = object()
         try:

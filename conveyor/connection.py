@@ -146,7 +146,9 @@ class Connection:
         try:
             return future.result(timeout)
         except TimeoutError:
-            raise DispatcherUnavailable(f"the dispatcher at {self.address} did not answer within {timeout:g} s") from None
+            raise DispatcherUnavailable(
+                f"the dispatcher at {self.address} did not answer within {timeout:g} s"
+            ) from None
         finally:
             with self._lock:
                 self._requests.pop(req, None)

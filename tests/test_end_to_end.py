@@ -244,7 +244,7 @@ def test_executor_is_a_drop_in_for_process_pool(cluster: Cluster) -> None:
     with Executor(cluster.address) as ex:
         assert isinstance(ex, concurrent.futures.Executor)
         futs = [ex.submit(tasks.add, i, i) for i in range(20)]
-        done, not_done = concurrent.futures.wait(futs, timeout=30)
+        _done, not_done = concurrent.futures.wait(futs, timeout=30)
         assert not not_done
         assert sorted(f.result() for f in concurrent.futures.as_completed(futs, timeout=30)) == [
             2 * i for i in range(20)

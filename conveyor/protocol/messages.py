@@ -78,7 +78,8 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 
 def pack(obj: Any) -> bytes:
-    return _packer.pack(obj)
+    data: bytes = _packer.pack(obj)
+    return data
 
 
 def unpack(data: bytes) -> Any:

@@ -38,10 +38,7 @@ def is_retryable(exc: BaseException, retry_on: tuple[str, ...]) -> bool:
     """True if exc is an instance of a type named in retry_on (by name or qualified name)."""
     if not retry_on:
         return False
-    for cls in type(exc).__mro__:
-        if cls.__name__ in retry_on or perr.type_name(cls) in retry_on:
-            return True
-    return False
+    return any(cls.__name__ in retry_on or perr.type_name(cls) in retry_on for cls in type(exc).__mro__)
 
 
 def failure(task: Task, exc: BaseException, kind: str = perr.EXCEPTION) -> Outcome:

@@ -45,7 +45,7 @@ class AsyncioMode(Mode):
     async def _run_here(self, task: Task) -> Outcome:
         current = asyncio.current_task()
         assert current is not None
-        self._tasks[task.job_id] = current  # type: ignore[assignment]
+        self._tasks[task.job_id] = current
         try:
             return await run_async(task)
         finally:

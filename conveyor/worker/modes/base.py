@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, ClassVar
 
+from conveyor.errors import TaskTimeout
 from conveyor.protocol import errors as perr
 from conveyor.worker.execution import Outcome, Task, infra_failure, is_retryable
-from conveyor.errors import TaskTimeout
 
 
 class Mode(abc.ABC):

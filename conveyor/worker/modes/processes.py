@@ -103,7 +103,8 @@ class ProcessesMode(Mode):
             child.task, child.future = task, fut
             try:
                 conn = child.conn
-                conn.send_bytes(msgpack.packb([task.job_id, task.attempt, task.timeout, task.retry_on, len(task.frames)]))
+                header = [task.job_id, task.attempt, task.timeout, task.retry_on, len(task.frames)]
+                conn.send_bytes(msgpack.packb(header))
                 for frame in task.frames:
                     conn.send_bytes(frame)
             except OSError:
