@@ -102,16 +102,34 @@ def dispatcher(
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
     liveness: Annotated[int, typer.Option(help="Missed heartbeats before a worker is declared lost.")] = 3,
     result_ttl: Annotated[float, typer.Option(help="Seconds a finished job's result is kept for `result`.")] = 3600.0,
+    journal: Annotated[
+        str | None, typer.Option(help="Journal file [$XDG_STATE_HOME/conveyor/journal.db].")
+    ] = None,
+    no_journal: Annotated[bool, typer.Option("--no-journal", help="Keep jobs in memory only.")] = False,
+    max_queued: Annotated[int, typer.Option(help="Queued jobs beyond which submitters are slowed.")] = 1_000_000,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run the dispatcher: accept jobs from clients and hand them to workers."""
     from conveyor.dispatcher import Dispatcher
+    from conveyor.dispatcher.journal import Journal, default_journal_path
 
     _setup_logging(log_level)
-    d = Dispatcher(bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl)
+    store = None
+    if not no_journal:
+        path = journal or str(default_journal_path())
+        try:
+            store = Journal(path)
+        except Exception as exc:
+            raise CliError(f"cannot open the journal: {exc}") from None
+    d = Dispatcher(
+        bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
+        journal=store, max_queued=max_queued,
+    )
     try:
         endpoint = d.bind()
     except Exception as exc:
+        if store is not None:
+            store.close()
         raise CliError(f"cannot listen on {bind}: {exc}") from None
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.install_signal_handlers()
@@ -132,6 +150,9 @@ def worker(
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
     liveness: Annotated[int, typer.Option(help="Missed heartbeats before the dispatcher is considered lost.")] = 3,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to let running tasks finish on SIGTERM.")] = 30.0,
+    max_child_memory: Annotated[
+        int | None, typer.Option(help="processes mode: kill a child whose RSS exceeds this many MiB.")
+    ] = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run a worker that executes tasks in one mode."""
@@ -148,6 +169,7 @@ def worker(
             heartbeat_interval=heartbeat_interval,
             liveness=liveness,
             drain_timeout=drain_timeout,
+            max_child_memory_mb=max_child_memory,
         )
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
@@ -172,8 +194,11 @@ def up(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from conveyor.dispatcher.journal import default_journal_path
+
     cluster = LocalCluster(
-        workers=workers, mode=mode, concurrency=concurrency, bind=bind, log_level=log_level, quiet=False
+        workers=workers, mode=mode, concurrency=concurrency, bind=bind, log_level=log_level, quiet=False,
+        journal=str(default_journal_path()),
     )
     try:
         address = cluster.start()

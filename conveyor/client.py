@@ -211,6 +211,11 @@ class Client:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
+    @property
+    def duplicate_results(self) -> int:
+        """Outcomes that arrived for jobs already resolved (after a re-send) and were dropped."""
+        return self._conn.duplicate_results
+
     def pending(self) -> list[JobFuture]:
         return self._conn.pending_futures()
 

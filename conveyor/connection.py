@@ -91,6 +91,9 @@ class Connection:
         self._watchers: dict[str, list[Future[Any]]] = {}
         self._requests: dict[int, Future[Any]] = {}
         self._instance: str | None = None
+        self.duplicate_results = 0  # outcomes for jobs already resolved here (after re-sends); dropped
+        self._busy: list[str] = []  # jobs the dispatcher had no room for: re-sent after a pause
+        self._busy_at = 0.0
         self._fatal: BaseException | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="conveyor-client-io", daemon=True)
@@ -213,7 +216,8 @@ class Connection:
         next_ping = last_heard + self.heartbeat_interval
         try:
             while True:
-                timeout = max(0.0, next_ping - time.monotonic())
+                wake_at = min(next_ping, self._busy_at) if self._busy else next_ping
+                timeout = max(0.0, wake_at - time.monotonic())
                 events = dict(poller.poll(int(timeout * 1000) + 1))
                 if self._wake_r.fileno() in events:
                     self._drain_wakeups()
@@ -223,6 +227,8 @@ class Connection:
                     break
                 self._send_queued()
                 now = time.monotonic()
+                if self._busy and now >= self._busy_at:
+                    self._resend_busy()
                 if now >= next_ping:
                     self._send(Cmd.HEARTBEAT, {"role": "client"})
                     next_ping = now + self.heartbeat_interval
@@ -301,6 +307,9 @@ class Connection:
             if not self._welcome.done():
                 self._welcome.set_result(body)
         elif cmd == Cmd.ACCEPTED:
+            if body.get("busy"):
+                self._busy.extend(body["busy"])
+                self._busy_at = time.monotonic() + 0.2
             for job_id, reason in body.get("rejected", []):
                 self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
         elif cmd in (Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED):
@@ -320,6 +329,13 @@ class Connection:
             if not self._welcome.done():
                 self._welcome.set_exception(exc)
             self._fail_all(exc)
+
+    def _resend_busy(self) -> None:
+        with self._lock:
+            entries = [(i, self._pending[i].opts, self._pending[i].frames) for i in self._busy if i in self._pending]
+        self._busy = []
+        for i in range(0, len(entries), SUBMIT_BATCH):
+            self._send_submit(entries[i : i + SUBMIT_BATCH])
 
     def _resend_unfinished(self) -> None:
         with self._lock:
@@ -341,6 +357,8 @@ class Connection:
             watchers = self._watchers.pop(job_id, [])
             self._space.notify()
         record = {"id": job_id, "state": state, **info}
+        if pending is None and not watchers:
+            self.duplicate_results += 1
         if pending is not None:
             future = pending.future
             future.info = record

@@ -32,7 +32,9 @@ class LocalCluster:
         tags: list[str] | None = None,
         log_level: str = "warning",
         quiet: bool = True,
+        journal: str | None = None,
     ):
+        self.journal = journal  # None: a private cluster keeps its jobs in memory
         self.n_workers = workers
         self.mode = mode
         self.concurrency = concurrency
@@ -47,7 +49,10 @@ class LocalCluster:
     def start(self, timeout: float = 30.0) -> str:
         out = subprocess.DEVNULL if self.quiet else None
         self.dispatcher = subprocess.Popen(
-            conveyor_command("dispatcher", "--bind", self.bind, "--log-level", self.log_level),
+            conveyor_command(
+                "dispatcher", "--bind", self.bind, "--log-level", self.log_level,
+                *(["--journal", self.journal] if self.journal else ["--no-journal"]),
+            ),
             stdout=subprocess.PIPE,
             stderr=out,
             start_new_session=True,  # Ctrl-C reaches us; we stop the children in order

@@ -58,6 +58,7 @@ class Cluster:
         self.tmp = tmp
         self.dispatcher: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.bind = "tcp://127.0.0.1:0"
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.clients: list[Client] = []
         self._n = 0
@@ -66,7 +67,8 @@ class Cluster:
         log = open(self.tmp / "dispatcher.log", "ab")  # noqa: SIM115 - closed with the process
         self.dispatcher = subprocess.Popen(
             conveyor_cmd(
-                "dispatcher", "--bind", "tcp://127.0.0.1:0", "--heartbeat-interval", str(HEARTBEAT), *extra
+                "dispatcher", "--bind", self.bind, "--heartbeat-interval", str(HEARTBEAT),
+                "--journal", str(self.tmp / "journal.db"), *extra,
             ),
             stdout=subprocess.PIPE,
             stderr=log,
@@ -78,6 +80,7 @@ class Cluster:
             assert sel.select(20), "dispatcher did not print its endpoint"
         self.address = self.dispatcher.stdout.readline().decode().strip()
         assert self.address.startswith("tcp://127.0.0.1:"), self.address
+        self.bind = self.address  # a restart binds the same port, so clients and workers find it again
         return self.address
 
     def start_worker(

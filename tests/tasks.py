@@ -98,3 +98,42 @@ class Unpicklable(Exception):
 
 def fail_unpicklable() -> None:
     raise Unpicklable("holds a lock")
+
+
+# --- in-process gates (tests/test_inproc.py): the worker runs in the test's own process ----------
+
+_gates: dict[str, threading.Event] = {}
+
+
+def _gate(name: str) -> threading.Event:
+    return _gates.setdefault(name, threading.Event())
+
+
+def wait_gate(name: str, timeout: float = 30.0) -> str:
+    """Block until open_gate(name) is called in this process (only meaningful for in-process workers)."""
+    if not _gate(name).wait(timeout):
+        raise TimeoutError(f"gate {name!r} was never opened")
+    return name
+
+
+def open_gate(name: str) -> None:
+    _gate(name).set()
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def leak(mb_per_step: int = 20, steps: int = 100) -> int:
+    hoard = []
+    for _ in range(steps):
+        hoard.append(bytearray(mb_per_step << 20))
+        time.sleep(0.05)
+    return len(hoard)
+
+
+def square_after(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x * x

@@ -171,12 +171,13 @@ def test_cancel_a_running_job(cluster: Cluster, mode: str) -> None:
     fn = tasks.async_sleep if mode == "asyncio" else tasks.spin
     with cluster.client() as client:
         before = {p.pid for p in psutil.Process(cluster.worker_pid(name)).children(recursive=True)}
-        fut = client.submit(fn, 60)
+        fut = client.options(keep=True).submit(fn, 60)  # keep: its outcome can be read by id afterwards
         wait_until(lambda: client.status()["running"] == 1, what="the task to start")
-        watcher = client.options(keep=True)  # a second view to watch the outcome by id
-        assert client.cancel(fut.job_id) == [fut.job_id]
+        assert client.cancel(fut.job_id) == [fut.job_id]  # by id, as another client or the CLI would
         with pytest.raises(JobCancelled):
-            watcher.result(fut.job_id, timeout=10)
+            fut.result(10)
+        with pytest.raises(JobCancelled):
+            client.result(fut.job_id, timeout=10)
         # the worker frees the slot and keeps serving
         assert client.submit(tasks.noop, "after").result(20) == "after"
         wait_until(lambda: client.status()["workers"][0]["running"] == 0, what="the slot to be free")

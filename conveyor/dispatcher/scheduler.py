@@ -18,6 +18,7 @@ Rules worth knowing before reading:
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -67,9 +68,9 @@ class TaskOptions:
         retry_on = raw.get("retry_on") or []
         if not isinstance(retries, int) or retries < 0:
             raise ValueError("retries must be a non-negative integer")
-        if not isinstance(backoff, int | float) or backoff < 0:
+        if not isinstance(backoff, int | float) or math.isnan(backoff) or backoff < 0:
             raise ValueError("retry_backoff must be a non-negative number")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        if timeout is not None and (not isinstance(timeout, int | float) or math.isnan(timeout) or timeout <= 0):
             raise ValueError("timeout must be a positive number")
         if not isinstance(retry_on, list) or not all(isinstance(t, str) for t in retry_on):
             raise ValueError("retry_on must be a list of exception type names")
@@ -146,6 +147,7 @@ class WorkerInfo:
     done: int = 0
     draining: bool = False
     classes: list[ClassKey] = field(default_factory=list)  # queue classes this worker can serve
+    session: str = ""  # the worker's connection; a READY with a new one means a new connection
 
     def serves(self, key: ClassKey) -> bool:
         mode, tags = key
@@ -200,7 +202,10 @@ class Scheduler:
         self._seq = 0
         self.n_queued = 0
         self.n_running = 0
-        self.counts = {SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, "retried": 0, "submitted": 0}
+        self.counts = {SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, "retried": 0, "submitted": 0, "fenced": 0}
+        # What changed this turn, for the journal: jobs that finished and ids that were dropped.
+        self._finished_log: list[Job] = []
+        self._forgotten_log: list[str] = []
         self.outbox: list[Action] = []
         self._deliveries: dict[bytes, list[Job]] = {}
 
@@ -255,6 +260,7 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is not None and job.state in FINISHED_STATES:
             del self.jobs[job_id]
+            self._forgotten_log.append(job_id)
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -271,8 +277,17 @@ class Scheduler:
         credit: int,
         running: Iterable[tuple[str, int]],
         now: float,
+        session: str = "",
     ) -> WorkerInfo:
-        """Register a worker, or re-register one that reconnected, keeping the assignments it still holds."""
+        """Register a worker, or re-register one that reconnected, keeping the assignments it still holds.
+
+        A READY repeated on the same connection (same session) changes nothing: assignments sent on
+        that connection are still on their way to the worker and must not be taken back.
+        """
+        known = self.workers.get(wid)
+        if known is not None and session and known.session == session:
+            known.last_seen = now
+            return known
         still_running = {job_id: attempt for job_id, attempt in running}
         if wid in self.workers:
             self._drop_worker(wid, keep=still_running, now=now)
@@ -287,6 +302,7 @@ class Scheduler:
             credit=max(0, credit),
             last_seen=now,
             registered_at=now,
+            session=session,
         )
         w.classes = [k for k in self._queues if w.serves(k)]
         self.workers[wid] = w
@@ -294,6 +310,7 @@ class Scheduler:
             job = self.jobs.get(job_id)
             if job is not None and job.state == RUNNING and job.worker == wid and job.attempt == attempt:
                 w.running[job_id] = attempt
+        w.credit = max(0, min(w.credit, concurrency - len(w.running)))
         if w.credit:
             self._free[wid] = None
         return w
@@ -336,16 +353,19 @@ class Scheduler:
     ) -> None:
         """A worker reports how an attempt ended. Returns the worker's credit and applies fencing."""
         w = self.workers.get(wid)
-        if w is not None and w.running.pop(job_id, None) is not None:
-            self._return_credit(w)
-            w.done += 1
-        elif w is not None:
-            self._return_credit(w)  # an attempt the worker held before we fenced it: the slot is free now
+        if w is not None:
+            # Only this very attempt leaves w.running: the same worker may hold a newer attempt of the
+            # job (it was lost, re-registered and got the job again), which must stay tracked.
+            if w.running.get(job_id) == attempt:
+                del w.running[job_id]
+                w.done += 1
+            self._return_credit(w)  # an attempt we had fenced off still held a slot: it is free now too
         job = self.jobs.get(job_id)
+        current = job is not None and job.state == RUNNING and job.worker == wid and job.attempt == attempt
+        if not current:
+            self.counts["fenced"] += 1  # an outcome of an attempt that no longer counts
         if job is None or job.state in FINISHED_STATES:
             return
-        current = job.state == RUNNING and job.worker == wid and job.attempt == attempt
-        if not current:
             if ok:  # a late success still counts, once; stop the newer attempt if one runs
                 if job.state == RUNNING and job.worker is not None:
                     self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))
@@ -367,7 +387,8 @@ class Scheduler:
         """A draining worker returns a job it will not finish; this does not count as a failure."""
         w = self.workers.get(wid)
         if w is not None:
-            w.running.pop(job_id, None)
+            if w.running.get(job_id) == attempt:
+                del w.running[job_id]
             if not w.draining:
                 self._return_credit(w)
         job = self.jobs.get(job_id)
@@ -394,34 +415,82 @@ class Scheduler:
             self._finished.popleft()
             if job is not None and job.state in FINISHED_STATES:
                 del self.jobs[job.id]
+                self._forgotten_log.append(job.id)
 
     def next_timer(self) -> float | None:
         return self._delayed[0][0] if self._delayed else None
 
     def schedule(self, now: float) -> None:
-        """Hand queued jobs to workers with credit, spreading them over the free workers."""
+        """Hand queued jobs to workers with credit, spreading them over the free workers.
+
+        Passes repeat until no free worker can take another job, so no job stays queued while a
+        worker able to serve it has credit; each worker gets at most one Assign per call."""
         if not self.n_queued or not self._free:
             return
-        for wid in list(self._free):
-            if not self.n_queued:
-                break
-            w = self.workers[wid]
-            share = max(1, self.n_queued // max(1, len(self._free)))
-            jobs = self._pop_for(w, min(w.credit, share))
-            if not jobs:
-                continue
-            for job in jobs:
-                job.state = RUNNING
-                job.attempt += 1
-                job.worker = wid
-                w.running[job.id] = job.attempt
-                job.history.append({"attempt": job.attempt, "worker": w.name, "started": now})
-            self.n_running += len(jobs)
-            w.credit -= len(jobs)
-            del self._free[wid]
-            if w.credit:
-                self._free[wid] = None  # to the back: least recently assigned goes first
+        assigned: dict[bytes, list[Job]] = {}
+        candidates = list(self._free)
+        while candidates and self.n_queued:
+            still: list[bytes] = []
+            for wid in candidates:
+                if not self.n_queued:
+                    break
+                w = self.workers[wid]
+                share = max(1, self.n_queued // len(candidates))
+                jobs = self._pop_for(w, min(w.credit, share))
+                if not jobs:
+                    continue  # nothing queued that it serves: queues only shrink during this call
+                for job in jobs:
+                    job.state = RUNNING
+                    job.attempt += 1
+                    job.worker = wid
+                    w.running[job.id] = job.attempt
+                    job.history.append({"attempt": job.attempt, "worker": w.name, "started": now})
+                self.n_running += len(jobs)
+                w.credit -= len(jobs)
+                del self._free[wid]
+                if w.credit:
+                    self._free[wid] = None  # to the back: least recently assigned goes first
+                    still.append(wid)
+                assigned.setdefault(wid, []).extend(jobs)
+            candidates = still
+        for wid, jobs in assigned.items():
             self.outbox.append(Assign(wid, jobs))
+
+    def drain_finished(self) -> list[Job]:
+        """Jobs that finished since the last call (the journal records them)."""
+        out, self._finished_log = self._finished_log, []
+        return out
+
+    def drain_forgotten(self) -> list[str]:
+        """Ids of finished jobs dropped since the last call (delivered, or expired)."""
+        out, self._forgotten_log = self._forgotten_log, []
+        return out
+
+    def restore_finished(
+        self,
+        job_id: str,
+        opts: TaskOptions,
+        owner: bytes | None,
+        state: str,
+        attempts: int,
+        history: list[dict[str, Any]],
+        result_info: dict[str, Any],
+        result_frames: list[Any],
+        finished_at: float,
+    ) -> Job:
+        """Bring back a finished job from the journal (after a restart), result and all."""
+        self._seq += 1
+        job = Job(job_id, opts, [], owner, self._seq, finished_at)
+        job.state = state
+        job.attempt = attempts
+        job.history = history
+        job.result_info = result_info
+        job.result_frames = result_frames
+        job.finished_at = finished_at
+        job.frames = None
+        self.jobs[job_id] = job
+        self._finished.append(job_id)
+        return job
 
     def take_actions(self) -> list[Action]:
         out = self.outbox
@@ -532,8 +601,10 @@ class Scheduler:
     def _return_credit(self, w: WorkerInfo) -> None:
         if w.draining:
             return
-        w.credit = min(w.credit + 1, w.concurrency)
-        if w.id not in self._free:
+        # Never more credit than slots not taken by assignments we track (a duplicate or stray outcome
+        # must not let the worker be assigned beyond its concurrency).
+        w.credit = max(0, min(w.credit + 1, w.concurrency - len(w.running)))
+        if w.credit and w.id not in self._free:
             self._free[w.id] = None
 
     def _release(self, job: Job) -> None:
@@ -559,18 +630,20 @@ class Scheduler:
         kind = info.get("kind")
         if kind in perr.INFRASTRUCTURE_KINDS:
             job.infra_failures += 1
-            retry = job.infra_failures <= self.infra_retries
+            retry = job.infra_failures <= max(self.infra_retries, job.opts.retries)
             delay = 0.0
         else:
             job.failures += 1
             retry = retryable and job.failures <= job.opts.retries
-            delay = job.opts.retry_backoff * (2 ** (job.failures - 1)) * self.rng.uniform(0.5, 1.5)
+            # The exponent is capped: 2 ** 1024 no longer converts to a float (OverflowError).
+            exponent = min(job.failures - 1, 64)
+            delay = job.opts.retry_backoff * (2.0**exponent) * self.rng.uniform(0.5, 1.5)
         if not retry:
             self._finish(job, FAILED, info, frames, now)
             return
         self.counts["retried"] += 1
         delay = min(delay, MAX_BACKOFF)
-        if delay <= 0:
+        if not delay > 0:  # also NaN: a NaN deadline at the heap's top would stall every retry
             self._enqueue(job)
             return
         job.state = QUEUED
@@ -586,6 +659,7 @@ class Scheduler:
         job.result_frames = frames
         self.counts[state] += 1
         self._finished.append(job.id)
+        self._finished_log.append(job)
         if job.owner is not None:
             self._deliver_to(job.owner, job)
         if job.watchers:

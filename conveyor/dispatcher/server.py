@@ -18,7 +18,9 @@ from typing import Any
 
 import zmq
 
+from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.scheduler import (
+    FINISHED_STATES,
     SUCCEEDED,
     Assign,
     CancelRunning,
@@ -43,9 +45,15 @@ class Dispatcher:
         liveness: int = 3,
         infra_retries: int = 3,
         result_ttl: float = 3600.0,
+        journal: Journal | None = None,
+        max_queued: int = 1_000_000,
         context: zmq.Context[Any] | None = None,
     ):
         self.bind_address = bind
+        self.journal = journal
+        self.result_ttl = result_ttl
+        self.max_queued = max_queued
+        self._acks: list[tuple[bytes, dict[str, Any]]] = []  # ACCEPTED replies waiting for the journal commit
         self.heartbeat_interval = heartbeat_interval
         self.instance = uuid.uuid4().hex[:12]
         self.scheduler = Scheduler(
@@ -113,6 +121,8 @@ class Dispatcher:
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         next_heartbeat = time.monotonic()
+        if self.journal is not None:
+            self._recover(self.journal)
         log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
         try:
             while not self._stopping:
@@ -135,9 +145,34 @@ class Dispatcher:
                 self._flush()
             self._shutdown()
         finally:
+            if self.journal is not None:
+                self.journal.close()
             router.close(linger=500)
             self._wake_r.close()
             self._wake_w.close()
+
+    def _recover(self, journal: Journal) -> None:
+        """Load the journal: finished jobs keep their results, unfinished ones are queued to run again."""
+        now, now_wall = time.monotonic(), time.time()
+        expired = journal.expire(now_wall)
+        n_done = n_again = 0
+        for stored in journal.load():
+            opts = TaskOptions.from_wire(stored.opts)
+            if stored.state in FINISHED_STATES:
+                remaining = (stored.expires_at or now_wall) - now_wall
+                self.scheduler.restore_finished(
+                    stored.id, opts, stored.owner, stored.state, stored.attempts, stored.history,
+                    stored.result_info, list(stored.result_frames), finished_at=now - (self.result_ttl - remaining),
+                )
+                n_done += 1
+            else:
+                self.scheduler.submit(stored.id, opts, list(stored.frames), stored.owner, now)
+                n_again += 1
+        self.scheduler.take_actions()  # nobody to deliver to yet: owners re-attach when they reconnect
+        log.info(
+            "journal %s: %d finished job(s) restored, %d unfinished job(s) queued again, %d expired",
+            journal.path, n_done, n_again, expired,
+        )
 
     def _drain_wakeups(self) -> None:
         try:
@@ -202,6 +237,7 @@ class Dispatcher:
             credit=int(b["credit"]),
             running=running,
             now=now,
+            session=str(b.get("session", "")),
         )
         self._send(peer, Cmd.HEARTBEAT, {"instance": self.instance, "role": "dispatcher"})
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
@@ -259,6 +295,8 @@ class Dispatcher:
         per_entry = split_frames([int(e[2]) for e in entries], msg.frames)
         accepted: list[str] = []
         rejected: list[list[str]] = []
+        busy: list[str] = []
+        jobs = self.scheduler.jobs
         for entry, frames in zip(entries, per_entry, strict=True):
             job_id = str(entry[0])
             try:
@@ -268,9 +306,19 @@ class Dispatcher:
             except ValueError as exc:
                 rejected.append([job_id, str(exc)])
                 continue
-            self.scheduler.submit(job_id, opts, frames, peer, now)
+            is_new = job_id not in jobs
+            if is_new and self.scheduler.n_queued >= self.max_queued:
+                busy.append(job_id)  # backpressure: the client re-sends these a little later
+                continue
+            job = self.scheduler.submit(job_id, opts, frames, peer, now)
+            if is_new and self.journal is not None:
+                self.journal.submitted(job_id, job.seq, peer, entry[1] or {}, frames)
             accepted.append(job_id)
-        self._send(peer, Cmd.ACCEPTED, {"accepted": accepted, "rejected": rejected})
+        reply = {"accepted": accepted, "rejected": rejected, "busy": busy}
+        if self.journal is None:
+            self._send(peer, Cmd.ACCEPTED, reply)
+        else:
+            self._acks.append((peer, reply))
 
     def _on_watch(self, peer: bytes, msg: Message, now: float) -> None:
         unknown = self.scheduler.watch(peer, [str(i) for i in msg.body["ids"]])
@@ -306,6 +354,11 @@ class Dispatcher:
             self._send(wid, Cmd.HEARTBEAT, body)
 
     def _flush(self) -> None:
+        """Send what the scheduler decided, then make this turn durable, then acknowledge submissions.
+
+        Results may go out before the commit: if we crash first, the job is still unfinished in the
+        journal and runs again, and the client drops the duplicate. Acknowledgements may not.
+        """
         for action in self.scheduler.take_actions():
             if isinstance(action, Assign):
                 self._send_assign(action)
@@ -313,6 +366,21 @@ class Dispatcher:
                 self._send_done(action.client, action.jobs)
             elif isinstance(action, CancelRunning):
                 self._send(action.worker, Cmd.CANCEL, {"job": action.job_id, "attempt": action.attempt})
+        journal = self.journal
+        if journal is None:
+            return
+        wall = time.time()
+        for job in self.scheduler.drain_finished():
+            journal.finished(
+                job.id, job.state, job.attempt, job.history, job.result_info, job.result_frames,
+                expires_at=wall + self.result_ttl,
+            )
+        for job_id in self.scheduler.drain_forgotten():
+            journal.forgotten(job_id)
+        journal.commit()
+        for peer, reply in self._acks:
+            self._send(peer, Cmd.ACCEPTED, reply)
+        self._acks.clear()
 
     def _send_assign(self, action: Assign) -> None:
         entries = []

@@ -24,6 +24,11 @@ class Task:
     retry_on: tuple[str, ...]
     frames: list[Any]
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """A job can be re-assigned to the same worker: an assignment is (job id, attempt)."""
+        return (self.job_id, self.attempt)
+
 
 @dataclass(slots=True)
 class Outcome:

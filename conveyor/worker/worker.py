@@ -27,12 +27,13 @@ import zmq
 import zmq.asyncio
 
 from conveyor.protocol import Cmd, Message, ProtocolError, decode, encode, split_frames
-from conveyor.worker.execution import Outcome, Task
-from conveyor.worker.modes import MODES, Mode
+from conveyor.worker.execution import Outcome, Task, failure
+from conveyor.worker.modes import MODES, Mode, ProcessesMode
 
 log = logging.getLogger("conveyor.worker")
 
 MAX_BACKOFF = 5.0
+KILL_WAIT = 5.0  # seconds to let handed-back tasks stop before the worker exits
 
 
 def default_concurrency(mode: str) -> int:
@@ -68,6 +69,7 @@ class Worker:
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
         drain_timeout: float = 30.0,
+        max_child_memory_mb: int | None = None,
         context: zmq.asyncio.Context | None = None,
     ):
         if mode not in MODES:
@@ -84,11 +86,19 @@ class Worker:
         self.liveness = liveness
         self.drain_timeout = drain_timeout
         self.identity = f"w-{uuid.uuid4().hex[:12]}".encode()
-        self.mode: Mode = MODES[mode](self.concurrency)
+        if mode == "processes" and max_child_memory_mb:
+            self.mode: Mode = ProcessesMode(self.concurrency, max_child_memory=max_child_memory_mb << 20)
+        else:
+            self.mode = MODES[mode](self.concurrency)
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
-        self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        self._running: dict[tuple[str, int], asyncio.Task[None]] = {}  # (job id, attempt) -> its runner
+        self._handed_back: set[tuple[str, int]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drain_deadline = float("inf")
+        self._session = ""
         self._outbox: list[Outcome] = []
         self._flush_scheduled = False
         self._stop = asyncio.Event()
@@ -98,6 +108,9 @@ class Worker:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        """First call: drain. A second call: hand back what still runs, now."""
+        if self._stop.is_set():
+            self._drain_deadline = time.monotonic()
         self._stop.set()
 
     async def run(self) -> None:
@@ -114,13 +127,16 @@ class Worker:
         )
         backoff = 0.1
         try:
-            while not self._stop.is_set():
+            while True:
                 self._open()
-                served = await self._serve()
-                if self._stop.is_set():
-                    break
+                state = await self._serve()
                 self._close_socket()
-                if served:
+                if state == "done":
+                    break
+                if self._stop.is_set():  # lost the dispatcher while draining: finish what we can, then go
+                    await self._finish_without_dispatcher()
+                    break
+                if state == "served":
                     backoff = 0.1
                 log.warning("dispatcher unreachable; reconnecting in %.1f s", backoff)
                 try:
@@ -128,7 +144,6 @@ class Worker:
                 except TimeoutError:
                     pass
                 backoff = min(backoff * 2, MAX_BACKOFF)
-            await self._drain()
         finally:
             await self.mode.shutdown()
             self._close_socket()
@@ -136,16 +151,20 @@ class Worker:
                 self._ctx.term()
 
     def _open(self) -> None:
+        """A new connection: a new session id, outcomes held while disconnected first, then READY."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.connect_address)
         self._sock = sock
+        self._session = uuid.uuid4().hex[:12]
+        self._dispatcher_instance = None
         self._connected = False
+        self._flush()  # outcomes first, so the dispatcher records them before it reconciles our READY
         self._send(Cmd.READY, self._ready_body())
-        if self._outbox:
-            self._flush()
+        if self._stop.is_set():
+            self._send(Cmd.LEAVING, {})
 
     def _close_socket(self) -> None:
         if self._sock is not None:
@@ -160,46 +179,57 @@ class Worker:
             "mode": self.mode_name,
             "concurrency": self.concurrency,
             "tags": self.tags,
+            "session": self._session,
             "credit": self.concurrency - len(self._running),
-            "running": [[job_id, attempt] for job_id, (attempt, _) in self._running.items()],
+            "running": [[job_id, attempt] for job_id, attempt in self._running],
         }
 
     # --- the session loop -------------------------------------------------------------------------
 
-    async def _serve(self) -> bool:
-        """Serve until the dispatcher is lost or a stop is requested. True if the dispatcher answered."""
+    async def _serve(self) -> str:
+        """Serve one connection. Returns "done" (drained and said goodbye), "served" (lost the dispatcher
+        after it had answered) or "silent" (it never answered)."""
         sock = self._sock
         assert sock is not None
         heard = False
         last_heard = time.monotonic()
         next_beat = last_heard + self.heartbeat_interval
+        draining = False
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
-            while not self._stop.is_set():
+            while True:
+                if self._stop.is_set() and not draining:
+                    draining = True
+                    self._begin_drain()
+                if draining and (not self._running or time.monotonic() >= self._drain_deadline):
+                    await self._finish_drain()
+                    return "done"
                 now = time.monotonic()
-                timeout = max(0.0, next_beat - now)
-                recv = asyncio.ensure_future(sock.poll(int(timeout * 1000) + 1))
-                await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not recv.done():
-                    recv.cancel()
-                    break
-                if recv.result():
-                    while True:
-                        try:
-                            parts = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        heard = True
-                        last_heard = time.monotonic()
-                        if not self._handle(parts):
-                            return heard
+                wake_at = min(next_beat, self._drain_deadline) if draining else next_beat
+                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(sock.poll(int((wake_at - now) * 1000) + 1))}
+                if not draining:
+                    waiters.add(stop_wait)
+                elif self._running:
+                    waiters.add(asyncio.ensure_future(self._idle.wait()))
+                done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for fut in pending:
+                    if fut is not stop_wait:
+                        fut.cancel()
+                while True:
+                    try:
+                        parts = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    heard = True
+                    last_heard = time.monotonic()
+                    if not self._handle(parts):
+                        return "served"
                 now = time.monotonic()
                 if now >= next_beat:
                     self._send(Cmd.HEARTBEAT, {"role": "worker"})
                     next_beat = now + self.heartbeat_interval
                 if now - last_heard > self.heartbeat_interval * self.liveness:
-                    return heard
-            return heard
+                    return "served" if heard else "silent"
         finally:
             stop_wait.cancel()
 
@@ -207,16 +237,20 @@ class Worker:
         """Handle one message; False means: drop this connection and reconnect."""
         try:
             msg = decode(parts)
-        except ProtocolError as exc:
+            return self._dispatch_message(msg)
+        except DispatcherRefused:
+            raise
+        except (ProtocolError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             log.warning("ignoring a malformed message from the dispatcher: %s", exc)
             return True
+
+    def _dispatch_message(self, msg: Message) -> bool:
         if msg.cmd == Cmd.ASSIGN:
             self._on_assign(msg)
         elif msg.cmd == Cmd.CANCEL:
-            job_id = str(msg.body["job"])
-            entry = self._running.get(job_id)
-            if entry is not None and entry[0] == int(msg.body["attempt"]):
-                self.mode.cancel(job_id)
+            key = (str(msg.body["job"]), int(msg.body["attempt"]))
+            if key in self._running:
+                self.mode.cancel(key)
         elif msg.cmd == Cmd.HEARTBEAT:
             instance = msg.body.get("instance")
             if self._dispatcher_instance is not None and instance != self._dispatcher_instance:
@@ -241,23 +275,22 @@ class Worker:
         per_entry = split_frames([int(e[4]) for e in entries], msg.frames)
         for (job_id, attempt, timeout, retry_on, _), frames in zip(entries, per_entry, strict=True):
             task = Task(str(job_id), int(attempt), timeout, tuple(retry_on), frames)
-            runner = asyncio.create_task(self._run_task(task))
-            self._running[task.job_id] = (task.attempt, runner)
+            self._running[task.key] = asyncio.create_task(self._run_task(task))
+            self._idle.clear()
 
     async def _run_task(self, task: Task) -> None:
         try:
             outcome = await self.mode.run(task)
-        except asyncio.CancelledError:
-            return  # handed back during drain
         except Exception as exc:  # a bug in a mode must not kill the worker; report it as the task's failure
             log.exception("mode %s failed running %s", self.mode_name, task.job_id)
-            from conveyor.worker.execution import failure
-
             outcome = failure(task, exc)
         finally:
-            entry = self._running.get(task.job_id)
-            if entry is not None and entry[0] == task.attempt:
-                del self._running[task.job_id]
+            self._running.pop(task.key, None)
+            if not self._running:
+                self._idle.set()
+        if task.key in self._handed_back:
+            self._handed_back.discard(task.key)  # the dispatcher has it queued again: no outcome
+            return
         self._outbox.append(outcome)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -286,25 +319,32 @@ class Worker:
 
     # --- shutdown ---------------------------------------------------------------------------------
 
-    async def _drain(self) -> None:
-        """Finish running tasks within drain_timeout, hand the rest back, say goodbye."""
-        if self._sock is None:
-            self._open()
+    def _begin_drain(self) -> None:
+        self._drain_deadline = min(self._drain_deadline, time.monotonic() + self.drain_timeout)
         self._send(Cmd.LEAVING, {})
         if self._running:
             log.info("draining %d running task(s), up to %.0f s", len(self._running), self.drain_timeout)
-            tasks = [t for _, t in self._running.values()]
-            await asyncio.wait(tasks, timeout=self.drain_timeout)
-        self._flush()
+
+    async def _finish_drain(self) -> None:
+        """Hand back what did not finish in time (stopping it), flush outcomes, say goodbye."""
         if self._running:
-            handed = [[job_id, attempt] for job_id, (attempt, _) in self._running.items()]
-            for job_id, (_, t) in list(self._running.items()):
-                self.mode.cancel(job_id)
-                t.cancel()
-            self._send(Cmd.GIVEBACK, handed)
+            handed = list(self._running)
+            self._handed_back.update(handed)
+            for key in handed:
+                self.mode.cancel(key)
+            self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in handed])
             log.info("handed back %d unfinished task(s)", len(handed))
+            await asyncio.wait(list(self._running.values()), timeout=KILL_WAIT)
+        self._flush()
         self._send(Cmd.GOODBYE, {})
-        self._close_socket()
+
+    async def _finish_without_dispatcher(self) -> None:
+        """Draining with no dispatcher to talk to: let running tasks end until the deadline, then stop."""
+        remaining = self._drain_deadline - time.monotonic()
+        if self._running and remaining > 0:
+            await asyncio.wait(list(self._running.values()), timeout=remaining)
+        for key in list(self._running):
+            self.mode.cancel(key)  # the dispatcher will count these as lost and run them elsewhere
 
 
 def run_worker(worker: Worker) -> int:

@@ -23,7 +23,7 @@ class AsyncioMode(Mode):
         super().__init__(concurrency)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._tasks: dict[str, asyncio.Task[Outcome]] = {}  # owned by the task loop's thread
+        self._tasks: dict[tuple[str, int], asyncio.Task[Outcome]] = {}  # owned by the task loop's thread
 
     async def start(self) -> None:
         ready = threading.Event()
@@ -45,11 +45,11 @@ class AsyncioMode(Mode):
     async def _run_here(self, task: Task) -> Outcome:
         current = asyncio.current_task()
         assert current is not None
-        self._tasks[task.job_id] = current
+        self._tasks[task.key] = current
         try:
             return await run_async(task)
         finally:
-            self._tasks.pop(task.job_id, None)
+            self._tasks.pop(task.key, None)
 
     async def run(self, task: Task) -> Outcome:
         assert self._loop is not None
@@ -62,7 +62,7 @@ class AsyncioMode(Mode):
             return
 
         def cancel() -> None:
-            t = self._tasks.get(task.job_id)
+            t = self._tasks.get(task.key)
             if t is not None:
                 t.cancel()
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from conveyor.errors import TaskTimeout
+from conveyor.errors import JobCancelled, TaskTimeout
 from conveyor.protocol import errors as perr
 from conveyor.worker.execution import Outcome, Task, infra_failure, is_retryable
 
@@ -22,7 +22,7 @@ class Mode(abc.ABC):
 
     def __init__(self, concurrency: int):
         self.concurrency = concurrency
-        self._cancel_events: dict[str, asyncio.Event] = {}
+        self._stoppers: dict[tuple[str, int], Callable[[], None]] = {}
 
     async def start(self) -> None:
         """Prepare threads, loops or child processes."""
@@ -34,11 +34,11 @@ class Mode(abc.ABC):
     async def shutdown(self) -> None:
         """Release everything start() made. Running tasks have been handed back or finished by now."""
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, key: tuple[str, int]) -> None:
         """Stop a running task (best effort per mode); its run() returns a 'cancelled' outcome."""
-        event = self._cancel_events.get(job_id)
-        if event is not None:
-            event.set()
+        stop = self._stoppers.get(key)
+        if stop is not None:
+            stop()
 
     @abc.abstractmethod
     def abort(self, task: Task, reason: BaseException) -> None:
@@ -46,33 +46,38 @@ class Mode(abc.ABC):
 
     async def supervise(self, task: Task, work: Awaitable[Outcome]) -> Outcome:
         """Wait for work, but no longer than the task's timeout and no longer than until it is cancelled."""
-        cancelled = self._cancel_events[task.job_id] = asyncio.Event()
+        loop = asyncio.get_running_loop()
         work_f = asyncio.ensure_future(work)
-        cancel_f = asyncio.ensure_future(cancelled.wait())
+        verdict: asyncio.Future[str] = loop.create_future()
+
+        def decide(why: str) -> None:
+            if not verdict.done():
+                verdict.set_result(why)
+
+        work_f.add_done_callback(lambda _: decide("done"))
+        self._stoppers[task.key] = lambda: decide("cancelled")
+        timer = loop.call_later(task.timeout, decide, "timeout") if task.timeout else None
         try:
-            done, _ = await asyncio.wait(
-                {work_f, cancel_f}, timeout=task.timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            why = await verdict
         finally:
-            cancel_f.cancel()
-            del self._cancel_events[task.job_id]
-        if work_f in done:
+            self._stoppers.pop(task.key, None)
+            if timer is not None:
+                timer.cancel()
+        if why == "done":
             return work_f.result()
-        work_f.add_done_callback(_consume)  # the interrupted work still finishes; its outcome is dropped
-        if cancel_f in done:
-            self.abort(task, perr_cancelled())
-            return infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
-        timeout_exc = TaskTimeout(f"the task ran longer than its {task.timeout:g} s timeout")
-        self.abort(task, timeout_exc)
-        out = infra_failure(task, perr.TIMEOUT, "TaskTimeout", str(timeout_exc))
-        out.info["retryable"] = is_retryable(timeout_exc, task.retry_on)
+        if why == "cancelled":
+            reason: BaseException = JobCancelled("the job was cancelled")
+            out = infra_failure(task, perr.CANCELLED, "JobCancelled", str(reason))
+        else:
+            reason = TaskTimeout(f"the task ran longer than its {task.timeout:g} s timeout")
+            out = infra_failure(task, perr.TIMEOUT, "TaskTimeout", str(reason))
+            out.info["retryable"] = is_retryable(reason, task.retry_on)
+        self.abort(task, reason)
+        # Not started yet: cancelling the future keeps it from starting. Started: the mode's abort stops
+        # it (or, in threads mode, tries to); whatever it still returns is dropped.
+        work_f.cancel()
+        work_f.add_done_callback(_consume)
         return out
-
-
-def perr_cancelled() -> BaseException:
-    from conveyor.errors import JobCancelled
-
-    return JobCancelled("the job was cancelled")
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import msgpack
+import psutil
 
 from conveyor.protocol import errors as perr
 from conveyor.worker.child import child_main
@@ -28,6 +29,7 @@ from conveyor.worker.execution import Outcome, Task, infra_failure
 from conveyor.worker.modes.base import Mode
 
 KILL_GRACE = 1.0
+MEMORY_CHECK_INTERVAL = 0.25
 
 
 def _context() -> Any:
@@ -45,6 +47,8 @@ class _Child:
         self.task: Task | None = None
         self.future: asyncio.Future[Outcome] | None = None
         self.dead = False
+        self.dying = False  # terminated by us: never handed another task
+        self.killed_because: str | None = None
 
     @property
     def pid(self) -> int:
@@ -54,8 +58,9 @@ class _Child:
 class ProcessesMode(Mode):
     name = "processes"
 
-    def __init__(self, concurrency: int):
+    def __init__(self, concurrency: int, max_child_memory: int | None = None):
         super().__init__(concurrency)
+        self.max_child_memory = max_child_memory  # bytes of RSS; a child above it is killed
         self._ctx = _context()
         self._children: set[_Child] = set()
         self._idle: deque[_Child] = deque()
@@ -68,6 +73,30 @@ class ProcessesMode(Mode):
         starts = [asyncio.to_thread(self._start_child) for _ in range(self.concurrency)]
         for child in await asyncio.gather(*starts):
             self._adopt(child)
+        if self.max_child_memory:
+            self._loop.call_later(MEMORY_CHECK_INTERVAL, self._check_memory)
+
+    def _check_memory(self) -> None:
+        """Kill a child whose task grew past the memory limit (a leak must not take the host down)."""
+        if self._closing or self._loop is None or not self.max_child_memory:
+            return
+        for child in list(self._children):
+            if child.dead or child.task is None:
+                continue
+            try:
+                rss = psutil.Process(child.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > self.max_child_memory:
+                child.killed_because = (
+                    f"the child process (pid {child.pid}) used {rss >> 20} MiB, over the worker's "
+                    f"{self.max_child_memory >> 20} MiB limit, and was killed"
+                )
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._loop.call_later(MEMORY_CHECK_INTERVAL, self._check_memory)
 
     def _start_child(self) -> _Child:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -115,14 +144,17 @@ class ProcessesMode(Mode):
             ok, info, n = msgpack.unpackb(child.conn.recv_bytes())
             frames = [child.conn.recv_bytes() for _ in range(n)]
         except (EOFError, OSError):
-            self._on_exit(child)
+            # The pipe closed: the child is exiting. Its sentinel fires once it has, with an exit code.
+            assert self._loop is not None
+            self._loop.remove_reader(child.conn.fileno())
             return
         task, fut = child.task, child.future
         child.task = child.future = None
         if task is not None and fut is not None and not fut.done():
             fut.set_result(Outcome(task.job_id, task.attempt, bool(ok), info, frames))
-        self._idle.append(child)
-        self._dispatch()
+        if not child.dying:
+            self._idle.append(child)
+            self._dispatch()
 
     def _on_exit(self, child: _Child) -> None:
         if child.dead:
@@ -131,7 +163,7 @@ class ProcessesMode(Mode):
         assert self._loop is not None
         self._loop.remove_reader(child.conn.fileno())
         self._loop.remove_reader(child.process.sentinel)
-        child.process.join(0)
+        child.process.join(1)
         code = child.process.exitcode
         child.conn.close()
         self._children.discard(child)
@@ -140,7 +172,7 @@ class ProcessesMode(Mode):
         task, fut = child.task, child.future
         if task is not None and fut is not None and not fut.done():
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            message = f"the child process (pid {child.pid}) running the task died: {how}"
+            message = child.killed_because or f"the child process (pid {child.pid}) running the task died: {how}"
             fut.set_result(infra_failure(task, perr.CRASHED, "WorkerCrashed", message))
         if not self._closing:
             self._loop.create_task(self._replace())
@@ -155,11 +187,14 @@ class ProcessesMode(Mode):
 
     def abort(self, task: Task, reason: BaseException) -> None:
         for child in self._children:
-            if child.task is not None and child.task.job_id == task.job_id and not child.dead:
+            if child.task is not None and child.task.key == task.key and not child.dead:
                 self._terminate(child)
                 return
 
     def _terminate(self, child: _Child) -> None:
+        child.dying = True
+        if child in self._idle:
+            self._idle.remove(child)
         pid = child.pid
         try:
             os.kill(pid, signal.SIGTERM)

@@ -15,6 +15,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
+from conveyor.errors import JobCancelled, TaskTimeout
 from conveyor.worker.execution import Outcome, Task, run_sync
 from conveyor.worker.modes.base import Mode
 
@@ -28,6 +29,7 @@ class _Item:
 
 
 def _set_if_pending(fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    """Runs on the worker's loop: the future may have been cancelled meanwhile."""
     if not fut.done():
         fut.set_result(outcome)
 
@@ -38,7 +40,7 @@ class ThreadsMode(Mode):
     def __init__(self, concurrency: int):
         super().__init__(concurrency)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._running: dict[str, _Item] = {}
+        self._running: dict[tuple[str, int], _Item] = {}
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._target = concurrency
@@ -56,36 +58,51 @@ class ThreadsMode(Mode):
     def _serve(self) -> None:
         me = threading.current_thread()
         while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            item.thread = threading.get_ident()
-            outcome = run_sync(item.task)
-            item.thread = None
-            item.loop.call_soon_threadsafe(_set_if_pending, item.future, outcome)
-            with self._lock:
-                if len(self._threads) > self._target:  # a replacement took this thread's place
+            try:
+                if not self._serve_one():
                     break
+            except (TaskTimeout, JobCancelled):
+                pass  # an interruption that landed just after its task had finished: this thread goes on
         with self._lock:
             self._threads.discard(me)
+
+    def _serve_one(self) -> bool:
+        """Run one queued task; False when this thread should exit."""
+        item = self._queue.get()
+        if item is None:
+            return False
+        if item.future.cancelled():  # timed out or cancelled before it started
+            return True
+        with self._lock:
+            item.thread = threading.get_ident()
+        outcome = run_sync(item.task)
+        with self._lock:
+            item.thread = None
+        item.loop.call_soon_threadsafe(_set_if_pending, item.future, outcome)
+        with self._lock:
+            return len(self._threads) <= self._target  # a replacement took this thread's place
 
     async def run(self, task: Task) -> Outcome:
         loop = asyncio.get_running_loop()
         item = _Item(task, loop.create_future(), loop)
-        self._running[task.job_id] = item
+        self._running[task.key] = item
         self._queue.put(item)
         try:
             return await self.supervise(task, item.future)
         finally:
-            self._running.pop(task.job_id, None)
+            self._running.pop(task.key, None)
 
     def abort(self, task: Task, reason: BaseException) -> None:
-        item = self._running.get(task.job_id)
-        thread = item.thread if item is not None else None
-        if thread is None:
-            return  # not started yet: the thread will run it, and its outcome is dropped
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(type(reason)))
-        self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
+        item = self._running.get(task.key)
+        if item is None:
+            return
+        with self._lock:  # the thread cannot move on to another task while we aim at it
+            thread = item.thread
+            if thread is None:
+                return  # not started (it will be skipped) or already finished
+            hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(type(reason)))
+        if hit == 1:
+            self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
 
     async def shutdown(self) -> None:
         with self._lock:
