@@ -69,6 +69,13 @@ def _connect(dispatcher: str | None) -> Any:
     return Client(_address(dispatcher), connect_timeout=timeout, reconnect_timeout=max(timeout, 10.0))
 
 
+def _check_mode(mode: str) -> None:
+    from conveyor.worker.modes import MODES
+
+    if mode not in MODES:
+        raise CliError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}", 2)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", errors="replace")
@@ -131,8 +138,8 @@ def dispatcher(
         if store is not None:
             store.close()
         raise CliError(f"cannot listen on {bind}: {exc}") from None
+    d.install_signal_handlers()  # before anyone can learn our endpoint and signal us
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
-    d.install_signal_handlers()
     d.run()
 
 
@@ -189,8 +196,9 @@ def up(
     """Start a dispatcher and local workers in one command; Ctrl-C stops all of it."""
     from conveyor.local import LocalCluster
 
-    if mode not in ("threads", "processes", "asyncio"):
-        raise CliError(f"unknown mode {mode!r}: choose threads, processes or asyncio", 2)
+    _check_mode(mode)
+    if workers < 1 or (concurrency is not None and concurrency < 1):
+        raise CliError("--workers and --concurrency must be at least 1", 2)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -233,7 +241,12 @@ def submit(
     kwargs: Annotated[str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait and print the result.")] = False,
     mode: Annotated[str | None, typer.Option(help="Only run on a worker in this mode.")] = None,
-    retries: Annotated[int | None, typer.Option(help="Retries on failure.")] = None,
+    retries: Annotated[
+        int | None, typer.Option(help="Retries: of crashes and lost workers, and of --retry-on exceptions.")
+    ] = None,
+    retry_on: Annotated[
+        list[str] | None, typer.Option("--retry-on", help="Exception type name to retry (repeatable).")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Fail the task after this many seconds.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Only run on workers with this tag.")] = None,
     dispatcher: DispatcherOpt = None,
@@ -257,10 +270,15 @@ def submit(
         if ":" not in function or function.startswith(":") or function.endswith(":"):
             raise CliError(f"bad function {function!r}: expected module:function", 2)
         target, call_args = function, [_parse_arg(a) for a in args or []]
-    if mode is not None and mode not in ("threads", "processes", "asyncio"):
-        raise CliError(f"unknown mode {mode!r}: choose threads, processes or asyncio", 2)
+        for raw, value in zip(args or [], call_args, strict=True):
+            if raw.startswith("-") and isinstance(value, str):  # -1 is an argument; --wiat is a typo
+                raise CliError(f"no such option: {raw} (pass a string starting with '-' as JSON: '\"{raw}\"')", 2)
+    if mode is not None:
+        _check_mode(mode)
     with _connect(dispatcher) as client:
-        job = client.options(mode=mode, retries=retries, timeout=timeout, tags=tag or None, keep=True)
+        job = client.options(
+            mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True
+        )
         fut = job.submit(target, *call_args, **call_kwargs)
         if not wait:
             fut.add_done_callback(lambda _: None)
@@ -375,7 +393,8 @@ def main() -> None:
         print(exc.ctx.get_help() if exc.ctx else "usage: conveyor COMMAND --help", file=sys.stderr)
         sys.exit(2)
     except click_exceptions.UsageError as exc:
-        hint = f" (see `conveyor {exc.ctx.info_name} --help`)" if exc.ctx and exc.ctx.info_name != "conveyor" else ""
+        command = exc.ctx.info_name if exc.ctx else None
+        hint = f" (see `conveyor {command} --help`)" if command and "conveyor" not in command else ""
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:

@@ -27,6 +27,7 @@ from conveyor.local import LocalCluster
 from conveyor.protocol import Cmd
 from conveyor.protocol import errors as perr
 from conveyor.protocol.payload import decode_value, encode_call, encode_chunk, encode_function
+from conveyor.worker.modes import MODES
 
 ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
 _OPTION_NAMES = ("mode", "tags", "retries", "retry_backoff", "timeout", "retry_on", "keep")
@@ -44,8 +45,8 @@ def _wire_options(options: dict[str, Any]) -> dict[str, Any]:
         elif key == "retry_on":
             names = value if isinstance(value, list | tuple) else [value]
             value = [v if isinstance(v, str) else perr.type_name(v) for v in names]
-        elif key == "mode" and value not in ("threads", "processes", "asyncio"):
-            raise ValueError(f"unknown mode {value!r}: choose threads, processes or asyncio")
+        elif key == "mode" and value not in MODES:
+            raise ValueError(f"unknown mode {value!r}: choose one of {', '.join(MODES)}")
         out[key] = value
     return out
 

@@ -118,7 +118,7 @@ class Connection:
             self.close()
             raise
 
-    def submit(self, job_id: str, opts: dict[str, Any], frames: list[Any], keep_frames: bool = True) -> JobFuture:
+    def submit(self, job_id: str, opts: dict[str, Any], frames: list[Any]) -> JobFuture:
         future = JobFuture(job_id, self)
         with self._space:
             while len(self._pending) >= self.max_pending and self._fatal is None and not self._closing:
@@ -339,7 +339,7 @@ class Connection:
 
     def _resend_unfinished(self) -> None:
         with self._lock:
-            entries = [(job_id, p.opts, p.frames) for job_id, p in self._pending.items()]
+            entries = [(job_id, p.opts, p.frames) for job_id, p in self._pending.items() if not p.future.cancelled()]
             watched = list(self._watchers)
         for i in range(0, len(entries), SUBMIT_BATCH):
             self._send_submit(entries[i : i + SUBMIT_BATCH])

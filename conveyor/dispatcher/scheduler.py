@@ -366,6 +366,7 @@ class Scheduler:
             self.counts["fenced"] += 1  # an outcome of an attempt that no longer counts
         if job is None or job.state in FINISHED_STATES:
             return
+        if not current:
             if ok:  # a late success still counts, once; stop the newer attempt if one runs
                 if job.state == RUNNING and job.worker is not None:
                     self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))

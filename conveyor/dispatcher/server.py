@@ -54,6 +54,7 @@ class Dispatcher:
         self.result_ttl = result_ttl
         self.max_queued = max_queued
         self._acks: list[tuple[bytes, dict[str, Any]]] = []  # ACCEPTED replies waiting for the journal commit
+        self._clients: dict[bytes, float] = {}  # client peers by last message time, told when we stop
         self.heartbeat_interval = heartbeat_interval
         self.instance = uuid.uuid4().hex[:12]
         self.scheduler = Scheduler(
@@ -184,8 +185,8 @@ class Dispatcher:
     def _shutdown(self) -> None:
         """Tell every worker and client we are going, so they reconnect instead of waiting out liveness."""
         body = {"instance": self.instance}
-        for wid in list(self.scheduler.workers):
-            self._send(wid, Cmd.SHUTDOWN, body)
+        for peer in [*self.scheduler.workers, *self._clients]:
+            self._send(peer, Cmd.SHUTDOWN, body)
         log.info("dispatcher %s stopped", self.instance)
 
     # --- receiving --------------------------------------------------------------------------------
@@ -275,11 +276,13 @@ class Dispatcher:
             if not self.scheduler.heard_from(peer, now):
                 self._send(peer, Cmd.RECONNECT, {"instance": self.instance})
         else:  # a client's ping: answer, so it knows we are alive and which instance we are
+            self._clients[peer] = now
             self._send(peer, Cmd.HEARTBEAT, {"instance": self.instance, "role": "dispatcher"})
 
     # --- client commands ----------------------------------------------------------------------------
 
     def _on_hello(self, peer: bytes, msg: Message, now: float) -> None:
+        self._clients[peer] = now
         self._send(
             peer,
             Cmd.WELCOME,
@@ -347,6 +350,9 @@ class Dispatcher:
     # --- sending ----------------------------------------------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
+        for peer, seen in list(self._clients.items()):
+            if now - seen > 60.0:  # clients ping every second; this one is gone
+                del self._clients[peer]
         for w in self.scheduler.expire_workers(now):
             log.warning("worker %s (pid %d on %s) missed its heartbeats: lost", w.name, w.pid, w.host)
         body = {"instance": self.instance, "role": "dispatcher"}

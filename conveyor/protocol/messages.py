@@ -48,14 +48,14 @@ class Cmd(enum.IntEnum):
     JOB_INFO = 0x25  # snapshot of jobs' states without waiting
     # dispatcher -> client
     WELCOME = 0x30  # answer to HELLO
-    ACCEPTED = 0x31  # these job ids are accepted (durable if a journal is on)
+    ACCEPTED = 0x31  # these job ids are accepted (sent after the journal commit), rejected, or busy
     JOB_DONE = 0x32  # batch of finished jobs, each with its result frames
     STATUS_REPLY = 0x33
     JOB_INFO_REPLY = 0x34
     CANCELLED = 0x35  # ack of CANCEL_JOBS: which ids were cancelled
     # both directions, any peer
     HEARTBEAT = 0x40
-    ERROR = 0x41  # fatal for the session: version mismatch, malformed message, unknown peer kind
+    ERROR = 0x41  # fatal for the session: the peer speaks another protocol version
     SHUTDOWN = 0x42  # dispatcher -> workers and clients: the dispatcher is stopping
 
 

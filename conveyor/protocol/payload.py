@@ -74,10 +74,11 @@ def encode_value(obj: Any) -> Frames:
     buffers: list[Any] = []
     try:
         plain = _plain(obj, buffers)
-    except (_NotPlain, RecursionError):
+        body = msgpack.packb(plain, use_bin_type=True)
+    except (_NotPlain, RecursionError, ValueError):  # ValueError: e.g. a str with a lone surrogate
         pass
     else:
-        return [bytes((CODEC_MSGPACK,)) + msgpack.packb(plain, use_bin_type=True), *buffers]
+        return [bytes((CODEC_MSGPACK,)) + body, *buffers]
     oob: list[pickle.PickleBuffer] = []
     body = cloudpickle.dumps(obj, protocol=5, buffer_callback=oob.append)
     return [bytes((CODEC_PICKLE,)) + body, *(b.raw() for b in oob)]

@@ -76,7 +76,7 @@ class Worker:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.connect_address = connect
         self.mode_name = mode
-        self.concurrency = concurrency or default_concurrency(mode)
+        self.concurrency = default_concurrency(mode) if concurrency is None else concurrency
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.tags = sorted(set(tags or []))
@@ -211,7 +211,7 @@ class Worker:
                     waiters.add(stop_wait)
                 elif self._running:
                     waiters.add(asyncio.ensure_future(self._idle.wait()))
-                done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for fut in pending:
                     if fut is not stop_wait:
                         fut.cancel()

@@ -78,7 +78,10 @@ class ThreadsMode(Mode):
         outcome = run_sync(item.task)
         with self._lock:
             item.thread = None
-        item.loop.call_soon_threadsafe(_set_if_pending, item.future, outcome)
+        try:
+            item.loop.call_soon_threadsafe(_set_if_pending, item.future, outcome)
+        except RuntimeError:
+            pass  # the worker's loop has closed (an abandoned task outlived the worker): nobody waits
         with self._lock:
             return len(self._threads) <= self._target  # a replacement took this thread's place
 
