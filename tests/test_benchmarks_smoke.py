@@ -1,0 +1,75 @@
+"""The benchmark suite runs end to end at smoke sizes and writes a complete result file.
+
+No timing thresholds: this checks that every workload ran on Conveyor and on the process pool,
+returned right results (the suite checks them and exits non-zero otherwise) and produced
+positive numbers, not how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = ("bulk_noop", "one_by_one", "latency", "payload", "cpu_bound", "io_bound")
+COMPARED = ("conveyor", "process_pool")
+
+
+def _positive_numbers(values: dict[str, Any]) -> bool:
+    return bool(values) and all(isinstance(v, int | float) and v > 0 for v in values.values())
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_writes_every_workload(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    written = sorted(p.name for p in out.glob("*.json"))
+    assert "latest.json" in written
+    stamped = [name for name in written if name != "latest.json"]
+    assert len(stamped) == 1, written
+    doc = json.loads((out / stamped[0]).read_text())
+    assert doc == json.loads((out / "latest.json").read_text())
+
+    assert doc["ok"] is True and doc["problems"] == []
+    assert doc["smoke"] is True and doc["runs"] == 1
+    for key in ("cpu_count", "python", "platform", "pyzmq", "libzmq"):
+        assert doc["machine"].get(key), key
+    assert doc["timestamp"]
+
+    assert set(doc["workloads"]) == set(WORKLOADS)
+    for name in WORKLOADS:
+        workload = doc["workloads"][name]
+        assert workload["metrics"], name
+        for backend in COMPARED:
+            cell = workload["results"][backend]
+            assert cell["status"] == "ok", (name, backend, cell["errors"])
+            assert len(cell["samples"]) == 1, (name, backend)
+            assert _positive_numbers(cell["median"]), (name, backend, cell["median"])
+            assert _positive_numbers(cell["samples"][0]["values"]), (name, backend)
+            for metric in workload["metrics"]:
+                assert cell["median"][metric] > 0, (name, backend, metric)
+        for metric, ratio in workload["ratios"].items():
+            if workload["metrics"][metric]["comparable"]:
+                assert ratio is not None and ratio > 0, (name, metric)
+
+    # Optional backends are either measured or skipped with a reason, never silently missing.
+    for name in ("dask", "ray"):
+        backend = doc["backends"][name]
+        assert backend["available"] or backend["note"].startswith("skipped"), backend
