@@ -171,4 +171,7 @@ def no_leaked_processes() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_dispatcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CONVEYOR_DISPATCHER", raising=False)
+    monkeypatch.delenv("CONVEYOR_KEYS", raising=False)  # keys are given explicitly where a test uses them
+    monkeypatch.delenv("CONVEYOR_INSECURE", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+pytest_plugins = ["tests.conftest_netns"]

@@ -289,3 +289,24 @@ def test_retries_with_a_flaky_task(cluster: Cluster, tmp_path: object) -> None:
         assert fut.info["attempts"] == 3
         with pytest.raises(OSError):  # retry_on does not cover it: no retry
             client.options(retries=3, retry_on=["KeyError"]).submit(tasks.flaky, marker + "2", 1).result(30)
+
+
+def test_prefetch_holds_jobs_beyond_the_slots_and_still_cancels_and_drains(cluster: Cluster) -> None:
+    name = cluster.start_worker("threads", 1, None, None, "--prefetch", "3")
+    cluster.wait_for_workers(name)
+    with cluster.client() as client:
+        first = client.submit(tasks.sleep, 1.0)
+        held = [client.options(keep=True).submit(tasks.noop, i) for i in range(3)]
+        status = wait_until(lambda: (s := client.status())["running"] == 4 and s, what="4 jobs on the worker")
+        assert status["workers"][0]["prefetch"] == 3 and status["queued"] == 0
+        assert client.cancel(held[0].job_id) == [held[0].job_id]  # prefetched, not started: never runs
+        with pytest.raises(JobCancelled):
+            held[0].result(10)
+        assert first.result(20) == 1.0
+        assert [f.result(20) for f in held[1:]] == [1, 2]
+        slow = [client.submit(tasks.sleep, 2.0) for _ in range(4)]  # one runs, three wait on the worker
+        wait_until(lambda: client.status()["running"] == 4, what="the worker to hold all four")
+        assert stop_process(cluster.workers[name]) == 0  # drain: the running one finishes, the rest go back
+        cluster.start_worker("threads", 4, name="after")
+        assert [f.result(30) for f in slow] == [2.0] * 4
+        assert sum(f.info["worker"] == "after" for f in slow) == 3

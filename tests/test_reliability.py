@@ -236,3 +236,19 @@ def test_chaos(cluster: Cluster) -> None:
     print(f"\nchaos: {seconds:.0f} s, {len(futs)} jobs, faults {dict(faults)}, lost {lost}, resolved twice {twice}, "
           f"duplicate outcomes dropped by the client {client.duplicate_results}")
     assert lost == 0 and twice == 0 and len(tally.resolved) == len(futs)
+
+
+def test_worker_adopts_a_faster_dispatcher_heartbeat(cluster: Cluster) -> None:
+    """Dispatcher at 0.2 s, worker left at its 1 s default: the worker must not be declared lost."""
+    name = cluster.start_worker("threads", 1, None, "slow-beat")
+    cluster.wait_for_workers(name)
+    proc = cluster.workers[name]
+    stop_process(proc)  # restart it without the fast heartbeat the fixture passes
+    args = [sys.executable, "-m", "conveyor", "worker", "-c", cluster.address, "--mode", "threads",
+            "-n", "1", "--name", "default-beat"]
+    cluster.workers["default-beat"] = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.DEVNULL)
+    cluster.wait_for_workers("default-beat")
+    with cluster.client() as client:
+        fut = client.submit(tasks.sleep, 2.5)  # twelve of the dispatcher's heartbeat intervals
+        assert fut.result(30) == 2.5
+        assert fut.info["attempts"] == 1

@@ -1,0 +1,38 @@
+#!/bin/sh
+# Entry point of the Conveyor image, configured by environment variables:
+#   conveyor-entrypoint dispatcher   CONVEYOR_BIND (tcp://0.0.0.0:5555), CONVEYOR_JOURNAL
+#                                    (/var/lib/conveyor/journal.db), CONVEYOR_DISPATCHER_ARGS (extra flags)
+#   conveyor-entrypoint worker       CONVEYOR_DISPATCHER (tcp://dispatcher:5555), CONVEYOR_MODE (processes),
+#                                    CONVEYOR_CONCURRENCY, CONVEYOR_TAGS (comma- or space-separated),
+#                                    CONVEYOR_NAME (the container's hostname), CONVEYOR_DRAIN_TIMEOUT (30),
+#                                    CONVEYOR_WORKER_ARGS (extra flags)
+#   conveyor-entrypoint CMD...       runs CMD (e.g. `conveyor status`)
+# Both run as PID 1 via exec and drain on SIGTERM (docker stop / docker-compose down).
+set -eu
+role=${1:-worker}
+[ $# -gt 0 ] && shift
+case "$role" in
+dispatcher)
+    # shellcheck disable=SC2086  # extra flags are split on purpose
+    set -- conveyor dispatcher --bind "${CONVEYOR_BIND:-tcp://0.0.0.0:5555}" \
+        --journal "${CONVEYOR_JOURNAL:-/var/lib/conveyor/journal.db}" \
+        --log-level "${CONVEYOR_LOG_LEVEL:-info}" ${CONVEYOR_DISPATCHER_ARGS:-} "$@"
+    ;;
+worker)
+    # shellcheck disable=SC2086
+    set -- conveyor worker --connect "${CONVEYOR_DISPATCHER:-tcp://dispatcher:5555}" \
+        --mode "${CONVEYOR_MODE:-processes}" --name "${CONVEYOR_NAME:-$(cat /etc/hostname)}" \
+        --drain-timeout "${CONVEYOR_DRAIN_TIMEOUT:-30}" --log-level "${CONVEYOR_LOG_LEVEL:-info}" \
+        ${CONVEYOR_WORKER_ARGS:-} "$@"
+    if [ -n "${CONVEYOR_CONCURRENCY:-}" ]; then
+        set -- "$@" --concurrency "$CONVEYOR_CONCURRENCY"
+    fi
+    for tag in $(echo "${CONVEYOR_TAGS:-}" | tr ',' ' '); do
+        set -- "$@" --tag "$tag"
+    done
+    ;;
+*)
+    set -- "$role" "$@"
+    ;;
+esac
+exec "$@"

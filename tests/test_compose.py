@@ -1,0 +1,160 @@
+"""deploy/docker-compose.yml end to end: build the image (deploy/build-image.sh, no pulls), bring the
+cluster up, scale the workers, submit from this host through the published port, drain on `down`.
+
+Needs root, docker, docker-compose and a Docker daemon (started here if it is not running). Outside
+CI a missing piece skips with the reason; with CI=true it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conveyor import Client
+from tests.conftest import ROOT, stop_process, wait_until
+from tests.conftest_netns import require
+
+IMAGE = os.environ.get("CONVEYOR_TEST_IMAGE", "conveyor:test")
+COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+
+
+def _docker_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A Docker daemon to talk to: the running one, or one started here (as root) and stopped at the end."""
+    for tool, package in (("docker", "docker.io"), ("docker-compose", "docker-compose")):
+        require(None if shutil.which(tool) else f"`{tool}` not found: apt-get install {package}")
+    started: subprocess.Popen[bytes] | None = None
+    if not _docker_answers():
+        require(None if os.geteuid() == 0 else "the Docker daemon is not running, and starting it needs root")
+        require(None if shutil.which("dockerd") else "dockerd not found: apt-get install docker.io")
+        log = open(tmp_path_factory.mktemp("dockerd") / "dockerd.log", "ab")  # noqa: SIM115
+        started = subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while not _docker_answers():
+            if started.poll() is not None or time.monotonic() > deadline:
+                stop_process(started)
+                require(f"dockerd did not start (see {log.name})")
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        if started is not None:
+            stop_process(started, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def conveyor_image(docker_daemon: None) -> str:
+    """The Conveyor image, built by deploy/build-image.sh (its debootstrap base is cached by tag)."""
+    require(None if shutil.which("debootstrap") or _image_exists("conveyor-base:bookworm")
+            else "debootstrap not found: apt-get install debootstrap")
+    env = {**os.environ, "CONVEYOR_IMAGE": IMAGE, "PYTHON": sys.executable}
+    res = subprocess.run(["sh", str(ROOT / "deploy" / "build-image.sh")], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, f"deploy/build-image.sh failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return IMAGE
+
+
+def _image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Compose:
+    def __init__(self, image: str, port: int, **settings: str):
+        self.project = f"cvtest{os.getpid()}"
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.env = {**os.environ, "CONVEYOR_IMAGE": image, "CONVEYOR_PUBLISH": f"127.0.0.1:{port}", **settings}
+
+    def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        cmd = ["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, check=False)
+        assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        return res
+
+    def health(self, service: str) -> list[str]:
+        ids = self("ps", "-q", service).stdout.split()
+        out = []
+        for cid in ids:
+            res = subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", cid], capture_output=True,
+                                 text=True)
+            out.append(res.stdout.strip())
+        return out
+
+    def conveyor(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A `conveyor` command on this host, against the published port."""
+        return subprocess.run([sys.executable, "-m", "conveyor", *args, "--dispatcher", self.address],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def _workers(client: Client) -> list[dict[str, Any]]:
+    return client.status()["workers"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(900)
+def test_compose_cluster_scales_serves_the_host_and_drains(conveyor_image: str) -> None:
+    compose = Compose(conveyor_image, free_port(), CONVEYOR_MODE="threads", CONVEYOR_CONCURRENCY="2",
+                      CONVEYOR_DRAIN_TIMEOUT="20")
+    waiter: subprocess.Popen[str] | None = None
+    try:
+        compose("up", "-d", "--scale", "worker=2")
+        assert compose.health("dispatcher") == ["healthy"]  # workers start only once it is (depends_on)
+        with Client(compose.address, connect_timeout=30) as client:
+            workers = wait_until(lambda: len(w := _workers(client)) == 2 and w, 60, what="2 workers")
+            assert {w["mode"] for w in workers} == {"threads"}  # the mode came from CONVEYOR_MODE
+            assert {w["concurrency"] for w in workers} == {2}
+
+            # a job from the host, through the published port; its result is kept in the journal volume
+            submitted = compose.conveyor("submit", "examples.tasks:square", "12")
+            assert submitted.returncode == 0, submitted.stderr
+            job_id = submitted.stdout.strip()
+            assert client.result(job_id, timeout=60) == 144
+
+            compose("up", "-d", "--scale", "worker=4", "--no-recreate")
+            wait_until(lambda: len(_workers(client)) == 4, 60, what="4 workers after scaling")
+            futures = [client.submit("conveyor.builtins:shell", "sleep 1; echo ok") for _ in range(8)]
+            assert [f.result(timeout=60)["stdout"] for f in futures] == ["ok\n"] * 8
+            assert len({f.info["worker"] for f in futures}) == 4, "8 one-second tasks on 4x2 slots use every worker"
+            wait_until(lambda: "healthy" in compose.health("worker"), 60, what="a worker's healthcheck to pass")
+
+            # `down` sends SIGTERM: a worker finishes its running task before it exits
+            waiter = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "submit", "--wait", "--dispatcher", compose.address,
+                 "--shell", "sleep 2; echo drained"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            )
+            wait_until(lambda: client.status()["running"] == 1, 30, what="the long task to start")
+        compose("down")
+        out, err = waiter.communicate(timeout=60)
+        assert (waiter.returncode, out) == (0, "drained\n"), err
+
+        # the journal volume outlived the containers: the dispatcher still knows the first job
+        compose("up", "-d", "dispatcher")
+        result = json.loads(wait_until(lambda: (r := compose.conveyor("result", job_id, "--json")).returncode == 0
+                                       and r.stdout, 60, what="the dispatcher to come back"))
+        assert (result["state"], result["result"]) == ("succeeded", 144)
+    finally:
+        if waiter is not None:
+            stop_process(waiter)
+        compose("down", "-v", "--remove-orphans", "--timeout", "10")
