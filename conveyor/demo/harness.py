@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,8 @@ class Sizes:
     cores: int
     quick: bool
     levels: tuple[int, ...]  # concurrency levels of the scaling sweep
+    passes: int  # each timing is the best of this many interleaved passes (other programs add noise)
+    retries: int  # extra rounds for timings taken while other programs kept cores busy
     cpu_seconds: float  # serial seconds of CPU-bound work per sweep run
     sha_seconds: float  # serial seconds of hashing per sweep run
     sha_mib: int
@@ -47,16 +50,18 @@ class Sizes:
     @classmethod
     def for_machine(cls, quick: bool, cores: int | None = None) -> Sizes:
         cores = max(1, cores or os.cpu_count() or 1)
-        top = (2 if quick else 4) * cores
+        top = min((2 if quick else 4) * cores, 128)
         levels = sorted({2**i for i in range(int(math.log2(top)) + 1)} | {cores})
         return cls(
             cores=cores,
             quick=quick,
             levels=tuple(levels),
-            cpu_seconds=(0.6 if quick else 1.5) * cores,
-            sha_seconds=(0.4 if quick else 1.2) * cores,
+            passes=3,
+            retries=1 if quick else 3,
+            cpu_seconds=(0.4 if quick else 1.5) * cores,
+            sha_seconds=(0.3 if quick else 1.0) * cores,
             sha_mib=8,
-            host_seconds=(0.6 if quick else 1.5) * cores,
+            host_seconds=(0.4 if quick else 1.5) * cores,
             counter_tasks=60 * cores if quick else 200 * cores,
             race_tasks=4 if quick else 8,
             race_increments=1000 if quick else 5000,
@@ -139,6 +144,12 @@ def snapshot(pids: Iterable[int], with_pss: bool = False) -> TreeSnapshot:
     return snap
 
 
+def system_cpu_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy so far (all programs, including stolen time)."""
+    t = psutil.cpu_times()
+    return sum(float(getattr(t, name, 0.0)) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
 class Sampler:
     """Samples the worker processes' trees in the background; keeps the peaks."""
 
@@ -192,7 +203,7 @@ class Running:
 
 def describe_local(workers: int, mode: str, concurrency: int) -> str:
     noun = "worker" if workers == 1 else "workers"
-    return f"local: {workers} {mode} {noun} x{concurrency} on 127.0.0.1"
+    return f"a local cluster of {workers} {mode} {noun} x{concurrency} (127.0.0.1)"
 
 
 @contextmanager
@@ -235,11 +246,15 @@ def external_workers(client: Client, mode: str, min_concurrency: int = 1) -> lis
 
 
 @contextmanager
-def extra_worker(address: str, mode: str, concurrency: int, name: str) -> Iterator[subprocess.Popen[bytes]]:
-    """One more local worker process on an existing dispatcher (experiment 6 adds them one by one)."""
-    args = ["worker", "--connect", address, "--mode", mode, "--concurrency", str(concurrency)]
+def extra_worker(
+    address: str, mode: str, concurrency: int, name: str, tags: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """One more local worker process on an existing dispatcher, stopped (SIGTERM, drained) at the end."""
+    args = ["worker", "--connect", address, "--mode", mode, "--concurrency", str(concurrency), "--name", name]
+    for tag in tags or []:
+        args += ["--tag", tag]
     proc = subprocess.Popen(
-        conveyor_command(*args, "--name", name, "--log-level", "warning"),
+        conveyor_command(*args, "--log-level", "warning"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -254,12 +269,61 @@ def extra_worker(address: str, mode: str, concurrency: int, name: str) -> Iterat
             proc.wait()
 
 
+@dataclass
+class TaggedWorker:
+    """A worker only the tasks carrying its tag go to, with its measured start-up and idle cost."""
+
+    name: str
+    tag: str
+    mode: str
+    concurrency: int
+    pid: int
+    client: Client  # a view whose tasks carry the tag
+    startup_s: float
+    idle: TreeSnapshot
+
+
+def start_tagged_worker(
+    stack: ExitStack, client: Client, address: str, mode: str, concurrency: int, tag: str,
+    extra_tags: list[str] | None = None,
+) -> TaggedWorker:
+    """Start a worker with its own tag; its start-up time runs from spawning it to the first result."""
+    started = time.perf_counter()
+    proc = stack.enter_context(extra_worker(address, mode, concurrency, tag, [tag, *(extra_tags or [])]))
+    view = client.options(tags=[tag])
+    view.submit(tasks.ping).result(RESULT_TIMEOUT)
+    startup = time.perf_counter() - started
+    return TaggedWorker(tag, tag, mode, concurrency, proc.pid, view, startup, snapshot([proc.pid], with_pss=True))
+
+
+@contextmanager
+def dispatcher_only() -> Iterator[tuple[Client, str]]:
+    """A local dispatcher with no workers yet: experiments add their own tagged workers to it."""
+    cluster = LocalCluster(workers=0)
+    client: Client | None = None
+    try:
+        address = cluster.start()
+        client = Client(address)
+        yield client, address
+    finally:
+        if client is not None:
+            client.close()
+        cluster.stop()
+
+
 # --- running work ----------------------------------------------------------------------------------------
 
 
 def gather(futures: list[JobFuture], timeout: float = RESULT_TIMEOUT) -> list[Any]:
     deadline = time.monotonic() + timeout
     return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
+
+
+def wait_all(futures: list[JobFuture], timeout: float = RESULT_TIMEOUT) -> None:
+    """Wait until every future is done, whether it succeeded or failed."""
+    _, pending = concurrent.futures.wait(futures, timeout)
+    if pending:
+        raise TimeoutError(f"{len(pending)} task(s) still unfinished after {timeout:g} s")
 
 
 def timed_batch(client: Client, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> tuple[float, list[Any]]:
