@@ -3,6 +3,7 @@
 from conveyor.client import AsyncClient, Client, Executor
 from conveyor.connection import JobFuture
 from conveyor.errors import (
+    AccessDenied,
     ConveyorError,
     DispatcherUnavailable,
     FunctionNotFound,
@@ -14,10 +15,12 @@ from conveyor.errors import (
     WorkerLost,
 )
 from conveyor.local import LocalCluster
+from conveyor.worker.capture import progress  # conveyor.progress(fraction, message) inside a task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDenied",
     "AsyncClient",
     "Client",
     "ConveyorError",
@@ -33,4 +36,5 @@ __all__ = [
     "WorkerCrashed",
     "WorkerLost",
     "__version__",
+    "progress",
 ]

@@ -6,7 +6,6 @@ Every failure ends in one line on stderr (`error: ...`) and a non-zero exit; nev
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -40,7 +39,21 @@ DispatcherOpt = Annotated[
     typer.Option("--dispatcher", "-d", help=f"Dispatcher address [env {ENV_DISPATCHER}; default {DEFAULT_ADDRESS}]"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+KeysOpt = Annotated[
+    str | None,
+    typer.Option("--keys", envvar="CONVEYOR_KEYS", show_envvar=False,
+                 help="Key directory from `conveyor keys init`: CurveZMQ (docs/security.md) [env CONVEYOR_KEYS]"),
+]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option("--insecure", envvar="CONVEYOR_INSECURE", show_envvar=False,
+                 help="Allow a non-loopback address without keys: no authentication, no encryption."),
+]
+MaxMessageOpt = Annotated[
+    int, typer.Option("--max-message-mib", min=1, help="Largest frame a socket accepts (ZMQ_MAXMSGSIZE), in MiB.")
+]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+LogFormatOpt = Annotated[str, typer.Option("--log-format", help="text, or json (one object per line).")]
 
 
 class CliError(Exception):
@@ -55,18 +68,34 @@ def _address(option: str | None) -> str:
     return option or os.environ.get(ENV_DISPATCHER) or DEFAULT_ADDRESS
 
 
-def _setup_logging(level: str) -> None:
-    numeric = getattr(logging, level.upper(), None)
-    if not isinstance(numeric, int):
-        raise CliError(f"unknown log level {level!r}", 2)
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from conveyor.logfmt import setup_logging
+
+    try:
+        setup_logging(level, fmt)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
 
 
-def _connect(dispatcher: str | None) -> Any:
+def _connect(dispatcher: str | None, keys: str | None = None) -> Any:
     from conveyor.client import Client
 
     timeout = float(os.environ.get("CONVEYOR_CONNECT_TIMEOUT", "5"))
-    return Client(_address(dispatcher), connect_timeout=timeout, reconnect_timeout=max(timeout, 10.0))
+    return Client(_address(dispatcher), connect_timeout=timeout, reconnect_timeout=max(timeout, 10.0), keys=keys)
+
+
+def _check_bind(bind: str, keys: str | None, insecure: bool, warn: bool = True) -> None:
+    """Refuse a non-loopback address without keys (one line); with --insecure, warn at every start."""
+    from conveyor.errors import InsecureBindError
+    from conveyor.security import check_bind, insecure_warning
+
+    try:
+        check_bind(bind, keys is not None, insecure)
+    except InsecureBindError as exc:
+        raise CliError(str(exc), 2) from None
+    if insecure and warn:
+        print(insecure_warning(bind) if keys is None else "warning: --insecure has no effect: keys are in use",
+              file=sys.stderr, flush=True)
 
 
 def _check_mode(mode: str) -> None:
@@ -91,6 +120,8 @@ def _dump(obj: Any) -> str:
 def _record_json(record: dict[str, Any], data: list[Any]) -> dict[str, Any]:
     out = {k: record.get(k) for k in ("id", "state", "worker", "attempts")}
     out["history"] = record.get("history", [])
+    if record.get("output"):
+        out["output"] = record["output"]  # the task's captured stdout, stderr and log records (their tails)
     if record.get("state") == "succeeded":
         out["result"] = decode_value(data)
     elif record.get("error"):
@@ -114,13 +145,31 @@ def dispatcher(
     ] = None,
     no_journal: Annotated[bool, typer.Option("--no-journal", help="Keep jobs in memory only.")] = False,
     max_queued: Annotated[int, typer.Option(help="Queued jobs beyond which submitters are slowed.")] = 1_000_000,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
+    max_message_mib: MaxMessageOpt = 512,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (/metrics; 0 picks one).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "127.0.0.1",
+    dashboard_port: Annotated[
+        int | None, typer.Option(help="Serve the web dashboard on this port (0 picks one).")
+    ] = None,
+    dashboard_host: Annotated[
+        str, typer.Option(help="Address for --dashboard-port; off loopback a token is required.")
+    ] = "127.0.0.1",
+    dashboard_token: Annotated[
+        str | None, typer.Option(envvar="CONVEYOR_DASHBOARD_TOKEN", help="Dashboard token [generated off loopback].")
+    ] = None,
     log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run the dispatcher: accept jobs from clients and hand them to workers."""
     from conveyor.dispatcher import Dispatcher
     from conveyor.dispatcher.journal import Journal, default_journal_path
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
+    _check_bind(bind, keys, insecure)
     store = None
     if not no_journal:
         path = journal or str(default_journal_path())
@@ -128,10 +177,15 @@ def dispatcher(
             store = Journal(path)
         except Exception as exc:
             raise CliError(f"cannot open the journal: {exc}") from None
-    d = Dispatcher(
-        bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
-        journal=store, max_queued=max_queued,
-    )
+    try:
+        d = Dispatcher(
+            bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
+            journal=store, max_queued=max_queued, keys=keys, insecure=insecure, max_message_size=max_message_mib << 20,
+        )
+    except ConveyorError:
+        if store is not None:
+            store.close()
+        raise
     try:
         endpoint = d.bind()
     except Exception as exc:
@@ -139,6 +193,9 @@ def dispatcher(
             store.close()
         raise CliError(f"cannot listen on {bind}: {exc}") from None
     d.install_signal_handlers()  # before anyone can learn our endpoint and signal us
+    from conveyor.cli_observe import start_observers
+
+    start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.run()
 
@@ -160,12 +217,24 @@ def worker(
     max_child_memory: Annotated[
         int | None, typer.Option(help="processes mode: kill a child whose RSS exceeds this many MiB.")
     ] = None,
+    prefetch: Annotated[
+        int, typer.Option(help="Jobs to hold beyond the free slots (speeds up tiny tasks; off by default).")
+    ] = 0,
+    keys: KeysOpt = None,
+    max_message_mib: MaxMessageOpt = 512,
+    capture: Annotated[
+        bool, typer.Option("--capture/--no-capture", help="Capture tasks' stdout, stderr and logging per job.")
+    ] = True,
+    output_limit: Annotated[int, typer.Option(help="KiB of each output stream kept per task (the tail).")] = 64,
     log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run a worker that executes tasks in one mode."""
     from conveyor.worker import Worker, run_worker
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
+    if output_limit < 1:
+        raise CliError("--output-limit must be at least 1", 2)
     try:
         w = Worker(
             _address(connect),
@@ -177,6 +246,11 @@ def worker(
             liveness=liveness,
             drain_timeout=drain_timeout,
             max_child_memory_mb=max_child_memory,
+            capture_output=capture,
+            output_limit=output_limit << 10,
+            prefetch=prefetch,
+            keys=keys,
+            max_message_size=max_message_mib << 20,
         )
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
@@ -191,11 +265,19 @@ def up(
     mode: Annotated[str, typer.Option(help="threads, processes or asyncio.")] = "processes",
     concurrency: Annotated[int | None, typer.Option("--concurrency", "-n", help="Tasks at once per worker.")] = None,
     bind: Annotated[str, typer.Option("--bind", help="Dispatcher address.")] = DEFAULT_ADDRESS,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Start a dispatcher and local workers in one command; Ctrl-C stops all of it."""
     from conveyor.local import LocalCluster
 
+    _check_bind(bind, keys, insecure, warn=False)  # the dispatcher prints the --insecure warning itself
+    if keys is not None:
+        from conveyor.keys import load_dispatcher_credentials, load_peer_credentials
+
+        load_dispatcher_credentials(keys)
+        load_peer_credentials(keys, "worker")
     _check_mode(mode)
     if workers < 1 or (concurrency is not None and concurrency < 1):
         raise CliError("--workers and --concurrency must be at least 1", 2)
@@ -206,7 +288,7 @@ def up(
 
     cluster = LocalCluster(
         workers=workers, mode=mode, concurrency=concurrency, bind=bind, log_level=log_level, quiet=False,
-        journal=str(default_journal_path()),
+        journal=str(default_journal_path()), keys=keys, insecure=insecure,
     )
     try:
         address = cluster.start()
@@ -250,6 +332,7 @@ def submit(
     timeout: Annotated[float | None, typer.Option(help="Fail the task after this many seconds.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Only run on workers with this tag.")] = None,
     dispatcher: DispatcherOpt = None,
+    keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a job; print its id, or with --wait its result."""
@@ -275,7 +358,7 @@ def submit(
                 raise CliError(f"no such option: {raw} (pass a string starting with '-' as JSON: '\"{raw}\"')", 2)
     if mode is not None:
         _check_mode(mode)
-    with _connect(dispatcher) as client:
+    with _connect(dispatcher, keys) as client:
         job = client.options(
             mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True
         )
@@ -288,7 +371,11 @@ def submit(
                 raise CliError("the dispatcher did not accept the job")
             print(_dump({"id": fut.job_id}) if as_json else fut.job_id)
             return
-        record, data = client.wait_record(fut.job_id)
+        from conveyor.bars import wait_with_progress
+
+        record, data = (
+            client.wait_record(fut.job_id) if as_json else wait_with_progress(client, fut.job_id, target)
+        )
         _print_outcome(record, data, as_json, shell=shell is not None)
 
 
@@ -321,19 +408,23 @@ def result(
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job finishes.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
     dispatcher: DispatcherOpt = None,
+    keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a job's result, error or state."""
-    with _connect(dispatcher) as client:
+    with _connect(dispatcher, keys) as client:
         if not wait:
             view = client.job_info(job_id)[0]
             if view is None:
                 raise CliError(f"no job {job_id} (never submitted, or expired)")
             if view["state"] in ("queued", "running"):
                 if as_json:
-                    print(_dump({k: view.get(k) for k in ("id", "state", "worker", "attempts", "history")}))
+                    keys_ = ("id", "state", "worker", "attempts", "history", "progress", "output")
+                    print(_dump({k: view[k] for k in keys_ if k in view}))
                 else:
-                    print(view["state"])
+                    from conveyor.bars import format_progress
+
+                    print(" ".join(filter(None, [view["state"], format_progress(view.get("progress"))])))
                 return
         try:
             record, data = client.wait_record(job_id, timeout)
@@ -343,47 +434,45 @@ def result(
 
 
 @app.command()
-def status(dispatcher: DispatcherOpt = None, as_json: JsonOpt = False) -> None:
+def status(dispatcher: DispatcherOpt = None, as_json: JsonOpt = False, keys: KeysOpt = None) -> None:
     """Show workers and queue depth."""
-    with _connect(dispatcher) as client:
+    with _connect(dispatcher, keys) as client:
         st = client.status()
-    if as_json:
-        print(_dump(st))
-        return
-    from rich.console import Console
-    from rich.table import Table
+    from conveyor.cli_observe import print_status
 
-    console = Console()
-    d = st["dispatcher"]
-    console.print(
-        f"dispatcher {d['endpoint']} (pid {d['pid']}): "
-        f"[bold]{st['queued']}[/] queued, [bold]{st['running']}[/] running, "
-        f"{st['totals']['succeeded']} succeeded, {st['totals']['failed']} failed"
-    )
-    table = Table("worker", "host", "pid", "mode", "busy", "done", "tags", "last heartbeat")
-    for w in st["workers"]:
-        busy = f"{w['running']}/{w['concurrency']}" + (" draining" if w["draining"] else "")
-        table.add_row(
-            w["name"], w["host"], str(w["pid"]), w["mode"], busy, str(w["done"]),
-            ",".join(w["tags"]) or "-", f"{w['last_seen_ago']:.1f}s ago",
-        )
-    console.print(table)
-    for q in st["queues"]:
-        console.print(f"queue mode={q['mode'] or 'any'} tags={','.join(q['tags']) or '-'}: {q['queued']} queued")
+    print_status(st, as_json)  # workers (host, mode, busy slots, done, heartbeat), queues, throughput
 
 
 @app.command()
 def cancel(
     job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.")],
     dispatcher: DispatcherOpt = None,
+    keys: KeysOpt = None,
 ) -> None:
     """Cancel queued or running jobs."""
-    with _connect(dispatcher) as client:
+    with _connect(dispatcher, keys) as client:
         done = set(client.cancel(*job_ids))
     for job_id in job_ids:
         print(f"{job_id} {'cancelled' if job_id in done else 'not cancelled (unknown or already finished)'}")
     if len(done) < len(job_ids):
         raise typer.Exit(1)
+
+
+from conveyor.cli_observe import register as register_observe  # noqa: E402 - map, logs, jobs, top
+
+register_observe(app)
+
+from conveyor.cluster import app as cluster_app  # noqa: E402 - `conveyor cluster up|status|down HOSTS.toml`
+
+app.add_typer(cluster_app, name="cluster")
+
+from conveyor.keys_cli import app as keys_app  # noqa: E402 - `conveyor keys init|add-worker|add-client|list|revoke`
+
+app.add_typer(keys_app, name="keys")
+
+from conveyor.demo.cli import demo  # noqa: E402 - `conveyor demo`: measured experiments, a report with plots
+
+app.command()(demo)
 
 
 def main() -> None:

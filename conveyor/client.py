@@ -23,10 +23,12 @@ from typing import Any
 
 from conveyor.connection import Connection, JobFuture
 from conveyor.errors import ConveyorError
+from conveyor.keys import ENV_KEYS, load_peer_credentials
 from conveyor.local import LocalCluster
 from conveyor.protocol import Cmd
 from conveyor.protocol import errors as perr
 from conveyor.protocol.payload import decode_value, encode_call, encode_chunk, encode_function
+from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, check_frames
 from conveyor.worker.modes import MODES
 
 ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
@@ -63,19 +65,28 @@ class Client:
         local_mode: str = "processes",
         local_concurrency: int | None = None,
         context: Any = None,
+        keys: str | os.PathLike[str] | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         **options: Any,
     ):
         address = address or os.environ.get(ENV_DISPATCHER) or None
+        keys = keys or os.environ.get(ENV_KEYS) or None  # a key directory (docs/security.md)
+        credentials = load_peer_credentials(keys, "client") if keys is not None else None
+        self._max_message_size = max_message_size
         self._cluster: LocalCluster | None = None
         if address is None:
-            self._cluster = LocalCluster(workers=local_workers, mode=local_mode, concurrency=local_concurrency)
+            self._cluster = LocalCluster(
+                workers=local_workers, mode=local_mode, concurrency=local_concurrency,
+                keys=None if keys is None else str(keys),
+            )
             address = self._cluster.start()
         self.address = address
         self._options = _wire_options(options)
         self._owner = True
         try:
             self._conn = Connection(
-                address, max_pending=max_pending, reconnect_timeout=reconnect_timeout, context=context
+                address, max_pending=max_pending, reconnect_timeout=reconnect_timeout, context=context,
+                credentials=credentials, max_message_size=max_message_size,
             )
             self._conn.connect(connect_timeout)
             if self._cluster is not None:
@@ -104,6 +115,7 @@ class Client:
         return self._submit(name, frames)
 
     def _submit(self, name: str, frames: list[Any]) -> JobFuture:
+        check_frames(frames, self._max_message_size)  # a larger frame would cut the connection
         opts = {**self._options, "fn": name}
         return self._conn.submit(self._conn.new_job_id(), opts, frames)
 
@@ -114,19 +126,45 @@ class Client:
         chunksize: int = 1,
         timeout: float | None = None,
         window: int | None = None,
+        progress: bool = False,
     ) -> Iterator[Any]:
         """Results of fn over the items, in input order, streamed: at most `window` tasks are in flight.
 
         chunksize > 1 sends that many calls in one task (far less overhead for small functions);
-        timeout bounds the whole iteration, as in concurrent.futures.Executor.map.
+        timeout bounds the whole iteration, as in concurrent.futures.Executor.map. progress=True shows a
+        progress bar with rate and ETA on stderr when it is a terminal (nothing otherwise).
         """
+        return self.starmap(
+            fn, zip(*iterables, strict=False), chunksize=chunksize, timeout=timeout, window=window,
+            progress=progress, total=_common_length(iterables) if progress else None,
+        )
+
+    def starmap(
+        self,
+        fn: Callable[..., Any] | str,
+        calls: Iterable[Iterable[Any]],
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
+        window: int | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> Iterator[Any]:
+        """Like map, but each item is the argument list of one call: fn(*args) (as itertools.starmap).
+
+        `total` (the number of calls, when known) lets the progress bar show an ETA."""
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         deadline = None if timeout is None else time.monotonic() + timeout
         name, blob = encode_function(fn)
         limit = window or max(8, 65536 // chunksize)
-        calls = zip(*iterables, strict=False)
-        return self._map_results(name, blob, calls, chunksize, limit, deadline)
+        args = (tuple(a) for a in calls)
+        results = self._map_results(name, blob, args, chunksize, limit, deadline)
+        if progress:
+            from conveyor.bars import track
+
+            return track(results, total, name)
+        return results
 
     def _map_results(
         self,
@@ -197,6 +235,33 @@ class Client:
         reply = self._conn.request(Cmd.CANCEL_JOBS, {"ids": ids}, timeout)
         return reply["cancelled"]  # type: ignore[no-any-return]
 
+    def jobs(
+        self,
+        states: Iterable[str] | None = None,
+        since: float | None = None,
+        fn: str | None = None,
+        limit: int = 100,
+        timeout: float = 10.0,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Recent jobs (running, queued, then finished, newest first): (summaries, truncated).
+
+        `since` keeps jobs submitted (or finished) in the last that many seconds; `fn` one function."""
+        body: dict[str, Any] = {"limit": limit}
+        if states is not None:
+            body["states"] = list(states)
+        if since is not None:
+            body["since"] = since
+        if fn is not None:
+            body["fn"] = fn
+        reply = self._conn.request(Cmd.JOBS, body, timeout)
+        return reply["jobs"], bool(reply.get("truncated"))
+
+    def logs(self, job_id: str, offsets: dict[str, int] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """A job's captured output: {state, streams: {name: {start, end, text}}, progress?}, from offsets."""
+        reply = self._conn.request(Cmd.LOGS, {"id": job_id, "offsets": offsets or {}}, timeout)
+        reply.pop("req", None)
+        return reply  # type: ignore[no-any-return]
+
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         reply = self._conn.request(Cmd.STATUS, {}, timeout)
         reply.pop("req", None)
@@ -233,6 +298,14 @@ class Client:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _common_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls zip(*iterables) makes, if every iterable knows its length."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 class Executor(concurrent.futures.Executor):

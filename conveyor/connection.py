@@ -23,10 +23,12 @@ from typing import Any
 
 import zmq
 
-from conveyor.errors import DispatcherUnavailable, ProtocolVersionError
+from conveyor.errors import AccessDenied, DispatcherUnavailable, ProtocolVersionError
+from conveyor.keys import PeerCredentials
 from conveyor.protocol import Cmd, ProtocolError, decode, encode, split_frames
 from conveyor.protocol import errors as perr
 from conveyor.protocol.payload import decode_value
+from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, configure_socket, watch_handshakes
 
 log = logging.getLogger("conveyor.client")
 
@@ -71,8 +73,12 @@ class Connection:
         reconnect_timeout: float = 60.0,
         max_pending: int = 100_000,
         context: zmq.Context[Any] | None = None,
+        credentials: PeerCredentials | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ):
         self.address = address
+        self.credentials = credentials  # CurveZMQ keys (docs/security.md), or None
+        self.max_message_size = max_message_size
         self.heartbeat_interval = heartbeat_interval
         self.reconnect_timeout = reconnect_timeout
         self.max_pending = max_pending
@@ -195,10 +201,12 @@ class Connection:
 
     def _run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, f"c-{self.client_id}".encode())
+        # Random and not the job-id prefix: another peer that learned it could take the route over.
+        sock.setsockopt(zmq.ROUTING_ID, f"c-{uuid.uuid4().hex[:20]}".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        configure_socket(sock, self.credentials, self.max_message_size)
         try:
             sock.connect(self.address)
         except zmq.ZMQError as exc:
@@ -211,6 +219,9 @@ class Connection:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        watch = watch_handshakes(sock, self.address, self.credentials, "client")
+        if watch is not None:  # a refused key or a keys mismatch: fail at once, not at the connect timeout
+            poller.register(watch.socket, zmq.POLLIN)
         self._send(Cmd.HELLO, {"client": self.client_id, "pid": os.getpid()})
         last_heard = time.monotonic()
         next_ping = last_heard + self.heartbeat_interval
@@ -223,6 +234,8 @@ class Connection:
                     self._drain_wakeups()
                 if sock in events:
                     last_heard = self._receive(sock, last_heard)
+                if watch is not None and watch.socket in events and (refused := watch.failure()) is not None:
+                    self._fail_all(refused)
                 if self._closing:
                     break
                 self._send_queued()
@@ -241,6 +254,8 @@ class Connection:
             log.exception("client I/O thread failed")
             self._fail_all(exc)
         finally:
+            if watch is not None:
+                watch.close()
             sock.close(linger=0)
             if self._own_context:
                 self._ctx.term()
@@ -312,7 +327,7 @@ class Connection:
                 self._busy_at = time.monotonic() + 0.2
             for job_id, reason in body.get("rejected", []):
                 self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
-        elif cmd in (Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED):
+        elif cmd in (Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.JOBS_REPLY, Cmd.LOGS_REPLY):
             with self._lock:
                 future = self._requests.get(body.get("req"))
             if future is not None and not future.done():
@@ -323,6 +338,8 @@ class Connection:
             exc: BaseException
             if body.get("code") == "version":
                 exc = ProtocolVersionError(f"protocol version mismatch: {body.get('message')}")
+            elif body.get("code") == "forbidden":
+                exc = AccessDenied(f"the dispatcher refused this client: {body.get('message')}")
             else:
                 exc = DispatcherUnavailable(f"the dispatcher refused this client: {body.get('message')}")
             self._fatal = exc

@@ -57,3 +57,16 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+class AccessDenied(ConveyorError, PermissionError):
+    """The dispatcher refused this peer: an unknown or revoked key, a key of the other role (a client key
+    used by a worker or the reverse), or keys that do not match the dispatcher's (see docs/security.md)."""
+
+
+class KeysError(ConveyorError):
+    """A key directory or key file is missing, malformed or cannot be written."""
+
+
+class InsecureBindError(ConveyorError):
+    """Refused to listen on a non-loopback address without keys (pass keys, or insecure=True)."""

@@ -33,8 +33,14 @@ class LocalCluster:
         log_level: str = "warning",
         quiet: bool = True,
         journal: str | None = None,
+        keys: str | None = None,
+        insecure: bool = False,
+        prefetch: int = 0,
     ):
+        self.prefetch = prefetch
         self.journal = journal  # None: a private cluster keeps its jobs in memory
+        self.keys = keys  # a key directory (`conveyor keys init`): CurveZMQ for the dispatcher and workers
+        self.insecure = insecure
         self.n_workers = workers
         self.mode = mode
         self.concurrency = concurrency
@@ -52,6 +58,7 @@ class LocalCluster:
             conveyor_command(
                 "dispatcher", "--bind", self.bind, "--log-level", self.log_level,
                 *(["--journal", self.journal] if self.journal else ["--no-journal"]),
+                *(["--keys", self.keys] if self.keys else []), *(["--insecure"] if self.insecure else []),
             ),
             stdout=subprocess.PIPE,
             stderr=out,
@@ -62,8 +69,12 @@ class LocalCluster:
             for i in range(self.n_workers):
                 args = ["worker", "--connect", self.address, "--mode", self.mode, "--log-level", self.log_level]
                 args += ["--name", f"local-{i + 1}"]
+                if self.keys:
+                    args += ["--keys", self.keys]
                 if self.concurrency:
                     args += ["--concurrency", str(self.concurrency)]
+                if self.prefetch:
+                    args += ["--prefetch", str(self.prefetch)]
                 for tag in self.tags:
                     args += ["--tag", tag]
                 self.workers.append(

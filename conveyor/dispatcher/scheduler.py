@@ -11,172 +11,55 @@ Rules worth knowing before reading:
 - Fencing: every assignment has an attempt number. An outcome counts only if it is for the
   job's current attempt on the worker holding it; a late *success* from a worker that lost the job
   still finishes an unfinished job (once), never a finished one.
-- Retries: infrastructure failures (crash, lost worker) retry up to `infra_retries`; a task's own
-  failure retries up to its `retries` when the worker marked it retryable (`retry_on`).
+- Retries: infrastructure failures (crash, lost worker) retry up to `infra_retries`, or the task's
+  `retries` if higher; a task's own failure retries up to its `retries` when the worker marked it
+  retryable (`retry_on`).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.dispatcher.model import (
+    CANCELLED,
+    FAILED,
+    FINISHED_STATES,
+    MAX_BACKOFF,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Action,
+    Assign,
+    CancelRunning,
+    ClassKey,
+    Deliver,
+    Job,
+    TaskOptions,
+    WorkerInfo,
+)
 from conveyor.protocol import errors as perr
 
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
-
-ClassKey = tuple[str | None, frozenset[str]]  # (mode or None, required tags)
-MAX_BACKOFF = 300.0
-
-
-@dataclass(slots=True, frozen=True)
-class TaskOptions:
-    fn: str = "?"  # display name, for status and errors
-    mode: str | None = None
-    tags: frozenset[str] = frozenset()
-    retries: int = 0
-    retry_backoff: float = 1.0
-    timeout: float | None = None
-    retry_on: tuple[str, ...] = ()
-    keep: bool = False  # keep the result after delivering it (CLI jobs, fetched later by id)
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> TaskOptions:
-        """Validate options sent by a client; raises ValueError with a readable reason."""
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise ValueError("task options must be a map")
-        mode = raw.get("mode")
-        if mode is not None and not isinstance(mode, str):
-            raise ValueError("mode must be a string")
-        tags = raw.get("tags") or []
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ValueError("tags must be a list of strings")
-        retries = raw.get("retries", 0)
-        backoff = raw.get("retry_backoff", 1.0)
-        timeout = raw.get("timeout")
-        retry_on = raw.get("retry_on") or []
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError("retries must be a non-negative integer")
-        if not isinstance(backoff, int | float) or math.isnan(backoff) or backoff < 0:
-            raise ValueError("retry_backoff must be a non-negative number")
-        if timeout is not None and (not isinstance(timeout, int | float) or math.isnan(timeout) or timeout <= 0):
-            raise ValueError("timeout must be a positive number")
-        if not isinstance(retry_on, list) or not all(isinstance(t, str) for t in retry_on):
-            raise ValueError("retry_on must be a list of exception type names")
-        return cls(
-            fn=str(raw.get("fn", "?")),
-            mode=mode,
-            tags=frozenset(tags),
-            retries=retries,
-            retry_backoff=float(backoff),
-            timeout=float(timeout) if timeout is not None else None,
-            retry_on=tuple(retry_on),
-            keep=bool(raw.get("keep", False)),
-        )
-
-
-class Job:
-    __slots__ = (
-        "attempt",
-        "failures",
-        "finished_at",
-        "frames",
-        "history",
-        "id",
-        "infra_failures",
-        "opts",
-        "owner",
-        "result_frames",
-        "result_info",
-        "retry_at",
-        "seq",
-        "state",
-        "submitted_at",
-        "watchers",
-        "worker",
-    )
-
-    def __init__(self, job_id: str, opts: TaskOptions, frames: list[Any], owner: bytes | None, seq: int, now: float):
-        self.id = job_id
-        self.opts = opts
-        self.frames: list[Any] | None = frames
-        self.owner = owner
-        self.seq = seq
-        self.state = QUEUED
-        self.attempt = 0
-        self.worker: bytes | None = None
-        self.history: list[dict[str, Any]] = []
-        self.failures = 0
-        self.infra_failures = 0
-        self.submitted_at = now
-        self.finished_at: float | None = None
-        self.retry_at: float | None = None
-        self.result_info: dict[str, Any] = {}
-        self.result_frames: list[Any] = []
-        self.watchers: set[bytes] | None = None
-
-    @property
-    def class_key(self) -> ClassKey:
-        return (self.opts.mode, self.opts.tags)
-
-
-@dataclass(slots=True)
-class WorkerInfo:
-    id: bytes
-    name: str
-    host: str
-    pid: int
-    mode: str
-    concurrency: int
-    tags: frozenset[str]
-    credit: int
-    last_seen: float
-    registered_at: float
-    running: dict[str, int] = field(default_factory=dict)  # job id -> attempt
-    done: int = 0
-    draining: bool = False
-    classes: list[ClassKey] = field(default_factory=list)  # queue classes this worker can serve
-    session: str = ""  # the worker's connection; a READY with a new one means a new connection
-
-    def serves(self, key: ClassKey) -> bool:
-        mode, tags = key
-        return (mode is None or mode == self.mode) and tags <= self.tags
-
-
-# --- actions: what the socket loop must send ----------------------------------------------------
-
-
-@dataclass(slots=True)
-class Assign:
-    worker: bytes
-    jobs: list[Job]
-
-
-@dataclass(slots=True)
-class CancelRunning:
-    worker: bytes
-    job_id: str
-    attempt: int
-
-
-@dataclass(slots=True)
-class Deliver:
-    client: bytes
-    jobs: list[Job]
-
-
-Action = Assign | CancelRunning | Deliver
+__all__ = [
+    "CANCELLED",
+    "FAILED",
+    "FINISHED_STATES",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "Action",
+    "Assign",
+    "CancelRunning",
+    "ClassKey",
+    "Deliver",
+    "Job",
+    "Scheduler",
+    "TaskOptions",
+    "WorkerInfo",
+]
 
 
 class Scheduler:
@@ -278,6 +161,7 @@ class Scheduler:
         running: Iterable[tuple[str, int]],
         now: float,
         session: str = "",
+        prefetch: int = 0,
     ) -> WorkerInfo:
         """Register a worker, or re-register one that reconnected, keeping the assignments it still holds.
 
@@ -303,6 +187,7 @@ class Scheduler:
             last_seen=now,
             registered_at=now,
             session=session,
+            prefetch=max(0, prefetch),
         )
         w.classes = [k for k in self._queues if w.serves(k)]
         self.workers[wid] = w
@@ -310,7 +195,7 @@ class Scheduler:
             job = self.jobs.get(job_id)
             if job is not None and job.state == RUNNING and job.worker == wid and job.attempt == attempt:
                 w.running[job_id] = attempt
-        w.credit = max(0, min(w.credit, concurrency - len(w.running)))
+        w.credit = max(0, min(w.credit, w.capacity - len(w.running)))
         if w.credit:
             self._free[wid] = None
         return w
@@ -528,6 +413,7 @@ class Scheduler:
                 "pid": w.pid,
                 "mode": w.mode,
                 "concurrency": w.concurrency,
+                "prefetch": w.prefetch,
                 "tags": sorted(w.tags),
                 "running": len(w.running),
                 "done": w.done,
@@ -604,7 +490,7 @@ class Scheduler:
             return
         # Never more credit than slots not taken by assignments we track (a duplicate or stray outcome
         # must not let the worker be assigned beyond its concurrency).
-        w.credit = max(0, min(w.credit + 1, w.concurrency - len(w.running)))
+        w.credit = max(0, min(w.credit + 1, w.capacity - len(w.running)))
         if w.credit and w.id not in self._free:
             self._free[w.id] = None
 

@@ -18,7 +18,9 @@ from typing import Any
 
 import zmq
 
+from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.journal import Journal
+from conveyor.dispatcher.observe import Observer
 from conveyor.dispatcher.scheduler import (
     FINISHED_STATES,
     SUCCEEDED,
@@ -29,7 +31,10 @@ from conveyor.dispatcher.scheduler import (
     Scheduler,
     TaskOptions,
 )
+from conveyor.dispatcher.validate import ready_body, results_entries, submit_entries, task_options
+from conveyor.keys import load_dispatcher_credentials
 from conveyor.protocol import Cmd, Message, ProtocolError, VersionMismatch, decode, encode, split_frames
+from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, check_bind
 
 log = logging.getLogger("conveyor.dispatcher")
 
@@ -48,6 +53,9 @@ class Dispatcher:
         journal: Journal | None = None,
         max_queued: int = 1_000_000,
         context: zmq.Context[Any] | None = None,
+        keys: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ):
         self.bind_address = bind
         self.journal = journal
@@ -57,6 +65,8 @@ class Dispatcher:
         self._clients: dict[bytes, float] = {}  # client peers by last message time, told when we stop
         self.heartbeat_interval = heartbeat_interval
         self.instance = uuid.uuid4().hex[:12]
+        # Our heartbeat also tells peers our interval: workers beat at least this often.
+        self._beat_body = {"instance": self.instance, "role": "dispatcher", "heartbeat_interval": heartbeat_interval}
         self.scheduler = Scheduler(
             infra_retries=infra_retries, liveness=heartbeat_interval * liveness, result_ttl=result_ttl
         )
@@ -69,6 +79,9 @@ class Dispatcher:
         self.endpoint: str | None = None
         self.malformed = 0
         self._last_malformed_log = 0.0
+        self.insecure = insecure  # allow a non-loopback bind without keys (docs/security.md)
+        self.max_message_size = max_message_size
+        self._gate = Gate(load_dispatcher_credentials(keys) if keys is not None else None)
         self._handlers: dict[Cmd, Callable[[bytes, Message, float], None]] = {
             Cmd.READY: self._on_ready,
             Cmd.RESULTS: self._on_results,
@@ -83,16 +96,20 @@ class Dispatcher:
             Cmd.JOB_INFO: self._on_job_info,
             Cmd.HEARTBEAT: self._on_heartbeat,
         }
+        self.observer = Observer(self)  # progress, output, job history, metrics: adds its own commands
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def bind(self) -> str:
         """Bind the ROUTER socket; returns the actual endpoint (port 0 picks a free port)."""
+        check_bind(self.bind_address, self._gate.curve, self.insecure)
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # know when a peer is gone instead of dropping silently
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with the same id takes over
         router.setsockopt(zmq.SNDHWM, 0)  # never block or drop on a slow peer; clients bound their windows
         router.setsockopt(zmq.LINGER, 500)
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        self._gate.secure(self._ctx, router)  # with keys: a CurveZMQ server, its ZAP handler up before bind
         address = self.bind_address
         if address.startswith("tcp://") and address.endswith(":0"):
             address = address[:-2] + ":*"
@@ -121,6 +138,9 @@ class Dispatcher:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        zap = self._gate.zap_socket
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         next_heartbeat = time.monotonic()
         if self.journal is not None:
             self._recover(self.journal)
@@ -132,9 +152,12 @@ class Dispatcher:
                 timer = self.scheduler.next_timer()
                 if timer is not None:
                     deadline = min(deadline, timer)
+                deadline = min(deadline, self.observer.next_tick)  # once a second: statistics, snapshots
                 events = dict(poller.poll(max(0, int((deadline - now) * 1000) + 1)))
                 if self._wake_r.fileno() in events:
                     self._drain_wakeups()
+                if zap is not None and zap in events:
+                    self._gate.serve_zap(time.monotonic())  # handshakes: accept authorized keys only
                 if router in events:
                     self._receive(router)
                 now = time.monotonic()
@@ -142,6 +165,7 @@ class Dispatcher:
                     self._heartbeat(now)
                     next_heartbeat = now + self.heartbeat_interval
                 self.scheduler.tick(now)
+                self.observer.tick(now)
                 self.scheduler.schedule(now)
                 self._flush()
             self._shutdown()
@@ -149,6 +173,7 @@ class Dispatcher:
             if self.journal is not None:
                 self.journal.close()
             router.close(linger=500)
+            self._gate.close()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -192,6 +217,7 @@ class Dispatcher:
     # --- receiving --------------------------------------------------------------------------------
 
     def _receive(self, router: zmq.Socket[Any]) -> None:
+        gate = self._gate
         for _ in range(MAX_MESSAGES_PER_TURN):
             try:
                 parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -199,6 +225,9 @@ class Dispatcher:
                 return
             now = time.monotonic()
             peer = parts[0].bytes
+            allowed = gate.screen(peer, parts[-1], now) if gate.screening else ANY_COMMAND
+            if allowed is None:
+                continue  # quarantined, or its key was revoked: dropped unread
             try:
                 msg = decode(parts[1:])
             except VersionMismatch as exc:
@@ -211,9 +240,13 @@ class Dispatcher:
             if handler is None:
                 self._malformed(peer, f"unexpected command {msg.cmd.name}", now)
                 continue
+            if allowed is not ANY_COMMAND and msg.cmd not in allowed:
+                self._forbidden(peer, msg.cmd, now)  # e.g. a client key sending READY
+                continue
             try:
                 handler(peer, msg, now)
-            except (ProtocolError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            except (ProtocolError, KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+                    RecursionError) as exc:  # e.g. int(inf), str() of a list nested 1000 deep
                 self._malformed(peer, f"{msg.cmd.name}: {type(exc).__name__}: {exc}", now)
 
     def _malformed(self, peer: bytes, reason: str, now: float) -> None:
@@ -221,11 +254,26 @@ class Dispatcher:
         if now - self._last_malformed_log > 5.0:  # rate-limited: garbage must not flood the log
             self._last_malformed_log = now
             log.warning("dropped malformed message from %r: %s (%d so far)", peer[:16], reason, self.malformed)
+        if self._gate.malformed(peer, now):
+            self._drop_peer(peer, f"too many malformed messages: ignored for {self._gate.ban_seconds:g} s", now)
+
+    def _forbidden(self, peer: bytes, cmd: Cmd, now: float) -> None:
+        """A key sent a command its role may not send, or its key was revoked: ERROR forbidden (rate-limited)."""
+        reason = self._gate.refusal(peer, cmd, now)
+        if reason is not None:
+            self._send(peer, Cmd.ERROR, {"code": "forbidden", "message": reason})
+
+    def _drop_peer(self, peer: bytes, why: str, now: float) -> None:
+        """Forget a quarantined or revoked peer: a worker's registration (its jobs queue again), a client's ping."""
+        w = self.scheduler.workers.get(peer)
+        self.scheduler.worker_gone(peer, now)
+        self._clients.pop(peer, None)
+        log.warning("%s: %s", f"worker {w.name}" if w is not None else f"peer {peer[:16]!r}", why)
 
     # --- worker commands ----------------------------------------------------------------------------
 
     def _on_ready(self, peer: bytes, msg: Message, now: float) -> None:
-        b = msg.body
+        b = ready_body(msg.body)  # types and ranges checked at the edge (validate.py)
         running = [(str(j), int(a)) for j, a in b.get("running", [])]
         w = self.scheduler.worker_ready(
             peer,
@@ -239,13 +287,14 @@ class Dispatcher:
             running=running,
             now=now,
             session=str(b.get("session", "")),
+            prefetch=int(b.get("prefetch", 0)),
         )
-        self._send(peer, Cmd.HEARTBEAT, {"instance": self.instance, "role": "dispatcher"})
+        self._send(peer, Cmd.HEARTBEAT, self._beat_body)
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
 
     def _on_results(self, peer: bytes, msg: Message, now: float) -> None:
         known = self.scheduler.heard_from(peer, now)
-        entries = msg.body
+        entries = results_entries(msg.body)  # all entries checked before any is applied
         per_entry = split_frames([int(e[4]) for e in entries], msg.frames)
         for entry, frames in zip(entries, per_entry, strict=True):
             job_id, attempt, ok, info = str(entry[0]), int(entry[1]), bool(entry[2]), entry[3]
@@ -277,7 +326,7 @@ class Dispatcher:
                 self._send(peer, Cmd.RECONNECT, {"instance": self.instance})
         else:  # a client's ping: answer, so it knows we are alive and which instance we are
             self._clients[peer] = now
-            self._send(peer, Cmd.HEARTBEAT, {"instance": self.instance, "role": "dispatcher"})
+            self._send(peer, Cmd.HEARTBEAT, self._beat_body)
 
     # --- client commands ----------------------------------------------------------------------------
 
@@ -294,16 +343,17 @@ class Dispatcher:
         )
 
     def _on_submit(self, peer: bytes, msg: Message, now: float) -> None:
-        entries = msg.body
+        entries = submit_entries(msg.body)
         per_entry = split_frames([int(e[2]) for e in entries], msg.frames)
         accepted: list[str] = []
         rejected: list[list[str]] = []
         busy: list[str] = []
         jobs = self.scheduler.jobs
+        submits = self.observer.submits
         for entry, frames in zip(entries, per_entry, strict=True):
             job_id = str(entry[0])
             try:
-                opts = TaskOptions.from_wire(entry[1])
+                opts = TaskOptions.from_wire(task_options(entry[1]))  # plain and shallow: it is journaled
                 if not frames:
                     raise ValueError("a task needs its call frames")
             except ValueError as exc:
@@ -314,6 +364,8 @@ class Dispatcher:
                 busy.append(job_id)  # backpressure: the client re-sends these a little later
                 continue
             job = self.scheduler.submit(job_id, opts, frames, peer, now)
+            if is_new:
+                submits[opts.fn] = submits.get(opts.fn, 0) + 1
             if is_new and self.journal is not None:
                 self.journal.submitted(job_id, job.seq, peer, entry[1] or {}, frames)
             accepted.append(job_id)
@@ -337,25 +389,33 @@ class Dispatcher:
     def _on_status(self, peer: bytes, msg: Message, now: float) -> None:
         status = self.scheduler.status(now)
         status["dispatcher"] = {"instance": self.instance, "endpoint": self.endpoint, "pid": os.getpid()}
+        self.observer.decorate_status(status, now)
         status["req"] = msg.body.get("req") if isinstance(msg.body, dict) else None
+        status["totals"]["malformed"] = self.malformed
+        status["security"] = self._gate.status()
         self._send(peer, Cmd.STATUS_REPLY, status)
 
     def _on_job_info(self, peer: bytes, msg: Message, now: float) -> None:
         views = []
         for job_id in msg.body["ids"]:
             job = self.scheduler.jobs.get(str(job_id))
-            views.append(self.scheduler.job_view(job) if job is not None else None)
+            views.append(self.observer.decorate_view(self.scheduler.job_view(job), now) if job is not None else None)
         self._send(peer, Cmd.JOB_INFO_REPLY, {"req": msg.body.get("req"), "jobs": views})
 
     # --- sending ----------------------------------------------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
+        for peer, why in self._gate.tick(now):  # keys removed from authorized/: tell, block and forget
+            self._send(peer, Cmd.ERROR, {"code": "forbidden", "message": why})
+            self._gate.revoke(peer, now)
+            self._drop_peer(peer, why, now)
         for peer, seen in list(self._clients.items()):
             if now - seen > 60.0:  # clients ping every second; this one is gone
                 del self._clients[peer]
         for w in self.scheduler.expire_workers(now):
+            self.observer.heartbeat_missed()
             log.warning("worker %s (pid %d on %s) missed its heartbeats: lost", w.name, w.pid, w.host)
-        body = {"instance": self.instance, "role": "dispatcher"}
+        body = self._beat_body
         for wid in list(self.scheduler.workers):
             self._send(wid, Cmd.HEARTBEAT, body)
 
@@ -372,18 +432,21 @@ class Dispatcher:
                 self._send_done(action.client, action.jobs)
             elif isinstance(action, CancelRunning):
                 self._send(action.worker, Cmd.CANCEL, {"job": action.job_id, "attempt": action.attempt})
+        finished, forgotten = self.scheduler.drain_finished(), self.scheduler.drain_forgotten()
+        self.observer.turn(finished, forgotten)  # drained every turn, journal or not (they would pile up)
         journal = self.journal
         if journal is None:
             return
         wall = time.time()
-        for job in self.scheduler.drain_finished():
+        for job in finished:
             journal.finished(
                 job.id, job.state, job.attempt, job.history, job.result_info, job.result_frames,
                 expires_at=wall + self.result_ttl,
             )
-        for job_id in self.scheduler.drain_forgotten():
+        for job_id in forgotten:
             journal.forgotten(job_id)
         journal.commit()
+        self.observer.journal_committed(journal.commits, journal.last_commit_seconds)
         for peer, reply in self._acks:
             self._send(peer, Cmd.ACCEPTED, reply)
         self._acks.clear()
@@ -404,11 +467,14 @@ class Dispatcher:
     def _send_done(self, client: bytes, jobs: list[Job]) -> None:
         entries = []
         frames: list[Any] = []
+        outputs = self.observer.outputs
         for job in jobs:
             info: dict[str, Any] = {
                 "worker": job.history[-1]["worker"] if job.history else None,
                 "attempts": job.attempt,
             }
+            if outputs and job.id in outputs:
+                info["output"] = self.observer.output_of(job.id)
             if job.state != SUCCEEDED or job.attempt > 1:
                 info["history"] = job.history
             if job.state != SUCCEEDED:
@@ -423,6 +489,8 @@ class Dispatcher:
     def _send(self, peer: bytes, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> bool:
         """Send without ever blocking; False if the peer is not connected."""
         assert self._router is not None
+        if self._gate.blocked and not self._gate.may_send(peer, time.monotonic()):
+            return False  # quarantined or revoked: nothing more goes to it
         try:
             self._router.send_multipart([peer, *encode(cmd, body, frames or ())], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:

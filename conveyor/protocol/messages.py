@@ -26,6 +26,8 @@ PROTOCOL_VERSION = 1
 
 # Limits applied to every decoded body: a peer cannot make the decoder allocate without bound.
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_ARRAY_LEN = 1 << 20  # entries of one msgpack array (ids of a WATCH, entries of a batch)
+MAX_MAP_LEN = 1 << 16  # pairs of one msgpack map
 
 
 class Cmd(enum.IntEnum):
@@ -35,6 +37,8 @@ class Cmd(enum.IntEnum):
     GIVEBACK = 0x03  # batch of job ids handed back unstarted/unfinished (drain); each returns credit
     LEAVING = 0x04  # the worker is draining: send nothing new
     GOODBYE = 0x05  # the worker is exiting now
+    PROGRESS = 0x06  # batch of the latest progress reports of running tasks
+    OUTPUT = 0x07  # batch of output chunks (stdout, stderr, log) of running tasks
     # dispatcher -> worker
     ASSIGN = 0x10  # batch of tasks, each with its data frames
     CANCEL = 0x11  # stop running a job attempt
@@ -46,6 +50,8 @@ class Cmd(enum.IntEnum):
     CANCEL_JOBS = 0x23  # cancel these jobs
     STATUS = 0x24  # cluster status request
     JOB_INFO = 0x25  # snapshot of jobs' states without waiting
+    JOBS = 0x26  # list jobs by state, age and function (recent ones, from a bounded history)
+    LOGS = 0x27  # a job's captured output from given offsets
     # dispatcher -> client
     WELCOME = 0x30  # answer to HELLO
     ACCEPTED = 0x31  # these job ids are accepted (sent after the journal commit), rejected, or busy
@@ -53,6 +59,8 @@ class Cmd(enum.IntEnum):
     STATUS_REPLY = 0x33
     JOB_INFO_REPLY = 0x34
     CANCELLED = 0x35  # ack of CANCEL_JOBS: which ids were cancelled
+    JOBS_REPLY = 0x36
+    LOGS_REPLY = 0x37
     # both directions, any peer
     HEARTBEAT = 0x40
     ERROR = 0x41  # fatal for the session: the peer speaks another protocol version
@@ -89,6 +97,9 @@ def unpack(data: bytes) -> Any:
         data,
         raw=False,
         strict_map_key=False,
+        max_array_len=MAX_ARRAY_LEN,
+        max_map_len=MAX_MAP_LEN,
+        max_ext_len=0,  # bodies never hold extension types (timestamps included)
     )
 
 

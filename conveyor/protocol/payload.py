@@ -102,7 +102,12 @@ def decode_value(frames: Frames) -> Any:
                 raise ProtocolError("frame reference out of range")
             return bytes(rest[index - 1])
 
-        return msgpack.unpackb(body, raw=False, ext_hook=ext_hook, strict_map_key=False)
+        try:
+            return msgpack.unpackb(body, raw=False, ext_hook=ext_hook, strict_map_key=False)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # msgpack raises several types for bad input
+            raise ProtocolError(f"bad msgpack value: {type(exc).__name__}") from None
     if codec == CODEC_PICKLE:
         return pickle.loads(body, buffers=rest)
     raise ProtocolError(f"unknown codec {codec!r}")
@@ -204,13 +209,18 @@ _function_cache: dict[Any, Callable[..., Any]] = {}
 
 
 def decode_call(frames: Frames) -> Call:
-    """Inverse of encode_call/encode_chunk. Raises FunctionNotFound or ProtocolError."""
+    """Inverse of encode_call/encode_chunk. Raises FunctionNotFound or ProtocolError, and for a function
+    or arguments sent as pickles, whatever unpickling them raises."""
     if not frames:
         raise ProtocolError("empty call")
     try:
         fn_name, by_value, chunk = msgpack.unpackb(bytes(frames[0]), raw=False)
     except Exception:
         raise ProtocolError("bad call header") from None
+    if not isinstance(fn_name, str) or not isinstance(by_value, bool) or not isinstance(chunk, bool):
+        raise ProtocolError("bad call header")
+    if len(frames) < (3 if by_value else 2):
+        raise ProtocolError("a call needs its function and argument frames")
     pos = 1
     if by_value:
         blob = bytes(frames[1])
@@ -227,7 +237,13 @@ def decode_call(frames: Frames) -> Call:
             fn = resolve_function(fn_name)
             _function_cache[fn_name] = fn
     value = decode_value(frames[pos:])
+    calls = value if chunk else [value]
+    if not isinstance(calls, list) or not all(
+        isinstance(c, list | tuple) and len(c) == 2 and isinstance(c[0], list | tuple) and isinstance(c[1], dict)
+        for c in calls
+    ):
+        raise ProtocolError("bad call arguments: expected [args, kwargs]" + (" per call" if chunk else ""))
     if chunk:
-        return Call(fn_name, fn, True, [(tuple(a), k) for a, k in value], {})
+        return Call(fn_name, fn, True, [(tuple(a), k) for a, k in calls], {})
     args, kwargs = value
     return Call(fn_name, fn, False, tuple(args), kwargs)

@@ -14,11 +14,16 @@ from multiprocessing.connection import Connection
 
 import msgpack
 
+from conveyor.worker.capture import install_child
 from conveyor.worker.execution import Task, run_sync
 
 
-def child_main(conn: Connection) -> None:
+def child_main(
+    conn: Connection, pipes: list[Connection] | None = None, log_level: int = 20, capture: bool = True
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if pipes:  # stdout, stderr and events pipes to the worker (see capture.py)
+        install_child(pipes, log_level, capture)
     while True:
         try:
             job_id, attempt, timeout, retry_on, n = msgpack.unpackb(conn.recv_bytes())

@@ -118,7 +118,8 @@ async def run_async(task: Task) -> Outcome:
     started = time.perf_counter()
     try:
         if call.chunk:
-            value: Any = [await _call_async(call.fn, a, k) for a, k in call.args]
+            # the calls of a chunk wait together, as separate tasks would
+            value: Any = list(await asyncio.gather(*(_call_async(call.fn, a, k) for a, k in call.args)))
         else:
             value = await _call_async(call.fn, call.args, call.kwargs)
     except asyncio.CancelledError:

@@ -26,8 +26,12 @@ from urllib.parse import urlparse
 import zmq
 import zmq.asyncio
 
+from conveyor.keys import load_peer_credentials
 from conveyor.protocol import Cmd, Message, ProtocolError, decode, encode, split_frames
-from conveyor.worker.execution import Outcome, Task, failure
+from conveyor.protocol import errors as perr
+from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, HandshakeWatch, configure_socket, fit_outcome, watch_handshakes
+from conveyor.worker.capture import DEFAULT_LIMIT, TaskReports
+from conveyor.worker.execution import Outcome, Task, failure, infra_failure
 from conveyor.worker.modes import MODES, Mode, ProcessesMode
 
 log = logging.getLogger("conveyor.worker")
@@ -70,7 +74,12 @@ class Worker:
         liveness: int = 3,
         drain_timeout: float = 30.0,
         max_child_memory_mb: int | None = None,
+        prefetch: int = 0,
+        capture_output: bool = True,
+        output_limit: int = DEFAULT_LIMIT,
         context: zmq.asyncio.Context | None = None,
+        keys: str | os.PathLike[str] | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -79,17 +88,33 @@ class Worker:
         self.concurrency = default_concurrency(mode) if concurrency is None else concurrency
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if prefetch < 0:
+            raise ValueError("prefetch must be 0 or more")
+        # Jobs held beyond the slots: tiny tasks then never wait a dispatcher round trip, at the price of
+        # a queue on this worker that other workers cannot take from. Off by default.
+        self.prefetch = prefetch
         self.tags = sorted(set(tags or []))
         self.host = local_address_for(connect)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.heartbeat_interval = heartbeat_interval
+        # Beat as often as whichever side asks for more; wait for the dispatcher as long as the slower side.
+        # The dispatcher's interval arrives with its heartbeats.
+        self._beat_every = heartbeat_interval
+        self._patience = heartbeat_interval * liveness
         self.liveness = liveness
         self.drain_timeout = drain_timeout
         self.identity = f"w-{uuid.uuid4().hex[:12]}".encode()
+        self.credentials = load_peer_credentials(keys, "worker") if keys is not None else None  # CurveZMQ
+        self.max_message_size = max_message_size
+        self._handshakes: HandshakeWatch | None = None
         if mode == "processes" and max_child_memory_mb:
             self.mode: Mode = ProcessesMode(self.concurrency, max_child_memory=max_child_memory_mb << 20)
         else:
             self.mode = MODES[mode](self.concurrency)
+        # Tasks' output and progress (capture.py), sent as OUTPUT and PROGRESS a few times a second.
+        self.reports = TaskReports(output_limit)
+        self.mode.reports = self.reports
+        self.mode.capture_output = capture_output
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
@@ -99,6 +124,10 @@ class Worker:
         self._idle.set()
         self._drain_deadline = float("inf")
         self._session = ""
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._started: set[tuple[str, int]] = set()  # assignments that hold a slot (not just prefetched)
+        self._heard = False
+        self._last_heard = 0.0
         self._outbox: list[Outcome] = []
         self._flush_scheduled = False
         self._stop = asyncio.Event()
@@ -120,6 +149,7 @@ class Worker:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):
                 pass  # not the main thread (tests run workers in threads too)
+        self.reports.bind(asyncio.get_running_loop(), self._send_reports)
         await self.mode.start()
         log.info(
             "worker %s: %s x%d, tags %s, connecting to %s",
@@ -156,7 +186,9 @@ class Worker:
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
+        configure_socket(sock, self.credentials, self.max_message_size)
         sock.connect(self.connect_address)
+        self._handshakes = watch_handshakes(sock, self.connect_address, self.credentials, "worker")
         self._sock = sock
         self._session = uuid.uuid4().hex[:12]
         self._dispatcher_instance = None
@@ -167,6 +199,10 @@ class Worker:
             self._send(Cmd.LEAVING, {})
 
     def _close_socket(self) -> None:
+        if self._handshakes is not None:
+            self._handshakes.log_failure()  # why the dispatcher never answered: it refused our keys (or none)
+            self._handshakes.close()
+            self._handshakes = None
         if self._sock is not None:
             self._sock.close(linger=200)
             self._sock = None
@@ -180,7 +216,8 @@ class Worker:
             "concurrency": self.concurrency,
             "tags": self.tags,
             "session": self._session,
-            "credit": self.concurrency - len(self._running),
+            "prefetch": self.prefetch,
+            "credit": self.concurrency + self.prefetch - len(self._running),
             "running": [[job_id, attempt] for job_id, attempt in self._running],
         }
 
@@ -188,50 +225,60 @@ class Worker:
 
     async def _serve(self) -> str:
         """Serve one connection. Returns "done" (drained and said goodbye), "served" (lost the dispatcher
-        after it had answered) or "silent" (it never answered)."""
+        after it had answered) or "silent" (it never answered).
+
+        A reader task handles messages as they come; this loop only wakes for heartbeats, liveness
+        checks and the drain.
+        """
         sock = self._sock
         assert sock is not None
-        heard = False
-        last_heard = time.monotonic()
-        next_beat = last_heard + self.heartbeat_interval
+        self._heard = False
+        self._last_heard = time.monotonic()
+        next_beat = self._last_heard + self._beat_every
         draining = False
+        reader = asyncio.create_task(self._read(sock))
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while True:
                 if self._stop.is_set() and not draining:
                     draining = True
                     self._begin_drain()
-                if draining and (not self._running or time.monotonic() >= self._drain_deadline):
+                now = time.monotonic()
+                if draining and (not self._running or now >= self._drain_deadline):
                     await self._finish_drain()
                     return "done"
-                now = time.monotonic()
-                wake_at = min(next_beat, self._drain_deadline) if draining else next_beat
-                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(sock.poll(int((wake_at - now) * 1000) + 1))}
-                if not draining:
-                    waiters.add(stop_wait)
-                elif self._running:
-                    waiters.add(asyncio.ensure_future(self._idle.wait()))
-                _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for fut in pending:
-                    if fut is not stop_wait:
-                        fut.cancel()
-                while True:
-                    try:
-                        parts = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    heard = True
-                    last_heard = time.monotonic()
-                    if not self._handle(parts):
-                        return "served"
-                now = time.monotonic()
                 if now >= next_beat:
                     self._send(Cmd.HEARTBEAT, {"role": "worker"})
-                    next_beat = now + self.heartbeat_interval
-                if now - last_heard > self.heartbeat_interval * self.liveness:
-                    return "served" if heard else "silent"
+                    next_beat = now + self._beat_every
+                if now - self._last_heard > self._patience:
+                    return "served" if self._heard else "silent"
+                wake_at = min(next_beat, self._drain_deadline) if draining else next_beat
+                waiters: set[asyncio.Future[Any]] = {reader}
+                if not draining:
+                    waiters.add(stop_wait)
+                else:
+                    waiters.add(asyncio.ensure_future(self._idle.wait()))
+                _, pending = await asyncio.wait(
+                    waiters, timeout=max(0.0, wake_at - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                for fut in pending:
+                    if fut is not stop_wait and fut is not reader:
+                        fut.cancel()
+                if reader.done():
+                    reader.result()  # re-raises DispatcherRefused
+                    return "served"  # the dispatcher said it is shutting down
         finally:
             stop_wait.cancel()
+            reader.cancel()
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        """Handle messages until the dispatcher says SHUTDOWN."""
+        while True:
+            parts = await sock.recv_multipart(copy=False)
+            self._heard = True
+            self._last_heard = time.monotonic()
+            if not self._handle(parts):
+                return
 
     def _handle(self, parts: list[Any]) -> bool:
         """Handle one message; False means: drop this connection and reconnect."""
@@ -249,10 +296,17 @@ class Worker:
             self._on_assign(msg)
         elif msg.cmd == Cmd.CANCEL:
             key = (str(msg.body["job"]), int(msg.body["attempt"]))
-            if key in self._running:
+            runner = self._running.get(key)
+            if runner is not None and key not in self._started:
+                runner.cancel()  # still waiting for a slot (prefetched): it never starts
+            elif runner is not None:
                 self.mode.cancel(key)
         elif msg.cmd == Cmd.HEARTBEAT:
             instance = msg.body.get("instance")
+            theirs = msg.body.get("heartbeat_interval")
+            if isinstance(theirs, int | float) and theirs > 0:
+                self._beat_every = min(self.heartbeat_interval, float(theirs))
+                self._patience = max(self.heartbeat_interval, float(theirs)) * self.liveness
             if self._dispatcher_instance is not None and instance != self._dispatcher_instance:
                 log.info("dispatcher restarted (instance %s); registering again", instance)
                 self._send(Cmd.READY, self._ready_body())
@@ -280,14 +334,21 @@ class Worker:
 
     async def _run_task(self, task: Task) -> None:
         try:
-            outcome = await self.mode.run(task)
+            async with self._slots:  # prefetched tasks wait here for one of the `concurrency` slots
+                self._started.add(task.key)
+                outcome = await self.mode.run(task)
+        except asyncio.CancelledError:  # cancelled (or handed back) before it started
+            outcome = infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
         except Exception as exc:  # a bug in a mode must not kill the worker; report it as the task's failure
             log.exception("mode %s failed running %s", self.mode_name, task.job_id)
             outcome = failure(task, exc)
         finally:
             self._running.pop(task.key, None)
+            self.reports.finish(task.key)
+            self._started.discard(task.key)
             if not self._running:
                 self._idle.set()
+        outcome = fit_outcome(outcome, self.max_message_size)  # a frame over ZMQ_MAXMSGSIZE would cut us off
         if task.key in self._handed_back:
             self._handed_back.discard(task.key)  # the dispatcher has it queued again: no outcome
             return
@@ -302,6 +363,7 @@ class Worker:
         if not self._outbox or self._sock is None:
             return
         outcomes, self._outbox = self._outbox, []
+        self._send_reports()  # a task's last output and progress reach the dispatcher before its outcome
         entries = []
         frames: list[Any] = []
         for o in outcomes:
@@ -309,10 +371,15 @@ class Worker:
             frames.extend(o.frames)
         self._send(Cmd.RESULTS, entries, frames)
 
+    def _send_reports(self) -> None:
+        """Send the running tasks' output and progress (dropped while disconnected: only the tail matters)."""
+        self.reports.send(self._send)
+
     def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
         if self._sock is None:
             return
         try:
+            # SNDHWM is 0, so this never waits: the returned future is already done.
             self._sock.send_multipart(encode(cmd, body, frames or ()), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("send queue full; dropping %s", cmd.name)
@@ -322,6 +389,12 @@ class Worker:
     def _begin_drain(self) -> None:
         self._drain_deadline = min(self._drain_deadline, time.monotonic() + self.drain_timeout)
         self._send(Cmd.LEAVING, {})
+        waiting = [key for key in self._running if key not in self._started]
+        if waiting:  # prefetched and not started: straight back to the dispatcher
+            self._handed_back.update(waiting)
+            for key in waiting:
+                self._running[key].cancel()
+            self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in waiting])
         if self._running:
             log.info("draining %d running task(s), up to %.0f s", len(self._running), self.drain_timeout)
 
@@ -331,7 +404,10 @@ class Worker:
             handed = list(self._running)
             self._handed_back.update(handed)
             for key in handed:
-                self.mode.cancel(key)
+                if key in self._started:
+                    self.mode.cancel(key)
+                else:
+                    self._running[key].cancel()
             self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in handed])
             log.info("handed back %d unfinished task(s)", len(handed))
             await asyncio.wait(list(self._running.values()), timeout=KILL_WAIT)

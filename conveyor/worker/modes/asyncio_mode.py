@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from conveyor.worker import capture
 from conveyor.worker.execution import Outcome, Task, run_async
 from conveyor.worker.modes.base import Mode
 
@@ -26,6 +27,8 @@ class AsyncioMode(Mode):
         self._tasks: dict[tuple[str, int], asyncio.Task[Outcome]] = {}  # owned by the task loop's thread
 
     async def start(self) -> None:
+        if self.reports is not None and self.capture_output:
+            capture.install()  # sys.stdout/stderr and logging, routed per task
         ready = threading.Event()
 
         def serve() -> None:
@@ -46,10 +49,13 @@ class AsyncioMode(Mode):
         current = asyncio.current_task()
         assert current is not None
         self._tasks[task.key] = current
+        ctx = capture.enter(self.reports, task.key) if self.reports is not None else None
         try:
             return await run_async(task)
         finally:
             self._tasks.pop(task.key, None)
+            if ctx is not None:
+                capture.leave(ctx)
 
     async def run(self, task: Task) -> Outcome:
         assert self._loop is not None
@@ -69,6 +75,8 @@ class AsyncioMode(Mode):
         loop.call_soon_threadsafe(cancel)
 
     async def shutdown(self) -> None:
+        if self.reports is not None and self.capture_output:
+            capture.uninstall()
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             await asyncio.to_thread(self._thread.join, 5)

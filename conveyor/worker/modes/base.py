@@ -14,11 +14,15 @@ from typing import Any, ClassVar
 
 from conveyor.errors import JobCancelled, TaskTimeout
 from conveyor.protocol import errors as perr
+from conveyor.worker.capture import TaskReports
 from conveyor.worker.execution import Outcome, Task, infra_failure, is_retryable
 
 
 class Mode(abc.ABC):
     name: ClassVar[str]
+    # Set by the worker before start(): where tasks' progress goes, and whether their output is captured.
+    reports: TaskReports | None = None
+    capture_output: bool = True
 
     def __init__(self, concurrency: int):
         self.concurrency = concurrency

@@ -11,6 +11,7 @@ sockets.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -24,6 +25,7 @@ import msgpack
 import psutil
 
 from conveyor.protocol import errors as perr
+from conveyor.worker import capture
 from conveyor.worker.child import child_main
 from conveyor.worker.execution import Outcome, Task, infra_failure
 from conveyor.worker.modes.base import Mode
@@ -48,6 +50,7 @@ class _Child:
         self.future: asyncio.Future[Outcome] | None = None
         self.dead = False
         self.dying = False  # terminated by us: never handed another task
+        self.capture: capture.ChildCapture | None = None  # the child's stdout, stderr and events pipes
         self.killed_because: str | None = None
 
     @property
@@ -100,16 +103,26 @@ class ProcessesMode(Mode):
 
     def _start_child(self) -> _Child:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=child_main, args=(child_conn,), daemon=True, name="conveyor-child")
+        reads, writes = capture.child_pipes() if self.reports is not None else ([], [])
+        level = logging.getLogger().getEffectiveLevel()
+        args = (child_conn, writes, level, self.capture_output) if writes else (child_conn,)
+        process = self._ctx.Process(target=child_main, args=args, daemon=True, name="conveyor-child")
         process.start()
         child_conn.close()
-        return _Child(process, parent_conn)
+        for w in writes:
+            w.close()
+        child = _Child(process, parent_conn)
+        if self.reports is not None:
+            child.capture = capture.ChildCapture(self.reports, *reads)
+        return child
 
     def _adopt(self, child: _Child) -> None:
         assert self._loop is not None
         self._children.add(child)
         self._loop.add_reader(child.conn.fileno(), self._on_readable, child)
         self._loop.add_reader(child.process.sentinel, self._on_exit, child)
+        if child.capture is not None:
+            child.capture.attach(self._loop)
         self._idle.append(child)
         self._dispatch()
 
@@ -130,6 +143,8 @@ class ProcessesMode(Mode):
                 continue
             child = self._idle.popleft()
             child.task, child.future = task, fut
+            if child.capture is not None:
+                child.capture.task = task.key
             try:
                 conn = child.conn
                 header = [task.job_id, task.attempt, task.timeout, task.retry_on, len(task.frames)]
@@ -148,6 +163,9 @@ class ProcessesMode(Mode):
             assert self._loop is not None
             self._loop.remove_reader(child.conn.fileno())
             return
+        if child.capture is not None:  # the task's last output, written before its outcome
+            child.capture.drain()
+            child.capture.task = None
         task, fut = child.task, child.future
         child.task = child.future = None
         if task is not None and fut is not None and not fut.done():
@@ -166,6 +184,8 @@ class ProcessesMode(Mode):
         child.process.join(1)
         code = child.process.exitcode
         child.conn.close()
+        if child.capture is not None:  # what the task printed before the child died stays its output
+            child.capture.close()
         self._children.discard(child)
         if child in self._idle:
             self._idle.remove(child)
@@ -224,3 +244,5 @@ class ProcessesMode(Mode):
             if child.process.is_alive():
                 child.process.kill()
                 await asyncio.to_thread(child.process.join, 2)
+            if child.capture is not None and not child.dead:
+                child.capture.close()

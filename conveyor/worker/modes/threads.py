@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from conveyor.errors import JobCancelled, TaskTimeout
+from conveyor.worker import capture
 from conveyor.worker.execution import Outcome, Task, run_sync
 from conveyor.worker.modes.base import Mode
 
@@ -44,8 +45,12 @@ class ThreadsMode(Mode):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._target = concurrency
+        self._finished: list[tuple[asyncio.Future[Outcome], Outcome]] = []  # handed to the loop in batches
+        self._wake_pending = False
 
     async def start(self) -> None:
+        if self.reports is not None and self.capture_output:
+            capture.install()  # sys.stdout/stderr and logging, routed per task
         for _ in range(self.concurrency):
             self._spawn()
 
@@ -75,15 +80,35 @@ class ThreadsMode(Mode):
             return True
         with self._lock:
             item.thread = threading.get_ident()
-        outcome = run_sync(item.task)
+        reports = self.reports
+        if reports is None:
+            outcome = run_sync(item.task)
+        else:
+            ctx = capture.enter(reports, item.task.key)
+            try:
+                outcome = run_sync(item.task)
+            finally:
+                capture.leave(ctx)
         with self._lock:
             item.thread = None
-        try:
-            item.loop.call_soon_threadsafe(_set_if_pending, item.future, outcome)
-        except RuntimeError:
-            pass  # the worker's loop has closed (an abandoned task outlived the worker): nobody waits
+            self._finished.append((item.future, outcome))
+            wake = not self._wake_pending
+            self._wake_pending = True
+            more = len(self._threads) <= self._target  # False: a replacement took this thread's place
+        if wake:  # one wake-up of the loop for however many tasks finish before it runs
+            try:
+                item.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                pass  # the worker's loop has closed (an abandoned task outlived the worker): nobody waits
+        return more
+
+    def _deliver(self) -> None:
+        """On the worker's loop: resolve every task finished since the last wake-up."""
         with self._lock:
-            return len(self._threads) <= self._target  # a replacement took this thread's place
+            finished, self._finished = self._finished, []
+            self._wake_pending = False
+        for future, outcome in finished:
+            _set_if_pending(future, outcome)
 
     async def run(self, task: Task) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -108,6 +133,8 @@ class ThreadsMode(Mode):
             self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
 
     async def shutdown(self) -> None:
+        if self.reports is not None and self.capture_output:
+            capture.uninstall()
         with self._lock:
             self._target = 0
             n = len(self._threads)
