@@ -144,6 +144,9 @@ def dispatcher(
         str | None, typer.Option(help="Journal file [$XDG_STATE_HOME/conveyor/journal.db].")
     ] = None,
     no_journal: Annotated[bool, typer.Option("--no-journal", help="Keep jobs in memory only.")] = False,
+    journal_sync: Annotated[
+        str, typer.Option(help="normal: survive a dispatcher crash; full: also an OS crash (fsync per commit).")
+    ] = "normal",
     max_queued: Annotated[int, typer.Option(help="Queued jobs beyond which submitters are slowed.")] = 1_000_000,
     keys: KeysOpt = None,
     insecure: InsecureOpt = False,
@@ -174,7 +177,7 @@ def dispatcher(
     if not no_journal:
         path = journal or str(default_journal_path())
         try:
-            store = Journal(path)
+            store = Journal(path, synchronous=journal_sync)
         except Exception as exc:
             raise CliError(f"cannot open the journal: {exc}") from None
     try:

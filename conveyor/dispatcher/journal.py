@@ -71,7 +71,11 @@ class JournalInUse(RuntimeError):
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike[str], synchronous: str = "FULL"):
+    def __init__(self, path: str | os.PathLike[str], synchronous: str = "NORMAL"):
+        """synchronous=NORMAL (WAL): a commit survives the dispatcher's death (kill -9, OOM); FULL also
+        fsyncs every commit, so it survives the machine's (power loss, kernel panic), at a price."""
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"journal sync must be normal or full, not {synchronous!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One dispatcher per journal: a second one would interleave two histories.
@@ -83,7 +87,7 @@ class Journal:
             raise JournalInUse(f"journal {self.path} is in use by another dispatcher") from None
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
