@@ -264,13 +264,16 @@ class Connection:
             self._fail_all(RuntimeError("the client is closed"), only_if_unset=True)
 
     def _drain_wakeups(self) -> None:
-        with self._lock:
-            self._woken = False
+        # Bytes first, flag second: clearing the flag first let a wake-up byte written in between be
+        # swallowed here while the flag stayed set, so later submissions waited for the next ping (~1 s).
+        # Whatever was queued before the flag is cleared is sent by this same loop turn.
         try:
             while self._wake_r.recv(4096):
                 pass
         except OSError:
             pass
+        with self._lock:
+            self._woken = False
 
     def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
         self._sock.send_multipart(encode(cmd, body, frames or ()), copy=False)

@@ -536,7 +536,7 @@ def test_same_worker_getting_a_job_again_keeps_tracking_the_new_attempt() -> Non
     submit(s, "j")
     run(s)
     s.expire_workers(10.0)  # lost; j requeued
-    ready(s, b"w", concurrency=2, running=[("j", 1)], now=10.0)  # it comes back, still running attempt 1
+    ready(s, b"w", concurrency=2, running=[], now=10.0)  # it comes back without attempt 1 in its list
     assert assigns(run(s, 10.0)) == {b"w": [("j", 2)]}
     fail(s, b"w", "j", 1, exc_info(retryable=False), now=11.0)  # stale failure of attempt 1
     assert s.workers[b"w"].running == {"j": 2}
@@ -552,10 +552,27 @@ def test_stale_giveback_does_not_untrack_newer_attempt() -> None:
     submit(s, "j")
     run(s)
     s.expire_workers(10.0)
-    ready(s, b"w", concurrency=2, running=[("j", 1)], now=10.0)
+    ready(s, b"w", concurrency=2, running=[], now=10.0)
     run(s, 10.0)
     s.give_back(b"w", "j", 1, 11.0)
     assert s.workers[b"w"].running == {"j": 2} and s.jobs["j"].state == RUNNING
+
+
+def test_a_worker_back_with_a_requeued_job_still_running_keeps_it() -> None:
+    # Lost (or the dispatcher restarted from its journal) while the job kept running there: the job was
+    # queued again, and must be adopted from the worker's READY instead of running a second time.
+    s = make(liveness=3.0)
+    ready(s, b"w", concurrency=2)
+    submit(s, "j")
+    run(s)
+    s.expire_workers(10.0)
+    assert s.jobs["j"].state == QUEUED
+    ready(s, b"w", concurrency=2, running=[("j", 1)], now=10.0)
+    assert assigns(run(s, 10.0)) == {}
+    assert s.jobs["j"].state == RUNNING and s.workers[b"w"].running == {"j": 1}
+    ok(s, b"w", "j", 1, now=11.0)
+    assert s.jobs["j"].state == SUCCEEDED
+    check_counters(s)
 
 
 def test_duplicate_outcome_never_lets_running_exceed_concurrency() -> None:

@@ -193,8 +193,20 @@ class Scheduler:
         self.workers[wid] = w
         for job_id, attempt in still_running.items():
             job = self.jobs.get(job_id)
-            if job is not None and job.state == RUNNING and job.worker == wid and job.attempt == attempt:
+            if job is None:
+                continue
+            if job.state == RUNNING and job.worker == wid and job.attempt == attempt:
                 w.running[job_id] = attempt
+            elif job.state == QUEUED and job.retry_at is None and attempt >= job.attempt:
+                # Queued again (we lost the worker, or restarted from the journal) while it kept running
+                # the job: adopt that attempt rather than run the job a second time.
+                self._leave_queue(job)
+                job.state = RUNNING
+                job.attempt = attempt
+                job.worker = wid
+                w.running[job_id] = attempt
+                self.n_running += 1
+                job.history.append({"attempt": attempt, "worker": w.name, "started": now})
         w.credit = max(0, min(w.credit, w.capacity - len(w.running)))
         if w.credit:
             self._free[wid] = None

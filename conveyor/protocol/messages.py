@@ -63,7 +63,7 @@ class Cmd(enum.IntEnum):
     LOGS_REPLY = 0x37
     # both directions, any peer
     HEARTBEAT = 0x40
-    ERROR = 0x41  # fatal for the session: the peer speaks another protocol version
+    ERROR = 0x41  # fatal for the session: another protocol version, or a key not allowed this command
     SHUTDOWN = 0x42  # dispatcher -> workers and clients: the dispatcher is stopping
 
 
