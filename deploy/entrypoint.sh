@@ -6,12 +6,27 @@
 #                                    CONVEYOR_CONCURRENCY, CONVEYOR_TAGS (comma- or space-separated),
 #                                    CONVEYOR_NAME (the container's hostname), CONVEYOR_DRAIN_TIMEOUT (30),
 #                                    CONVEYOR_WORKER_ARGS (extra flags)
+#   conveyor-entrypoint keys         creates CurveZMQ keys in CONVEYOR_KEYS (/keys) unless it has them:
+#                                    `conveyor keys init` the first time, nothing afterwards
 #   conveyor-entrypoint CMD...       runs CMD (e.g. `conveyor status`)
+# CONVEYOR_KEYS (a key directory, docs/security.md) is used by the dispatcher, the worker and any
+# `conveyor` command; CONVEYOR_INSECURE=true (or 1, yes, on) ignores it: no keys, no encryption.
 # Both run as PID 1 via exec and drain on SIGTERM (docker stop / docker-compose down).
 set -eu
 role=${1:-worker}
 [ $# -gt 0 ] && shift
+case "${CONVEYOR_INSECURE:-false}" in
+1 | [Tt]rue | TRUE | [Yy]es | YES | [Oo]n | ON) unset CONVEYOR_KEYS ;;
+esac
 case "$role" in
+keys)
+    dir=${CONVEYOR_KEYS:-/keys}
+    if [ -e "$dir/dispatcher.key_secret" ]; then
+        echo "conveyor-entrypoint: keys already in $dir" >&2
+        exit 0
+    fi
+    set -- conveyor keys init "$dir"
+    ;;
 dispatcher)
     # shellcheck disable=SC2086  # extra flags are split on purpose
     set -- conveyor dispatcher --bind "${CONVEYOR_BIND:-tcp://0.0.0.0:5555}" \

@@ -3,6 +3,9 @@
 
     conveyor-healthcheck dispatcher   healthy when the dispatcher in this container answers `status`
     conveyor-healthcheck worker       healthy when this container's worker is registered with its dispatcher
+
+It connects as a client: with the key directory in CONVEYOR_KEYS (its client pair), unless
+CONVEYOR_INSECURE is true, as in conveyor-entrypoint.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ def main() -> int:
         address = f"tcp://127.0.0.1:{port}"
     else:
         address = os.environ.get("CONVEYOR_DISPATCHER", "tcp://dispatcher:5555")
+    if os.environ.get("CONVEYOR_INSECURE", "false").lower() in ("1", "true", "yes", "on"):
+        os.environ.pop("CONVEYOR_KEYS", None)
     from conveyor import Client
 
     try:

@@ -1,5 +1,7 @@
 """deploy/docker-compose.yml end to end: build the image (deploy/build-image.sh, no pulls), bring the
-cluster up, scale the workers, submit from this host through the published port, drain on `down`.
+keyed cluster up (CurveZMQ keys made by its `keys` service), copy the client keys out as the README
+says, submit from this host through the published port with them (and be refused without them),
+scale the workers, drain on `down`.
 
 Needs root, docker, docker-compose and a Docker daemon (started here if it is not running). Outside
 CI a missing piece skips with the reason; with CI=true it fails.
@@ -9,17 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conveyor import Client
+from conveyor import AccessDenied, Client
+from conveyor.keys import init_directory
 from tests.conftest import ROOT, stop_process, wait_until
 from tests.conftest_netns import require
 
@@ -85,10 +90,17 @@ class Compose:
     def __init__(self, image: str, port: int, **settings: str):
         self.project = f"cvtest{os.getpid()}"
         self.address = f"tcp://127.0.0.1:{port}"
+        self.keys: Path | None = None  # the client keys copied out of the cluster (copy_client_keys)
         self.env = {**os.environ, "CONVEYOR_IMAGE": image, "CONVEYOR_PUBLISH": f"127.0.0.1:{port}", **settings}
+        self.env.pop("CONVEYOR_KEYS", None)
+        self.env.pop("CONVEYOR_INSECURE", None)
+
+    @property
+    def base(self) -> list[str]:
+        return ["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE)]
 
     def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        cmd = ["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+        cmd = [*self.base, *args]
         res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, check=False)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         return res
@@ -102,10 +114,24 @@ class Compose:
             out.append(res.stdout.strip())
         return out
 
-    def conveyor(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """A `conveyor` command on this host, against the published port."""
-        return subprocess.run([sys.executable, "-m", "conveyor", *args, "--dispatcher", self.address],
-                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+    def copy_client_keys(self, target: Path) -> Path:
+        """The README's command: the dispatcher's public key and the client pair, out of the `keys` volume."""
+        target.mkdir()
+        command = (f"{shlex.join([*self.base, 'run', '--rm', '-T', 'keys'])} "
+                   f"tar -C /keys -c dispatcher.key client.key client.key_secret "
+                   f"| tar -x --no-same-owner -C {shlex.quote(str(target))}")
+        res = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
+                             text=True, env=self.env, timeout=120)
+        assert res.returncode == 0, f"{command} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        self.keys = target
+        return target
+
+    def conveyor(self, *args: str, keys: bool = True) -> subprocess.CompletedProcess[str]:
+        """A `conveyor` command on this host, against the published port (with the copied client keys)."""
+        with_keys = ["--keys", str(self.keys)] if keys and self.keys is not None else []
+        env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_KEYS"}
+        return subprocess.run([sys.executable, "-m", "conveyor", *args, *with_keys, "--dispatcher", self.address],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
 
 
 def _workers(client: Client) -> list[dict[str, Any]]:
@@ -113,14 +139,29 @@ def _workers(client: Client) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(900)
-def test_compose_cluster_scales_serves_the_host_and_drains(conveyor_image: str) -> None:
+def test_compose_cluster_scales_serves_the_host_and_drains(conveyor_image: str, tmp_path: Path) -> None:
     compose = Compose(conveyor_image, free_port(), CONVEYOR_MODE="threads", CONVEYOR_CONCURRENCY="2",
                       CONVEYOR_DRAIN_TIMEOUT="20")
     waiter: subprocess.Popen[str] | None = None
     try:
         compose("up", "-d", "--scale", "worker=2")
         assert compose.health("dispatcher") == ["healthy"]  # workers start only once it is (depends_on)
-        with Client(compose.address, connect_timeout=30) as client:
+
+        # keys by default: the `keys` service made them on the volume; the host client gets its share
+        keys = compose.copy_client_keys(tmp_path / "conveyor-keys")
+        assert sorted(p.name for p in keys.iterdir()) == ["client.key", "client.key_secret", "dispatcher.key"]
+        assert (keys / "client.key_secret").stat().st_mode & 0o777 == 0o600
+        assert (keys / "client.key_secret").stat().st_uid == os.geteuid()
+
+        # without keys, or with keys the dispatcher does not know, the host is refused
+        refused = compose.conveyor("status", keys=False)
+        assert refused.returncode != 0 and "keys" in refused.stderr, (refused.returncode, refused.stderr)
+        init_directory(tmp_path / "stranger")
+        with pytest.raises(AccessDenied), Client(compose.address, keys=str(tmp_path / "stranger"),
+                                                 connect_timeout=30) as stranger:
+            stranger.status(timeout=30)
+
+        with Client(compose.address, keys=str(keys), connect_timeout=30) as client:
             workers = wait_until(lambda: len(w := _workers(client)) == 2 and w, 60, what="2 workers")
             assert {w["mode"] for w in workers} == {"threads"}  # the mode came from CONVEYOR_MODE
             assert {w["concurrency"] for w in workers} == {2}
@@ -141,7 +182,7 @@ def test_compose_cluster_scales_serves_the_host_and_drains(conveyor_image: str) 
             # `down` sends SIGTERM: a worker finishes its running task before it exits
             waiter = subprocess.Popen(
                 [sys.executable, "-m", "conveyor", "submit", "--wait", "--dispatcher", compose.address,
-                 "--shell", "sleep 2; echo drained"],
+                 "--keys", str(keys), "--shell", "sleep 2; echo drained"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             )
             wait_until(lambda: client.status()["running"] == 1, 30, what="the long task to start")
@@ -149,7 +190,8 @@ def test_compose_cluster_scales_serves_the_host_and_drains(conveyor_image: str) 
         out, err = waiter.communicate(timeout=60)
         assert (waiter.returncode, out) == (0, "drained\n"), err
 
-        # the journal volume outlived the containers: the dispatcher still knows the first job
+        # the journal and keys volumes outlived the containers: the dispatcher still knows the first job,
+        # and the keys copied out still work (the `keys` service did not make new ones)
         compose("up", "-d", "dispatcher")
         result = json.loads(wait_until(lambda: (r := compose.conveyor("result", job_id, "--json")).returncode == 0
                                        and r.stdout, 60, what="the dispatcher to come back"))
