@@ -33,12 +33,14 @@ class LocalCluster:
         log_level: str = "warning",
         quiet: bool = True,
         journal: str | None = None,
+        journal_sync: str = "normal",
         keys: str | None = None,
         insecure: bool = False,
         prefetch: int = 0,
     ):
         self.prefetch = prefetch
         self.journal = journal  # None: a private cluster keeps its jobs in memory
+        self.journal_sync = journal_sync
         self.keys = keys  # a key directory (`conveyor keys init`): CurveZMQ for the dispatcher and workers
         self.insecure = insecure
         self.n_workers = workers
@@ -57,7 +59,11 @@ class LocalCluster:
         self.dispatcher = subprocess.Popen(
             conveyor_command(
                 "dispatcher", "--bind", self.bind, "--log-level", self.log_level,
-                *(["--journal", self.journal] if self.journal else ["--no-journal"]),
+                *(
+                    ["--journal", self.journal, "--journal-sync", self.journal_sync]
+                    if self.journal
+                    else ["--no-journal"]
+                ),
                 *(["--keys", self.keys] if self.keys else []), *(["--insecure"] if self.insecure else []),
             ),
             stdout=subprocess.PIPE,
