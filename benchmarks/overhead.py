@@ -48,7 +48,8 @@ def _bulk(client: Client, n: int) -> None:
     assert sum(1 for _ in client.map(NOOP, range(n), chunksize=256)) == n
 
 
-def cpu_per_task(mode: str, prefetch: int, tasks: int) -> None:
+def cpu_per_task(mode: str, prefetch: int | None, tasks: int) -> None:
+    shown = "auto" if prefetch is None else prefetch
     with LocalCluster(workers=1, mode=mode, concurrency=2, prefetch=prefetch) as cluster:
         assert cluster.address and cluster.dispatcher is not None
         with Client(cluster.address) as client:
@@ -69,7 +70,7 @@ def cpu_per_task(mode: str, prefetch: int, tasks: int) -> None:
                 after = (_cpu(me, False), _cpu(dispatcher), _cpu(worker))
                 us = [(b - a) / n * 1e6 for a, b in zip(before, after, strict=True)]
                 print(
-                    f"{mode} prefetch={prefetch} {label}: {n / elapsed:,.0f} tasks/s; CPU µs per task: "
+                    f"{mode} prefetch={shown} {label}: {n / elapsed:,.0f} tasks/s; CPU µs per task: "
                     f"client {us[0]:.1f}, dispatcher {us[1]:.1f}, worker {us[2]:.1f}"
                 )
 
@@ -103,7 +104,8 @@ def journal_cost(repeats: int, tasks: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="threads", choices=["threads", "processes", "asyncio"])
-    parser.add_argument("--prefetch", type=int, default=0)
+    parser.add_argument("--prefetch", type=lambda v: None if v == "auto" else int(v), default=None,
+                        help="auto (the default) or a fixed number of jobs")
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--journal-cost", action="store_true", help="measure the journal instead")
     parser.add_argument("--repeats", type=int, default=3)

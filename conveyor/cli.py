@@ -221,8 +221,11 @@ def worker(
         int | None, typer.Option(help="processes mode: kill a child whose RSS exceeds this many MiB.")
     ] = None,
     prefetch: Annotated[
-        int, typer.Option(help="Jobs to hold beyond the free slots (speeds up tiny tasks; off by default).")
-    ] = 0,
+        str,
+        typer.Option(
+            help="Jobs to hold beyond the free slots: 'auto' (up to 256, sized by task durations) or a number."
+        ),
+    ] = "auto",
     keys: KeysOpt = None,
     max_message_mib: MaxMessageOpt = 512,
     capture: Annotated[
@@ -238,6 +241,8 @@ def worker(
     _setup_logging(log_level, log_format)
     if output_limit < 1:
         raise CliError("--output-limit must be at least 1", 2)
+    if prefetch != "auto" and not prefetch.isdigit():
+        raise CliError(f"--prefetch must be 'auto' or a number of jobs, not {prefetch!r}", 2)
     try:
         w = Worker(
             _address(connect),
@@ -251,7 +256,7 @@ def worker(
             max_child_memory_mb=max_child_memory,
             capture_output=capture,
             output_limit=output_limit << 10,
-            prefetch=prefetch,
+            prefetch=None if prefetch == "auto" else int(prefetch),
             keys=keys,
             max_message_size=max_message_mib << 20,
         )

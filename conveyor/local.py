@@ -36,7 +36,7 @@ class LocalCluster:
         journal_sync: str = "normal",
         keys: str | None = None,
         insecure: bool = False,
-        prefetch: int = 0,
+        prefetch: int | None = None,
     ):
         self.prefetch = prefetch
         self.journal = journal  # None: a private cluster keeps its jobs in memory
@@ -79,7 +79,7 @@ class LocalCluster:
                     args += ["--keys", self.keys]
                 if self.concurrency:
                     args += ["--concurrency", str(self.concurrency)]
-                if self.prefetch:
+                if self.prefetch is not None:  # None: the worker's default, auto
                     args += ["--prefetch", str(self.prefetch)]
                 for tag in self.tags:
                     args += ["--tag", tag]

@@ -291,6 +291,24 @@ def test_retries_with_a_flaky_task(cluster: Cluster, tmp_path: object) -> None:
             client.options(retries=3, retry_on=["KeyError"]).submit(tasks.flaky, marker + "2", 1).result(30)
 
 
+def test_auto_prefetch_hands_back_jobs_stuck_behind_a_slow_task(cluster: Cluster) -> None:
+    """Tiny tasks open a worker's prefetch window; a slow one then stalls its only slot, and the jobs
+    queued behind it go back to the dispatcher and run on another worker instead of waiting."""
+    first = cluster.start_worker("threads", 1, name="first")
+    cluster.wait_for_workers(first)
+    with cluster.client() as client:
+        warm = [client.submit(tasks.noop, i) for i in range(300)]
+        assert [f.result(30) for f in warm] == list(range(300))  # durations known: its window opens
+        slow = client.submit(tasks.sleep, 5.0)
+        behind = [client.submit(tasks.noop, i) for i in range(50)]
+        wait_until(lambda: client.status()["running"] == 51, what="the first worker to hold all 51")
+        second = cluster.start_worker("threads", 1, name="second")
+        cluster.wait_for_workers(second)
+        assert [f.result(4.0) for f in behind] == list(range(50))  # well before the slow task ends
+        assert {f.info["worker"] for f in behind} == {"second"}
+        assert slow.result(20) == 5.0 and slow.info["worker"] == "first"
+
+
 def test_prefetch_holds_jobs_beyond_the_slots_and_still_cancels_and_drains(cluster: Cluster) -> None:
     name = cluster.start_worker("threads", 1, None, None, "--prefetch", "3")
     cluster.wait_for_workers(name)

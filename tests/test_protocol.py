@@ -32,7 +32,7 @@ from conveyor.protocol import (
     split_frames,
 )
 from conveyor.protocol import errors as perr
-from conveyor.protocol.messages import MAX_BODY_BYTES
+from conveyor.protocol.messages import MAX_BODY_BYTES, PACKED
 from conveyor.protocol.payload import (
     CODEC_MSGPACK,
     CODEC_PICKLE,
@@ -63,11 +63,16 @@ BODIES: list[Any] = [
 def test_every_command_round_trips(cmd: Cmd, body: Any) -> None:
     frames = [b"frame-a", b"", b"z" * 70_000]
     parts = encode(cmd, body, frames)
-    assert parts[0] == SIGNATURE and parts[1] == bytes((cmd,))
-    assert len(parts) == 3 + len(frames)
+    # Two small frames travel packed: lengths, then the pack, then the large frame as itself.
+    assert parts[0] == SIGNATURE and parts[1] == bytes((cmd, PACKED))
+    assert len(parts) == 6 and parts[5] is frames[2]
     msg = decode(parts)
     assert msg == Message(cmd, body, frames)
     assert type(msg.cmd) is Cmd
+
+    one = encode(cmd, body, [b"only"])
+    assert one[1] == bytes((cmd,)) and len(one) == 4
+    assert decode(one) == Message(cmd, body, [b"only"])
 
     bare = decode(encode(cmd, body))
     assert bare == Message(cmd, body, [])
@@ -141,7 +146,9 @@ def test_bad_split_frames_counts(counts: list[Any], n_frames: int) -> None:
 
 
 _frame = st.binary(max_size=64)
-_valid_head = st.tuples(st.just(SIGNATURE), st.sampled_from([bytes((c,)) for c in Cmd]))
+_valid_head = st.tuples(
+    st.just(SIGNATURE), st.sampled_from([bytes((c,)) for c in Cmd] + [bytes((c, PACKED)) for c in Cmd])
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -158,7 +165,34 @@ def test_decode_never_raises_anything_but_protocol_error(parts: list[bytes]) -> 
     except ProtocolError:
         return
     assert isinstance(msg.cmd, Cmd)
-    assert msg.frames == parts[3:]
+    if len(parts[1]) == 1:
+        assert msg.frames == parts[3:]
+
+
+@pytest.mark.parametrize(
+    "lengths, pack, large",
+    [
+        ([3, 3], b"abcde", []),  # the lengths run past the pack
+        ([2], b"abc", []),  # the pack has bytes no length covers
+        ([1, -1], b"a", []),  # a large frame is missing
+        ([1], b"a", [b"extra"]),  # a large frame too many
+        ([-2], b"", []),
+        (["x"], b"x", []),
+        ({"a": 1}, b"", []),
+    ],
+)
+def test_malformed_packed_frames_are_protocol_errors(lengths: Any, pack: bytes, large: list[bytes]) -> None:
+    parts = [SIGNATURE, bytes((Cmd.SUBMIT, PACKED)), msgpack.packb([]), msgpack.packb(lengths), pack, *large]
+    with pytest.raises(ProtocolError):
+        decode(parts)
+
+
+def test_packed_frames_are_slices_of_one_buffer_in_order() -> None:
+    frames = [b"a" * 10, b"b" * 100_000, b"", b"c" * 5, memoryview(b"d" * 7)]
+    parts = encode(Cmd.RESULTS, [], frames)
+    assert len(parts) == 6  # lengths, the pack of four small ones, the large one
+    msg = decode([bytes(p) for p in parts])
+    assert [bytes(f) for f in msg.frames] == [bytes(f) for f in frames]
 
 
 # --- values ---------------------------------------------------------------------------------------

@@ -1384,3 +1384,94 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+# --- auto prefetch: the window follows the worker's task durations ----------------------------------
+
+
+def auto_worker(s: Scheduler, wid: bytes = b"w", concurrency: int = 2, prefetch: int = 256) -> WorkerInfo:
+    return s.worker_ready(
+        wid, name=wid.decode(), host="host", pid=1, mode="thread", concurrency=concurrency, tags=(),
+        credit=concurrency + prefetch, running=(), now=0.0, prefetch=prefetch, prefetch_auto=True,
+    )
+
+
+def finish_all(s: Scheduler, wid: bytes, duration: float) -> int:
+    """Every job the worker holds succeeds, taking `duration` each; returns how many there were."""
+    held = list(s.workers[wid].running.items())
+    for job_id, attempt in held:
+        s.outcome(wid, job_id, attempt, True, {"duration": duration}, [b"r"], 1.0)
+    return len(held)
+
+
+def test_auto_prefetch_holds_nothing_extra_until_durations_are_known() -> None:
+    s = make()
+    for i in range(50):
+        submit(s, f"j{i}")
+    w = auto_worker(s)
+    assert len(assigns(run(s))[b"w"]) == 2  # no durations yet: as many as slots
+    assert w.window == 0 and w.credit == 0
+
+
+def test_auto_prefetch_window_grows_for_tiny_tasks_and_shrinks_for_slow_ones() -> None:
+    s = make()
+    for i in range(2000):
+        submit(s, f"j{i}")
+    w = auto_worker(s)
+    run(s)
+    finish_all(s, b"w", 0.00001)  # 10 µs tasks: 2 slots x 2 ms / 10 µs = 400, capped at 256
+    assert w.window == 256
+    assert len(assigns(run(s))[b"w"]) == 258  # slots plus the window, in one Assign
+    for _ in range(20):  # then the tasks get slow (50 ms): the window closes
+        finish_all(s, b"w", 0.05)
+        run(s)
+    assert w.window == 0 and len(w.running) <= w.concurrency
+    check_counters(s)
+
+
+def test_auto_prefetch_waits_for_a_quarter_of_the_window_while_slots_are_busy() -> None:
+    s = make()
+    for i in range(2000):
+        submit(s, f"j{i}")
+    w = auto_worker(s, concurrency=2, prefetch=64)
+    run(s)
+    finish_all(s, b"w", 0.0)
+    run(s)  # now holding 2 + 64
+    held = list(w.running.items())
+    for job_id, attempt in held[:10]:  # 10 outcomes: under a quarter (16) of the window
+        s.outcome(b"w", job_id, attempt, True, {"duration": 0.0}, [b"r"], 1.0)
+    assert assigns(run(s)) == {}  # no sliver-sized Assign while its slots are all taken
+    for job_id, attempt in held[10:16]:
+        s.outcome(b"w", job_id, attempt, True, {"duration": 0.0}, [b"r"], 1.0)
+    assert len(assigns(run(s))[b"w"]) == 16
+
+
+def test_a_give_back_closes_an_auto_window() -> None:
+    """A worker hands back its waiting jobs when a slow task stalled it: it gets no extra ones for a while."""
+    s = make()
+    for i in range(600):
+        submit(s, f"j{i}")
+    w = auto_worker(s)
+    run(s)
+    finish_all(s, b"w", 0.0)
+    run(s)
+    assert w.window == 256 and len(w.running) == 258
+    waiting = list(w.running.items())[2:]
+    for job_id, attempt in waiting:
+        s.give_back(b"w", job_id, attempt, 2.0)
+    assert w.window == 0 and w.credit == 0  # its 2 slots are still busy
+    assert all(s.jobs[j].state == QUEUED for j, _ in waiting)
+    check_counters(s)
+
+
+def test_a_fixed_prefetch_does_not_adapt() -> None:
+    s = make()
+    for i in range(100):
+        submit(s, f"j{i}")
+    w = s.worker_ready(
+        b"w", name="w", host="host", pid=1, mode="thread", concurrency=1, tags=(), credit=4, running=(),
+        now=0.0, prefetch=3,
+    )
+    assert len(assigns(run(s))[b"w"]) == 4
+    finish_all(s, b"w", 5.0)  # slow tasks change nothing
+    assert w.window == 3 and len(assigns(run(s))[b"w"]) == 4

@@ -130,12 +130,15 @@ class WorkerInfo:
     draining: bool = False
     classes: list[ClassKey] = field(default_factory=list)  # queue classes this worker can serve
     session: str = ""  # the worker's connection; a READY with a new one means a new connection
-    prefetch: int = 0  # jobs it may hold beyond its slots, queued on the worker (opt-in, for tiny tasks)
+    prefetch: int = 0  # most jobs it may hold beyond its slots, queued on the worker
+    prefetch_auto: bool = False  # hold only as many as its recent task durations justify (window)
+    window: int = 0  # jobs held beyond the slots right now: prefetch, or less when prefetch_auto
+    mean_duration: float | None = None  # moving average of its tasks' run time (seconds), once known
 
     @property
     def capacity(self) -> int:
-        """Most jobs the worker may hold at once: its slots plus its prefetch."""
-        return self.concurrency + self.prefetch
+        """Most jobs the worker may hold at once: its slots plus its prefetch window."""
+        return self.concurrency + self.window
 
     def serves(self, key: ClassKey) -> bool:
         mode, tags = key

@@ -11,6 +11,9 @@ Rules worth knowing before reading:
 - Fencing: every assignment has an attempt number. An outcome counts only if it is for the
   job's current attempt on the worker holding it; a late *success* from a worker that lost the job
   still finishes an unfinished job (once), never a finished one.
+- Prefetch: a worker may hold jobs beyond its slots (its window). With `prefetch_auto` the window
+  is what keeps its slots busy for PREFETCH_HORIZON given its recent task durations, up to its
+  `prefetch`: tiny tasks never wait a round trip, and a slow task has no job queued behind it.
 - Retries: infrastructure failures (crash, lost worker) retry up to `infra_retries`, or the task's
   `retries` if higher; a task's own failure retries up to its `retries` when the worker marked it
   retryable (`retry_on`).
@@ -42,6 +45,9 @@ from conveyor.dispatcher.model import (
     WorkerInfo,
 )
 from conveyor.protocol import errors as perr
+
+PREFETCH_HORIZON = 0.002  # seconds of work a worker may hold beyond its slots (auto prefetch)
+DURATION_WEIGHT = 0.2  # weight of the newest task in a worker's moving average of durations
 
 __all__ = [
     "CANCELLED",
@@ -162,6 +168,7 @@ class Scheduler:
         now: float,
         session: str = "",
         prefetch: int = 0,
+        prefetch_auto: bool = False,
     ) -> WorkerInfo:
         """Register a worker, or re-register one that reconnected, keeping the assignments it still holds.
 
@@ -188,7 +195,9 @@ class Scheduler:
             registered_at=now,
             session=session,
             prefetch=max(0, prefetch),
+            prefetch_auto=prefetch_auto,
         )
+        w.window = 0 if prefetch_auto else w.prefetch  # auto: nothing beyond the slots until durations are known
         w.classes = [k for k in self._queues if w.serves(k)]
         self.workers[wid] = w
         for job_id, attempt in still_running.items():
@@ -256,6 +265,8 @@ class Scheduler:
             if w.running.get(job_id) == attempt:
                 del w.running[job_id]
                 w.done += 1
+            if ok and w.prefetch_auto:
+                self._observe_duration(w, info.get("duration"))
             self._return_credit(w)  # an attempt we had fenced off still held a slot: it is free now too
         job = self.jobs.get(job_id)
         current = job is not None and job.state == RUNNING and job.worker == wid and job.attempt == attempt
@@ -288,6 +299,8 @@ class Scheduler:
             if w.running.get(job_id) == attempt:
                 del w.running[job_id]
             if not w.draining:
+                if w.prefetch_auto:  # handed back because a slow task held its slots: count it as a slow one
+                    self._observe_duration(w, 1.0)
                 self._return_credit(w)
         job = self.jobs.get(job_id)
         if job is None or job.state != RUNNING or job.worker != wid or job.attempt != attempt:
@@ -333,6 +346,10 @@ class Scheduler:
                 if not self.n_queued:
                     break
                 w = self.workers[wid]
+                if w.window > 3 and len(w.running) >= w.concurrency and w.credit < w.window // 4:
+                    # Its slots are all taken and only a sliver of its window is free: wait for more
+                    # outcomes rather than send a message per job (the "silly window" of TCP).
+                    continue
                 share = max(1, self.n_queued // len(candidates))
                 jobs = self._pop_for(w, min(w.credit, share))
                 if not jobs:
@@ -496,6 +513,18 @@ class Scheduler:
             if not self._queued_by_class[best_key]:
                 classes.remove(best_key)
         return out
+
+    def _observe_duration(self, w: WorkerInfo, duration: Any) -> None:
+        """Fold one task's run time into the worker's average and resize its prefetch window."""
+        if not isinstance(duration, int | float) or duration != duration or duration < 0:
+            return
+        mean = w.mean_duration
+        mean = float(duration) if mean is None else mean + DURATION_WEIGHT * (min(duration, 1e9) - mean)
+        w.mean_duration = mean
+        window = w.prefetch if mean <= 0 else min(w.prefetch, int(w.concurrency * PREFETCH_HORIZON / mean))
+        if window != w.window:
+            w.credit = max(0, w.credit + window - w.window)  # _return_credit clamps it to the new capacity
+            w.window = window
 
     def _return_credit(self, w: WorkerInfo) -> None:
         if w.draining:

@@ -288,6 +288,7 @@ class Dispatcher:
             now=now,
             session=str(b.get("session", "")),
             prefetch=int(b.get("prefetch", 0)),
+            prefetch_auto=b.get("prefetch_auto") is True,
         )
         self._send(peer, Cmd.HEARTBEAT, self._beat_body)
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
@@ -350,10 +351,16 @@ class Dispatcher:
         busy: list[str] = []
         jobs = self.scheduler.jobs
         submits = self.observer.submits
+        last_raw: Any = None
+        last_opts: TaskOptions | None = None
         for entry, frames in zip(entries, per_entry, strict=True):
             job_id = str(entry[0])
             try:
-                opts = TaskOptions.from_wire(task_options(entry[1]))  # plain and shallow: it is journaled
+                raw = entry[1]
+                if last_opts is None or raw != last_raw:  # a batch's tasks mostly share their options
+                    last_opts = TaskOptions.from_wire(task_options(raw))  # plain and shallow: it is journaled
+                    last_raw = raw
+                opts = last_opts
                 if not frames:
                     raise ValueError("a task needs its call frames")
             except ValueError as exc:

@@ -3,9 +3,13 @@
 Every message is a ZeroMQ multipart message (the ROUTER adds the peer's routing id in front):
 
     frame 0   b"CNV1"            protocol signature and version
-    frame 1   one byte           the command (see `Cmd`)
+    frame 1   one byte           the command (see `Cmd`); a second byte PACKED when small frames are packed
     frame 2   msgpack body       the command's fields (a map, or for batches an array)
     frame 3.. data frames        opaque payloads (function, arguments, results), counted in the body
+
+Packed form (a batch of small tasks would otherwise cost one ZeroMQ frame, and a send and a
+receive call, per task): frame 3 is a msgpack array with one length per data frame, frame 4 the
+small data frames back to back, frames 5.. the large ones (length -1) in order.
 
 `docs/protocol.md` is the specification; this module is its only implementation. Nothing here
 touches a socket, so every function can be tested with plain bytes.
@@ -28,6 +32,8 @@ PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_ARRAY_LEN = 1 << 20  # entries of one msgpack array (ids of a WATCH, entries of a batch)
 MAX_MAP_LEN = 1 << 16  # pairs of one msgpack map
+PACKED = 0x01  # second byte of the command frame: the data frames are packed (see above)
+PACK_LIMIT = 32 * 1024  # data frames up to this size travel packed; larger ones stay frames (no copy)
 
 
 class Cmd(enum.IntEnum):
@@ -67,6 +73,11 @@ class Cmd(enum.IntEnum):
     SHUTDOWN = 0x42  # dispatcher -> workers and clients: the dispatcher is stopping
 
 
+_CMD_BY_BYTE = {bytes((c,)): c for c in Cmd}
+_CMD_FRAME = {c: bytes((c,)) for c in Cmd}
+_CMD_FRAME_PACKED = {c: bytes((c, PACKED)) for c in Cmd}
+
+
 class ProtocolError(Exception):
     """A message that does not follow docs/protocol.md."""
 
@@ -104,11 +115,23 @@ def unpack(data: bytes) -> Any:
 
 
 def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
-    """The frames of one message (without the ROUTER envelope)."""
-    out: list[Any] = [SIGNATURE, bytes((cmd,)), _packer.pack(body)]
-    if frames:
-        out.extend(frames)
-    return out
+    """The frames of one message (without the ROUTER envelope); several small data frames go packed."""
+    if len(frames) < 2:
+        return [SIGNATURE, _CMD_FRAME[cmd], _packer.pack(body), *frames]
+    lengths: list[int] = []
+    small: list[Any] = []
+    large: list[Any] = []
+    for frame in frames:
+        n = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+        if n <= PACK_LIMIT:
+            lengths.append(n)
+            small.append(frame)
+        else:
+            lengths.append(-1)
+            large.append(frame)
+    if len(small) < 2:
+        return [SIGNATURE, _CMD_FRAME[cmd], _packer.pack(body), *frames]
+    return [SIGNATURE, _CMD_FRAME_PACKED[cmd], _packer.pack(body), _packer.pack(lengths), b"".join(small), *large]
 
 
 def decode(parts: Sequence[Any]) -> Message:
@@ -124,19 +147,54 @@ def decode(parts: Sequence[Any]) -> Message:
             raise VersionMismatch(f"peer speaks {sig!r}, this dispatcher speaks {SIGNATURE!r}")
         raise ProtocolError("not a Conveyor message")
     cmd_frame = bytes(parts[1])
-    if len(cmd_frame) != 1:
-        raise ProtocolError("command frame must be one byte")
-    try:
-        cmd = Cmd(cmd_frame[0])
-    except ValueError:
-        raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}") from None
+    packed = len(cmd_frame) == 2 and cmd_frame[1] == PACKED
+    if len(cmd_frame) != 1 and not packed:
+        raise ProtocolError("command frame must be one byte, or the command and the packed flag")
+    cmd = _CMD_BY_BYTE.get(cmd_frame[:1])
+    if cmd is None:
+        raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}")
     try:
         body = unpack(bytes(parts[2]))
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several types for bad input
         raise ProtocolError(f"bad msgpack body: {type(exc).__name__}") from None
-    return Message(cmd, body, list(parts[3:]))
+    return Message(cmd, body, _unpacked(parts) if packed else list(parts[3:]))
+
+
+def _unpacked(parts: Sequence[Any]) -> list[Any]:
+    """The data frames of a packed message: slices of the pack (no copy) and the large frames."""
+    if len(parts) < 5:
+        raise ProtocolError("a packed message needs its lengths and its pack")
+    try:
+        lengths = unpack(bytes(parts[3]))
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"bad msgpack frame lengths: {type(exc).__name__}") from None
+    if type(lengths) is not list:
+        raise ProtocolError("packed frame lengths must be an array")
+    pack = memoryview(parts[4]).cast("B")
+    large = parts[5:]
+    frames: list[Any] = []
+    pos = n_large = 0
+    for n in lengths:
+        if type(n) is not int or n < -1:
+            raise ProtocolError("a packed frame length must be an integer >= -1")
+        if n == -1:
+            if n_large >= len(large):
+                raise ProtocolError("fewer large frames than packed lengths say")
+            frames.append(large[n_large])
+            n_large += 1
+        else:
+            end = pos + n
+            if end > len(pack):
+                raise ProtocolError("packed lengths run past the pack")
+            frames.append(pack[pos:end])
+            pos = end
+    if pos != len(pack) or n_large != len(large):
+        raise ProtocolError("packed lengths do not cover the pack and the large frames")
+    return frames
 
 
 def split_frames(counts: Sequence[int], frames: list[bytes]) -> list[list[bytes]]:

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import deque
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,12 +32,16 @@ from conveyor.protocol import Cmd, Message, ProtocolError, decode, encode, split
 from conveyor.protocol import errors as perr
 from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, HandshakeWatch, configure_socket, fit_outcome, watch_handshakes
 from conveyor.worker.capture import DEFAULT_LIMIT, TaskReports
-from conveyor.worker.execution import Outcome, Task, failure, infra_failure
+from conveyor.worker.execution import Outcome, Task, infra_failure
 from conveyor.worker.modes import MODES, Mode, ProcessesMode
 
 log = logging.getLogger("conveyor.worker")
 
 MAX_BACKOFF = 5.0
+AUTO_PREFETCH = 256  # most jobs held beyond the slots when the dispatcher sizes the window itself
+STALL_AFTER = 0.1  # auto prefetch: no slot freed for this long means a slow task; hand the waiting jobs back
+FLUSH_BATCH = 64  # outcomes that go out at once even while more tasks wait for a slot
+FLUSH_DELAY = 0.001  # how long outcomes may wait for company while more tasks wait for a slot
 KILL_WAIT = 5.0  # seconds to let handed-back tasks stop before the worker exits
 
 
@@ -74,7 +79,7 @@ class Worker:
         liveness: int = 3,
         drain_timeout: float = 30.0,
         max_child_memory_mb: int | None = None,
-        prefetch: int = 0,
+        prefetch: int | None = None,
         capture_output: bool = True,
         output_limit: int = DEFAULT_LIMIT,
         context: zmq.asyncio.Context | None = None,
@@ -88,11 +93,13 @@ class Worker:
         self.concurrency = default_concurrency(mode) if concurrency is None else concurrency
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if prefetch < 0:
+        if prefetch is not None and prefetch < 0:
             raise ValueError("prefetch must be 0 or more")
         # Jobs held beyond the slots: tiny tasks then never wait a dispatcher round trip, at the price of
-        # a queue on this worker that other workers cannot take from. Off by default.
-        self.prefetch = prefetch
+        # a queue on this worker that other workers cannot take from. None (auto): the dispatcher holds
+        # that queue to ~2 ms of work by the tasks' durations, and jobs stuck behind a slow task come back.
+        self.prefetch_auto = prefetch is None
+        self.prefetch = AUTO_PREFETCH if prefetch is None else prefetch
         self.tags = sorted(set(tags or []))
         self.host = local_address_for(connect)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -118,18 +125,25 @@ class Worker:
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
-        self._running: dict[tuple[str, int], asyncio.Task[None]] = {}  # (job id, attempt) -> its runner
+        # Assignments held, by (job id, attempt): started ones (in a slot) and ones waiting for a slot.
+        self._running: dict[tuple[str, int], Task] = {}
+        self._waiting: deque[Task] = deque()  # prefetched, in arrival order; stale entries are skipped
+        # What the mode may hold at once: its slots, or for a mode that queues work itself (threads) the
+        # prefetch too, so its threads go from task to task without waiting for this loop.
+        self._free_slots = self.concurrency + (self.prefetch if self.mode.takes_backlog else 0)
         self._handed_back: set[tuple[str, int]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain_deadline = float("inf")
         self._session = ""
-        self._slots = asyncio.Semaphore(self.concurrency)
         self._started: set[tuple[str, int]] = set()  # assignments that hold a slot (not just prefetched)
         self._heard = False
         self._last_heard = 0.0
         self._outbox: list[Outcome] = []
-        self._flush_scheduled = False
+        self._flush_soon = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0  # when a task last started or ended (stall detection)
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._dispatcher_instance: str | None = None
         self._connected = False
@@ -217,6 +231,7 @@ class Worker:
             "tags": self.tags,
             "session": self._session,
             "prefetch": self.prefetch,
+            "prefetch_auto": self.prefetch_auto,
             "credit": self.concurrency + self.prefetch - len(self._running),
             "running": [[job_id, attempt] for job_id, attempt in self._running],
         }
@@ -296,10 +311,11 @@ class Worker:
             self._on_assign(msg)
         elif msg.cmd == Cmd.CANCEL:
             key = (str(msg.body["job"]), int(msg.body["attempt"]))
-            runner = self._running.get(key)
-            if runner is not None and key not in self._started:
-                runner.cancel()  # still waiting for a slot (prefetched): it never starts
-            elif runner is not None:
+            task = self._running.get(key)
+            if task is not None and key not in self._started:  # still waiting for a slot: it never starts
+                del self._running[key]
+                self._report(task, infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled"))
+            elif task is not None:
                 self.mode.cancel(key)
         elif msg.cmd == Cmd.HEARTBEAT:
             instance = msg.body.get("instance")
@@ -329,37 +345,87 @@ class Worker:
         per_entry = split_frames([int(e[4]) for e in entries], msg.frames)
         for (job_id, attempt, timeout, retry_on, _), frames in zip(entries, per_entry, strict=True):
             task = Task(str(job_id), int(attempt), timeout, tuple(retry_on), frames)
-            self._running[task.key] = asyncio.create_task(self._run_task(task))
+            self._running[task.key] = task
+            self._waiting.append(task)
+        if entries:
             self._idle.clear()
+        self._start_waiting()
+        if len(self._running) > self.concurrency and self.prefetch_auto and self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(STALL_AFTER, self._check_stall)
 
-    async def _run_task(self, task: Task) -> None:
-        try:
-            async with self._slots:  # prefetched tasks wait here for one of the `concurrency` slots
-                self._started.add(task.key)
-                outcome = await self.mode.run(task)
-        except asyncio.CancelledError:  # cancelled (or handed back) before it started
-            outcome = infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
-        except Exception as exc:  # a bug in a mode must not kill the worker; report it as the task's failure
-            log.exception("mode %s failed running %s", self.mode_name, task.job_id)
-            outcome = failure(task, exc)
-        finally:
-            self._running.pop(task.key, None)
-            self.reports.finish(task.key)
-            self._started.discard(task.key)
-            if not self._running:
-                self._idle.set()
+    def _start_waiting(self) -> None:
+        """Give free slots to waiting assignments, oldest first (the dispatcher's credit bounds them)."""
+        while self._free_slots and self._waiting:
+            task = self._waiting.popleft()
+            if self._running.get(task.key) is not task:
+                continue  # cancelled or handed back while it waited
+            self._free_slots -= 1
+            self._started.add(task.key)
+            self._last_progress = time.monotonic()
+            self.mode.submit(task, self._task_done)
+
+    def _task_done(self, task: Task, outcome: Outcome) -> None:
+        """The mode reports an ended task: free its slot, start the next, queue the outcome."""
+        self._free_slots += 1
+        self._last_progress = time.monotonic()
+        key = task.key
+        self._started.discard(key)
+        if self._running.get(key) is task:
+            del self._running[key]
+        self.reports.finish(key)
+        self._start_waiting()
+        self._report(task, outcome)
+
+    def _report(self, task: Task, outcome: Outcome) -> None:
+        if not self._running:
+            self._idle.set()
         outcome = fit_outcome(outcome, self.max_message_size)  # a frame over ZMQ_MAXMSGSIZE would cut us off
         if task.key in self._handed_back:
             self._handed_back.discard(task.key)  # the dispatcher has it queued again: no outcome
             return
         self._outbox.append(outcome)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if len(self._running) <= self.concurrency or len(self._outbox) >= FLUSH_BATCH:
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        elif self._flush_timer is None:  # more queued than slots (tiny tasks): fewer, fuller RESULTS
+            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush)
+
+    def _check_stall(self) -> None:
+        """Auto prefetch: if no task started or ended for STALL_AFTER, give the jobs not started back."""
+        self._stall_timer = None
+        if len(self._running) <= self.concurrency or self._stop.is_set():
+            return
+        stalled_for = time.monotonic() - self._last_progress
+        if stalled_for < STALL_AFTER:
+            self._stall_timer = asyncio.get_running_loop().call_later(STALL_AFTER - stalled_for, self._check_stall)
+            return
+        n = self._give_back_unstarted()
+        log.info("slots busy for %.2f s: handed %d waiting job(s) back to the dispatcher", stalled_for, n)
+
+    def _give_back_unstarted(self) -> int:
+        """Hand back every assignment no slot has started (waiting here, or queued in the mode)."""
+        keys = []
+        for key in list(self._running):
+            if key in self._started:
+                if not self.mode.withdraw(key):
+                    continue  # running: it stays
+                self._started.discard(key)
+                self._free_slots += 1
+            del self._running[key]
+            keys.append(key)
+        if keys:
+            if not self._running:
+                self._idle.set()
+            self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in keys])
+        return len(keys)
 
     def _flush(self) -> None:
         """Send every finished outcome in one RESULTS message (batched per loop turn)."""
-        self._flush_scheduled = False
+        self._flush_soon = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if not self._outbox or self._sock is None:
             return
         outcomes, self._outbox = self._outbox, []
@@ -389,12 +455,7 @@ class Worker:
     def _begin_drain(self) -> None:
         self._drain_deadline = min(self._drain_deadline, time.monotonic() + self.drain_timeout)
         self._send(Cmd.LEAVING, {})
-        waiting = [key for key in self._running if key not in self._started]
-        if waiting:  # prefetched and not started: straight back to the dispatcher
-            self._handed_back.update(waiting)
-            for key in waiting:
-                self._running[key].cancel()
-            self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in waiting])
+        self._give_back_unstarted()  # prefetched and not started: straight back to the dispatcher
         if self._running:
             log.info("draining %d running task(s), up to %.0f s", len(self._running), self.drain_timeout)
 
@@ -402,15 +463,18 @@ class Worker:
         """Hand back what did not finish in time (stopping it), flush outcomes, say goodbye."""
         if self._running:
             handed = list(self._running)
-            self._handed_back.update(handed)
+            started = [key for key in handed if key in self._started]
+            self._handed_back.update(started)  # first: what they report once stopped is dropped
+            for key in started:
+                self.mode.cancel(key)
             for key in handed:
-                if key in self._started:
-                    self.mode.cancel(key)
-                else:
-                    self._running[key].cancel()
+                if key not in started:
+                    del self._running[key]  # never started; started ones leave when they have stopped
+            if not self._running:
+                self._idle.set()
             self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in handed])
             log.info("handed back %d unfinished task(s)", len(handed))
-            await asyncio.wait(list(self._running.values()), timeout=KILL_WAIT)
+            await self._until_idle(KILL_WAIT)
         self._flush()
         self._send(Cmd.GOODBYE, {})
 
@@ -418,9 +482,16 @@ class Worker:
         """Draining with no dispatcher to talk to: let running tasks end until the deadline, then stop."""
         remaining = self._drain_deadline - time.monotonic()
         if self._running and remaining > 0:
-            await asyncio.wait(list(self._running.values()), timeout=remaining)
+            await self._until_idle(remaining)
         for key in list(self._running):
             self.mode.cancel(key)  # the dispatcher will count these as lost and run them elsewhere
+
+
+    async def _until_idle(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
 
 
 def run_worker(worker: Worker) -> int:

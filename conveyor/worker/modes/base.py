@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from conveyor.errors import JobCancelled, TaskTimeout
 from conveyor.protocol import errors as perr
 from conveyor.worker.capture import TaskReports
-from conveyor.worker.execution import Outcome, Task, infra_failure, is_retryable
+from conveyor.worker.execution import Outcome, Task, failure, infra_failure, is_retryable
+
+log = logging.getLogger("conveyor.worker")
+
+Done = Callable[[Task, Outcome], None]  # how a mode reports an ended task to the worker, on its loop
 
 
 class Mode(abc.ABC):
     name: ClassVar[str]
+    # True: the mode queues submitted tasks itself and starts them as slots free up (see withdraw);
+    # the worker then submits prefetched tasks at once instead of one per freed slot.
+    takes_backlog: ClassVar[bool] = False
     # Set by the worker before start(): where tasks' progress goes, and whether their output is captured.
     reports: TaskReports | None = None
     capture_output: bool = True
@@ -27,6 +35,7 @@ class Mode(abc.ABC):
     def __init__(self, concurrency: int):
         self.concurrency = concurrency
         self._stoppers: dict[tuple[str, int], Callable[[], None]] = {}
+        self._runners: set[asyncio.Task[None]] = set()  # the tasks submit() started; they end themselves
 
     async def start(self) -> None:
         """Prepare threads, loops or child processes."""
@@ -34,6 +43,30 @@ class Mode(abc.ABC):
     @abc.abstractmethod
     async def run(self, task: Task) -> Outcome:
         """Run one task to its outcome, honouring its timeout and cancellation."""
+
+    def submit(self, task: Task, done: Done) -> None:
+        """Start a task now; done(task, outcome) is called on the worker's loop when it has ended.
+
+        This default runs `run` in an asyncio task held by the mode. A mode may start tasks more
+        cheaply (threads mode does, for tasks without a timeout), as long as `cancel` still works.
+        """
+        runner = asyncio.get_running_loop().create_task(self._run_and_report(task, done))
+        self._runners.add(runner)
+        runner.add_done_callback(self._runners.discard)
+
+    def withdraw(self, key: tuple[str, int]) -> bool:
+        """Take back a submitted task that has not started (it never will, and is not reported)."""
+        return False
+
+    async def _run_and_report(self, task: Task, done: Done) -> None:
+        try:
+            outcome = await self.run(task)
+        except asyncio.CancelledError:  # the worker's loop is closing under it
+            outcome = infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
+        except Exception as exc:  # a bug in a mode must not kill the worker; report it as the task's failure
+            log.exception("mode %s failed running %s", self.name, task.job_id)
+            outcome = failure(task, exc)
+        done(task, outcome)
 
     async def shutdown(self) -> None:
         """Release everything start() made. Running tasks have been handed back or finished by now."""

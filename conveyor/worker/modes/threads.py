@@ -16,17 +16,21 @@ import threading
 from dataclasses import dataclass
 
 from conveyor.errors import JobCancelled, TaskTimeout
+from conveyor.protocol import errors as perr
 from conveyor.worker import capture
-from conveyor.worker.execution import Outcome, Task, run_sync
-from conveyor.worker.modes.base import Mode
+from conveyor.worker.execution import Outcome, Task, infra_failure, run_sync
+from conveyor.worker.modes.base import Done, Mode
 
 
 @dataclass(slots=True)
 class _Item:
     task: Task
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Outcome] | None  # a task with a timeout: supervised, run() waits on this
     loop: asyncio.AbstractEventLoop
-    thread: int | None = None
+    done: Done | None = None  # any other task: reported straight to the worker (no asyncio task per job)
+    thread: int | None = None  # while it runs
+    started: bool = False
+    dropped: bool = False  # cancelled: its thread skips it, or its outcome is ignored
 
 
 def _set_if_pending(fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
@@ -37,6 +41,7 @@ def _set_if_pending(fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
 
 class ThreadsMode(Mode):
     name = "threads"
+    takes_backlog = True  # the threads take tasks from one queue: no trip through the loop per task
 
     def __init__(self, concurrency: int):
         super().__init__(concurrency)
@@ -45,7 +50,7 @@ class ThreadsMode(Mode):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._target = concurrency
-        self._finished: list[tuple[asyncio.Future[Outcome], Outcome]] = []  # handed to the loop in batches
+        self._finished: list[tuple[_Item, Outcome]] = []  # handed to the loop in batches
         self._wake_pending = False
 
     async def start(self) -> None:
@@ -76,10 +81,11 @@ class ThreadsMode(Mode):
         item = self._queue.get()
         if item is None:
             return False
-        if item.future.cancelled():  # timed out or cancelled before it started
-            return True
-        with self._lock:
+        with self._lock:  # decided together with cancel(): it either starts here or never
+            if item.dropped or (item.future is not None and item.future.cancelled()):
+                return True  # timed out or cancelled before it started
             item.thread = threading.get_ident()
+            item.started = True
         reports = self.reports
         if reports is None:
             outcome = run_sync(item.task)
@@ -91,7 +97,7 @@ class ThreadsMode(Mode):
                 capture.leave(ctx)
         with self._lock:
             item.thread = None
-            self._finished.append((item.future, outcome))
+            self._finished.append((item, outcome))
             wake = not self._wake_pending
             self._wake_pending = True
             more = len(self._threads) <= self._target  # False: a replacement took this thread's place
@@ -107,16 +113,52 @@ class ThreadsMode(Mode):
         with self._lock:
             finished, self._finished = self._finished, []
             self._wake_pending = False
-        for future, outcome in finished:
-            _set_if_pending(future, outcome)
+        for item, outcome in finished:
+            if item.future is not None:
+                _set_if_pending(item.future, outcome)
+            elif not item.dropped and item.done is not None:
+                self._running.pop(item.task.key, None)
+                item.done(item.task, outcome)
+
+    def submit(self, task: Task, done: Done) -> None:
+        if task.timeout is not None:
+            super().submit(task, done)  # supervised: a timer and an asyncio task
+            return
+        item = _Item(task, None, asyncio.get_running_loop(), done)
+        self._running[task.key] = item
+        self._queue.put(item)
+
+    def cancel(self, key: tuple[str, int]) -> None:
+        item = self._running.get(key)
+        if item is None or item.done is None:
+            super().cancel(key)
+            return
+        reason = JobCancelled("the job was cancelled")
+        with self._lock:
+            item.dropped = True  # not started: its thread will skip it
+        self.abort(item.task, reason)  # started: stop its thread
+        del self._running[key]
+        item.done(item.task, infra_failure(item.task, perr.CANCELLED, "JobCancelled", str(reason)))
+
+    def withdraw(self, key: tuple[str, int]) -> bool:
+        item = self._running.get(key)
+        if item is None or item.done is None:
+            return False  # supervised tasks (with a timeout) are only submitted to a free slot
+        with self._lock:
+            if item.started or item.dropped:
+                return False  # running or ran (or already cancelled)
+            item.dropped = True
+        del self._running[key]
+        return True
 
     async def run(self, task: Task) -> Outcome:
         loop = asyncio.get_running_loop()
-        item = _Item(task, loop.create_future(), loop)
+        future: asyncio.Future[Outcome] = loop.create_future()
+        item = _Item(task, future, loop)
         self._running[task.key] = item
         self._queue.put(item)
         try:
-            return await self.supervise(task, item.future)
+            return await self.supervise(task, future)
         finally:
             self._running.pop(task.key, None)
 
