@@ -183,7 +183,12 @@ class Dispatcher:
         expired = journal.expire(now_wall)
         n_done = n_again = 0
         for stored in journal.load():
-            opts = TaskOptions.from_wire(stored.opts)
+            try:
+                opts = TaskOptions.from_wire(stored.opts)
+            except ValueError as exc:  # written by an older version, or damaged: skip it, keep the rest
+                log.error("journal: job %s has unusable options (%s); dropped", stored.id, exc)
+                journal.forgotten(stored.id)
+                continue
             if stored.state in FINISHED_STATES:
                 remaining = (stored.expires_at or now_wall) - now_wall
                 self.scheduler.restore_finished(
@@ -357,7 +362,7 @@ class Dispatcher:
             job_id = str(entry[0])
             try:
                 raw = entry[1]
-                if last_opts is None or raw != last_raw:  # a batch's tasks mostly share their options
+                if last_opts is None or not _same_options(raw, last_raw):  # a batch's tasks mostly share them
                     last_opts = TaskOptions.from_wire(task_options(raw))  # plain and shallow: it is journaled
                     last_raw = raw
                 opts = last_opts
@@ -498,13 +503,34 @@ class Dispatcher:
         assert self._router is not None
         if self._gate.blocked and not self._gate.may_send(peer, time.monotonic()):
             return False  # quarantined or revoked: nothing more goes to it
+        router = self._router
         try:
-            self._router.send_multipart([peer, *encode(cmd, body, frames or ())], zmq.NOBLOCK, copy=False)
+            router.send(peer, _SEND_MORE)
+            parts = encode(cmd, body, frames or ())
+            last = len(parts) - 1
+            for i, part in enumerate(parts):
+                # Small parts are copied (cheaper than a zero-copy frame); big ones and received frames are not.
+                small = type(part) is bytes and len(part) <= _COPY_LIMIT
+                router.send(part, _SEND_MORE if i < last else _SEND_LAST, copy=small)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
             raise
         return True
+
+
+def _same_options(raw: Any, last: Any) -> bool:
+    """Equal, and alike in type too: 1, 1.0 and True are equal in Python but not equally valid options."""
+    if raw is last:
+        return True
+    if type(raw) is not dict or type(last) is not dict or raw != last:
+        return False
+    return all(type(value) is type(last[key]) for key, value in raw.items())
+
+
+_SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)  # plain ints: enum flag arithmetic per frame shows in profiles
+_SEND_LAST = int(zmq.NOBLOCK)
+_COPY_LIMIT = 64 * 1024
 
 
 def _unknown_job(job_id: str) -> dict[str, str]:

@@ -163,7 +163,7 @@ def decode(parts: Sequence[Any]) -> Message:
 
 
 def _unpacked(parts: Sequence[Any]) -> list[Any]:
-    """The data frames of a packed message: slices of the pack (no copy) and the large frames."""
+    """The data frames of a packed message: pieces of the pack, and the large frames as they came."""
     if len(parts) < 5:
         raise ProtocolError("a packed message needs its lengths and its pack")
     try:
@@ -174,7 +174,9 @@ def _unpacked(parts: Sequence[Any]) -> list[Any]:
         raise ProtocolError(f"bad msgpack frame lengths: {type(exc).__name__}") from None
     if type(lengths) is not list:
         raise ProtocolError("packed frame lengths must be an array")
-    pack = memoryview(parts[4]).cast("B")
+    # Copied out as bytes: the small frames of a batch then live and die each with its own job
+    # instead of keeping the whole message alive, and a bytes object is smaller than a memoryview.
+    pack = bytes(parts[4])
     large = parts[5:]
     frames: list[Any] = []
     pos = n_large = 0

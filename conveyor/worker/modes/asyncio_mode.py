@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 
+from conveyor.errors import JobCancelled
+from conveyor.protocol import errors as perr
 from conveyor.worker import capture
-from conveyor.worker.execution import Outcome, Task, run_async
-from conveyor.worker.modes.base import Mode
+from conveyor.worker.execution import Outcome, Task, failure, infra_failure, run_async
+from conveyor.worker.modes.base import Done, Mode, log
+
+
+@dataclass(slots=True)
+class _Item:
+    """A task without a timeout, started and reported in batches between the two loops."""
+
+    task: Task
+    done: Done
+    dropped: bool = False  # cancelled: it does not start, or its outcome is ignored
 
 
 class AsyncioMode(Mode):
@@ -25,6 +37,13 @@ class AsyncioMode(Mode):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[tuple[str, int], asyncio.Task[Outcome]] = {}  # owned by the task loop's thread
+        self._direct: dict[tuple[str, int], _Item] = {}  # owned by the worker's loop
+        self._direct_runners: set[asyncio.Task[None]] = set()  # owned by the task loop's thread
+        self._worker_loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._inbox: list[_Item] = []  # worker loop -> task loop, one wake-up per batch
+        self._finished: list[tuple[_Item, Outcome]] = []  # task loop -> worker loop, likewise
+        self._inbox_wake = self._finished_wake = False
 
     async def start(self) -> None:
         if self.reports is not None and self.capture_output:
@@ -56,6 +75,68 @@ class AsyncioMode(Mode):
             self._tasks.pop(task.key, None)
             if ctx is not None:
                 capture.leave(ctx)
+
+    def submit(self, task: Task, done: Done) -> None:
+        if task.timeout is not None or self._loop is None:
+            super().submit(task, done)  # supervised: its timer runs on the worker's loop
+            return
+        self._worker_loop = asyncio.get_running_loop()
+        item = _Item(task, done)
+        self._direct[task.key] = item
+        with self._lock:
+            self._inbox.append(item)
+            wake, self._inbox_wake = not self._inbox_wake, True
+        if wake:
+            self._loop.call_soon_threadsafe(self._start_inbox)
+
+    def _start_inbox(self) -> None:
+        """On the task loop: start every task submitted since the last wake-up."""
+        with self._lock:
+            items, self._inbox = self._inbox, []
+            self._inbox_wake = False
+        loop = asyncio.get_running_loop()
+        for item in items:
+            if not item.dropped:
+                runner = loop.create_task(self._run_direct(item))
+                self._direct_runners.add(runner)  # held until it ends
+                runner.add_done_callback(self._direct_runners.discard)
+
+    async def _run_direct(self, item: _Item) -> None:
+        try:
+            outcome = await self._run_here(item.task)
+        except asyncio.CancelledError:
+            outcome = infra_failure(item.task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
+        except Exception as exc:  # a bug here must not kill the loop; report it as the task's failure
+            log.exception("asyncio mode failed running %s", item.task.job_id)
+            outcome = failure(item.task, exc)
+        with self._lock:
+            self._finished.append((item, outcome))
+            wake, self._finished_wake = not self._finished_wake, True
+        if wake and self._worker_loop is not None:
+            try:
+                self._worker_loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                pass  # the worker's loop has closed: nobody waits for this outcome
+
+    def _deliver(self) -> None:
+        """On the worker's loop: report every task finished since the last wake-up."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+            self._finished_wake = False
+        for item, outcome in finished:
+            if not item.dropped:
+                del self._direct[item.task.key]
+                item.done(item.task, outcome)
+
+    def cancel(self, key: tuple[str, int]) -> None:
+        item = self._direct.pop(key, None)
+        if item is None:
+            super().cancel(key)
+            return
+        item.dropped = True
+        reason = JobCancelled("the job was cancelled")
+        self.abort(item.task, reason)
+        item.done(item.task, infra_failure(item.task, perr.CANCELLED, "JobCancelled", str(reason)))
 
     async def run(self, task: Task) -> Outcome:
         assert self._loop is not None
