@@ -73,3 +73,26 @@ def test_smoke_run_writes_every_workload(tmp_path: Path) -> None:
     for name in ("dask", "ray"):
         backend = doc["backends"][name]
         assert backend["available"] or backend["note"].startswith("skipped"), backend
+
+
+@pytest.mark.timeout(120)
+def test_scale_smoke_run_writes_its_results(tmp_path: Path) -> None:
+    """The dispatcher-at-scale benchmark (simulated workers, a long queue) runs end to end."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--smoke", "--quiet", "--no-plot", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    written = list(tmp_path.glob("scale-*.json"))
+    assert len(written) == 1, written
+    doc = json.loads(written[0].read_text())
+    assert doc["smoke"] is True and set(doc["targets"]) == {"rss_below_1_GiB", "submit_below_30_s"}
+    main = doc["main"]
+    for key in ("submit_seconds", "rss_full", "drain_rate", "drain_cpu_us"):
+        assert main[key]["median"] > 0, key
+    assert main["tasks"] > 0 and main["workers"] > 0
