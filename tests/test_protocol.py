@@ -32,7 +32,7 @@ from conveyor.protocol import (
     split_frames,
 )
 from conveyor.protocol import errors as perr
-from conveyor.protocol.messages import MAX_BODY_BYTES, PACKED
+from conveyor.protocol.messages import MAX_BODY_BYTES, PACK_MAX, PACKED
 from conveyor.protocol.payload import (
     CODEC_MSGPACK,
     CODEC_PICKLE,
@@ -574,3 +574,10 @@ def test_an_unpicklable_exception_keeps_its_info() -> None:
     assert frames == [] and info["type"] == "tests.tasks.Unpicklable"
     rebuilt = perr.rebuild_exception(info, frames)
     assert isinstance(rebuilt, RemoteError) and "fail_unpicklable" in rebuilt.remote_traceback
+
+
+def test_a_pack_stays_under_its_limit_and_the_rest_travel_as_frames() -> None:
+    frames = [bytes([i % 256]) * 30_000 for i in range(100)]  # 3 MB of small frames
+    parts = encode(Cmd.ASSIGN, [], frames)
+    assert len(parts[4]) <= PACK_MAX and all(len(p) <= PACK_MAX for p in parts)
+    assert [bytes(f) for f in decode(parts).frames] == frames

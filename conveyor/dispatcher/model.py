@@ -68,6 +68,10 @@ class TaskOptions:
         )
 
 
+_NO_INFO: dict[str, Any] = {}
+_NO_FRAMES: list[Any] = []
+
+
 class Job:
     __slots__ = (
         "attempt",
@@ -104,8 +108,10 @@ class Job:
         self.submitted_at = now
         self.finished_at: float | None = None
         self.retry_at: float | None = None
-        self.result_info: dict[str, Any] = {}
-        self.result_frames: list[Any] = []
+        # Shared empty values until the job finishes (then replaced, never changed in place): a queued
+        # job costs less memory, which counts with a million of them.
+        self.result_info: dict[str, Any] = _NO_INFO
+        self.result_frames: list[Any] = _NO_FRAMES
         self.watchers: set[bytes] | None = None
 
     @property

@@ -34,6 +34,7 @@ MAX_ARRAY_LEN = 1 << 20  # entries of one msgpack array (ids of a WATCH, entries
 MAX_MAP_LEN = 1 << 16  # pairs of one msgpack map
 PACKED = 0x01  # second byte of the command frame: the data frames are packed (see above)
 PACK_LIMIT = 32 * 1024  # data frames up to this size travel packed; larger ones stay frames (no copy)
+PACK_MAX = 1024 * 1024  # a pack never grows past this (ZMQ_MAXMSGSIZE limits each frame); the rest go plain
 
 
 class Cmd(enum.IntEnum):
@@ -121,11 +122,13 @@ def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
     lengths: list[int] = []
     small: list[Any] = []
     large: list[Any] = []
+    packed = 0
     for frame in frames:
         n = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
-        if n <= PACK_LIMIT:
+        if n <= PACK_LIMIT and packed + n <= PACK_MAX:
             lengths.append(n)
             small.append(frame)
+            packed += n
         else:
             lengths.append(-1)
             large.append(frame)
