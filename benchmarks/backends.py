@@ -13,7 +13,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -209,28 +211,60 @@ class PoolBackend(Backend):
 
 
 class DaskBackend(Backend):
-    """A dask LocalCluster with `slots` single-threaded worker processes (like the pool's slots)."""
+    """A dask LocalCluster of `slots` worker processes with one thread each.
+
+    Tasks run in `slots` separate processes, as in the pool and in Conveyor's processes mode: one
+    worker process with `slots` threads would serialize pure-Python tasks on the GIL. Everything else
+    is dask's default local setup (the scheduler runs in this process, each worker under a nanny).
+    """
 
     name = "dask"
 
     def __init__(self, setup: Setup, *, cluster_logs: bool = False):
         super().__init__(setup, cluster_logs=cluster_logs)
+        self.cluster: Any = None
         self.client: Any = None
 
     def _start(self, stack: contextlib.ExitStack) -> None:
-        from dask.distributed import Client, LocalCluster
-
-        cluster = LocalCluster(
+        dd = _dask_distributed()
+        if not self.cluster_logs:
+            # The payload workload sends 10 MB arguments on purpose; dask warns about each one.
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        self.cluster = dd.LocalCluster(
             n_workers=self.setup.slots,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
-            silence_logs=False if self.cluster_logs else logging.ERROR,
+            dashboard_address=None,  # no dashboard; its HTTP server (health, metrics) still runs:
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # not on 8787, so runs side by side
+            # Everything, even CRITICAL: a shutdown racing heartbeats or results (always, after a
+            # timeout) logs CommClosedError tracebacks; the sample reports real failures itself.
+            silence_logs=False if self.cluster_logs else logging.CRITICAL + 1,
         )
-        stack.callback(cluster.close)
-        self.client = Client(cluster)
-        stack.callback(self.client.close)
+        stack.callback(self._close, self.cluster)  # registered first, so it runs last
+        self.client = dd.Client(self.cluster)
+        stack.callback(self._close, self.client)
         self.client.wait_for_workers(self.setup.slots, timeout=60)
+
+    def _close(self, thing: Any) -> None:
+        try:
+            thing.close(timeout=10 if self.failed else 30)
+        except Exception:
+            if not self.failed:
+                raise
+            # After a failure the sample's own error is what matters: do not replace it with this one.
+
+    def health(self) -> str | None:
+        cluster = self.cluster
+        if cluster is None or self.failed:
+            return None
+        try:
+            alive = len(cluster.scheduler_info.get("workers", {}))
+        except Exception as exc:  # the scheduler itself is gone
+            return f"the dask scheduler does not answer ({type(exc).__name__}: {exc})"
+        if alive < self.setup.slots:
+            return f"{alive} of {self.setup.slots} dask workers left"
+        return None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.client.submit(fn, *args, pure=False)
@@ -239,9 +273,19 @@ class DaskBackend(Backend):
         return handle.result(timeout=deadline.remaining())
 
     def gather(self, handles: list[Any], deadline: Deadline) -> list[Any]:
-        from dask.distributed import wait
-
-        wait(handles, timeout=deadline.remaining())
+        # Not distributed.wait(handles, timeout): on a timeout it leaves one orphaned coroutine per
+        # pending future, which stalls the client's close and prints "Task was destroyed but it is
+        # pending!" once for each. One coroutine on the client's loop awaits them all in order
+        # instead, and a timeout cancels just that one.
+        states = [getattr(h, "_state", None) for h in handles]
+        timeout = deadline.remaining()
+        try:
+            if all(hasattr(state, "wait") for state in states):
+                self.client.sync(_await_in_order, states, callback_timeout=timeout)
+            else:  # another distributed version: the public (noisier on timeout) way
+                _dask_distributed().wait(handles, timeout=timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(f"the sample did not finish within {deadline.seconds:g} s") from exc
         return self.client.gather(handles)  # type: ignore[no-any-return]
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int, deadline: Deadline) -> Iterator[Any]:
@@ -250,11 +294,28 @@ class DaskBackend(Backend):
             yield from chunk_result
 
 
+async def _await_in_order(states: list[Any]) -> None:
+    """Wait until every dask future state is finished (done or failed), on the client's loop."""
+    for state in states:
+        await state.wait()
+
+
+def _dask_distributed() -> Any:
+    """dask.distributed, typed Any: its functions are untyped (mypy --strict), and it is optional."""
+    import dask.distributed
+
+    return dask.distributed
+
+
 # --- Ray (optional) --------------------------------------------------------------------------
 
 
 class RayBackend(Backend):
-    """A local Ray instance with `slots` CPUs; tasks are plain remote functions."""
+    """A local Ray instance with `slots` CPUs; tasks are plain remote functions (num_cpus=1 each).
+
+    Ray runs each task in one of its worker processes, `slots` at a time; its other processes (GCS,
+    raylet, agents) start with ray.init and are waited for at shutdown, so none outlive the sample.
+    """
 
     name = "ray"
 
@@ -262,19 +323,42 @@ class RayBackend(Backend):
         super().__init__(setup, cluster_logs=cluster_logs)
         self._ray: Any = None
         self._remotes: dict[Callable[..., Any], Any] = {}
+        self._session_dir: str | None = None
 
     def _start(self, stack: contextlib.ExitStack) -> None:
         import ray
 
         self._ray = ray
+        stack.callback(self._shutdown)  # before init: a half-started instance is stopped too
         ray.init(
             num_cpus=self.setup.slots,
+            num_gpus=0,
             include_dashboard=False,
             log_to_driver=self.cluster_logs,
-            logging_level=logging.INFO if self.cluster_logs else logging.WARNING,
+            # ERROR, not WARNING: every ray.init warns that token authentication is on.
+            logging_level=logging.INFO if self.cluster_logs else logging.ERROR,
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}},
         )
-        stack.callback(ray.shutdown)
+        self._session_dir = _ray_session_dir(ray)
+
+    def _shutdown(self) -> None:
+        ray = self._ray
+        if ray is None:
+            return
+        # Wait for Ray's processes to exit, so none of them still runs (or dies) in the next sample.
+        ray.shutdown(wait_for_processes=True)
+        self._remotes.clear()
+        session = self._session_dir
+        if session and not self.failed and not self.cluster_logs:
+            shutil.rmtree(session, ignore_errors=True)  # its logs; kept after a failure, to read
+
+    def health(self) -> str | None:
+        ray = self._ray
+        if ray is None or self.failed:
+            return None
+        if not ray.is_initialized():
+            return "Ray is no longer initialized"
+        return None
 
     def _remote(self, fn: Callable[..., Any]) -> Any:
         remote = self._remotes.get(fn)
@@ -286,15 +370,31 @@ class RayBackend(Backend):
         return self._remote(fn).remote(*args)
 
     def result(self, handle: Any, deadline: Deadline) -> Any:
-        return self._ray.get(handle, timeout=deadline.remaining())
+        return self._get(handle, deadline)
 
     def gather(self, handles: list[Any], deadline: Deadline) -> list[Any]:
-        return self._ray.get(handles, timeout=deadline.remaining())  # type: ignore[no-any-return]
+        return self._get(handles, deadline)  # type: ignore[no-any-return]
+
+    def _get(self, refs: Any, deadline: Deadline) -> Any:
+        try:
+            return self._ray.get(refs, timeout=deadline.remaining())
+        except self._ray.exceptions.GetTimeoutError as exc:  # a TimeoutError; say which deadline
+            raise TimeoutError(f"the sample did not finish within {deadline.seconds:g} s") from exc
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int, deadline: Deadline) -> Iterator[Any]:
         handles = [self.submit(tasks.apply_chunk, fn, chunk) for chunk in _chunks(items, chunksize)]
         for chunk_result in self.gather(handles, deadline):
             yield from chunk_result
+
+
+def _ray_session_dir(ray: Any) -> str | None:
+    """This instance's /tmp/ray/session_* directory (logs), or None if Ray does not say."""
+    try:
+        node = ray._private.worker._global_node
+        path = node.get_session_dir_path() if node is not None else None
+    except Exception:
+        return None
+    return str(path) if path and os.path.basename(str(path)).startswith("session_") else None
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

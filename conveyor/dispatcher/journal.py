@@ -9,22 +9,35 @@ acknowledges submissions (ACCEPTED) after that commit returns, so an acknowledge
 What is durable: every accepted job's call, options and owner; every finished job's state,
 attempt history and result until it is delivered-and-forgotten or its TTL expires. Not durable:
 which worker is running what (after a restart, unfinished jobs simply run again).
+
+Large frames (BLOB_THRESHOLD and up: a 10 MB argument, say) are not written into SQLite, where a blob
+is cut into 4 KiB overflow pages, each written to the WAL, then again to the database at checkpoint,
+and read back page by page to free it (about 80 ms per 10 MB here). Each goes to its own file in
+`<journal>.blobs/` instead (one write from the received buffer, about 2 ms per 10 MB), written before
+the commit of the row that refers to it (fsynced first with synchronous=FULL) and deleted after the
+commit of the row that no longer does; `load()` removes files that no row refers to.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("conveyor.dispatcher")
+
+SCHEMA_VERSION = 2  # 2: frames may refer to files in <journal>.blobs/ (a version 1 journal is a valid 2)
+BLOB_THRESHOLD = 1 << 20  # frames of this many bytes or more go to their own file
+_EXT_FILE = 1  # msgpack extension in a frames column: the frame is in the blob file named by its data
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -92,9 +105,19 @@ class Journal:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise RuntimeError(f"journal {self.path} has schema {row[0]}, this Conveyor reads {SCHEMA_VERSION}")
-        # Pending writes of this loop turn, by job id: the last word on each job wins.
+        self._full = synchronous.upper() == "FULL"
+        self._blobs = Path(str(self.path) + ".blobs")
+        self._blobs.mkdir(exist_ok=True)
+        self._blob_prefix = secrets.token_hex(4)  # blob file names: <prefix>-<counter>, unique across restarts
+        self._blob_counter = 0
+        self._call_files: dict[str, list[str]] = {}  # job id -> blob files of its call frames on disk
+        self._result_files: dict[str, list[str]] = {}  # job id -> blob files of its result frames
+        # Pending writes of this loop turn, by job id: the last word on each job wins. Frames are kept
+        # as received (no copy) and encoded at commit.
         self._inserts: dict[str, tuple[Any, ...]] = {}
         self._finishes: dict[str, tuple[Any, ...]] = {}
         self._deletes: set[str] = set()
@@ -106,8 +129,7 @@ class Journal:
     def submitted(
         self, job_id: str, seq: int, owner: bytes | None, opts: dict[str, Any], frames: list[Any]
     ) -> None:
-        blob = msgpack.packb([bytes(f) for f in frames], use_bin_type=True)
-        self._inserts[job_id] = (job_id, seq, owner, msgpack.packb(opts, use_bin_type=True), blob)
+        self._inserts[job_id] = (job_id, seq, owner, msgpack.packb(opts, use_bin_type=True), tuple(frames))
         self._deletes.discard(job_id)
 
     def finished(
@@ -125,7 +147,7 @@ class Journal:
             attempts,
             msgpack.packb(history, use_bin_type=True),
             msgpack.packb(result_info, use_bin_type=True),
-            msgpack.packb([bytes(f) for f in result_frames], use_bin_type=True),
+            tuple(result_frames),
             expires_at,
             job_id,
         )
@@ -147,58 +169,148 @@ class Journal:
             return
         started = time.perf_counter()
         db = self._db
-        db.execute("BEGIN")
+        written: list[str] = []  # blob files of this commit: removed again if it fails
+        call_files: dict[str, list[str]] = {}
+        result_files: dict[str, list[str]] = {}
         try:
-            if self._inserts:
-                db.executemany(
-                    "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state) VALUES (?,?,?,?,?,'queued')",
-                    self._inserts.values(),
-                )
-            if self._finishes:
-                db.executemany(
-                    "UPDATE jobs SET state=?, attempts=?, history=?, result_info=?, result_frames=?, "
-                    "expires_at=?, frames=NULL WHERE id=?",
-                    self._finishes.values(),
-                )
-            if self._deletes:
-                db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in self._deletes])
-            db.execute("COMMIT")
+            inserts = [
+                # finished within this turn too: the UPDATE below drops the call frames anyway
+                (i, seq, owner, opts, None if i in self._finishes else self._pack(frames, call_files, i, written))
+                for i, seq, owner, opts, frames in self._inserts.values()
+            ]
+            finishes = [
+                (st, att, hist, info, self._pack(frames, result_files, i, written), exp, i)
+                for st, att, hist, info, frames, exp, i in self._finishes.values()
+            ]
+            if written and self._full:
+                _fsync_dir(self._blobs)
+            db.execute("BEGIN")
+            try:
+                if inserts:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state) "
+                        "VALUES (?,?,?,?,?,'queued')",
+                        inserts,
+                    )
+                if finishes:
+                    db.executemany(
+                        "UPDATE jobs SET state=?, attempts=?, history=?, result_info=?, result_frames=?, "
+                        "expires_at=?, frames=NULL WHERE id=?",
+                        finishes,
+                    )
+                if self._deletes:
+                    db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in self._deletes])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         except BaseException:
-            db.execute("ROLLBACK")
+            self._unlink(written)
             raise
+        if written or self._call_files or self._result_files:
+            doomed: list[str] = []  # files no committed row refers to any more
+            for job_id in self._finishes:
+                doomed += self._call_files.pop(job_id, ())
+                doomed += self._result_files.pop(job_id, ())
+            for job_id in self._deletes:
+                doomed += self._call_files.pop(job_id, ())
+                doomed += self._result_files.pop(job_id, ())
+            self._call_files.update(call_files)
+            self._result_files.update(result_files)
+            self._unlink(doomed)
         self._inserts.clear()
         self._finishes.clear()
         self._deletes.clear()
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
 
+    def _pack(self, frames: Sequence[Any], files: dict[str, list[str]], job_id: str, written: list[str]) -> bytes:
+        """A frames column: msgpack [bin | ext(file name), ...], large frames written to blob files."""
+        items: list[Any] = []
+        for frame in frames:
+            view = memoryview(frame).cast("B")
+            if view.nbytes < BLOB_THRESHOLD:
+                items.append(view)
+                continue
+            self._blob_counter += 1
+            name = f"{self._blob_prefix}-{self._blob_counter}"
+            fd = os.open(self._blobs / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            written.append(name)
+            try:
+                while view.nbytes:
+                    view = view[os.write(fd, view) :]
+                if self._full:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            files.setdefault(job_id, []).append(name)
+            items.append(msgpack.ExtType(_EXT_FILE, name.encode()))
+        return msgpack.packb(items, use_bin_type=True)  # type: ignore[no-any-return]
+
+    def _unpack(self, blob: bytes | None, files: dict[str, list[str]], job_id: str) -> list[Any]:
+        if blob is None:
+            return []
+
+        def ext_hook(code: int, data: bytes) -> bytes:
+            if code != _EXT_FILE:
+                raise ValueError(f"journal {self.path}: unknown frame extension {code}")
+            name = data.decode()
+            files.setdefault(job_id, []).append(name)
+            return (self._blobs / name).read_bytes()
+
+        return msgpack.unpackb(blob, raw=False, ext_hook=ext_hook)  # type: ignore[no-any-return]
+
+    def _unlink(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(self._blobs / name)
+            except FileNotFoundError:
+                pass
+
     # --- recovery and housekeeping -----------------------------------------------------------------
 
     def load(self) -> Iterator[StoredJob]:
-        """Every job in the journal, oldest submission first."""
+        """Every job in the journal, oldest submission first. Once all are read, blob files that no job
+        refers to (written for a commit that never happened, or not yet deleted at a crash) are removed."""
         rows = self._db.execute(
             "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, expires_at "
             "FROM jobs ORDER BY seq"
         )
+        self._call_files.clear()
+        self._result_files.clear()
         for row in rows:
-            yield StoredJob(
-                id=row[0],
-                seq=row[1],
-                owner=row[2],
-                opts=msgpack.unpackb(row[3], raw=False),
-                frames=msgpack.unpackb(row[4], raw=False) if row[4] is not None else [],
-                state=row[5],
-                attempts=row[6],
-                history=msgpack.unpackb(row[7], raw=False) if row[7] is not None else [],
-                result_info=msgpack.unpackb(row[8], raw=False) if row[8] is not None else {},
-                result_frames=msgpack.unpackb(row[9], raw=False) if row[9] is not None else [],
-                expires_at=row[10],
-            )
+            try:
+                stored = StoredJob(
+                    id=row[0],
+                    seq=row[1],
+                    owner=row[2],
+                    opts=msgpack.unpackb(row[3], raw=False),
+                    frames=self._unpack(row[4], self._call_files, row[0]),
+                    state=row[5],
+                    attempts=row[6],
+                    history=msgpack.unpackb(row[7], raw=False) if row[7] is not None else [],
+                    result_info=msgpack.unpackb(row[8], raw=False) if row[8] is not None else {},
+                    result_frames=self._unpack(row[9], self._result_files, row[0]),
+                    expires_at=row[10],
+                )
+            except (OSError, ValueError) as exc:  # e.g. a blob file lost with the OS (sync normal): skip the job
+                log.error("journal %s: job %s cannot be read back (%s); dropped", self.path, row[0], exc)
+                self.forgotten(row[0])
+                continue
+            yield stored
+        known = {n for names in (*self._call_files.values(), *self._result_files.values()) for n in names}
+        self._unlink([n for n in os.listdir(self._blobs) if n not in known])
 
     def expire(self, now_wall: float | None = None) -> int:
         """Delete finished jobs past their TTL; returns how many."""
         now_wall = time.time() if now_wall is None else now_wall
+        expired: list[str] = []
+        if self._result_files:
+            rows = self._db.execute("SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now_wall,))
+            expired = [row[0] for row in rows if row[0] in self._result_files]
         cur = self._db.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now_wall,))
+        for job_id in expired:
+            self._unlink(self._result_files.pop(job_id))
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return cur.rowcount
 
@@ -211,3 +323,11 @@ class Journal:
         finally:
             self._db.close()
             self._lock_file.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
 from collections import deque
@@ -26,12 +27,14 @@ import psutil
 
 from conveyor.protocol import errors as perr
 from conveyor.worker import capture
-from conveyor.worker.child import child_main
+from conveyor.worker.child import child_main, consume
 from conveyor.worker.execution import Outcome, Task, infra_failure
 from conveyor.worker.modes.base import Mode
 
 KILL_GRACE = 1.0
 MEMORY_CHECK_INTERVAL = 0.25
+_IOV_MAX = 512  # buffers per writev
+_scratch = bytearray(1 << 16)  # what one read from a child's task pipe lands in (the loop is single-threaded)
 
 
 def _context() -> Any:
@@ -51,7 +54,17 @@ class _Child:
         self.dead = False
         self.dying = False  # terminated by us: never handed another task
         self.capture: capture.ChildCapture | None = None  # the child's stdout, stderr and events pipes
+        self.output = select.poll()  # those pipes: one poll tells whether the task wrote anything
         self.killed_because: str | None = None
+        # The task pipe, read and written without blocking (the wire format is in child.py).
+        self.fd = conn.fileno()
+        os.set_blocking(self.fd, False)
+        self.out: list[Any] = []  # what is left to write of the current task
+        self.writing = False  # a writer callback is registered for out
+        self.inbuf = bytearray()  # a partial outcome message
+        self.body: bytearray | None = None  # a large outcome's frames, read straight into this
+        self.got = 0
+        self.head: tuple[Any, Any, list[int]] = (False, None, [])  # (ok, info, frame lengths) of body
 
     @property
     def pid(self) -> int:
@@ -70,6 +83,7 @@ class ProcessesMode(Mode):
         self._waiting: deque[tuple[Task, asyncio.Future[Outcome]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._packer = msgpack.Packer()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -114,12 +128,14 @@ class ProcessesMode(Mode):
         child = _Child(process, parent_conn)
         if self.reports is not None:
             child.capture = capture.ChildCapture(self.reports, *reads)
+            for fd in reads:
+                child.output.register(fd, select.POLLIN)
         return child
 
     def _adopt(self, child: _Child) -> None:
         assert self._loop is not None
         self._children.add(child)
-        self._loop.add_reader(child.conn.fileno(), self._on_readable, child)
+        self._loop.add_reader(child.fd, self._on_readable, child)
         self._loop.add_reader(child.process.sentinel, self._on_exit, child)
         if child.capture is not None:
             child.capture.attach(self._loop)
@@ -145,26 +161,87 @@ class ProcessesMode(Mode):
             child.task, child.future = task, fut
             if child.capture is not None:
                 child.capture.task = task.key
-            try:
-                conn = child.conn
-                header = [task.job_id, task.attempt, task.timeout, task.retry_on, len(task.frames)]
-                conn.send_bytes(msgpack.packb(header))
-                for frame in task.frames:
-                    conn.send_bytes(frame)
-            except OSError:
-                pass  # the child died; its sentinel fires and fails this task as crashed
+            header = self._packer.pack(
+                [task.job_id, task.attempt, task.timeout, task.retry_on, [memoryview(f).nbytes for f in task.frames]]
+            )
+            child.out = [len(header).to_bytes(4, "little") + header, *task.frames]
+            self._write(child)
+
+    def _write(self, child: _Child) -> None:
+        """Write what is left of the child's task message; a large one goes on when the pipe drains."""
+        out = child.out
+        try:
+            while out:
+                consume(out, os.writev(child.fd, out[:_IOV_MAX]))
+        except BlockingIOError:
+            pass
+        except OSError:  # the child died; its sentinel fires and fails this task as crashed
+            out.clear()
+        assert self._loop is not None
+        if out and not child.writing:
+            child.writing = True
+            self._loop.add_writer(child.fd, self._write, child)
+        elif not out and child.writing:
+            child.writing = False
+            self._loop.remove_writer(child.fd)
 
     def _on_readable(self, child: _Child) -> None:
         try:
-            ok, info, n = msgpack.unpackb(child.conn.recv_bytes())
-            frames = [child.conn.recv_bytes() for _ in range(n)]
-        except (EOFError, OSError):
+            if child.body is not None:  # a large outcome: read into its place
+                n = os.readv(child.fd, [memoryview(child.body)[child.got :]])
+            else:
+                n = os.readv(child.fd, [_scratch])
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if n == 0:
             # The pipe closed: the child is exiting. Its sentinel fires once it has, with an exit code.
             assert self._loop is not None
-            self._loop.remove_reader(child.conn.fileno())
+            self._loop.remove_reader(child.fd)
             return
+        if child.body is not None:
+            child.got += n
+            if child.got == len(child.body):
+                ok, info, lengths = child.head
+                view, pos = memoryview(child.body), 0
+                parts: list[Any] = []
+                for size in lengths:
+                    parts.append(view[pos : pos + size])
+                    pos += size
+                child.body = None
+                self._finished(child, ok, info, parts)
+            return
+        buf = child.inbuf
+        buf += memoryview(_scratch)[:n]
+        frames: list[Any] | None
+        while len(buf) >= 4:
+            end = 4 + int.from_bytes(buf[:4], "little")
+            if len(buf) < end:
+                return
+            with memoryview(buf) as view:
+                ok, info, lengths = msgpack.unpackb(view[4:end])
+                total = end + sum(lengths)
+                if len(buf) < total:  # a large outcome: read the rest straight into one buffer
+                    child.body = bytearray(total - end)
+                    child.body[: len(buf) - end] = view[end:]
+                    child.got, child.head = len(buf) - end, (ok, info, lengths)
+                    frames = None
+                else:
+                    frames, pos = [], end
+                    for size in lengths:
+                        frames.append(bytes(view[pos : pos + size]))
+                        pos += size
+            if frames is None:
+                buf.clear()
+                return
+            del buf[:total]
+            self._finished(child, ok, info, frames)
+
+    def _finished(self, child: _Child, ok: bool, info: Any, frames: list[Any]) -> None:
         if child.capture is not None:  # the task's last output, written before its outcome
-            child.capture.drain()
+            if child.output.poll(0):  # one syscall, not three reads that fail when it printed nothing
+                child.capture.drain()
             child.capture.task = None
         task, fut = child.task, child.future
         child.task = child.future = None
@@ -179,7 +256,10 @@ class ProcessesMode(Mode):
             return
         child.dead = True
         assert self._loop is not None
-        self._loop.remove_reader(child.conn.fileno())
+        self._loop.remove_reader(child.fd)
+        if child.writing:
+            self._loop.remove_writer(child.fd)
+            child.writing = False
         self._loop.remove_reader(child.process.sentinel)
         child.process.join(1)
         code = child.process.exitcode
@@ -236,7 +316,9 @@ class ProcessesMode(Mode):
         children = list(self._children)
         for child in children:
             if self._loop is not None and not child.dead:
-                self._loop.remove_reader(child.conn.fileno())
+                self._loop.remove_reader(child.fd)
+                if child.writing:
+                    self._loop.remove_writer(child.fd)
                 self._loop.remove_reader(child.process.sentinel)
             child.conn.close()  # EOF: an idle child exits by itself
         for child in children:
