@@ -158,6 +158,12 @@ class ConveyorBackend(Backend):
         return self.client.map(fn, items, chunksize=chunksize, timeout=deadline.remaining())  # type: ignore[no-any-return]
 
 
+class ConveyorThreadsBackend(ConveyorBackend):
+    """The same cluster with a threads-mode worker (workloads of tiny tasks set the mode)."""
+
+    name = "conveyor_threads"
+
+
 # --- concurrent.futures.ProcessPoolExecutor --------------------------------------------------
 
 
@@ -436,6 +442,7 @@ def backend_specs() -> list[BackendSpec]:
 
     specs = [
         BackendSpec("conveyor", "Conveyor", ConveyorBackend, version=conveyor.__version__),
+        BackendSpec("conveyor_threads", "Conveyor threads", ConveyorThreadsBackend, version=conveyor.__version__),
         BackendSpec("process_pool", "ProcessPool", PoolBackend, version=f"python {sys.version.split()[0]}"),
         BackendSpec("dask", "dask.distributed", DaskBackend, module="dask.distributed"),
         BackendSpec("ray", "Ray", RayBackend, module="ray"),

@@ -16,7 +16,7 @@ from rich.markup import escape
 from benchmarks.backends import REPO_ROOT, BackendSpec, Setup, backend_specs
 from benchmarks.common import BackendFailure, Deadline
 from benchmarks.machine import describe_machine, describe_source, load_average
-from benchmarks.report import Cell, ratios, render, write_results
+from benchmarks.report import Cell, peer_ratios, ratios, render, write_results
 from benchmarks.sizes import FULL, SMOKE
 from benchmarks.workloads import WORKLOAD_NAMES, WORKLOADS, RunContext, Sample, Workload
 
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             cell.finish()
         entry["results"] = {name: cell.as_dict() for name, cell in cells[w.name].items()}
         entry["ratios"] = ratios(entry)
+        entry["peer_ratios"] = peer_ratios(entry)
         workloads_doc[w.name] = entry
 
     doc: dict[str, Any] = {

@@ -15,6 +15,13 @@ from rich.text import Text
 
 BASELINE = "process_pool"
 SUBJECT = "conveyor"
+# Every ratio the table shows, as (subject, baseline, column title); more are in the JSON's peer_ratios.
+RATIO_COLUMNS = (
+    ("conveyor", "process_pool", "Conveyor/pool"),
+    ("conveyor_threads", "process_pool", "threads/pool"),
+    ("conveyor", "dask", "Conveyor/dask"),
+    ("conveyor", "ray", "Conveyor/Ray"),
+)
 
 
 @dataclass(slots=True)
@@ -54,16 +61,27 @@ class Cell:
         }
 
 
-def ratios(workload: dict[str, Any]) -> dict[str, float | None]:
+def ratios(workload: dict[str, Any], subject: str = SUBJECT, baseline: str = BASELINE) -> dict[str, float | None]:
     """subject/baseline of each comparable metric's medians (None where either is missing)."""
     results = workload["results"]
     out: dict[str, float | None] = {}
-    subject = results.get(SUBJECT, {}).get("median", {})
-    baseline = results.get(BASELINE, {}).get("median", {})
+    mine = results.get(subject, {}).get("median", {})
+    theirs = results.get(baseline, {}).get("median", {})
     for key, metric in workload["metrics"].items():
-        a, b = subject.get(key), baseline.get(key)
+        a, b = mine.get(key), theirs.get(key)
         out[key] = a / b if metric["comparable"] and a is not None and b else None
     return out
+
+
+def peer_ratios(workload: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Both Conveyor columns against every other backend: {"conveyor/dask": {metric: ratio}, ...}."""
+    names = list(workload["results"])
+    return {
+        f"{subject}/{baseline}": ratios(workload, subject, baseline)
+        for subject in ("conveyor", "conveyor_threads")
+        for baseline in names
+        if subject in names and not baseline.startswith("conveyor")
+    }
 
 
 def write_results(doc: dict[str, Any], out_dir: str) -> str:
@@ -121,7 +139,8 @@ def render(doc: dict[str, Any], console: Console) -> None:
     caption = (
         f"{m.get('cpu_model') or '?'}, {m['cpu_count']} CPUs, Python {m['python']}, "
         f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, {m['platform']}\n"
-        "ratio = Conveyor / ProcessPool median; \N{UPWARDS ARROW} higher is better, "
+        "ratios of medians (Conveyor: processes-mode worker, threads: threads-mode worker); "
+        "\N{UPWARDS ARROW} higher is better, "
         "\N{DOWNWARDS ARROW} lower is better; \N{PLUS-MINUS SIGN} half the min-max spread over runs"
     )
     table = Table(title=title, caption=caption, show_lines=False)
@@ -129,7 +148,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
     table.add_column("metric")
     for _, b in backends:
         table.add_column(b["label"], justify="right")
-    table.add_column("Conveyor/pool", justify="right", style="bold")
+    available = {name for name, _ in backends}
+    columns = [(a, b, title) for a, b, title in RATIO_COLUMNS if a in available and b in available]
+    for _, _, title in columns:
+        table.add_column(title, justify="right", style="bold")
     table.add_column("sizes", style="dim")
     for wname, w in doc["workloads"].items():
         first = True
@@ -149,12 +171,13 @@ def render(doc: dict[str, Any], console: Console) -> None:
                     if cell["status"] == "partial":
                         text.append(" (partial)", style="yellow")
                     row.append(text)
-            ratio = w["ratios"].get(key)
-            if ratio is None:
-                row.append(Text("n/a", style="dim"))
-            else:
-                better = ratio >= 1 if metric["higher_is_better"] else ratio <= 1
-                row.append(Text(f"{ratio:.2f}", style="green" if better else "red"))
+            for subject, baseline, _ in columns:
+                ratio = w.get("peer_ratios", {}).get(f"{subject}/{baseline}", {}).get(key)
+                if ratio is None:
+                    row.append(Text("n/a", style="dim"))
+                else:
+                    better = ratio >= 1 if metric["higher_is_better"] else ratio <= 1
+                    row.append(Text(f"{ratio:.2f}", style="green" if better else "red"))
             row.append(w.get("note", "") if first else "")
             table.add_row(*row)
             first = False

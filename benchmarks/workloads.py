@@ -115,8 +115,14 @@ class Workload(abc.ABC):
     title: ClassVar[str]
     metrics: ClassVar[tuple[Metric, ...]]
 
+    # Tiny tasks (no CPU work to spread): also measured on a threads-mode Conveyor worker, the mode
+    # for them; processes mode adds a pipe hop per task and is what the "conveyor" column shows.
+    tiny_tasks: ClassVar[bool] = True
+
     def setup(self, backend: str, sizes: Sizes) -> Setup | None:
         """How to start this backend for this workload; None: the workload does not apply."""
+        if backend == "conveyor_threads":
+            return Setup(slots=sizes.slots, mode="threads") if self.tiny_tasks else None
         return Setup(slots=sizes.slots)
 
     @abc.abstractmethod
@@ -265,6 +271,7 @@ class Payload(Workload):
 
 class CpuBound(Workload):
     name = "cpu_bound"
+    tiny_tasks = False
     title = "CPU-bound pure-Python loops"
     metrics = (
         Metric("speedup", "speedup vs serial", "x", True),
@@ -301,6 +308,7 @@ class CpuBound(Workload):
 
 class IoBound(Workload):
     name = "io_bound"
+    tiny_tasks = False
     title = "I/O-bound sleeps"
     metrics = (
         Metric("wall_s", "wall time", "s", False, comparable=False),
@@ -310,6 +318,8 @@ class IoBound(Workload):
     def setup(self, backend: str, sizes: Sizes) -> Setup | None:
         if backend == "conveyor":
             return Setup(slots=sizes.io_concurrency, mode="asyncio")
+        if backend == "conveyor_threads":
+            return None
         return Setup(slots=sizes.slots)  # reduced form: time.sleep on the same slots as the other workloads
 
     def note(self, ctx: RunContext) -> str:
