@@ -82,6 +82,7 @@ class Client:
             address = self._cluster.start()
         self.address = address
         self._options = _wire_options(options)
+        self._task_opts: dict[str, dict[str, Any]] = {}  # per function name: its options, built once
         self._owner = True
         try:
             self._conn = Connection(
@@ -105,6 +106,7 @@ class Client:
         view = object.__new__(Client)
         view.__dict__.update(self.__dict__)
         view._options = {**self._options, **_wire_options(options)}
+        view._task_opts = {}
         view._owner = False
         return view
 
@@ -116,7 +118,12 @@ class Client:
 
     def _submit(self, name: str, frames: list[Any]) -> JobFuture:
         check_frames(frames, self._max_message_size)  # a larger frame would cut the connection
-        opts = {**self._options, "fn": name}
+        # One options map per function, shared by its tasks (nothing changes it once built).
+        opts = self._task_opts.get(name)
+        if opts is None:
+            if len(self._task_opts) >= 1024:
+                self._task_opts.clear()
+            opts = self._task_opts[name] = {**self._options, "fn": name}
         return self._conn.submit(self._conn.new_job_id(), opts, frames)
 
     def map(

@@ -1,15 +1,18 @@
 """The client's side of the wire: one DEALER socket owned by one background I/O thread.
 
-ZeroMQ sockets are not thread-safe, so user threads never touch the socket: they append work to
-thread-safe queues and wake the I/O thread through a socketpair. The I/O thread batches every
-submission that arrived since its last turn into one SUBMIT message, resolves futures from
-JOB_DONE batches, answers requests (status, job info, cancel), pings the dispatcher, and
-re-sends every unfinished job if the dispatcher comes back as a new instance (job ids make that
-idempotent), so a restart of the dispatcher does not strand the client's futures.
+ZeroMQ sockets are not thread-safe, so the socket belongs to whoever holds `_sock_lock`: the I/O
+thread, except while it sleeps in poll. User threads append work to thread-safe queues and wake the
+I/O thread through a socketpair; only a submission to an idle connection (nothing else pending, one
+call at a time) is sent by the calling thread itself, which saves a thread hop on the round trip.
+The I/O thread batches every submission that arrived since its last turn into one SUBMIT message,
+resolves futures from JOB_DONE batches, answers requests (status, job info, cancel), pings the
+dispatcher, and re-sends every unfinished job if the dispatcher comes back as a new instance (job
+ids make that idempotent), so a restart of the dispatcher does not strand the client's futures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -17,9 +20,11 @@ import socket
 import threading
 import time
 import uuid
+from _thread import allocate_lock as _allocate_lock
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -33,16 +38,78 @@ from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, configure_socket, watch_
 log = logging.getLogger("conveyor.client")
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
+# Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
+_SNDMORE, _NOBLOCK, _EVENTS, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+_COPY_BELOW = zmq.COPY_THRESHOLD  # bytes: smaller parts are copied into the message (as pyzmq would)
+
+
+class _FutureCondition(threading.Condition):
+    """threading.Condition on a plain lock, without the bound methods Condition.__init__ stores.
+
+    A standard Future costs the garbage collector 11 tracked objects, 7 of them in its Condition (the
+    RLock's five bound methods, the RLock and a deque); with thousands of futures pending, collecting
+    them was most of the client's CPU per task. Here the deque of waiters exists only once a thread
+    waits. A Future never acquires its own condition twice, so a plain lock is enough, and the
+    wait/notify logic is threading.Condition's own.
+    """
+
+    _waiters: Any = ()  # no waiter yet: notify() finds nothing to do; wait() installs a deque
+
+    def __init__(self) -> None:  # no super().__init__(): it stores the bound methods
+        self._lock = _allocate_lock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if type(self._waiters) is not deque:  # called with the lock held, as notify() is
+            self._waiters = deque()
+        return super().wait(timeout)
+
+    def notify(self, n: int = 1) -> None:
+        if self._waiters:  # the usual case is nobody waiting: skip the ownership check
+            super().notify(n)
+
+    def notify_all(self) -> None:
+        if self._waiters:
+            super().notify(len(self._waiters))
+
+    def _at_fork_reinit(self) -> None:
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+        self._waiters = ()
+
+
+# Future.__init__'s fields, set directly below (with the lighter condition); if a Python version has
+# other fields, JobFuture falls back to Future.__init__ with the standard condition.
+_PENDING_STATE = Future()._state
+_LIGHT_INIT = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
 
 
 class JobFuture(Future[Any]):
     """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran."""
 
-    def __init__(self, job_id: str, connection: Connection | None):
-        super().__init__()
+    def __init__(
+        self, job_id: str, connection: Connection | None, opts: dict[str, Any] | None = None,
+        frames: Sequence[Any] | None = None,
+    ):
+        if _LIGHT_INIT:
+            self._condition = _FutureCondition()
+            self._state = _PENDING_STATE
+            self._result = None
+            self._exception = None
+            self._waiters = []
+            self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        else:
+            super().__init__()
         self.job_id = job_id
         self.info: dict[str, Any] = {}
         self._connection = connection
+        # What the connection (re-)sends while the job is pending; dropped once it is resolved.
+        self._opts = opts
+        self._frames = frames
 
     def cancel(self) -> bool:
         """Cancel the job, queued or running (it keeps running only in threads mode; see docs)."""
@@ -53,15 +120,6 @@ class JobFuture(Future[Any]):
 
     def __repr__(self) -> str:
         return f"<JobFuture {self.job_id} {self._state.lower()}>"
-
-
-class _Pending:
-    __slots__ = ("frames", "future", "opts")
-
-    def __init__(self, future: JobFuture, opts: dict[str, Any], frames: list[Any]):
-        self.future = future
-        self.opts = opts
-        self.frames = frames
 
 
 class Connection:
@@ -91,17 +149,23 @@ class Connection:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # submitters wait here when max_pending is reached
         self._woken = False
-        self._submits: deque[tuple[str, dict[str, Any], list[Any]]] = deque()
+        self._submits: deque[JobFuture] = deque()  # submitted, not sent yet
         self._commands: deque[tuple[Cmd, Any]] = deque()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, JobFuture] = {}  # until JOB_DONE (or a rejection) resolves them
         self._watchers: dict[str, list[Future[Any]]] = {}
         self._requests: dict[int, Future[Any]] = {}
         self._instance: str | None = None
         self.duplicate_results = 0  # outcomes for jobs already resolved here (after re-sends); dropped
         self._busy: list[str] = []  # jobs the dispatcher had no room for: re-sent after a pause
         self._busy_at = 0.0
+        # Outcomes taken off _pending and not yet given to their futures (see _resolve_many).
+        self._settling: list[tuple[list[Any], list[tuple[JobFuture | None, list[Future[Any]] | None]]]] = []
         self._fatal: BaseException | None = None
         self._closing = False
+        # The socket, and the lock that owns it: the I/O thread holds it except while it waits in poll,
+        # so that a submission to an idle connection can be sent from the calling thread (see submit).
+        self._sock: zmq.Socket[Any] | None = None
+        self._sock_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="conveyor-client-io", daemon=True)
         self._welcome: Future[Any] = Future()
         self._thread.start()
@@ -124,16 +188,59 @@ class Connection:
             self.close()
             raise
 
-    def submit(self, job_id: str, opts: dict[str, Any], frames: list[Any]) -> JobFuture:
-        future = JobFuture(job_id, self)
-        with self._space:
+    def submit(self, job_id: str, opts: dict[str, Any], frames: Sequence[Any]) -> JobFuture:
+        # A tuple of bytes, unlike a list, drops out of the garbage collector's sight at its first pass.
+        future = JobFuture(job_id, self, opts, tuple(frames))
+        with self._lock:
             while len(self._pending) >= self.max_pending and self._fatal is None and not self._closing:
                 self._space.wait(1.0)
             self._raise_if_broken()
-            self._pending[job_id] = _Pending(future, opts, frames)
-            self._submits.append((job_id, opts, frames))
-            self._wake_locked()
+            self._pending[job_id] = future
+            # The only job in flight (one call at a time): send it from this thread, saving the hop
+            # to the I/O thread. Otherwise queue it, so that a burst still goes out in batches.
+            if self._submits or len(self._pending) > 1:
+                self._submits.append(future)
+                if not self._woken:
+                    self._wake_locked()
+                return future
+        if not self._send_now(future):
+            with self._lock:
+                self._submits.append(future)
+                if not self._woken:
+                    self._wake_locked()
         return future
+
+    def _send_now(self, future: JobFuture) -> bool:
+        """Send one submission from the calling thread if the I/O thread is waiting in poll."""
+        if not self._sock_lock.acquire(blocking=False):
+            return False
+        try:
+            sock = self._sock
+            if sock is None:
+                return False
+            try:
+                self._send_submit([future])
+            except BaseException as exc:
+                # Failed, or interrupted between two parts (KeyboardInterrupt in the main thread): an
+                # empty part ends any partial message, which the dispatcher then drops as malformed, and
+                # the I/O thread sends the job (again, under the same id).
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send(b"")
+                if isinstance(exc, zmq.ZMQError):
+                    return False
+                with self._lock:
+                    self._submits.append(future)
+                    self._wake_locked()
+                raise
+            # The send may have taken in the signal for a message that arrived meanwhile (ZMQ_FD is
+            # edge-triggered): then the I/O thread would sleep on it, so wake it.
+            readable = _readable(sock)
+        finally:
+            self._sock_lock.release()
+        if readable:
+            with self._lock:
+                self._wake_locked()
+        return True
 
     def watch(self, job_id: str) -> Future[Any]:
         future: Future[Any] = Future()
@@ -171,7 +278,7 @@ class Connection:
 
     def pending_futures(self) -> list[JobFuture]:
         with self._lock:
-            return [p.future for p in self._pending.values()]
+            return list(self._pending.values())
 
     def close(self) -> None:
         with self._lock:
@@ -200,6 +307,13 @@ class Connection:
                 pass
 
     def _run(self) -> None:
+        self._sock_lock.acquire()  # this thread owns the socket, except while it waits in poll
+        try:
+            self._serve()
+        finally:
+            self._sock_lock.release()
+
+    def _serve(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         # Random and not the job-id prefix: another peer that learned it could take the route over.
         sock.setsockopt(zmq.ROUTING_ID, f"c-{uuid.uuid4().hex[:20]}".encode())
@@ -216,8 +330,12 @@ class Connection:
                 self._ctx.term()
             return
         self._sock = sock
+        # Poll the socket's file descriptor, not the socket: zmq_poll on the socket would use it while a
+        # caller thread may be sending on it (_send_now). The fd only signals new events, so the loop
+        # checks ZMQ_EVENTS before it sleeps.
+        sock_fd = sock.getsockopt(zmq.FD)
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(sock_fd, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         watch = watch_handshakes(sock, self.address, self.credentials, "client")
         if watch is not None:  # a refused key or a keys mismatch: fail at once, not at the connect timeout
@@ -229,10 +347,17 @@ class Connection:
             while True:
                 wake_at = min(next_ping, self._busy_at) if self._busy else next_ping
                 timeout = max(0.0, wake_at - time.monotonic())
-                events = dict(poller.poll(int(timeout * 1000) + 1))
+                readable = _readable(sock)
+                self._sock_lock.release()
+                try:
+                    if self._settling:
+                        self._settle_outcomes()
+                    events = dict(poller.poll(0 if readable else int(timeout * 1000) + 1))
+                finally:
+                    self._sock_lock.acquire()
                 if self._wake_r.fileno() in events:
                     self._drain_wakeups()
-                if sock in events:
+                if readable or sock_fd in events:
                     last_heard = self._receive(sock, last_heard)
                 if watch is not None and watch.socket in events and (refused := watch.failure()) is not None:
                     self._fail_all(refused)
@@ -254,8 +379,10 @@ class Connection:
             log.exception("client I/O thread failed")
             self._fail_all(exc)
         finally:
+            self._settle_outcomes()
             if watch is not None:
                 watch.close()
+            self._sock = None
             sock.close(linger=0)
             if self._own_context:
                 self._ctx.term()
@@ -276,7 +403,20 @@ class Connection:
             self._woken = False
 
     def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
-        self._sock.send_multipart(encode(cmd, body, frames or ()), copy=False)
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("the client is closed")
+        # send_multipart, without its enum arithmetic on the flags of every part: small parts by copy,
+        # larger ones (payloads) without copying.
+        parts = encode(cmd, body, frames or ())
+        last = len(parts) - 1
+        send = sock.send
+        for i, part in enumerate(parts):
+            flags = _SNDMORE if i < last else 0
+            if type(part) is bytes and len(part) < _COPY_BELOW:
+                send(part, flags)
+            else:
+                send(part, flags, copy=False)
 
     def _send_queued(self) -> None:
         with self._lock:
@@ -291,20 +431,28 @@ class Connection:
         for cmd, body in commands:
             self._send(cmd, body)
 
-    def _send_submit(self, batch: list[tuple[str, dict[str, Any], list[Any]]]) -> None:
+    def _send_submit(self, batch: list[JobFuture]) -> None:
         entries = []
         frames: list[Any] = []
-        for job_id, opts, data in batch:
-            entries.append([job_id, opts, len(data)])
+        for future in batch:
+            data = future._frames
+            if data is None:  # resolved meanwhile (the client failed or closed)
+                continue
+            entries.append([future.job_id, future._opts, len(data)])
             frames.extend(data)
-        self._send(Cmd.SUBMIT, entries, frames)
+        if entries:
+            self._send(Cmd.SUBMIT, entries, frames)
 
     def _receive(self, sock: zmq.Socket[Any], last_heard: float) -> float:
-        while True:
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return last_heard
+        # recv_multipart without its RCVMORE getsockopt per part, and ZMQ_EVENTS rather than a raised
+        # zmq.Again to find the end: a third of the cost per message.
+        recv = sock.recv
+        while _readable(sock):
+            frame = recv(_NOBLOCK, copy=False)
+            parts = [frame]
+            while frame.more:  # the rest of a multipart message is always there
+                frame = recv(_NOBLOCK, copy=False)
+                parts.append(frame)
             last_heard = time.monotonic()
             try:
                 msg = decode(parts)
@@ -312,6 +460,7 @@ class Connection:
                 log.warning("ignoring a malformed message from the dispatcher: %s", exc)
                 continue
             self._handle(msg.cmd, msg.body, msg.frames)
+        return last_heard
 
     def _handle(self, cmd: Cmd, body: Any, frames: list[Any]) -> None:
         if cmd == Cmd.JOB_DONE:
@@ -352,14 +501,14 @@ class Connection:
 
     def _resend_busy(self) -> None:
         with self._lock:
-            entries = [(i, self._pending[i].opts, self._pending[i].frames) for i in self._busy if i in self._pending]
+            entries = [self._pending[i] for i in self._busy if i in self._pending]
         self._busy = []
         for i in range(0, len(entries), SUBMIT_BATCH):
             self._send_submit(entries[i : i + SUBMIT_BATCH])
 
     def _resend_unfinished(self) -> None:
         with self._lock:
-            entries = [(job_id, p.opts, p.frames) for job_id, p in self._pending.items() if not p.future.cancelled()]
+            entries = [f for f in self._pending.values() if not f.cancelled()]
             watched = list(self._watchers)
         for i in range(0, len(entries), SUBMIT_BATCH):
             self._send_submit(entries[i : i + SUBMIT_BATCH])
@@ -368,41 +517,69 @@ class Connection:
 
     def _on_done(self, entries: list[Any], frames: list[Any]) -> None:
         per_entry = split_frames([int(e[3]) for e in entries], frames)
-        for (job_id, state, info, _), data in zip(entries, per_entry, strict=True):
-            self._resolve(str(job_id), str(state), info, data)
+        self._resolve_many([(str(e[0]), str(e[1]), e[2], data) for e, data in zip(entries, per_entry, strict=True)])
 
     def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:
+        self._resolve_many([(job_id, state, info, data)])
+
+    def _resolve_many(self, outcomes: list[tuple[str, str, dict[str, Any], list[Any]]]) -> None:
+        """Take the futures (and watches) of a batch of outcomes, with one lock round trip.
+
+        They are settled by _settle_outcomes once this loop turn is over and the socket is free, so that
+        a caller woken by its result can send its next submission at once (_send_now)."""
+        pending, watching = self._pending, self._watchers
         with self._lock:
-            pending = self._pending.pop(job_id, None)
-            watchers = self._watchers.pop(job_id, [])
-            self._space.notify()
-        record = {"id": job_id, "state": state, **info}
-        if pending is None and not watchers:
-            self.duplicate_results += 1
-        if pending is not None:
-            future = pending.future
-            future.info = record
-            if future.set_running_or_notify_cancel():
-                _settle(future, state, info, data)
-        for w in watchers:
-            if w.set_running_or_notify_cancel():
-                w.set_result((record, data))
+            found = [(pending.pop(o[0], None), watching.pop(o[0], None) if watching else None) for o in outcomes]
+            self._space.notify(len(outcomes))
+        self._settling.append((outcomes, found))
+
+    def _settle_outcomes(self) -> None:
+        batches, self._settling = self._settling, []
+        for outcomes, found in batches:
+            self._settle_batch(outcomes, found)
+
+    def _settle_batch(
+        self,
+        outcomes: list[tuple[str, str, dict[str, Any], list[Any]]],
+        found: list[tuple[JobFuture | None, list[Future[Any]] | None]],
+    ) -> None:
+        for (job_id, state, info, data), (future, watchers) in zip(outcomes, found, strict=True):
+            if future is None and not watchers:
+                self.duplicate_results += 1
+                continue
+            record = {"id": job_id, "state": state, **info}
+            if future is not None:
+                future.info = record
+                future._opts = future._frames = None
+                if future.set_running_or_notify_cancel():
+                    _settle(future, state, info, data)
+            for w in watchers or ():
+                if w.set_running_or_notify_cancel():
+                    w.set_result((record, data))
 
     def _fail_all(self, exc: BaseException, only_if_unset: bool = False) -> None:
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
+            for job in pending:
+                job._opts = job._frames = None
             watchers = [f for fs in self._watchers.values() for f in fs]
             self._watchers.clear()
             requests = list(self._requests.values())
             if self._fatal is None and not only_if_unset:
                 self._fatal = exc
             self._space.notify_all()
-        for f in [p.future for p in pending] + watchers + requests:
+        futures: list[Future[Any]] = [*pending, *watchers, *requests]
+        for f in futures:
             if not f.done() and f.set_running_or_notify_cancel():
                 f.set_exception(exc)
         if not self._welcome.done():
             self._welcome.set_exception(exc)
+
+
+def _readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message is waiting (ZMQ_EVENTS; this also takes in the socket's pending commands)."""
+    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:
