@@ -168,13 +168,21 @@ def encode_function(fn: Callable[..., Any] | str) -> tuple[str, bytes | None]:
     return display_name(fn), cloudpickle.dumps(fn, protocol=5)
 
 
+_call_headers: dict[tuple[str, bool], bytes] = {}
+
+
 def encode_call(
     fn_name: str,
     fn_bytes: bytes | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Frames:
-    header = msgpack.packb([fn_name, fn_bytes is not None, False], use_bin_type=True)
+    key = (fn_name, fn_bytes is not None)
+    header = _call_headers.get(key)
+    if header is None:  # the same few functions are called over and over: pack each header once
+        header = msgpack.packb([fn_name, fn_bytes is not None, False], use_bin_type=True)
+        if len(_call_headers) < 4096:
+            _call_headers[key] = header
     frames: Frames = [header]
     if fn_bytes is not None:
         frames.append(fn_bytes)
