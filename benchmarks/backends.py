@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -122,10 +123,14 @@ class ConveyorBackend(Backend):
     def _start(self, stack: contextlib.ExitStack) -> None:
         from conveyor import Client, LocalCluster
 
+        # The journal is on, as in a real deployment (issue 6 measures with it): in a fresh directory.
+        state = tempfile.mkdtemp(prefix="conveyor-bench-")
+        stack.callback(shutil.rmtree, state, ignore_errors=True)
         self.cluster = LocalCluster(
-            workers=1, mode=self.setup.mode, concurrency=self.setup.slots, quiet=not self.cluster_logs
+            workers=1, mode=self.setup.mode, concurrency=self.setup.slots, quiet=not self.cluster_logs,
+            journal=os.path.join(state, "journal.db"),
         )
-        stack.callback(self.cluster.stop)  # registered first, so it runs last
+        stack.callback(self.cluster.stop)  # registered before the client, so it runs after it
         address = self.cluster.start()
         self.client = Client(address)
         stack.callback(self.client.close)
