@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 3, or 1 with --smoke)")
     parser.add_argument("--only", nargs="+", choices=WORKLOAD_NAMES, metavar="NAME",
                         help=f"run only these workloads: {', '.join(WORKLOAD_NAMES)}")
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help="run only these backends: conveyor, conveyor_threads, process_pool, dask, ray")
     parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the JSON results (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds one sample may take before it counts as a hang (default 600, smoke 60)")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = load_average()
     source = describe_source(REPO_ROOT)
-    specs = backend_specs()
+    specs = [s for s in backend_specs() if not args.backends or s.name in args.backends]
     available = [s for s in specs if s.available]
 
     ctx = RunContext(sizes)
