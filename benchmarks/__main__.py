@@ -2,4 +2,5 @@
 
 from benchmarks.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not in the interpreters each sample runs in (spawned: they import this module)
+    raise SystemExit(main())

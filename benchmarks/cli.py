@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -77,6 +78,46 @@ def run_sample(
     return sample, warm
 
 
+def run_isolated(
+    spec: BackendSpec, setup: Setup, workload: Workload, ctx: RunContext, timeout: float, cluster_logs: bool
+) -> tuple[Sample, dict[str, Any]]:
+    """run_sample in a fresh interpreter, so no backend's threads, imports or garbage (dask's event loop,
+    Ray's client) lingers into the next backend's sample; a sample that hangs past its timeout is killed."""
+    spawn = multiprocessing.get_context("spawn")
+    parent, child = spawn.Pipe(duplex=False)
+    proc = spawn.Process(target=_sample_child, args=(child, spec, setup, workload, ctx, timeout, cluster_logs))
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout + 60):
+            raise TimeoutError(f"no result within the {timeout:g} s sample timeout (a hang?)")
+        ok, value = parent.recv()
+    except EOFError:
+        raise BackendFailure(f"the sample's process died (exit code {proc.exitcode})") from None
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        parent.close()
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _sample_child(conn: Any, *args: Any) -> None:
+    try:
+        result: tuple[bool, Any] = (True, run_sample(*args))
+    except Exception as exc:
+        exc.add_note(traceback.format_exc())
+        result = (False, exc)
+    try:
+        conn.send(result)
+    except Exception as exc:  # an exception that does not pickle: send what it says
+        conn.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]} ({exc})")))
+    conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
@@ -127,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                     label = escape(f"[run {run + 1}/{runs}] {w.name:<11} {spec.label:<16}")
                     t0 = time.perf_counter()
                     try:
-                        sample, warm = run_sample(spec, setup, w, ctx, timeout, args.cluster_logs)
+                        if w.name == "cpu_bound":
+                            ctx.cpu_serial_s()  # this run's serial baseline, measured here once for every backend
+                        sample, warm = run_isolated(spec, setup, w, ctx, timeout, args.cluster_logs)
                     except Exception as exc:
                         message = f"{type(exc).__name__}: {exc}"
                         if isinstance(exc, TimeoutError) and not str(exc):
