@@ -179,7 +179,13 @@ def test_journal_stays_bounded_and_results_expire(tmp_path: Path) -> None:
             with sqlite3.connect(db) as conn:
                 return int(conn.execute("SELECT count(*) FROM jobs").fetchone()[0])
 
-        # delivered jobs leave the journal; the kept one stays until its TTL passes
+        def kept_rows() -> int:
+            with sqlite3.connect(db) as conn:
+                return int(conn.execute("SELECT count(*) FROM jobs WHERE id=?", (kept.job_id,)).fetchone()[0])
+
+        # The kept result is written by the group commit, within a few ms of its delivery ...
+        wait_until(lambda: kept_rows() == 1, timeout=20, what="the kept job's row in the journal")
+        # ... delivered jobs leave the journal; the kept one stays until its TTL passes
         wait_until(lambda: rows() == 0, timeout=20, what="the journal to empty after the TTL")
         assert client.job_info(kept.job_id)[0] is None
     finally:
