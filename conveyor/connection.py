@@ -34,13 +34,13 @@ from conveyor.protocol import Cmd, ProtocolError, decode, encode, split_frames
 from conveyor.protocol import errors as perr
 from conveyor.protocol.payload import decode_value
 from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, configure_socket, watch_handshakes
+from conveyor.sockets import send_parts
 
 log = logging.getLogger("conveyor.client")
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
 # Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
-_SNDMORE, _NOBLOCK, _EVENTS, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
-_COPY_BELOW = zmq.COPY_THRESHOLD  # bytes: smaller parts are copied into the message (as pyzmq would)
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class _FutureCondition(threading.Condition):
@@ -406,17 +406,7 @@ class Connection:
         sock = self._sock
         if sock is None:
             raise RuntimeError("the client is closed")
-        # send_multipart, without its enum arithmetic on the flags of every part: small parts by copy,
-        # larger ones (payloads) without copying.
-        parts = encode(cmd, body, frames or ())
-        last = len(parts) - 1
-        send = sock.send
-        for i, part in enumerate(parts):
-            flags = _SNDMORE if i < last else 0
-            if type(part) is bytes and len(part) < _COPY_BELOW:
-                send(part, flags)
-            else:
-                send(part, flags, copy=False)
+        send_parts(sock, encode(cmd, body, frames or ()))
 
     def _send_queued(self) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ from conveyor.dispatcher.validate import ready_body, results_entries, submit_ent
 from conveyor.keys import load_dispatcher_credentials
 from conveyor.protocol import Cmd, Message, ProtocolError, VersionMismatch, decode, encode, split_frames
 from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, check_bind
+from conveyor.sockets import NOBLOCK, send_parts
 
 log = logging.getLogger("conveyor.dispatcher")
 
@@ -522,15 +523,8 @@ class Dispatcher:
         assert self._router is not None
         if self._gate.blocked and not self._gate.may_send(peer, time.monotonic()):
             return False  # quarantined or revoked: nothing more goes to it
-        router = self._router
         try:
-            router.send(peer, _SEND_MORE)
-            parts = encode(cmd, body, frames or ())
-            last = len(parts) - 1
-            for i, part in enumerate(parts):
-                # Small parts are copied (cheaper than a zero-copy frame); big ones and received frames are not.
-                small = type(part) is bytes and len(part) <= _COPY_LIMIT
-                router.send(part, _SEND_MORE if i < last else _SEND_LAST, copy=small)
+            send_parts(self._router, [peer, *encode(cmd, body, frames or ())], NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
@@ -548,10 +542,6 @@ def _same_options(raw: Any, last: Any) -> bool:
 
 
 COMMIT_WINDOW = 0.005  # seconds a journal write may wait for company (and the ACCEPTED of it)
-
-_SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)  # plain ints: enum flag arithmetic per frame shows in profiles
-_SEND_LAST = int(zmq.NOBLOCK)
-_COPY_LIMIT = 64 * 1024
 
 
 def _unknown_job(job_id: str) -> dict[str, str]:

@@ -39,9 +39,9 @@ log = logging.getLogger("conveyor.worker")
 
 MAX_BACKOFF = 5.0
 AUTO_PREFETCH = 256  # most jobs held beyond the slots when the dispatcher sizes the window itself
-STALL_AFTER = 0.1  # auto prefetch: no slot freed for this long means a slow task; hand the waiting jobs back
-FLUSH_BATCH = 64  # outcomes that go out at once even while more tasks wait for a slot
-FLUSH_DELAY = 0.001  # how long outcomes may wait for company while more tasks wait for a slot
+STALL_AFTER = 0.1  # auto prefetch: no task started or ended for this long: hand the jobs not started back
+FLUSH_BATCH = 64  # outcomes that go out at once even while the worker holds more jobs than slots
+FLUSH_DELAY = 0.001  # how long outcomes may wait for company while it holds more jobs than slots
 KILL_WAIT = 5.0  # seconds to let handed-back tasks stop before the worker exits
 
 
@@ -421,7 +421,7 @@ class Worker:
         return len(keys)
 
     def _flush(self) -> None:
-        """Send every finished outcome in one RESULTS message (batched per loop turn)."""
+        """Send every finished outcome in one RESULTS message (see _report for when)."""
         self._flush_soon = False
         if self._flush_timer is not None:
             self._flush_timer.cancel()
@@ -485,7 +485,6 @@ class Worker:
             await self._until_idle(remaining)
         for key in list(self._running):
             self.mode.cancel(key)  # the dispatcher will count these as lost and run them elsewhere
-
 
     async def _until_idle(self, timeout: float) -> None:
         try:

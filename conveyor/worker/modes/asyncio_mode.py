@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from conveyor.errors import JobCancelled
 from conveyor.protocol import errors as perr
 from conveyor.worker import capture
-from conveyor.worker.execution import Outcome, Task, failure, infra_failure, run_async
-from conveyor.worker.modes.base import Done, Mode, log
+from conveyor.worker.execution import Outcome, Task, infra_failure, run_async
+from conveyor.worker.modes.base import Done, Mode
 
 
 @dataclass(slots=True)
@@ -102,13 +102,7 @@ class AsyncioMode(Mode):
                 runner.add_done_callback(self._direct_runners.discard)
 
     async def _run_direct(self, item: _Item) -> None:
-        try:
-            outcome = await self._run_here(item.task)
-        except asyncio.CancelledError:
-            outcome = infra_failure(item.task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
-        except Exception as exc:  # a bug here must not kill the loop; report it as the task's failure
-            log.exception("asyncio mode failed running %s", item.task.job_id)
-            outcome = failure(item.task, exc)
+        outcome = await self.guarded(item.task, self._run_here(item.task))
         with self._lock:
             self._finished.append((item, outcome))
             wake, self._finished_wake = not self._finished_wake, True

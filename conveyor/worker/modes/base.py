@@ -54,18 +54,22 @@ class Mode(abc.ABC):
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
 
+    async def guarded(self, task: Task, work: Awaitable[Outcome]) -> Outcome:
+        """work's outcome; a cancellation or a bug in the mode becomes the task's outcome, not the worker's end."""
+        try:
+            return await work
+        except asyncio.CancelledError:  # the loop running it is closing under it
+            return infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
+        except Exception as exc:
+            log.exception("mode %s failed running %s", self.name, task.job_id)
+            return failure(task, exc)
+
     def withdraw(self, key: tuple[str, int]) -> bool:
         """Take back a submitted task that has not started (it never will, and is not reported)."""
         return False
 
     async def _run_and_report(self, task: Task, done: Done) -> None:
-        try:
-            outcome = await self.run(task)
-        except asyncio.CancelledError:  # the worker's loop is closing under it
-            outcome = infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
-        except Exception as exc:  # a bug in a mode must not kill the worker; report it as the task's failure
-            log.exception("mode %s failed running %s", self.name, task.job_id)
-            outcome = failure(task, exc)
+        outcome = await self.guarded(task, self.run(task))
         done(task, outcome)
 
     async def shutdown(self) -> None:
