@@ -75,6 +75,14 @@ def crash() -> None:
     os._exit(13)
 
 
+def sleep_marked(marker: str, seconds: float) -> float:
+    """Sleep, after creating `marker`: a test waits for the file to know the task has really started
+    (the dispatcher counts a job as running from its assignment, before the worker starts it)."""
+    Path(marker).touch()
+    time.sleep(seconds)
+    return seconds
+
+
 def pid_and_sleep(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()

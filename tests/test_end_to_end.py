@@ -228,8 +228,9 @@ def test_worker_sigterm_drains_and_exits_zero(cluster: Cluster) -> None:
     name = cluster.start_worker("threads", 2)
     cluster.wait_for_workers(name)
     with cluster.client() as client:
-        fut = client.submit(tasks.sleep, 1.0)
-        wait_until(lambda: client.status()["running"] == 1, what="the task to start")
+        started = cluster.tmp / "started"
+        fut = client.submit(tasks.sleep_marked, str(started), 1.0)
+        wait_until(started.exists, what="the task to start")  # assigned is not enough: unstarted jobs go back
         assert stop_process(cluster.workers[name]) == 0
         assert fut.result(10) == 1.0  # finished during the drain, not lost
         wait_until(lambda: not client.status()["workers"], what="the worker to deregister")
@@ -322,8 +323,9 @@ def test_prefetch_holds_jobs_beyond_the_slots_and_still_cancels_and_drains(clust
             held[0].result(10)
         assert first.result(20) == 1.0
         assert [f.result(20) for f in held[1:]] == [1, 2]
-        slow = [client.submit(tasks.sleep, 2.0) for _ in range(4)]  # one runs, three wait on the worker
-        wait_until(lambda: client.status()["running"] == 4, what="the worker to hold all four")
+        started = cluster.tmp / "slow-started"
+        slow = [client.submit(tasks.sleep_marked, str(started), 2.0) for _ in range(4)]  # one runs, three wait
+        wait_until(lambda: client.status()["running"] == 4 and started.exists(), what="the worker to hold all four")
         assert stop_process(cluster.workers[name]) == 0  # drain: the running one finishes, the rest go back
         cluster.start_worker("threads", 4, name="after")
         assert [f.result(30) for f in slow] == [2.0] * 4

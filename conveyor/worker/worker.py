@@ -455,7 +455,9 @@ class Worker:
     def _begin_drain(self) -> None:
         self._drain_deadline = min(self._drain_deadline, time.monotonic() + self.drain_timeout)
         self._send(Cmd.LEAVING, {})
-        self._give_back_unstarted()  # prefetched and not started: straight back to the dispatcher
+        handed = self._give_back_unstarted()  # prefetched and not started: straight back to the dispatcher
+        if handed:
+            log.info("handed %d job(s) not yet started back to the dispatcher", handed)
         if self._running:
             log.info("draining %d running task(s), up to %.0f s", len(self._running), self.drain_timeout)
 

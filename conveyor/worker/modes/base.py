@@ -65,7 +65,7 @@ class Mode(abc.ABC):
             return failure(task, exc)
 
     def withdraw(self, key: tuple[str, int]) -> bool:
-        """Take back a submitted task that has not started (it never will, and is not reported)."""
+        """Take back a submitted task that waits for a slot (it never starts, and is not reported)."""
         return False
 
     async def _run_and_report(self, task: Task, done: Done) -> None:

@@ -22,7 +22,7 @@ from conveyor.worker.execution import Outcome, Task, infra_failure, run_sync
 from conveyor.worker.modes.base import Done, Mode
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
 class _Item:
     task: Task
     future: asyncio.Future[Outcome] | None  # a task with a timeout: supervised, run() waits on this
@@ -50,6 +50,7 @@ class ThreadsMode(Mode):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._target = concurrency
+        self._busy: set[_Item] = set()  # the items threads are running (an abandoned one leaves it)
         self._finished: list[tuple[_Item, Outcome]] = []  # handed to the loop in batches
         self._wake_pending = False
 
@@ -86,6 +87,7 @@ class ThreadsMode(Mode):
                 return True  # timed out or cancelled before it started
             item.thread = threading.get_ident()
             item.started = True
+            self._busy.add(item)
         reports = self.reports
         if reports is None:
             outcome = run_sync(item.task)
@@ -97,6 +99,7 @@ class ThreadsMode(Mode):
                 capture.leave(ctx)
         with self._lock:
             item.thread = None
+            self._busy.discard(item)
             self._finished.append((item, outcome))
             wake = not self._wake_pending
             self._wake_pending = True
@@ -147,9 +150,26 @@ class ThreadsMode(Mode):
         with self._lock:
             if item.started or item.dropped:
                 return False  # running or ran (or already cancelled)
+            if self._next_for_an_idle_thread(item):
+                return False  # not waiting for a slot: a free thread is about to take it
             item.dropped = True
         del self._running[key]
         return True
+
+    def _next_for_an_idle_thread(self, item: _Item) -> bool:
+        """True if item is among the first queued items that the idle threads will take (under the lock)."""
+        idle = self._target - len(self._busy)
+        if idle <= 0:
+            return False
+        for queued in self._running.values():  # in queue order
+            if queued.started or queued.dropped:
+                continue
+            if queued is item:
+                return True
+            idle -= 1
+            if idle == 0:
+                return False
+        return False
 
     async def run(self, task: Task) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -171,6 +191,8 @@ class ThreadsMode(Mode):
             if thread is None:
                 return  # not started (it will be skipped) or already finished
             hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(type(reason)))
+            if hit == 1:
+                self._busy.discard(item)  # its thread is abandoned; a new one takes its place
         if hit == 1:
             self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
 
