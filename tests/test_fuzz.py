@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -366,6 +367,51 @@ def test_dispatcher_survives_fuzzing(cluster: Cluster) -> None:
     assert list(client.map(tasks.add, range(50), range(50), timeout=60)) == [2 * i for i in range(50)]
     with Client(cluster.address) as fresh:
         assert fresh.submit(tasks.add, 20, 22).result(30) == 42
+
+
+def _container_bomb(mib: int) -> bytes:
+    """A msgpack body of `mib` arrays of 1 Mi empty arrays: one byte each on the wire, a list in memory."""
+    inner = b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)
+    return b"\xdc" + mib.to_bytes(2, "big") + inner * mib
+
+
+def test_a_body_of_empty_arrays_is_refused_before_it_fills_memory() -> None:
+    with pytest.raises(ProtocolError, match="too many arrays and maps"):
+        decode([SIGNATURE, bytes((Cmd.SUBMIT,)), _container_bomb(2)])
+    # the densest real body: a SUBMIT batch from the client, with its shortest ids and no options
+    entries = [[f"0123456789-{i:x}", {}, 1] for i in range(200_000)]
+    assert decode([SIGNATURE, bytes((Cmd.SUBMIT,)), msgpack.packb(entries)]).body == entries
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's high-water mark of resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_dispatcher_stays_small_and_awake_under_a_container_bomb(cluster: Cluster) -> None:
+    dispatcher = cluster.dispatcher
+    assert dispatcher is not None
+    client = cluster.client()
+    cluster.wait_for_workers(cluster.start_worker("threads", 1, None, "w1"))
+    assert client.submit(tasks.add, 1, 2).result(30) == 3
+    peak_before = _peak_rss(dispatcher.pid)
+    malformed = _status(client)["totals"]["malformed"]
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        bomber = ctx.socket(zmq.DEALER)
+        bomber.connect(cluster.address)
+        bomber.send_multipart([SIGNATURE, bytes((Cmd.SUBMIT,)), _container_bomb(16)])  # 16 MiB: once 1.1 GiB
+        wait_until(lambda: _status(client)["totals"]["malformed"] > malformed, 30, what="the bomb to be refused")
+    finally:
+        ctx.destroy(linger=0)
+    growth = _peak_rss(dispatcher.pid) - peak_before
+    assert dispatcher.poll() is None, cluster.logs()
+    assert growth < 400 << 20, f"the dispatcher's peak RSS grew by {growth >> 20} MiB"
+    assert client.submit(tasks.add, 2, 3).result(30) == 5
+    assert [w["name"] for w in _status(client)["workers"]] == ["w1"]  # not declared lost meanwhile
 
 
 def test_garbage_sender_is_quarantined(cluster: Cluster) -> None:
