@@ -18,7 +18,7 @@ touches a socket, so every function can be tested with plain bytes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,34 +110,30 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     if len(data) > MAX_BODY_BYTES:
         raise ProtocolError("message body too large")
-    if len(data) <= SMALL_BODY:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=False,
-            max_array_len=MAX_ARRAY_LEN,
-            max_map_len=MAX_MAP_LEN,
-            max_ext_len=0,  # bodies never hold extension types (timestamps included)
-        )
-    budget = len(data) // CONTAINER_BYTES
-
-    def count(container: Any) -> Any:  # called for each array and map as it is built
-        nonlocal budget
-        budget -= 1
-        if budget < 0:
-            raise ProtocolError("message body holds too many arrays and maps for its size")
-        return container
-
+    count = None if len(data) <= SMALL_BODY else _container_budget(len(data) // CONTAINER_BYTES)
     return msgpack.unpackb(
         data,
         raw=False,
         strict_map_key=False,
         max_array_len=MAX_ARRAY_LEN,
         max_map_len=MAX_MAP_LEN,
-        max_ext_len=0,
+        max_ext_len=0,  # bodies never hold extension types (timestamps included)
         list_hook=count,
         object_hook=count,
     )
+
+
+def _container_budget(budget: int) -> Callable[[Any], Any]:
+    """A hook msgpack calls for each array and map it builds: it refuses the body past `budget` of them."""
+
+    def count(container: Any) -> Any:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise ProtocolError("message body holds too many arrays and maps for its size")
+        return container
+
+    return count
 
 
 def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
