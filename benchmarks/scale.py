@@ -702,15 +702,17 @@ def main(argv: list[str] | None = None) -> int:
         "rss_below_1_GiB": main_group["rss_full"]["median"] < target_rss and main_group["rss_peak"] < target_rss,
         "submit_below_30_s": main_group["submit_seconds"]["median"] < 30.0,
     }
-    flat: dict[str, float] = {}
+    def ratio(sweep: list[dict[str, Any]], key: str) -> float | None:
+        """Last over first; None when the first is too short for the CPU clock (10 ms ticks) to see."""
+        first = sweep[0][key]["median"]
+        return sweep[-1][key]["median"] / first if first > 0 else None
+
+    flat: dict[str, float | None] = {}
     if len(queue_sweep) > 1:
-        flat["drain_cpu_ratio_longest_to_shortest_queue"] = (
-            queue_sweep[-1]["drain_cpu_us"]["median"] / queue_sweep[0]["drain_cpu_us"]["median"])
-        flat["submit_cpu_ratio_longest_to_shortest_queue"] = (
-            queue_sweep[-1]["submit_cpu_us"]["median"] / queue_sweep[0]["submit_cpu_us"]["median"])
+        flat["drain_cpu_ratio_longest_to_shortest_queue"] = ratio(queue_sweep, "drain_cpu_us")
+        flat["submit_cpu_ratio_longest_to_shortest_queue"] = ratio(queue_sweep, "submit_cpu_us")
     if len(worker_sweep) > 1:
-        flat["drain_cpu_ratio_most_to_fewest_workers"] = (
-            worker_sweep[-1]["drain_cpu_us"]["median"] / worker_sweep[0]["drain_cpu_us"]["median"])
+        flat["drain_cpu_ratio_most_to_fewest_workers"] = ratio(worker_sweep, "drain_cpu_us")
     doc: dict[str, Any] = {
         "benchmark": "scale",
         "timestamp": started_at.isoformat(timespec="seconds"),
@@ -743,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                               for b in bins)
             print(f"{curve_name} CPU µs per task by queue length within the main run: {cells}")
     for k, v in flat.items():
-        print(f"{k}: {v:.2f} (1.0 = flat)")
+        print(f"{k}: {v:.2f} (1.0 = flat)" if v is not None else f"{k}: too short to measure")
     print(f"load average before {load_before}, after {load_average()}")
     os.makedirs(args.out, exist_ok=True)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
