@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor.bars import format_progress
+from conveyor.cli_common import keys_option
 from conveyor.dispatcher.observe import parse_duration
 
 DispatcherOpt = Annotated[
@@ -42,11 +43,7 @@ def _error(message: str, code: int = 1) -> Exception:
     return _cli().CliError(message, code)  # type: ignore[no-any-return]
 
 
-KeysOpt = Annotated[
-    str | None,
-    typer.Option("--keys", envvar="CONVEYOR_KEYS", show_envvar=False,
-                 help="Key directory from `conveyor keys init` [env CONVEYOR_KEYS]"),
-]
+KeysOpt = Annotated[str | None, keys_option("Key directory from `conveyor keys init` [env CONVEYOR_KEYS]")]
 
 
 def _connect(dispatcher: str | None, keys: str | None) -> Any:
@@ -129,6 +126,13 @@ def _load_bar(running: int, concurrency: int, width: int = 10) -> Text:
     return text
 
 
+def _prefetch_text(w: dict[str, Any]) -> str:
+    """A worker's prefetch window: "auto (12)" when the dispatcher sizes it (12 jobs now), else "3"."""
+    if "window" not in w:  # a dispatcher from before the window was reported: only the configured number
+        return str(w.get("prefetch", "-"))
+    return f"auto ({w['window']})" if w.get("prefetch_auto") else str(w["window"])
+
+
 def render_status(st: dict[str, Any], rates: list[float] | None = None, max_workers: int | None = None) -> Group:
     """The status view: a summary, the workers, the queues (`conveyor status`, `conveyor top`)."""
     d = st.get("dispatcher", {})
@@ -176,7 +180,7 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
 
     table = Table(expand=False, header_style="bold dim", box=None, pad_edge=False, padding=(0, 2, 0, 0))
     for col, justify in (("worker", "left"), ("host", "left"), ("pid", "right"), ("mode", "left"), ("busy", "left"),
-                         ("done", "right"), ("tags", "left"), ("last heartbeat", "right")):
+                         ("prefetch", "right"), ("done", "right"), ("tags", "left"), ("last heartbeat", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     shown = sorted(workers, key=lambda w: (-w["running"], w["name"])) if max_workers else sorted(
         workers, key=lambda w: w["name"]
@@ -190,8 +194,8 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
         if w.get("draining"):
             name.append(" draining", style="yellow")
         table.add_row(
-            name, w["host"], str(w["pid"]), w["mode"], _load_bar(w["running"], w["concurrency"]), f"{w['done']:,}",
-            ",".join(w["tags"]) or "-", Text(f"{hb:.1f}s ago", style=hb_style),
+            name, w["host"], str(w["pid"]), w["mode"], _load_bar(w["running"], w["concurrency"]), _prefetch_text(w),
+            f"{w['done']:,}", ",".join(w["tags"]) or "-", Text(f"{hb:.1f}s ago", style=hb_style),
         )
     parts: list[RenderableType] = [head, line, tot, Text()]
     if workers:

@@ -167,14 +167,17 @@ def test_status(cluster: Cluster) -> None:
     assert worker["name"] == name and worker["pid"] == cluster.worker_pid(name)
     assert worker["host"] == "127.0.0.1" and worker["mode"] == "threads"
     assert worker["concurrency"] == 1 and worker["running"] == 1 and worker["tags"] == ["cli"]
+    # auto prefetch (the default), and no task finished yet: no window beyond its slot
+    assert worker["prefetch_auto"] is True and worker["window"] == 0
     assert status["dispatcher"]["endpoint"] == cluster.address
 
     text = assert_ok(table)
     assert "1 queued, 1 running" in text, text
-    for header in ("worker", "host", "pid", "mode", "busy"):
+    for header in ("worker", "host", "pid", "mode", "busy", "prefetch"):
         assert header in text, text
     row = next(line for line in text.splitlines() if name in line)
     assert str(cluster.worker_pid(name)) in row and "threads" in row and "1/1" in row, text
+    assert "auto (0)" in row, text
 
 
 def test_cancel_a_queued_job(cluster: Cluster) -> None:

@@ -1475,3 +1475,24 @@ def test_a_fixed_prefetch_does_not_adapt() -> None:
     assert len(assigns(run(s))[b"w"]) == 4
     finish_all(s, b"w", 5.0)  # slow tasks change nothing
     assert w.window == 3 and len(assigns(run(s))[b"w"]) == 4
+
+
+def test_status_reports_each_workers_current_prefetch_window() -> None:
+    """STATUS shows the window the dispatcher sized, not only the configured cap (256 with auto)."""
+    s = make()
+    for i in range(100):
+        submit(s, f"j{i}")
+    auto_worker(s, b"auto")
+    s.worker_ready(
+        b"fixed", name="fixed", host="host", pid=2, mode="thread", concurrency=1, tags=(), credit=4, running=(),
+        now=0.0, prefetch=3,
+    )
+
+    def views() -> dict[str, tuple[int, bool, int]]:
+        return {w["name"]: (w["prefetch"], w["prefetch_auto"], w["window"]) for w in s.status(1.0)["workers"]}
+
+    assert views() == {"auto": (256, True, 0), "fixed": (3, False, 3)}  # no durations known yet
+    run(s)
+    finish_all(s, b"auto", 0.0001)  # 0.1 ms tasks: 2 slots x 2 ms / 0.1 ms = 40
+    finish_all(s, b"fixed", 0.0001)
+    assert views() == {"auto": (256, True, 40), "fixed": (3, False, 3)}

@@ -442,7 +442,9 @@ class Scheduler:
                 "pid": w.pid,
                 "mode": w.mode,
                 "concurrency": w.concurrency,
-                "prefetch": w.prefetch,
+                "prefetch": w.prefetch,  # the most it may hold beyond its slots: the cap when prefetch_auto
+                "prefetch_auto": w.prefetch_auto,
+                "window": w.window,  # what it may hold beyond its slots right now
                 "tags": sorted(w.tags),
                 "running": len(w.running),
                 "done": w.done,
