@@ -19,17 +19,12 @@ try:  # typer >= 0.29 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
+from conveyor.cli_common import keys_option, new_app
 from conveyor.errors import ConveyorError
 from conveyor.protocol import errors as perr
 from conveyor.protocol.payload import decode_value
 
-app = typer.Typer(
-    name="conveyor",
-    help="Conveyor: a distributed task runner for Python on ZeroMQ.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = new_app("conveyor", "Conveyor: a distributed task runner for Python on ZeroMQ.")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
@@ -41,8 +36,7 @@ DispatcherOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 KeysOpt = Annotated[
     str | None,
-    typer.Option("--keys", envvar="CONVEYOR_KEYS", show_envvar=False,
-                 help="Key directory from `conveyor keys init`: CurveZMQ (docs/security.md) [env CONVEYOR_KEYS]"),
+    keys_option("Key directory from `conveyor keys init`: CurveZMQ (docs/security.md) [env CONVEYOR_KEYS]"),
 ]
 InsecureOpt = Annotated[
     bool,
@@ -448,7 +442,7 @@ def status(dispatcher: DispatcherOpt = None, as_json: JsonOpt = False, keys: Key
         st = client.status()
     from conveyor.cli_observe import print_status
 
-    print_status(st, as_json)  # workers (host, mode, busy slots, done, heartbeat), queues, throughput
+    print_status(st, as_json)  # workers (host, mode, busy slots, prefetch, done, heartbeat), queues, throughput
 
 
 @app.command()

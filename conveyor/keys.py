@@ -127,20 +127,30 @@ def read_key_pair(path: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
+def _own_key_pair(directory: str | os.PathLike[str], name: str, why_missing: str) -> tuple[Path, bytes, bytes]:
+    """DIR, and the public and secret key in DIR/NAME.key_secret.
+
+    Raises KeysError saying what to do if DIR or the file is missing; for the file, "DIR <why_missing>".
+    """
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise KeysError(f"key directory {root} not found (create one with `conveyor keys init {root}`)")
+    secret_file = root / f"{name}{SECRET_SUFFIX}"
+    if not secret_file.exists():
+        raise KeysError(f"{secret_file} not found: {root} {why_missing}")
+    public, secret = read_key_pair(secret_file)
+    return root, public, secret
+
+
 def load_peer_credentials(directory: str | os.PathLike[str], role: str) -> PeerCredentials:
     """A worker's or client's keys from DIR: DIR/<role>.key_secret and DIR/dispatcher.key."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise KeysError(f"key directory {root} not found (create one with `conveyor keys init {root}`)")
-    secret_file = root / f"{role}{SECRET_SUFFIX}"
-    if not secret_file.exists():
-        raise KeysError(
-            f"{secret_file} not found: {root} holds no {role} key "
-            f"(`conveyor keys init DIR` makes one; `conveyor keys add-{role} DIR NAME` makes one for another host)"
-        )
-    public, secret = read_key_pair(secret_file)
+    root, public, secret = _own_key_pair(
+        directory, role,
+        f"holds no {role} key "
+        f"(`conveyor keys init DIR` makes one; `conveyor keys add-{role} DIR NAME` makes one for another host)",
+    )
     server_file = root / f"dispatcher{PUBLIC_SUFFIX}"
     if not server_file.exists():
         raise KeysError(f"{server_file} not found: copy the dispatcher's public key there")
@@ -149,16 +159,9 @@ def load_peer_credentials(directory: str | os.PathLike[str], role: str) -> PeerC
 
 def load_dispatcher_credentials(directory: str | os.PathLike[str]) -> DispatcherCredentials:
     """The dispatcher's key pair from DIR/dispatcher.key_secret; DIR/authorized/ lists who may connect."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise KeysError(f"key directory {root} not found (create one with `conveyor keys init {root}`)")
-    secret_file = root / f"dispatcher{SECRET_SUFFIX}"
-    if not secret_file.exists():
-        raise KeysError(
-            f"{secret_file} not found: {root} is not a dispatcher's key directory "
-            f"(create one with `conveyor keys init DIR`)"
-        )
-    public, secret = read_key_pair(secret_file)
+    root, public, secret = _own_key_pair(
+        directory, "dispatcher", "is not a dispatcher's key directory (create one with `conveyor keys init DIR`)"
+    )
     for role in ROLES:
         if not authorized_dir(root, role).is_dir():
             log.warning("%s does not exist: no %s can connect", authorized_dir(root, role), role)

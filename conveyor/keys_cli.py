@@ -12,15 +12,10 @@ from typing import Annotated
 import typer
 
 from conveyor import keys as keyfiles
+from conveyor.cli_common import new_app
 from conveyor.errors import KeysError
 
-app = typer.Typer(
-    name="keys",
-    help="Create and authorize CurveZMQ keys (docs/security.md).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = new_app("keys", "Create and authorize CurveZMQ keys (docs/security.md).")
 
 DirArg = Annotated[Path, typer.Argument(help="The key directory.")]
 NameArg = Annotated[str, typer.Argument(help="A name for the key: letters, digits, '.', '_', '-'.")]

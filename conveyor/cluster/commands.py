@@ -20,24 +20,17 @@ from typing import Annotated, Any
 
 import typer
 
+from conveyor.cli_common import keys_option, new_app
 from conveyor.cluster import remote
 from conveyor.cluster.inventory import DEFAULT_STATE_DIR, Inventory, InventoryError, Process, load_inventory
 from conveyor.cluster.remote import Outcome
 
-app = typer.Typer(
-    name="cluster",
-    help="Run a dispatcher and workers on many hosts over SSH, from an inventory file (hosts.toml).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = new_app("cluster", "Run a dispatcher and workers on many hosts over SSH, from an inventory file (hosts.toml).")
 
 InventoryArg = Annotated[Path, typer.Argument(help="The inventory file (see deploy/hosts.example.toml).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of lines.")]
 KeysOpt = Annotated[
-    str | None,
-    typer.Option("--keys", envvar="CONVEYOR_KEYS", show_envvar=False,
-                 help="Client key directory for asking the dispatcher (`conveyor keys`) [env CONVEYOR_KEYS]."),
+    str | None, keys_option("Client key directory for asking the dispatcher (`conveyor keys`) [env CONVEYOR_KEYS].")
 ]
 HostOpt = Annotated[
     list[str] | None, typer.Option("--host", "-H", help="Only the host entry with this name (repeatable).")
