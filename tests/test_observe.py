@@ -21,7 +21,8 @@ import pexpect
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor.dispatcher.observe import OUTPUT_LIMIT, StreamTail, parse_duration
+from conveyor.dispatcher.observe import parse_duration
+from conveyor.dispatcher.outputs import OUTPUT_LIMIT, OutputStore, StreamTail
 from conveyor.worker.capture import TaskReports
 from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
 from tests.test_cli import assert_ok, free_port, run_cli, show
@@ -59,6 +60,24 @@ def test_a_stream_tail_keeps_the_last_characters_and_counts_all() -> None:
     assert (start, new) == (59_994, "09999\n")
     start, new = tail.since(0, 1000)  # the beginning is gone: the reader learns where the kept text starts
     assert start == 59_000 and new == text
+
+
+def test_the_output_store_keeps_running_jobs_and_evicts_the_oldest_finished_first() -> None:
+    store = OutputStore(limit=100, budget=250)
+    for job in ("a", "b", "c"):
+        store.write(job, 1, "stdout", job * 500)  # each stream keeps its last 100 characters
+    assert store.chars == 300 and store.texts("a") == {"stdout": "a" * 100}
+    store.evict()
+    assert len(store) == 3  # over budget, but nothing has finished: running jobs' output stays
+    store.finished("b")
+    store.finished("a")
+    store.evict()
+    assert "b" not in store and "a" in store and store.chars == 200  # b finished first: b went first
+    store.write("c", 2, "stdout", "retry")  # a new attempt starts empty, and readers' offsets go on
+    assert store.texts("c") == {"stdout": "retry"} and store.chars == 105
+    assert store.since("c", {"stdout": 100}) == {"stdout": {"start": 100, "end": 105, "text": "retry"}}
+    store.drop("a")
+    assert store.chars == 5 and len(store) == 1
 
 
 def test_task_reports_bound_each_stream_between_sends() -> None:

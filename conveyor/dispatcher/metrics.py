@@ -1,7 +1,7 @@
 """Prometheus metrics of the dispatcher (`conveyor dispatcher --metrics-port N`).
 
 The loop never touches a prometheus_client object: it keeps plain counters and bucket counts
-(observe.py), and once a second publishes a snapshot of them. A scrape, in prometheus_client's own
+(stats.py), and once a second publishes a snapshot of them (observe.py). A scrape, in prometheus_client's own
 HTTP thread, turns the latest snapshot into metric families, so its cost is paid by the scrape and
 metrics are at most a second old.
 

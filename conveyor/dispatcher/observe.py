@@ -12,129 +12,41 @@ with `ask()` and answered by the loop on its next turn.
 Memory is bounded: each stream of a job's output keeps its last `output_limit` characters, all
 outputs together at most `output_budget` characters (the oldest finished jobs' output goes first),
 `history` summaries of finished jobs, `failures` failure records, `series_seconds` points of throughput.
+
+The Observer (commands, queries, requests, snapshots) is here; it keeps task output in an `OutputStore`
+(outputs.py) and statistics in `JobStats` and `ThroughputSeries` (stats.py).
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from conveyor.dispatcher.scheduler import CANCELLED, FAILED, FINISHED_STATES, QUEUED, RUNNING, SUCCEEDED, Job
+from conveyor.dispatcher.model import shift_history
+from conveyor.dispatcher.outputs import OUTPUT_BUDGET, OUTPUT_LIMIT, OutputStore
+from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job
+from conveyor.dispatcher.stats import (
+    FAILURE_OUTPUT,
+    FAILURES,
+    HISTORY,
+    JOURNAL_BUCKETS,
+    SERIES_SECONDS,
+    Histogram,
+    JobStats,
+    ThroughputSeries,
+    summary_dict,
+)
 from conveyor.protocol import Cmd, Message, ProtocolError
-from conveyor.protocol import errors as perr
 
 if TYPE_CHECKING:
     from conveyor.dispatcher.server import Dispatcher
 
-OUTPUT_LIMIT = 64 * 1024  # characters kept per stream of a job (the tail)
-OUTPUT_BUDGET = 256 * 1024 * 1024  # characters of output held for all jobs together
-HISTORY = 10_000  # summaries of recently finished jobs (`conveyor jobs`)
-FAILURES = 100  # failure records with tracebacks (the dashboard)
-FAILURE_OUTPUT = 16 * 1024  # characters of each stream kept with a failure record
-SERIES_SECONDS = 600  # throughput history: one point per second
-MAX_FUNCTIONS = 200  # functions with their own statistics; the rest count as "(other)"
 JOBS_LIMIT = 5000  # most jobs one JOBS reply lists
-TRACEBACK_CHARS = 16 * 1024
-
-# Histogram buckets (upper bounds, seconds) for task durations and queue waits, and for journal commits.
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
-JOURNAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-class Histogram:
-    """Counts per bucket (not cumulative; the last is +Inf), a sum and a count. Observing is a bisect."""
-
-    __slots__ = ("bounds", "count", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def export(self) -> dict[str, Any]:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum, "count": self.count}
-
-
-class FunctionStats:
-    __slots__ = ("cancelled", "duration", "failed", "retried", "submitted", "succeeded", "wait")
-
-    def __init__(self) -> None:
-        self.submitted = 0
-        self.succeeded = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.retried = 0
-        self.duration = Histogram(DURATION_BUCKETS)
-        self.wait = Histogram(DURATION_BUCKETS)
-
-
-class StreamTail:
-    """The last `limit` characters of a stream, and how many characters it has had in all (`end`)."""
-
-    __slots__ = ("end", "parts", "size")
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.size = 0
-        self.end = 0
-
-    def append(self, text: str, limit: int) -> int:
-        """Add text; returns the change in characters held."""
-        before = self.size
-        self.parts.append(text)
-        self.size += len(text)
-        self.end += len(text)
-        if self.size > 2 * limit:  # amortised: one join per `limit` characters at most
-            tail = "".join(self.parts)[-limit:]
-            self.parts = [tail]
-            self.size = len(tail)
-        return self.size - before
-
-    def text(self, limit: int) -> str:
-        if len(self.parts) > 1:
-            self.parts = ["".join(self.parts)]
-        return self.parts[0][-limit:] if self.parts else ""
-
-    def since(self, offset: int, limit: int) -> tuple[int, str]:
-        """(start, text): the characters from `offset` on that are still held; start > offset if some were lost."""
-        held = self.text(limit)
-        start = self.end - len(held)
-        if offset >= self.end:
-            return self.end, ""
-        if offset <= start:
-            return start, held
-        return offset, held[offset - start :]
-
-
-class JobOutput:
-    __slots__ = ("attempt", "size", "streams")
-
-    def __init__(self, attempt: int):
-        self.attempt = attempt
-        self.streams: dict[str, StreamTail] = {}
-        self.size = 0
-
-    def texts(self, limit: int) -> dict[str, str]:
-        return {name: tail.text(limit) for name, tail in self.streams.items() if tail.end}
-
-
-def _fn_label(fn: str, known: dict[str, FunctionStats]) -> str:
-    if fn in known or len(known) < MAX_FUNCTIONS:
-        return fn
-    return "(other)"
 
 
 class Observer:
@@ -151,27 +63,17 @@ class Observer:
     ):
         self.dispatcher = dispatcher
         self.scheduler = dispatcher.scheduler
-        self.output_limit = output_limit
-        self.output_budget = output_budget
         self.interval = interval
-        self.outputs: dict[str, JobOutput] = {}  # by job id, while the dispatcher holds the job
-        self.output_chars = 0
-        self._finished_outputs: OrderedDict[str, None] = OrderedDict()  # finished jobs with output, oldest first
+        self.outputs = OutputStore(output_limit, output_budget)  # by job id, while the dispatcher holds the job
         self.progress: dict[str, tuple[int, float | None, str | None, float]] = {}  # job -> (attempt, f, msg, at)
-        self.recent: deque[tuple[Any, ...]] = deque(maxlen=history)
-        self.failures: deque[dict[str, Any]] = deque(maxlen=failures)
-        self._failure_output: dict[str, dict[str, str]] = {}
-        self._finished: list[Job] = []  # finished since the last tick, folded in once a second
-        self.submits: dict[str, int] = {}  # jobs submitted this second, by function (the loop counts on SUBMIT)
-        self.functions: dict[str, FunctionStats] = {}
+        self.stats = JobStats(history=history, failures=failures)  # folded from finished jobs once a second
         self.heartbeat_misses = 0
         self.journal = Histogram(JOURNAL_BUCKETS)
         self._journal_commits = 0
-        self.series: deque[tuple[float, ...]] = deque(maxlen=series_seconds)
+        self.series = ThroughputSeries(series_seconds)
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.next_tick = 0.0
-        self._last_tick: tuple[float, int, int, int] | None = None  # (now, succeeded, failed, cancelled)
         # Published for other threads: an immutable snapshot, replaced whole once a second.
         self.publish = False
         self.snapshot: dict[str, Any] | None = None
@@ -193,22 +95,19 @@ class Observer:
     def turn(self, finished: list[Job], forgotten: list[str]) -> None:
         """Once per loop turn, with the jobs that finished and the ids that were dropped in it."""
         if finished:
-            self._finished.extend(finished)
+            self.stats.finished.extend(finished)
             if self.progress:
                 for job in finished:
                     self.progress.pop(job.id, None)
             if self.outputs:
                 for job in finished:
-                    out = self.outputs.get(job.id)
-                    if out is not None:
-                        self._finished_outputs[job.id] = None
-                        if job.state == FAILED:
-                            self._failure_output[job.id] = out.texts(FAILURE_OUTPUT)
-                if self.output_chars > self.output_budget:
-                    self._evict()
+                    out = self.outputs.finished(job.id)
+                    if out is not None and job.state == FAILED:
+                        self.stats.failure_output[job.id] = out.texts(FAILURE_OUTPUT)
+                self.outputs.evict()
         if forgotten and self.outputs:
             for job_id in forgotten:
-                self._drop_output(job_id)
+                self.outputs.drop(job_id)
 
     def tick(self, now: float) -> None:
         """Once per loop turn: answer queued requests; once a second, fold statistics and publish."""
@@ -217,10 +116,15 @@ class Observer:
         if now < self.next_tick:
             return
         self.next_tick = now + self.interval
-        self._fold(now)
-        self._sample(now)
+        self.stats.fold(now)
+        self.series.sample(self.scheduler, now)
         if self.publish:
             self._publish(now)
+
+    @property
+    def submits(self) -> dict[str, int]:
+        """Jobs submitted since the last fold, by function: the loop counts into it on SUBMIT."""
+        return self.stats.submits
 
     def heartbeat_missed(self) -> None:
         self.heartbeat_misses += 1
@@ -248,14 +152,13 @@ class Observer:
         p = self.progress.get(job_id)
         if p is not None and view["state"] == RUNNING:
             view["progress"] = {"fraction": p[1], "message": p[2], "updated_ago": round(now - p[3], 3)}
-        out = self.outputs.get(job_id)
+        out = self.outputs.texts(job_id)
         if out is not None:
-            view["output"] = out.texts(self.output_limit)
+            view["output"] = out
         return view
 
     def output_of(self, job_id: str) -> dict[str, str] | None:
-        out = self.outputs.get(job_id)
-        return out.texts(self.output_limit) if out is not None else None
+        return self.outputs.texts(job_id)
 
     # --- worker commands -----------------------------------------------------------------------------
 
@@ -283,48 +186,14 @@ class Observer:
     def _on_output(self, peer: bytes, msg: Message, now: float) -> None:
         if not self.scheduler.heard_from(peer, now):
             return
-        limit = self.output_limit
         for entry in msg.body:
             job_id, attempt, stream, text = str(entry[0]), int(entry[1]), str(entry[2]), entry[3]
             if not isinstance(text, str):
                 raise ProtocolError("output text must be a string")
             if stream not in ("stdout", "stderr", "log") or self._current(peer, job_id, attempt) is None:
                 continue
-            out = self.outputs.get(job_id)
-            if out is None or out.attempt < attempt:
-                if out is not None:  # a new attempt starts with empty streams; readers' offsets still grow
-                    self.output_chars -= out.size
-                    old = out
-                    out = JobOutput(attempt)
-                    for name, previous in old.streams.items():
-                        fresh = StreamTail()
-                        fresh.end = previous.end
-                        out.streams[name] = fresh
-                else:
-                    out = JobOutput(attempt)
-                self.outputs[job_id] = out
-            tail = out.streams.get(stream)
-            if tail is None:
-                tail = out.streams[stream] = StreamTail()
-            delta = tail.append(text[-limit:] if len(text) > limit else text, limit)
-            out.size += delta
-            self.output_chars += delta
-        if self.output_chars > self.output_budget:
-            self._evict()
-
-    def _drop_output(self, job_id: str) -> None:
-        out = self.outputs.pop(job_id, None)
-        if out is not None:
-            self.output_chars -= out.size
-            self._finished_outputs.pop(job_id, None)
-
-    def _evict(self) -> None:
-        """Over budget: drop the output of the jobs that finished longest ago."""
-        while self.output_chars > self.output_budget and self._finished_outputs:
-            job_id, _ = self._finished_outputs.popitem(last=False)
-            out = self.outputs.pop(job_id, None)
-            if out is not None:
-                self.output_chars -= out.size
+            self.outputs.write(job_id, attempt, stream, text)
+        self.outputs.evict()
 
     # --- client commands -----------------------------------------------------------------------------
 
@@ -353,7 +222,7 @@ class Observer:
         self, states: Iterable[str] | None, since: float | None, fn: str | None, limit: int, now: float
     ) -> tuple[list[dict[str, Any]], bool]:
         """Jobs, newest first within each group: running, queued, then recently finished."""
-        self._fold(now)
+        self.stats.fold(now)
         limit = max(1, min(limit, JOBS_LIMIT))
         wanted = set(states) if states is not None else {QUEUED, RUNNING, *FINISHED_STATES}
         offset = time.time() - now  # monotonic -> wall clock
@@ -389,12 +258,12 @@ class Observer:
         finished = wanted & FINISHED_STATES
         if finished and not full():
             wall_cutoff = None if cutoff is None else cutoff + offset
-            for s in reversed(self.recent):
+            for s in reversed(self.stats.recent):
                 if s[2] not in finished or (fn is not None and s[1] != fn):
                     continue
                 if wall_cutoff is not None and s[7] < wall_cutoff:
                     break  # newest first: everything after this is older
-                out.append(_summary_dict(s))
+                out.append(summary_dict(s))
                 if full():
                     break
         truncated = len(out) > limit
@@ -423,18 +292,12 @@ class Observer:
         job = self.scheduler.jobs.get(job_id)
         state: str | None = job.state if job is not None else None
         if state is None:
-            self._fold(now)
-            for s in reversed(self.recent):
+            self.stats.fold(now)
+            for s in reversed(self.stats.recent):
                 if s[0] == job_id:
                     state = s[2]
                     break
-        out = self.outputs.get(job_id)
-        streams: dict[str, dict[str, Any]] = {}
-        if out is not None:
-            for name, tail in out.streams.items():
-                offset = offsets.get(name, 0)
-                start, text = tail.since(int(offset) if isinstance(offset, int) else 0, self.output_limit)
-                streams[name] = {"start": start, "end": tail.end, "text": text}
+        streams = self.outputs.since(job_id, offsets)
         reply: dict[str, Any] = {
             "id": job_id,
             "state": state,
@@ -455,16 +318,16 @@ class Observer:
             view["submitted_at"] = job.submitted_at + offset
             if job.finished_at is not None:
                 view["finished_at"] = job.finished_at + offset
-            view["history"] = [_wall_attempt(h, offset) for h in job.history]
+            view["history"] = shift_history(job.history, offset)
             view["held"] = True
             return view
-        self._fold(now)
-        for f in reversed(self.failures):
+        self.stats.fold(now)
+        for f in reversed(self.stats.failures):
             if f["id"] == job_id:
                 return {**f, "state": FAILED, "held": False}
-        for s in reversed(self.recent):
+        for s in reversed(self.stats.recent):
             if s[0] == job_id:
-                return {**_summary_dict(s), "held": False}
+                return {**summary_dict(s), "held": False}
         return None
 
     # --- requests from other threads (the dashboard) ---------------------------------------------
@@ -504,132 +367,9 @@ class Observer:
 
     # --- once a second -------------------------------------------------------------------------------
 
-    def _stats(self, fn: str) -> FunctionStats:
-        st = self.functions.get(fn)
-        if st is None:
-            label = _fn_label(fn, self.functions)
-            st = self.functions.get(label)
-            if st is None:
-                st = self.functions[label] = FunctionStats()
-        return st
-
-    def _fold_submits(self) -> None:
-        if self.submits:
-            for fn, n in self.submits.items():
-                self._stats(fn).submitted += n
-            self.submits.clear()
-
-    def _fold(self, now: float) -> None:
-        """Turn the jobs finished since the last fold into statistics, summaries and failure records."""
-        if not self._finished:
-            self._fold_submits()
-            return
-        finished, self._finished = self._finished, []
-        offset = time.time() - now
-        self._fold_submits()
-        failure_output = self._failure_output
-        for job in finished:
-            st = self._stats(job.opts.fn)
-            state = job.state
-            history = job.history
-            if state == SUCCEEDED:
-                st.succeeded += 1
-            elif state == FAILED:
-                st.failed += 1
-            elif state == CANCELLED:
-                st.cancelled += 1
-            started = finished_at = None
-            if history:
-                first, last = history[0], history[-1]
-                started = last["started"]
-                finished_at = last.get("finished")
-                st.wait.observe(max(0.0, first["started"] - job.submitted_at))
-                if len(history) > 1:
-                    st.retried += sum(1 for h in history[:-1] if "error" in h)
-            duration = None
-            if state == SUCCEEDED and isinstance(job.result_info.get("duration"), float):
-                duration = job.result_info["duration"]
-            elif started is not None and finished_at is not None:
-                duration = finished_at - started
-            if duration is not None and state != CANCELLED:
-                st.duration.observe(duration)
-            error = None if state == SUCCEEDED else perr.describe(job.result_info or {})
-            end = job.finished_at if job.finished_at is not None else now
-            self.recent.append(
-                (
-                    job.id,
-                    job.opts.fn,
-                    state,
-                    history[-1]["worker"] if history else None,
-                    job.attempt,
-                    job.submitted_at + offset,
-                    None if started is None else started + offset,
-                    end + offset,
-                    duration,
-                    error,
-                )
-            )
-            if state == FAILED:
-                info = job.result_info or {}
-                tb = str(info.get("traceback") or "")
-                self.failures.append(
-                    {
-                        "id": job.id,
-                        "fn": job.opts.fn,
-                        "worker": history[-1]["worker"] if history else None,
-                        "attempts": job.attempt,
-                        "submitted_at": job.submitted_at + offset,
-                        "started_at": None if started is None else started + offset,
-                        "finished_at": end + offset,
-                        "duration": duration,
-                        "error": {
-                            "kind": info.get("kind"),
-                            "type": info.get("type"),
-                            "message": str(info.get("message", ""))[:2000],
-                            "traceback": tb[-TRACEBACK_CHARS:],
-                        },
-                        "output": failure_output.pop(job.id, None) or {},
-                    }
-                )
-        if failure_output and len(failure_output) > 4 * FAILURES:
-            failure_output.clear()  # outputs of failures already folded elsewhere; never grows without bound
-
-    def _sample(self, now: float) -> None:
-        counts = self.scheduler.counts
-        s, f, c = counts[SUCCEEDED], counts[FAILED], counts[CANCELLED]
-        last = self._last_tick
-        self._last_tick = (now, s, f, c)
-        if last is None:
-            return
-        dt = now - last[0]
-        if dt <= 0:
-            return
-        busy = slots = 0
-        for w in self.scheduler.workers.values():
-            busy += len(w.running)
-            slots += w.concurrency
-        self.series.append(
-            (
-                round(time.time(), 3),
-                self.scheduler.n_queued,
-                self.scheduler.n_running,
-                round((s - last[1]) / dt, 3),
-                round((f - last[2]) / dt, 3),
-                round((c - last[3]) / dt, 3),
-                len(self.scheduler.workers),
-                busy,
-                slots,
-            )
-        )
-
     def throughput(self) -> dict[str, float]:
         """Jobs finished per second, averaged over the last 10 s and the last 60 s."""
-        out = {}
-        points = list(self.series)[-60:]
-        for label, n in (("last_10s", 10), ("last_60s", 60)):
-            window = points[-n:]
-            out[label] = round(sum(p[3] + p[4] + p[5] for p in window) / len(window), 3) if window else 0.0
-        return out
+        return self.series.throughput()
 
     def status(self, now: float) -> dict[str, Any]:
         """What `conveyor status --json` prints (the STATUS_REPLY body without its req)."""
@@ -660,61 +400,24 @@ class Observer:
                     "updated_at": at + offset,
                 }
             )
-        columns = ("t", "queued", "running", "succeeded", "failed", "cancelled", "workers", "busy", "slots")
-        points = list(self.series)
-        series = {name: [p[i] for p in points] for i, name in enumerate(columns)}
-        functions = {}
-        for fn, st in self.functions.items():
-            functions[fn] = {
-                "submitted": st.submitted,
-                "succeeded": st.succeeded,
-                "failed": st.failed,
-                "cancelled": st.cancelled,
-                "retried": st.retried,
-                "duration": st.duration.export(),
-                "wait": st.wait.export(),
-            }
         snapshot = {
             "version": self.version + 1,
             "time": time.time(),
             "status": status,
-            "series": series,
-            "failures": list(reversed(self.failures))[:50],
-            "recent": [_summary_dict(s) for s in list(self.recent)[-50:]][::-1],
+            "series": self.series.columns(),
+            "failures": list(reversed(self.stats.failures))[:50],
+            "recent": [summary_dict(s) for s in list(self.stats.recent)[-50:]][::-1],
             "running_jobs": running,
-            "functions": functions,
+            "functions": self.stats.export_functions(),
             "heartbeat_misses": self.heartbeat_misses,
             "journal": self.journal.export(),
             "malformed": self.dispatcher.malformed,
-            "output_chars": self.output_chars,
+            "output_chars": self.outputs.chars,
         }
         with self.changed:
             self.snapshot = snapshot
             self.version += 1
             self.changed.notify_all()
-
-
-def _summary_dict(s: tuple[Any, ...]) -> dict[str, Any]:
-    return {
-        "id": s[0],
-        "fn": s[1],
-        "state": s[2],
-        "worker": s[3],
-        "attempts": s[4],
-        "submitted_at": s[5],
-        "started_at": s[6],
-        "finished_at": s[7],
-        "duration": None if s[8] is None else round(s[8], 6),
-        "error": s[9],
-    }
-
-
-def _wall_attempt(h: dict[str, Any], offset: float) -> dict[str, Any]:
-    """An attempt record with wall-clock times (the dispatcher keeps monotonic ones)."""
-    out = {**h, "started": h["started"] + offset}
-    if "finished" in h:
-        out["finished"] = h["finished"] + offset
-    return out
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
