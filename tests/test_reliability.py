@@ -65,6 +65,13 @@ def test_dispatcher_kill_9_and_restart_on_the_journal(cluster: Cluster) -> None:
     keep = client.options(keep=True)
     kept = keep.submit(tasks.add, 40, 2)
     assert kept.result(20) == 42  # finished before the crash: its result must survive it
+    before = time.time()
+    retried = keep.options(retries=1, retry_on=["OSError"]).submit(tasks.flaky, str(cluster.tmp / "flaky"), 1)
+    assert retried.result(30) == 2
+    after = time.time()
+    history = retried.info["history"]  # wall-clock times, for people and for the journal
+    assert [h["attempt"] for h in history] == [1, 2], history
+    assert all(before <= h["started"] <= h["finished"] <= after for h in history), (before, history, after)
     futs = [tally.watch(client.submit(tasks.square_after, i, 0.01)) for i in range(600)]
     wait_until(lambda: sum(f.done() for f in futs) > 100, what="progress before the crash")
     assert cluster.dispatcher is not None
@@ -75,6 +82,10 @@ def test_dispatcher_kill_9_and_restart_on_the_journal(cluster: Cluster) -> None:
     assert set(tally.resolved.values()) == {1}
     # a finished job's result is still there after the restart, for anyone who asks
     assert client.result(kept.job_id, timeout=20) == 42
+    [info] = client.job_info(retried.job_id)  # its attempts keep their real times across the restart
+    assert info is not None and before <= info["submitted_at"] <= after + 1.0, (before, info, after)
+    assert [t for h in info["history"] for t in (h["started"], h["finished"])] == pytest.approx(
+        [t for h in history for t in (h["started"], h["finished"])], abs=0.05)
     with subprocess.Popen(
         [sys.executable, "-m", "conveyor", "result", kept.job_id, "--wait", "--json", "-d", cluster.address],
         stdout=subprocess.PIPE, cwd=ROOT,

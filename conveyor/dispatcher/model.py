@@ -6,6 +6,7 @@ Plain data with no behaviour beyond validation; `scheduler.py` holds the rules t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,3 +175,24 @@ class Deliver:
 
 
 Action = Assign | CancelRunning | Deliver
+
+
+# --- clocks: the scheduler keeps monotonic times; peers and the journal get wall-clock ones -------------
+
+
+def wall_clock_offset() -> float:
+    """Add to a reading of time.monotonic() to get Unix time (now: it moves if the wall clock is set)."""
+    return time.time() - time.monotonic()
+
+
+def shift_history(history: list[dict[str, Any]], offset: float) -> list[dict[str, Any]]:
+    """Attempt records with `started` and `finished` moved by offset (monotonic <-> wall clock)."""
+    out = []
+    for h in history:
+        h = dict(h)
+        if isinstance(h.get("started"), int | float):
+            h["started"] += offset
+        if isinstance(h.get("finished"), int | float):
+            h["finished"] += offset
+        out.append(h)
+    return out

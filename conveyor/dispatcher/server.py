@@ -20,6 +20,7 @@ import zmq
 
 from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.journal import Journal
+from conveyor.dispatcher.model import shift_history, wall_clock_offset
 from conveyor.dispatcher.observe import Observer
 from conveyor.dispatcher.scheduler import (
     FINISHED_STATES,
@@ -196,7 +197,8 @@ class Dispatcher:
             if stored.state in FINISHED_STATES:
                 remaining = (stored.expires_at or now_wall) - now_wall
                 self.scheduler.restore_finished(
-                    stored.id, opts, stored.owner, stored.state, stored.attempts, stored.history,
+                    stored.id, opts, stored.owner, stored.state, stored.attempts,
+                    shift_history(stored.history, now - now_wall),  # the journal keeps wall-clock times
                     stored.result_info, list(stored.result_frames), finished_at=now - (self.result_ttl - remaining),
                 )
                 n_done += 1
@@ -417,10 +419,19 @@ class Dispatcher:
         self._send(peer, Cmd.STATUS_REPLY, status)
 
     def _on_job_info(self, peer: bytes, msg: Message, now: float) -> None:
-        views = []
+        views: list[dict[str, Any] | None] = []
+        offset = wall_clock_offset()
         for job_id in msg.body["ids"]:
             job = self.scheduler.jobs.get(str(job_id))
-            views.append(self.observer.decorate_view(self.scheduler.job_view(job), now) if job is not None else None)
+            if job is None:
+                views.append(None)
+                continue
+            view = self.scheduler.job_view(job)
+            view["history"] = shift_history(view["history"], offset)
+            for key in ("submitted_at", "finished_at", "retry_at"):
+                if view.get(key) is not None:
+                    view[key] += offset
+            views.append(self.observer.decorate_view(view, now))
         self._send(peer, Cmd.JOB_INFO_REPLY, {"req": msg.body.get("req"), "jobs": views})
 
     # --- sending ----------------------------------------------------------------------------------
@@ -459,9 +470,10 @@ class Dispatcher:
         if journal is None:
             return
         wall = time.time()
+        offset = wall - time.monotonic()
         for job in finished:
             journal.finished(
-                job.id, job.state, job.attempt, job.history, job.result_info, job.result_frames,
+                job.id, job.state, job.attempt, shift_history(job.history, offset), job.result_info, job.result_frames,
                 expires_at=wall + self.result_ttl,
             )
         for job_id in forgotten:
@@ -500,6 +512,7 @@ class Dispatcher:
         entries = []
         frames: list[Any] = []
         outputs = self.observer.outputs
+        offset = wall_clock_offset()
         for job in jobs:
             info: dict[str, Any] = {
                 "worker": job.history[-1]["worker"] if job.history else None,
@@ -508,7 +521,7 @@ class Dispatcher:
             if outputs and job.id in outputs:
                 info["output"] = self.observer.output_of(job.id)
             if job.state != SUCCEEDED or job.attempt > 1:
-                info["history"] = job.history
+                info["history"] = shift_history(job.history, offset)
             if job.state != SUCCEEDED:
                 info["error"] = job.result_info
             entries.append([job.id, job.state, info, len(job.result_frames)])
