@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -229,9 +228,11 @@ def test_progress_and_output_of_a_running_job(cluster: Cluster, mode: str, tmp_p
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        time.sleep(0.5)
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # the follower has caught up with the running task
         marker.write_text("go")
-        out, err = follow.communicate(timeout=30)
+        rest, err = follow.communicate(timeout=30)
+        out = first + rest
     finally:
         stop_process(follow)
     assert follow.returncode == 0, err
@@ -274,8 +275,7 @@ def test_jobs_lists_by_state_age_and_function(cluster: Cluster) -> None:
     by_fn = listed("--function", "tests.observe_tasks:add")
     assert {j["id"] for j in by_fn["jobs"]} == {f.job_id for f in oks}
     assert listed("--state", "succeeded", "--limit", "2")["truncated"] is True
-    time.sleep(1.2)
-    assert listed("--since", "1s")["jobs"] == []
+    wait_until(lambda: listed("--since", "1s")["jobs"] == [], what="a second with no job finishing")
 
     table = assert_ok(run_cli("jobs", "--state", "failed", address=cluster.address))
     assert all(f.job_id in table for f in bads) and "RuntimeError" in table
