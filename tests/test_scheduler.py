@@ -575,6 +575,26 @@ def test_a_worker_back_with_a_requeued_job_still_running_keeps_it() -> None:
     check_counters(s)
 
 
+def test_a_job_adopted_then_queued_again_is_assigned_once() -> None:
+    # Adopting a queued job leaves its entry in the queue (removal is lazy); losing the worker again
+    # queues the job a second time. Both entries then name one queued job, and one pop may not take it
+    # twice: that assigned it twice in one ASSIGN and left the counters off by one, so the next jobs of
+    # its class were never assigned (found by test_fuzz.py, whose fake workers list real job ids).
+    s = make(liveness=3.0)
+    ready(s, b"w", concurrency=2)
+    submit(s, "j")
+    run(s)
+    s.expire_workers(10.0)
+    ready(s, b"w", concurrency=2, running=[("j", 1)], now=10.0, session="again")
+    s.expire_workers(20.0)
+    assert s.jobs["j"].state == QUEUED
+    submit(s, "k", now=20.0)
+    ready(s, b"other", concurrency=3, now=20.0)
+    assert assigns(run(s, 20.0)) == {b"other": [("j", 2), ("k", 1)]}
+    check_counters(s)
+    assert s._queued_by_class[s.jobs["k"].class_key] == 0
+
+
 def test_duplicate_outcome_never_lets_running_exceed_concurrency() -> None:
     s = make()
     ready(s, b"w", concurrency=2)

@@ -354,8 +354,7 @@ class Scheduler:
                 jobs = self._pop_for(w, min(w.credit, share))
                 if not jobs:
                     continue  # nothing queued that it serves: queues only shrink during this call
-                for job in jobs:
-                    job.state = RUNNING
+                for job in jobs:  # already RUNNING (_pop_for)
                     job.attempt += 1
                     job.worker = wid
                     w.running[job.id] = job.attempt
@@ -509,6 +508,9 @@ class Scheduler:
             if best is None or best_key is None:
                 break
             job = best.popleft()
+            # Taken now, not when the caller marks it: a job can have a second, stale entry further down
+            # (removal is lazy: adopted from a READY, then queued again), which must not be taken twice.
+            job.state = RUNNING
             out.append(job)
             self.n_queued -= 1
             self._queued_by_class[best_key] -= 1
