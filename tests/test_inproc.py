@@ -180,9 +180,11 @@ def test_status(inproc: InprocCluster) -> None:
     gate = f"status-{uuid.uuid4().hex}"
     running = [client.submit(tasks.wait_gate, gate) for _ in range(2)]
     queued = client.submit(tasks.noop, "later")
-    wait_until(lambda: client.status()["running"] == 2, 10, what="both slots to be busy")
-    status = client.status()
-    assert status["queued"] == 1 and status["workers"][0]["running"] == 2
+    # Durations are known, so the worker's prefetch window is open and may take the third job too, until
+    # its stalled slots hand it back (after STALL_AFTER): wait for that settled state, not the first glimpse.
+    status = wait_until(lambda: (s := client.status())["running"] == 2 and s["queued"] == 1 and s, 10,
+                        what="both slots busy and the third job queued")
+    assert status["workers"][0]["running"] == 2
     tasks.open_gate(gate)
     assert [f.result(10) for f in running] == [gate, gate]
     assert queued.result(10) == "later"
