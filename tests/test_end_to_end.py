@@ -310,6 +310,15 @@ def test_auto_prefetch_hands_back_jobs_stuck_behind_a_slow_task(cluster: Cluster
         assert slow.result(20) == 5.0 and slow.info["worker"] == "first"
 
 
+def test_a_prefetched_task_with_a_timeout_is_timed_from_when_a_thread_takes_it(cluster: Cluster) -> None:
+    name = cluster.start_worker("threads", 1, None, None, "--prefetch", "5")
+    cluster.wait_for_workers(name)
+    with cluster.client() as client:
+        slow = client.submit(tasks.sleep, 1.0)
+        quick = client.options(timeout=0.5).submit(tasks.noop, "on time")  # held behind the slow one
+        assert quick.result(20) == "on time" and slow.result(20) == 1.0
+
+
 def test_prefetch_holds_jobs_beyond_the_slots_and_still_cancels_and_drains(cluster: Cluster) -> None:
     name = cluster.start_worker("threads", 1, None, None, "--prefetch", "3")
     cluster.wait_for_workers(name)

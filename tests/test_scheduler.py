@@ -121,6 +121,16 @@ def fail(s: Scheduler, wid: bytes, job_id: str, attempt: int, info: dict[str, An
     s.outcome(wid, job_id, attempt, False, info, [b"exc"], now)
 
 
+def lost_while_running_j() -> Scheduler:
+    """Worker b"w" (2 slots) ran job "j" (attempt 1) and was declared lost at t=10: "j" is queued again."""
+    s = make(liveness=3.0)
+    ready(s, b"w", concurrency=2)
+    submit(s, "j")
+    run(s)
+    s.expire_workers(10.0)
+    return s
+
+
 def check_counters(s: Scheduler) -> None:
     assert s.n_queued == sum(j.state == QUEUED for j in s.jobs.values())
     assert s.n_running == sum(j.state == RUNNING for j in s.jobs.values())
@@ -547,11 +557,7 @@ def test_same_worker_getting_a_job_again_keeps_tracking_the_new_attempt() -> Non
 
 
 def test_stale_giveback_does_not_untrack_newer_attempt() -> None:
-    s = make(liveness=3.0)
-    ready(s, b"w", concurrency=2)
-    submit(s, "j")
-    run(s)
-    s.expire_workers(10.0)
+    s = lost_while_running_j()
     ready(s, b"w", concurrency=2, running=[], now=10.0)
     run(s, 10.0)
     s.give_back(b"w", "j", 1, 11.0)
@@ -561,11 +567,7 @@ def test_stale_giveback_does_not_untrack_newer_attempt() -> None:
 def test_a_worker_back_with_a_requeued_job_still_running_keeps_it() -> None:
     # Lost (or the dispatcher restarted from its journal) while the job kept running there: the job was
     # queued again, and must be adopted from the worker's READY instead of running a second time.
-    s = make(liveness=3.0)
-    ready(s, b"w", concurrency=2)
-    submit(s, "j")
-    run(s)
-    s.expire_workers(10.0)
+    s = lost_while_running_j()
     assert s.jobs["j"].state == QUEUED
     ready(s, b"w", concurrency=2, running=[("j", 1)], now=10.0)
     assert assigns(run(s, 10.0)) == {}
@@ -580,11 +582,7 @@ def test_a_job_adopted_then_queued_again_is_assigned_once() -> None:
     # queues the job a second time. Both entries then name one queued job, and one pop may not take it
     # twice: that assigned it twice in one ASSIGN and left the counters off by one, so the next jobs of
     # its class were never assigned (found by test_fuzz.py, whose fake workers list real job ids).
-    s = make(liveness=3.0)
-    ready(s, b"w", concurrency=2)
-    submit(s, "j")
-    run(s)
-    s.expire_workers(10.0)
+    s = lost_while_running_j()
     ready(s, b"w", concurrency=2, running=[("j", 1)], now=10.0, session="again")
     s.expire_workers(20.0)
     assert s.jobs["j"].state == QUEUED
@@ -1422,6 +1420,19 @@ def finish_all(s: Scheduler, wid: bytes, duration: float) -> int:
     for job_id, attempt in held:
         s.outcome(wid, job_id, attempt, True, {"duration": duration}, [b"r"], 1.0)
     return len(held)
+
+
+def test_a_duration_that_is_not_a_finite_number_is_ignored() -> None:
+    # An infinite duration once made the average NaN, and every later outcome of that worker raised
+    # (int(nan)) after its job had left w.running: its jobs stayed RUNNING and its credit leaked.
+    s = make()
+    w = auto_worker(s)
+    for i, duration in enumerate([math.inf, math.nan, -1.0, 0.0001]):
+        submit(s, f"j{i}")
+        run(s)
+        s.outcome(b"w", f"j{i}", 1, True, {"duration": duration}, [b"r"], 1.0)
+    assert w.mean_duration == 0.0001 and w.window > 0
+    check_counters(s)
 
 
 def test_auto_prefetch_holds_nothing_extra_until_durations_are_known() -> None:

@@ -1,10 +1,11 @@
 """The dispatcher's durable journal: accepted jobs, their outcomes and results, in SQLite (WAL).
 
 Writes are grouped: the loop calls `submitted`, `finished` and `forgotten` as events happen and
-`commit()` once per loop turn, which writes them all in one transaction (one fsync). The loop only
-acknowledges submissions (ACCEPTED) after that commit returns, so an acknowledged job survives a
-`kill -9` of the dispatcher. Within one turn, a job that is submitted, finished and forgotten
-(delivered to a client that did not ask to keep it) costs no write at all.
+`commit()` once its commit window (a few ms, several loop turns) has passed, which writes them all in
+one transaction (one fsync). The loop only acknowledges submissions (ACCEPTED) after that commit
+returns, so an acknowledged job survives a `kill -9` of the dispatcher. Within one window, a job that
+is submitted, finished and forgotten (delivered to a client that did not ask to keep it) costs no
+write at all.
 
 What is durable: every accepted job's call, options and owner; every finished job's state,
 attempt history and result until it is delivered-and-forgotten or its TTL expires. Not durable:

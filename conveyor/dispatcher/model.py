@@ -196,3 +196,12 @@ def shift_history(history: list[dict[str, Any]], offset: float) -> list[dict[str
             h["finished"] += offset
         out.append(h)
     return out
+
+
+def wall_clock_view(view: dict[str, Any], offset: float) -> dict[str, Any]:
+    """A job view (Scheduler.job_view) with its times in wall-clock: history, submitted, finished, retry."""
+    view["history"] = shift_history(view["history"], offset)
+    for key in ("submitted_at", "finished_at", "retry_at"):
+        if view.get(key) is not None:
+            view[key] += offset
+    return view

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from conveyor.dispatcher.model import shift_history
+from conveyor.dispatcher.model import wall_clock_view
 from conveyor.dispatcher.outputs import OUTPUT_BUDGET, OUTPUT_LIMIT, OutputStore
 from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job
 from conveyor.dispatcher.stats import (
@@ -314,11 +314,7 @@ class Observer:
         job = self.scheduler.jobs.get(job_id)
         offset = time.time() - now
         if job is not None:
-            view = self.decorate_view(self.scheduler.job_view(job), now)
-            view["submitted_at"] = job.submitted_at + offset
-            if job.finished_at is not None:
-                view["finished_at"] = job.finished_at + offset
-            view["history"] = shift_history(job.history, offset)
+            view = self.decorate_view(wall_clock_view(self.scheduler.job_view(job), offset), now)
             view["held"] = True
             return view
         self.stats.fold(now)

@@ -68,7 +68,7 @@ class JobOutput:
 class OutputStore:
     """The output of each job the dispatcher holds, by job id, and `chars`, the characters held in all.
 
-    Read it like a dict (`get`, `in`, `len`); change it only through its methods, which keep `chars` in step.
+    Read it like a dict (`in`, `len`); change it only through its methods, which keep `chars` in step.
     """
 
     def __init__(self, limit: int = OUTPUT_LIMIT, budget: int = OUTPUT_BUDGET):
@@ -83,9 +83,6 @@ class OutputStore:
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._jobs
-
-    def get(self, job_id: str) -> JobOutput | None:
-        return self._jobs.get(job_id)
 
     def write(self, job_id: str, attempt: int, stream: str, text: str) -> None:
         """Add text to one stream of a job's attempt (the caller checked that the attempt is current)."""

@@ -22,6 +22,7 @@ Rules worth knowing before reading:
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -520,10 +521,10 @@ class Scheduler:
 
     def _observe_duration(self, w: WorkerInfo, duration: Any) -> None:
         """Fold one task's run time into the worker's average and resize its prefetch window."""
-        if not isinstance(duration, int | float) or duration != duration or duration < 0:
+        if not isinstance(duration, int | float) or not 0 <= duration < math.inf:  # NaN fails both
             return
         mean = w.mean_duration
-        mean = float(duration) if mean is None else mean + DURATION_WEIGHT * (min(duration, 1e9) - mean)
+        mean = float(duration) if mean is None else mean + DURATION_WEIGHT * (duration - mean)
         w.mean_duration = mean
         window = w.prefetch if mean <= 0 else min(w.prefetch, int(w.concurrency * PREFETCH_HORIZON / mean))
         if window != w.window:

@@ -20,7 +20,7 @@ import zmq
 
 from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.journal import Journal
-from conveyor.dispatcher.model import shift_history, wall_clock_offset
+from conveyor.dispatcher.model import shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe import Observer
 from conveyor.dispatcher.scheduler import (
     FINISHED_STATES,
@@ -221,10 +221,7 @@ class Dispatcher:
     def _shutdown(self) -> None:
         """Tell every worker and client we are going, so they reconnect instead of waiting out liveness."""
         if self.journal is not None:  # what the group commit still held: durable, then acknowledged
-            self.journal.commit()
-            for peer, reply in self._acks:
-                self._send(peer, Cmd.ACCEPTED, reply)
-            self._acks.clear()
+            self._commit(self.journal)
         body = {"instance": self.instance}
         for peer in [*self.scheduler.workers, *self._clients]:
             self._send(peer, Cmd.SHUTDOWN, body)
@@ -426,12 +423,7 @@ class Dispatcher:
             if job is None:
                 views.append(None)
                 continue
-            view = self.scheduler.job_view(job)
-            view["history"] = shift_history(view["history"], offset)
-            for key in ("submitted_at", "finished_at", "retry_at"):
-                if view.get(key) is not None:
-                    view[key] += offset
-            views.append(self.observer.decorate_view(view, now))
+            views.append(self.observer.decorate_view(wall_clock_view(self.scheduler.job_view(job), offset), now))
         self._send(peer, Cmd.JOB_INFO_REPLY, {"req": msg.body.get("req"), "jobs": views})
 
     # --- sending ----------------------------------------------------------------------------------
@@ -452,7 +444,8 @@ class Dispatcher:
             self._send(wid, Cmd.HEARTBEAT, body)
 
     def _flush(self) -> None:
-        """Send what the scheduler decided, then make this turn durable, then acknowledge submissions.
+        """Send what the scheduler decided, record it in the journal, and once the commit window has
+        passed make it durable and acknowledge the submissions it holds.
 
         Results may go out before the commit: if we crash first, the job is still unfinished in the
         journal and runs again, and the client drops the duplicate. Acknowledgements may not.
@@ -471,7 +464,10 @@ class Dispatcher:
             return
         wall = time.time()
         offset = wall - time.monotonic()
+        gone = set(forgotten)  # delivered and dropped this turn: nothing to write (journal.forgotten below)
         for job in finished:
+            if job.id in gone:
+                continue
             journal.finished(
                 job.id, job.state, job.attempt, shift_history(job.history, offset), job.result_info, job.result_frames,
                 expires_at=wall + self.result_ttl,
@@ -489,6 +485,10 @@ class Dispatcher:
         if now < self._commit_at and not self._stopping:
             return
         self._commit_at = None
+        self._commit(journal)
+
+    def _commit(self, journal: Journal) -> None:
+        """Make everything recorded durable, then acknowledge the submissions waiting for it."""
         journal.commit()
         self.observer.journal_committed(journal.commits, journal.last_commit_seconds)
         for peer, reply in self._acks:

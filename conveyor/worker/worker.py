@@ -356,9 +356,13 @@ class Worker:
     def _start_waiting(self) -> None:
         """Give free slots to waiting assignments, oldest first (the dispatcher's credit bounds them)."""
         while self._free_slots and self._waiting:
-            task = self._waiting.popleft()
+            task = self._waiting[0]
             if self._running.get(task.key) is not task:
+                self._waiting.popleft()
                 continue  # cancelled or handed back while it waited
+            if task.timeout is not None and len(self._started) >= self.concurrency:
+                break  # its clock starts when the mode takes it: only once a slot is really free (backlog modes)
+            self._waiting.popleft()
             self._free_slots -= 1
             self._started.add(task.key)
             self._last_progress = time.monotonic()
@@ -414,6 +418,7 @@ class Worker:
                 self._free_slots += 1
             del self._running[key]
             keys.append(key)
+        self._waiting.clear()  # every job in it was not started, so it has just been handed back
         if keys:
             if not self._running:
                 self._idle.set()
@@ -467,11 +472,12 @@ class Worker:
             handed = list(self._running)
             started = [key for key in handed if key in self._started]
             self._handed_back.update(started)  # first: what they report once stopped is dropped
-            for key in started:
-                self.mode.cancel(key)
             for key in handed:
                 if key not in started:
                     del self._running[key]  # never started; started ones leave when they have stopped
+            self._waiting.clear()  # first too: a cancel frees a slot, which must not start one of these
+            for key in started:
+                self.mode.cancel(key)
             if not self._running:
                 self._idle.set()
             self._send(Cmd.GIVEBACK, [[job_id, attempt] for job_id, attempt in handed])
@@ -485,6 +491,7 @@ class Worker:
         remaining = self._drain_deadline - time.monotonic()
         if self._running and remaining > 0:
             await self._until_idle(remaining)
+        self._waiting.clear()  # nothing new starts now; the dispatcher runs these elsewhere
         for key in list(self._running):
             self.mode.cancel(key)  # the dispatcher will count these as lost and run them elsewhere
 

@@ -49,6 +49,7 @@ class AsyncioMode(Mode):
         if self.reports is not None and self.capture_output:
             capture.install()  # sys.stdout/stderr and logging, routed per task
         ready = threading.Event()
+        self._worker_loop = asyncio.get_running_loop()  # where outcomes of direct tasks are delivered
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
@@ -80,7 +81,6 @@ class AsyncioMode(Mode):
         if task.timeout is not None or self._loop is None:
             super().submit(task, done)  # supervised: its timer runs on the worker's loop
             return
-        self._worker_loop = asyncio.get_running_loop()
         item = _Item(task, done)
         self._direct[task.key] = item
         with self._lock:

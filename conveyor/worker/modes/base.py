@@ -1,7 +1,8 @@
 """What every execution mode provides, and the timeout/cancel supervision they share.
 
-A mode runs at most `concurrency` tasks at once (the dispatcher's credit guarantees it is never
-given more) and turns each Task into an Outcome. Adding a mode (say, subinterpreters) means one
+A mode runs at most `concurrency` tasks at once and turns each Task into an Outcome. The worker
+hands it at most `concurrency` tasks, or, for a mode that queues tasks itself (`takes_backlog`),
+its prefetched ones too. Adding a mode (say, subinterpreters) means one
 new subclass registered in `modes/__init__.py`; the dispatcher and the worker loop do not change.
 """
 
@@ -45,10 +46,12 @@ class Mode(abc.ABC):
         """Run one task to its outcome, honouring its timeout and cancellation."""
 
     def submit(self, task: Task, done: Done) -> None:
-        """Start a task now; done(task, outcome) is called on the worker's loop when it has ended.
+        """Start a task (or, with `takes_backlog`, queue it); done(task, outcome) is called on the
+        worker's loop when it has ended.
 
         This default runs `run` in an asyncio task held by the mode. A mode may start tasks more
-        cheaply (threads mode does, for tasks without a timeout), as long as `cancel` still works.
+        cheaply (threads and asyncio modes do, for tasks without a timeout), as long as `cancel`
+        still works.
         """
         runner = asyncio.get_running_loop().create_task(self._run_and_report(task, done))
         self._runners.add(runner)
@@ -76,7 +79,8 @@ class Mode(abc.ABC):
         """Release everything start() made. Running tasks have been handed back or finished by now."""
 
     def cancel(self, key: tuple[str, int]) -> None:
-        """Stop a running task (best effort per mode); its run() returns a 'cancelled' outcome."""
+        """Stop a running task (best effort per mode); it ends with a 'cancelled' outcome. For a task
+        started without `run` (see submit), `done` may be called before this returns."""
         stop = self._stoppers.get(key)
         if stop is not None:
             stop()
