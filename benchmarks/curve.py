@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO_ROOT)  # workers import benchmarks.tasks from their working directory
     sys.path.insert(0, REPO_ROOT)
 
-    from conveyor.keys import init_directory
+    from conveyor.security.keys import init_directory
 
     results: dict[str, list[dict[str, float]]] = {"plain": [], "curve": []}
     with tempfile.TemporaryDirectory(prefix="conveyor-curve-bench-") as tmp:

@@ -55,7 +55,7 @@ import zmq
 
 from benchmarks.machine import describe_machine, describe_source, load_average
 from conveyor import Client
-from conveyor.local import conveyor_command
+from conveyor.client.local import conveyor_command
 from conveyor.protocol import Cmd, ProtocolError, decode, encode
 from conveyor.protocol.payload import encode_value
 

@@ -1,23 +1,44 @@
-"""Conveyor: a distributed task runner for Python built on ZeroMQ."""
+"""Conveyor: a distributed task runner for Python built on ZeroMQ.
 
-from conveyor.client import AsyncClient, Client, Executor
-from conveyor.connection import JobFuture
+The public surface is what this module exports (tests/test_exports.py keeps it so). The client
+classes load on first use: a worker or a task that imports `conveyor` (for `progress`) loads no
+sockets, and nothing here ever loads the dispatcher or the worker.
+"""
+
+from typing import TYPE_CHECKING, Any
+
 from conveyor.errors import (
     AccessDenied,
     ConveyorError,
     DispatcherUnavailable,
     FunctionNotFound,
     JobCancelled,
+    JobError,
+    JournalFull,
+    ProtocolError,
     ProtocolVersionError,
     RemoteError,
     TaskTimeout,
+    VersionMismatch,
     WorkerCrashed,
     WorkerLost,
 )
-from conveyor.local import LocalCluster
-from conveyor.worker.capture import progress  # conveyor.progress(fraction, message) inside a task
+from conveyor.task import progress  # conveyor.progress(fraction, message) inside a task
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster
+
+_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "Executor", "JobFuture", "LocalCluster"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        import conveyor.client
+
+        return getattr(conveyor.client, name)
+    raise AttributeError(f"module 'conveyor' has no attribute {name!r}")
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AccessDenied",
@@ -28,11 +49,15 @@ __all__ = [
     "Executor",
     "FunctionNotFound",
     "JobCancelled",
+    "JobError",
     "JobFuture",
+    "JournalFull",
     "LocalCluster",
+    "ProtocolError",
     "ProtocolVersionError",
     "RemoteError",
     "TaskTimeout",
+    "VersionMismatch",
     "WorkerCrashed",
     "WorkerLost",
     "__version__",

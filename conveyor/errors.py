@@ -1,4 +1,26 @@
-"""Exceptions a Conveyor user can catch."""
+"""Every exception Conveyor raises on purpose, in one tree. Catch `ConveyorError` for all of them.
+
+    ConveyorError
+    ├── DispatcherUnavailable      no dispatcher answered in time, or it was lost (also ConnectionError)
+    ├── AccessDenied               the dispatcher refused this peer's key or role (also PermissionError)
+    ├── DispatcherRefused          the dispatcher ended a worker's session (ERROR)
+    ├── ProtocolError              a message that does not follow docs/protocol.md
+    │   └── VersionMismatch        the peer speaks another protocol version
+    ├── JobError                   how a job ended, raised by its future's result()
+    │   ├── RemoteError            the task raised an exception whose type cannot be rebuilt here
+    │   ├── TaskTimeout            it ran longer than its timeout (also TimeoutError)
+    │   ├── WorkerCrashed          the process running it died
+    │   ├── WorkerLost             its worker stopped answering, more often than retries allow
+    │   ├── JobCancelled           it was cancelled
+    │   ├── FunctionNotFound       the worker could not import its function (also LookupError)
+    │   └── JournalFull            the dispatcher could not make it durable: its journal's disk is full
+    ├── RemoteTraceback            the worker's traceback, as the __cause__ of a re-raised task error
+    └── configuration errors (also ValueError or RuntimeError where that is what they are):
+        ├── KeysError              a key directory or key file is missing, malformed or unwritable
+        ├── InsecureBindError      a non-loopback address without keys (pass keys, or insecure=True)
+        ├── InventoryError         a `conveyor cluster` inventory file that cannot be used
+        └── JournalInUse           another dispatcher holds the journal
+"""
 
 from __future__ import annotations
 
@@ -8,14 +30,37 @@ class ConveyorError(Exception):
 
 
 class DispatcherUnavailable(ConveyorError, ConnectionError):
-    """No dispatcher answered at the address within the connect timeout."""
+    """No dispatcher answered at the address within the connect timeout, or it stopped answering."""
 
 
-class ProtocolVersionError(ConveyorError):
-    """The dispatcher speaks another protocol version."""
+class AccessDenied(ConveyorError, PermissionError):
+    """The dispatcher refused this peer: an unknown or revoked key, a key of the other role (a client key
+    used by a worker or the reverse), or keys that do not match the dispatcher's (see docs/security.md)."""
 
 
-class RemoteError(ConveyorError):
+class DispatcherRefused(ConveyorError):
+    """The dispatcher ended this worker's session with an ERROR message (a key not allowed, a version)."""
+
+
+class ProtocolError(ConveyorError):
+    """A message that does not follow docs/protocol.md."""
+
+
+class VersionMismatch(ProtocolError):
+    """A peer speaks another Conveyor protocol version."""
+
+
+ProtocolVersionError = VersionMismatch  # its name before 0.2; the same class
+
+
+# --- how a job ended ---------------------------------------------------------------------------------
+
+
+class JobError(ConveyorError):
+    """A job did not succeed for a reason of Conveyor's own (a task's own exception is re-raised as itself)."""
+
+
+class RemoteError(JobError):
     """A task raised an exception whose type cannot be rebuilt in the client.
 
     `type_name` is the remote exception's qualified type name and `remote_traceback` its traceback text.
@@ -28,27 +73,32 @@ class RemoteError(ConveyorError):
         self.remote_traceback = remote_traceback
 
 
-class TaskTimeout(ConveyorError, TimeoutError):
+class TaskTimeout(JobError, TimeoutError):
     """The task ran longer than its `timeout`."""
 
 
-class WorkerCrashed(ConveyorError):
+class WorkerCrashed(JobError):
     """The process running the task died (a crash, a signal, os._exit) before it returned."""
 
 
-class WorkerLost(ConveyorError):
+class WorkerLost(JobError):
     """The worker holding the task stopped answering heartbeats, more times than the retry limit allows."""
 
 
-class JobCancelled(ConveyorError):
+class JobCancelled(JobError):
     """The job was cancelled."""
 
 
-class FunctionNotFound(ConveyorError, LookupError):
+class FunctionNotFound(JobError, LookupError):
     """The worker could not import the function the task names."""
 
 
-class RemoteTraceback(Exception):
+class JournalFull(JobError):
+    """The dispatcher refused the job because its journal's disk is full: nothing was accepted, so nothing
+    is lost; submit again once there is room (the dispatcher accepts work again on its own)."""
+
+
+class RemoteTraceback(ConveyorError):
     """Carries the worker's traceback text as the `__cause__` of a re-raised task exception."""
 
     def __init__(self, tb: str):
@@ -59,9 +109,7 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
-class AccessDenied(ConveyorError, PermissionError):
-    """The dispatcher refused this peer: an unknown or revoked key, a key of the other role (a client key
-    used by a worker or the reverse), or keys that do not match the dispatcher's (see docs/security.md)."""
+# --- configuration -----------------------------------------------------------------------------------
 
 
 class KeysError(ConveyorError):
@@ -70,3 +118,11 @@ class KeysError(ConveyorError):
 
 class InsecureBindError(ConveyorError):
     """Refused to listen on a non-loopback address without keys (pass keys, or insecure=True)."""
+
+
+class InventoryError(ConveyorError, ValueError):
+    """A `conveyor cluster` inventory file that cannot be read or used; the message says where and why."""
+
+
+class JournalInUse(ConveyorError, RuntimeError):
+    """Another dispatcher holds this journal (one dispatcher per journal)."""

@@ -28,7 +28,7 @@ import zmq
 
 from conveyor import AsyncClient, JobFuture
 from conveyor.protocol import Cmd, Message, decode, encode, split_frames
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 from conveyor.protocol.payload import decode_call, decode_value, encode_call, encode_value
 from tests import tasks
 from tests.conftest import Cluster, wait_until

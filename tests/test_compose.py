@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from conveyor import AccessDenied, Client
-from conveyor.keys import init_directory
+from conveyor.security.keys import init_directory
 from tests.conftest import ROOT, stop_process, wait_until
 from tests.conftest_netns import require
 

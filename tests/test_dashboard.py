@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conveyor.dispatcher import Dispatcher
-from conveyor.dispatcher.dashboard import DashboardServer, start_dashboard
+from conveyor.dispatcher.observe.dashboard import DashboardServer, start_dashboard
 from conveyor.dispatcher.scheduler import TaskOptions
 from tests.conftest import ROOT, Cluster, wait_until
 from tests.test_cli import free_port

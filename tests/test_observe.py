@@ -20,8 +20,8 @@ import pexpect
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor.dispatcher.observe import parse_duration
-from conveyor.dispatcher.outputs import OUTPUT_LIMIT, OutputStore, StreamTail
+from conveyor.dispatcher.observe.outputs import OUTPUT_LIMIT, OutputStore, StreamTail
+from conveyor.protocol.durations import parse_duration
 from conveyor.worker.capture import TaskReports
 from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
 from tests.test_cli import assert_ok, free_port, run_cli, show

@@ -31,8 +31,8 @@ from conveyor.protocol import (
     encode,
     split_frames,
 )
-from conveyor.protocol import errors as perr
-from conveyor.protocol.messages import MAX_BODY_BYTES, PACK_MAX, PACKED
+from conveyor.protocol import failures as perr
+from conveyor.protocol.frames import MAX_BODY_BYTES, PACK_MAX, PACKED
 from conveyor.protocol.payload import (
     CODEC_MSGPACK,
     CODEC_PICKLE,

@@ -34,7 +34,7 @@ from conveyor.dispatcher.scheduler import (
     TaskOptions,
     WorkerInfo,
 )
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 
 CLIENT = b"client-1"
 OTHER = b"client-2"

@@ -24,9 +24,10 @@ import zmq.auth
 from conveyor import AccessDenied, Client
 from conveyor.dispatcher import Dispatcher
 from conveyor.errors import InsecureBindError
-from conveyor.keys import PeerCredentials, load_peer_credentials, write_pair
 from conveyor.protocol import Cmd, Message, decode, encode
-from conveyor.security import configure_socket, is_loopback
+from conveyor.security.bind import is_loopback
+from conveyor.security.keys import PeerCredentials, load_peer_credentials, write_pair
+from conveyor.transport.sockets import configure_socket
 from tests import tasks
 from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
 from tests.test_cli import assert_ok, assert_one_error_line, run_cli

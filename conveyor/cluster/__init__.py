@@ -19,12 +19,12 @@ The modules, bottom up:
 - ssh: Target, where a command runs (this machine or a host reached with ssh), and running a script there.
 - inventory: the inventory format; load_inventory reads and checks it into Processes to run.
 - remote: the sh scripts that start, check and stop a process on its host, and their Outcome.
-- commands: the typer sub-app (`app`) with up, status and down, and their per-host lines.
+The typer commands (up, status, down and their per-host lines) are in conveyor/cli/cluster.py.
 """
 
-from conveyor.cluster.commands import app
-from conveyor.cluster.inventory import Inventory, InventoryError, Process, load_inventory
+from conveyor.cluster.inventory import Inventory, Process, load_inventory
 from conveyor.cluster.remote import Outcome
 from conveyor.cluster.ssh import Target
+from conveyor.errors import InventoryError
 
-__all__ = ["Inventory", "InventoryError", "Outcome", "Process", "Target", "app", "load_inventory"]
+__all__ = ["Inventory", "InventoryError", "Outcome", "Process", "Target", "load_inventory"]

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from conveyor.cluster.ssh import Target
+from conveyor.errors import InventoryError
 
 MODES = ("threads", "processes", "asyncio")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -33,10 +34,6 @@ DISPATCHER_KEYS = {
     "host", "bind", "address", "journal", "args", "python", "conveyor", "workdir", "state_dir", "env", "keys",
     "insecure",
 }
-
-
-class InventoryError(Exception):
-    """The inventory file is missing, malformed or inconsistent."""
 
 
 @dataclass

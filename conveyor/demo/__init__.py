@@ -8,5 +8,5 @@
 - report.py, report_perf.py, text.py, plots.py   report.md, results.json and the PNG plots
 - cli.py          the `conveyor demo` command
 
-Keep this module free of imports: conveyor/cli.py imports conveyor.demo.cli at start-up.
+Keep this module free of imports: the CLI (conveyor/cli/demo.py) is imported at every start-up.
 """

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from conveyor.client import Client
-from conveyor.connection import JobFuture
+from conveyor.client.future import JobFuture
 from conveyor.demo import tasks
 from conveyor.demo.harness import (
     Progress,

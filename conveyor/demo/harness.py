@@ -17,9 +17,9 @@ from typing import Any
 import psutil
 
 from conveyor.client import Client
-from conveyor.connection import JobFuture
+from conveyor.client.future import JobFuture
+from conveyor.client.local import LocalCluster, conveyor_command
 from conveyor.demo import tasks
-from conveyor.local import LocalCluster, conveyor_command
 
 RESULT_TIMEOUT = 300.0
 

@@ -31,8 +31,8 @@ from typing import Any
 import zmq
 
 from conveyor.errors import KeysError
-from conveyor.keys import PUBLIC_SUFFIX, ROLES, DispatcherCredentials, authorized_dir, read_public_key
 from conveyor.protocol import Cmd
+from conveyor.security.keys import PUBLIC_SUFFIX, ROLES, DispatcherCredentials, authorized_dir, read_public_key
 
 log = logging.getLogger("conveyor.dispatcher")
 

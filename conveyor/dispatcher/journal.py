@@ -34,6 +34,8 @@ from typing import Any
 
 import msgpack
 
+from conveyor.errors import JournalInUse
+
 log = logging.getLogger("conveyor.dispatcher")
 
 SCHEMA_VERSION = 2  # 2: frames may refer to files in <journal>.blobs/ (a version 1 journal is a valid 2)
@@ -78,10 +80,6 @@ class StoredJob:
     result_info: dict[str, Any]
     result_frames: list[bytes]
     expires_at: float | None  # wall-clock time
-
-
-class JournalInUse(RuntimeError):
-    pass
 
 
 class Journal:

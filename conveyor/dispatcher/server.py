@@ -21,7 +21,7 @@ import zmq
 from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.model import shift_history, wall_clock_offset, wall_clock_view
-from conveyor.dispatcher.observe import Observer
+from conveyor.dispatcher.observe.observer import Observer
 from conveyor.dispatcher.scheduler import (
     FINISHED_STATES,
     SUCCEEDED,
@@ -33,10 +33,11 @@ from conveyor.dispatcher.scheduler import (
     TaskOptions,
 )
 from conveyor.dispatcher.validate import ready_body, results_entries, submit_entries, task_options
-from conveyor.keys import load_dispatcher_credentials
 from conveyor.protocol import Cmd, Message, ProtocolError, VersionMismatch, decode, encode, split_frames
-from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, check_bind
-from conveyor.sockets import NOBLOCK, send_parts
+from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
+from conveyor.security.bind import check_bind
+from conveyor.security.keys import load_dispatcher_credentials
+from conveyor.transport.sockets import NOBLOCK, send_parts
 
 log = logging.getLogger("conveyor.dispatcher")
 

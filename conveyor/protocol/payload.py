@@ -28,8 +28,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from conveyor.errors import FunctionNotFound
-from conveyor.protocol.messages import ProtocolError
+from conveyor.errors import FunctionNotFound, ProtocolError
 
 CODEC_MSGPACK = ord("m")
 CODEC_PICKLE = ord("p")

@@ -17,14 +17,13 @@ How output is captured depends on the mode:
   the child are unbuffered for the same reason. Log records and progress reports go through a third
   pipe (msgpack records). The worker attributes what it reads to the task the child is running.
 
-`conveyor.progress(fraction, message)` finds the current task the same way, in every mode.
+`conveyor.progress(fraction, message)` (conveyor/task.py) finds the current task the same way, in every mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import contextvars
 import io
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Any
 
 import msgpack
 
+from conveyor import task
 from conveyor.protocol import Cmd
 
 STREAMS = ("stdout", "stderr", "log")
@@ -189,6 +189,8 @@ class TaskReports:
 
 
 class TaskContext:
+    """The current task of a thread or asyncio task (conveyor.task.current): where its reports go."""
+
     __slots__ = ("closed", "key", "reports")
 
     def __init__(self, key: Key, reports: TaskReports):
@@ -196,20 +198,26 @@ class TaskContext:
         self.reports = reports
         self.closed = False
 
+    def progress(self, fraction: float | None, message: str | None) -> None:
+        if not self.closed:
+            self.reports.progress(self.key, fraction, message)
 
-_current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("conveyor_task", default=None)
+
+def _current_context() -> TaskContext | None:
+    ctx = task.current.get()
+    return ctx if isinstance(ctx, TaskContext) else None
 
 
 def enter(reports: TaskReports, key: Key) -> TaskContext:
     """From here on, in this thread (or asyncio task), output and progress belong to this task."""
     ctx = TaskContext(key, reports)
-    _current.set(ctx)
+    task.current.set(ctx)
     return ctx
 
 
 def leave(ctx: TaskContext) -> None:
     ctx.closed = True  # a thread or coroutine the task left behind writes to the worker's streams again
-    _current.set(None)
+    task.current.set(None)
 
 
 class _StreamProxy:
@@ -220,7 +228,7 @@ class _StreamProxy:
         self._original = original
 
     def write(self, text: str) -> int:
-        ctx = _current.get()
+        ctx = _current_context()
         if ctx is None or ctx.closed:
             return int(self._original.write(text))
         if not isinstance(text, str):
@@ -233,7 +241,7 @@ class _StreamProxy:
             self.write(line)
 
     def flush(self) -> None:
-        ctx = _current.get()
+        ctx = _current_context()
         if ctx is None or ctx.closed:
             self._original.flush()
 
@@ -245,7 +253,7 @@ class _TaskLogHandler(logging.Handler):
     """Log records emitted while a task is current become that task's `log` stream."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        ctx = _current.get()
+        ctx = _current_context()
         if ctx is None or ctx.closed:
             return
         try:
@@ -321,6 +329,13 @@ def _child_write(record: list[Any]) -> None:
             view = view[n:]
 
 
+class _ChildReporter:
+    """conveyor.progress in a processes-mode child: a record on the events pipe."""
+
+    def progress(self, fraction: float | None, message: str | None) -> None:
+        _child_write(["p", fraction, message])
+
+
 class _ChildLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -342,6 +357,7 @@ def install_child(pipes: list[Connection], log_level: int = logging.INFO, captur
         os.dup2(stdout.fileno(), 1)
         os.dup2(stderr.fileno(), 2)
     _child_events = os.dup(events.fileno())
+    task.process_reporter = _ChildReporter()
     for conn in pipes:
         conn.close()
     if not capture_output:
@@ -449,27 +465,3 @@ def child_pipes() -> tuple[list[int], list[Connection]]:
         reads.append(r)
         writes.append(Connection(w, readable=False))
     return reads, writes
-
-
-# --- conveyor.progress ---------------------------------------------------------------------------------
-
-
-def progress(fraction: float | None = None, message: str | None = None) -> None:
-    """Report how far the current task has got: `fraction` from 0 to 1 (or None), and a short message.
-
-    `conveyor result JOB_ID` and the dashboard show the latest report while the job runs. Outside a
-    task this does nothing. Reports are cheap: the worker sends only the latest a few times a second.
-    """
-    if fraction is not None:
-        fraction = float(fraction)
-        if not 0.0 <= fraction <= 1.0:  # also rejects NaN
-            raise ValueError(f"progress fraction must be between 0 and 1, got {fraction}")
-    if message is not None:
-        message = str(message)[:1000]
-    ctx = _current.get()
-    if ctx is not None:
-        if not ctx.closed:
-            ctx.reports.progress(ctx.key, fraction, message)
-        return
-    if _child_events is not None:
-        _child_write(["p", fraction, message])

@@ -10,7 +10,8 @@ from typing import Any
 
 from conveyor.errors import FunctionNotFound
 from conveyor.protocol import ProtocolError
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
+from conveyor.protocol.limits import oversized
 from conveyor.protocol.payload import Call, decode_call, encode_value
 
 
@@ -136,3 +137,15 @@ async def _call_async(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+def fit_outcome(outcome: Outcome, limit: int) -> Outcome:
+    """A worker's Outcome whose frames fit the limit: itself, or a failure saying the result is too large."""
+    n = oversized(outcome.frames, limit) if outcome.frames else None
+    if n is None:
+        return outcome
+    message = (
+        f"the result has a frame of {n} bytes, over the {limit}-byte max_message_size "
+        "(raise it on the dispatcher, workers and clients alike)"
+    )
+    return Outcome(outcome.job_id, outcome.attempt, False, perr.error_info(perr.EXCEPTION, "ValueError", message))

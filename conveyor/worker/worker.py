@@ -27,12 +27,15 @@ from urllib.parse import urlparse
 import zmq
 import zmq.asyncio
 
-from conveyor.keys import load_peer_credentials
+from conveyor.errors import DispatcherRefused
 from conveyor.protocol import Cmd, Message, ProtocolError, decode, encode, split_frames
-from conveyor.protocol import errors as perr
-from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, HandshakeWatch, configure_socket, fit_outcome, watch_handshakes
+from conveyor.protocol import failures as perr
+from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
+from conveyor.security.keys import load_peer_credentials
+from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
+from conveyor.transport.sockets import configure_socket
 from conveyor.worker.capture import DEFAULT_LIMIT, TaskReports
-from conveyor.worker.execution import Outcome, Task, infra_failure
+from conveyor.worker.execution import Outcome, Task, fit_outcome, infra_failure
 from conveyor.worker.modes import MODES, Mode, ProcessesMode
 
 log = logging.getLogger("conveyor.worker")
@@ -60,10 +63,6 @@ def local_address_for(endpoint: str) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return socket.gethostname()
-
-
-class DispatcherRefused(Exception):
-    """The dispatcher rejected this worker (protocol version)."""
 
 
 class Worker:

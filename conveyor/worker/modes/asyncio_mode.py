@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from conveyor.errors import JobCancelled
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 from conveyor.worker import capture
 from conveyor.worker.execution import Outcome, Task, infra_failure, run_async
 from conveyor.worker.modes.base import Done, Mode

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from conveyor.errors import JobCancelled, TaskTimeout
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 from conveyor.worker.capture import TaskReports
 from conveyor.worker.execution import Outcome, Task, failure, infra_failure, is_retryable
 

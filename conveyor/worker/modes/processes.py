@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 from conveyor.worker import capture
 from conveyor.worker.child import child_main, consume
 from conveyor.worker.execution import Outcome, Task, infra_failure

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from conveyor.errors import JobCancelled, TaskTimeout
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 from conveyor.worker import capture
 from conveyor.worker.execution import Outcome, Task, infra_failure, run_sync
 from conveyor.worker.modes.base import Done, Mode

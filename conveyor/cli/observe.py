@@ -1,13 +1,12 @@
 """CLI commands to see what the cluster is doing: `map`, `logs`, `jobs`, `top`, and the `status` view.
 
-Registered on the main app by `register(app)` (cli.py). Every command that prints for people also has
+Registered on the main app by `conveyor/cli/__init__.py`. Every command that prints for people also has
 a machine-readable form: `--json`, or plain JSON lines for `map`. Progress bars and live views go to
 the terminal only; piped output stays quiet and parseable.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import time
@@ -20,37 +19,13 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from conveyor.bars import format_progress
-from conveyor.cli_common import keys_option
-from conveyor.dispatcher.observe import parse_duration
+from conveyor.cli.common import CliError, DispatcherOpt, KeysOpt, check_mode, connect, dump
+from conveyor.client.progress import format_progress
+from conveyor.protocol.durations import parse_duration
 
-DispatcherOpt = Annotated[
-    str | None,
-    typer.Option("--dispatcher", "-d", help="Dispatcher address [env CONVEYOR_DISPATCHER; default tcp://127.0.0.1:5555]"),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 SPARK = "▁▂▃▄▅▆▇█"
-
-
-def _cli() -> Any:
-    from conveyor import cli  # late: cli imports this module when it registers the commands
-
-    return cli
-
-
-def _error(message: str, code: int = 1) -> Exception:
-    return _cli().CliError(message, code)  # type: ignore[no-any-return]
-
-
-KeysOpt = Annotated[str | None, keys_option("Key directory from `conveyor keys init` [env CONVEYOR_KEYS]")]
-
-
-def _connect(dispatcher: str | None, keys: str | None) -> Any:
-    connect = _cli()._connect
-    if "keys" in inspect.signature(connect).parameters:
-        return connect(dispatcher, keys=keys)
-    return connect(dispatcher)
 
 
 def start_observers(
@@ -63,21 +38,21 @@ def start_observers(
 ) -> None:
     """Start the dispatcher's metrics endpoint and dashboard (each in its own thread), when asked for."""
     if metrics_port is not None:
-        from conveyor.dispatcher.metrics import start_metrics
+        from conveyor.dispatcher.observe.metrics import start_metrics
 
         try:
             m = start_metrics(d.observer, metrics_port, metrics_host)
         except OSError as exc:
-            raise _error(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}") from None
+            raise CliError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}") from None
         print(f"metrics: http://{m.host}:{m.port}/metrics", file=sys.stderr, flush=True)
     if dashboard_port is not None:
-        from conveyor.dispatcher.dashboard import start_dashboard
+        from conveyor.dispatcher.observe.dashboard import start_dashboard
 
         try:
             server, token = start_dashboard(d.observer, dashboard_port, dashboard_host, dashboard_token)
         except OSError as exc:
             where = f"{dashboard_host}:{dashboard_port}"
-            raise _error(f"cannot serve the dashboard on {where}: {exc.strerror or exc}") from None
+            raise CliError(f"cannot serve the dashboard on {where}: {exc.strerror or exc}") from None
         url = f"http://{dashboard_host}:{server.port}/"
         if token and dashboard_token is None:
             url += f"?token={token}"  # generated: this is the only place it is shown
@@ -224,7 +199,7 @@ def _wide_console() -> Console:
 
 def print_status(st: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(_cli()._dump(st))
+        print(dump(st))
         return
     _wide_console().print(render_status(st))
 
@@ -255,13 +230,12 @@ def map_command(
     Each input line is a JSON list of positional arguments (a line holding any other JSON value is
     one argument). Blank lines are skipped. Stops at the first failure (exit 1).
     """
-    cli = _cli()
     if ":" not in function or function.startswith(":") or function.endswith(":"):
-        raise _error(f"bad function {function!r}: expected module:function", 2)
+        raise CliError(f"bad function {function!r}: expected module:function", 2)
     if chunksize < 1:
-        raise _error("--chunksize must be at least 1", 2)
+        raise CliError("--chunksize must be at least 1", 2)
     if mode is not None:
-        cli._check_mode(mode)
+        check_mode(mode)
     if input_file == "-":
         stream = sys.stdin
         total = None
@@ -269,7 +243,7 @@ def map_command(
         try:
             stream = open(input_file, encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as exc:
-            raise _error(f"cannot read {input_file}: {exc.strerror or exc}", 2) from None
+            raise CliError(f"cannot read {input_file}: {exc.strerror or exc}", 2) from None
         with open(input_file, "rb") as counting:
             total = sum(1 for raw in counting if raw.strip())
     bad: list[str] = []
@@ -287,7 +261,7 @@ def map_command(
 
     done = 0
     try:
-        with _connect(dispatcher, keys) as client:
+        with connect(dispatcher, keys) as client:
             job = client.options(
                 mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None
             )
@@ -297,7 +271,7 @@ def map_command(
             )
             try:
                 for value in results:
-                    sys.stdout.write(json.dumps(value, default=cli._jsonable) + "\n")  # the bar may redirect it
+                    sys.stdout.write(dump(value) + "\n")  # the bar may redirect it
                     done += 1
                     if done % 1000 == 0:
                         sys.stdout.flush()
@@ -307,13 +281,13 @@ def map_command(
                 tb = getattr(cause, "tb", "") or getattr(exc, "remote_traceback", "")
                 if tb:
                     sys.stderr.write(f"Remote traceback (item {done + 1}):\n{tb}")
-                raise _error(f"item {done + 1} failed: {type(exc).__name__}: {exc}") from None
+                raise CliError(f"item {done + 1} failed: {type(exc).__name__}: {exc}") from None
     finally:
         sys.stdout.flush()
         if stream is not sys.stdin:
             stream.close()
     if bad:
-        raise _error(bad[0], 2)
+        raise CliError(bad[0], 2)
 
 
 def logs_command(
@@ -331,9 +305,8 @@ def logs_command(
 ) -> None:
     """Print a job's captured stdout, stderr and log records (the last 64 KiB of each)."""
     if stream is not None and stream not in ("stdout", "stderr", "log"):
-        raise _error(f"unknown stream {stream!r}: choose stdout, stderr or log", 2)
+        raise CliError(f"unknown stream {stream!r}: choose stdout, stderr or log", 2)
     wanted = (stream,) if stream else ("stdout", "stderr", "log")
-    cli = _cli()
 
     def emit(name: str, text: str) -> None:
         if as_json:
@@ -345,14 +318,14 @@ def logs_command(
             sys.stderr.write(text)
             sys.stderr.flush()
 
-    with _connect(dispatcher, keys) as client:
+    with connect(dispatcher, keys) as client:
         reply = client.logs(job_id)
         if reply["state"] is None and not reply["streams"]:
-            raise _error(f"no job {job_id} (never submitted, or expired)")
+            raise CliError(f"no job {job_id} (never submitted, or expired)")
         if not follow:
             streams = {n: s["text"] for n, s in reply["streams"].items() if n in wanted}
             if as_json:
-                print(cli._dump({"id": job_id, "state": reply["state"], "output": streams,
+                print(dump({"id": job_id, "state": reply["state"], "output": streams,
                                  **({"progress": reply["progress"]} if reply.get("progress") else {})}))
                 return
             for name in wanted:
@@ -393,20 +366,19 @@ def jobs_command(
     """List jobs: running, queued, then recently finished (the dispatcher remembers the last 10,000)."""
     for s in state or []:
         if s not in STATES:
-            raise _error(f"unknown state {s!r}: choose from {', '.join(STATES)}", 2)
+            raise CliError(f"unknown state {s!r}: choose from {', '.join(STATES)}", 2)
     seconds = None
     if since is not None:
         try:
             seconds = parse_duration(since)
         except ValueError as exc:
-            raise _error(str(exc), 2) from None
+            raise CliError(str(exc), 2) from None
     if limit < 1:
-        raise _error("--limit must be at least 1", 2)
-    cli = _cli()
-    with _connect(dispatcher, keys) as client:
+        raise CliError("--limit must be at least 1", 2)
+    with connect(dispatcher, keys) as client:
         jobs, truncated = client.jobs(states=state or None, since=seconds, fn=function, limit=limit)
     if as_json:
-        print(cli._dump({"jobs": jobs, "truncated": truncated}))
+        print(dump({"jobs": jobs, "truncated": truncated}))
         return
     console = _wide_console()
     if not jobs:
@@ -440,11 +412,11 @@ def top_command(
     from rich.live import Live
 
     if interval <= 0:
-        raise _error("--interval must be positive", 2)
+        raise CliError("--interval must be positive", 2)
     console = Console()
     rates: deque[float] = deque(maxlen=60)
     last: tuple[float, int] | None = None
-    with _connect(dispatcher, keys) as client:
+    with connect(dispatcher, keys) as client:
 
         def view() -> RenderableType:
             nonlocal last
@@ -469,10 +441,3 @@ def top_command(
                     n += 1
         except KeyboardInterrupt:
             pass
-
-
-def register(app: typer.Typer) -> None:
-    app.command("map")(map_command)
-    app.command("logs")(logs_command)
-    app.command("jobs")(jobs_command)
-    app.command("top")(top_command)

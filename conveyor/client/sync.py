@@ -1,4 +1,5 @@
-"""The Python API: Client, AsyncClient and Executor.
+"""Client: the Python API, for threads and plain scripts (aio.py is the asyncio twin, executor.py the
+concurrent.futures.Executor).
 
     with Client("tcp://127.0.0.1:5555") as client:
         fut = client.submit(fn, *args, **kwargs)     # a concurrent.futures.Future (JobFuture)
@@ -11,25 +12,25 @@ when it closes.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
-from conveyor.connection import Connection, JobFuture
+from conveyor.client.connection import Connection
+from conveyor.client.future import JobFuture
+from conveyor.client.local import LocalCluster
 from conveyor.errors import ConveyorError
-from conveyor.keys import ENV_KEYS, load_peer_credentials
-from conveyor.local import LocalCluster
 from conveyor.protocol import Cmd
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
+from conveyor.protocol.commands import MODE_NAMES
+from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE, check_frames
 from conveyor.protocol.payload import decode_value, encode_call, encode_chunk, encode_function
-from conveyor.security import DEFAULT_MAX_MESSAGE_SIZE, check_frames
-from conveyor.worker.modes import MODES
+from conveyor.security.keys import ENV_KEYS, load_peer_credentials
 
 ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
 _OPTION_NAMES = ("mode", "tags", "retries", "retry_backoff", "timeout", "retry_on", "keep")
@@ -47,8 +48,8 @@ def _wire_options(options: dict[str, Any]) -> dict[str, Any]:
         elif key == "retry_on":
             names = value if isinstance(value, list | tuple) else [value]
             value = [v if isinstance(v, str) else perr.type_name(v) for v in names]
-        elif key == "mode" and value not in MODES:
-            raise ValueError(f"unknown mode {value!r}: choose one of {', '.join(MODES)}")
+        elif key == "mode" and value not in MODE_NAMES:
+            raise ValueError(f"unknown mode {value!r}: choose one of {', '.join(MODE_NAMES)}")
         out[key] = value
     return out
 
@@ -168,7 +169,7 @@ class Client:
         args = (tuple(a) for a in calls)
         results = self._map_results(name, blob, args, chunksize, limit, deadline)
         if progress:
-            from conveyor.bars import track
+            from conveyor.client.progress import track
 
             return track(results, total, name)
         return results
@@ -313,108 +314,3 @@ def _common_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-
-
-class Executor(concurrent.futures.Executor):
-    """A concurrent.futures.Executor on a Conveyor cluster: swap it in for ProcessPoolExecutor.
-
-    `Executor()` with no address (and no CONVEYOR_DISPATCHER) runs a local cluster of
-    `max_workers` slots in processes mode.
-    """
-
-    def __init__(self, address: str | None = None, max_workers: int | None = None, **client_options: Any):
-        if max_workers is not None:
-            client_options.setdefault("local_concurrency", max_workers)
-        self._client = Client(address, **client_options)
-        self._shutdown = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> JobFuture:
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        return self._client.submit(fn, *args, **kwargs)
-
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-    ) -> Iterator[Any]:
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        return self._client.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if self._shutdown:
-            return
-        self._shutdown = True
-        pending = self._client.pending()
-        if cancel_futures and pending:
-            self._client.cancel(*[f for f in pending if not f.done()])
-        if wait:
-            concurrent.futures.wait(pending)
-        self._client.close()
-
-
-class AsyncClient:
-    """The Client's API for asyncio programs: `await c.submit(fn, x)` gives the result.
-
-        async with AsyncClient("tcp://127.0.0.1:5555") as c:
-            value = await c.submit(fn, x)
-            async for r in c.map(fn, items): ...
-    """
-
-    def __init__(self, address: str | None = None, **client_options: Any):
-        self._address = address
-        self._client_options = client_options
-        self._client: Client | None = None
-
-    async def __aenter__(self) -> AsyncClient:
-        self._client = await asyncio.to_thread(Client, self._address, **self._client_options)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            raise RuntimeError("use `async with AsyncClient(...)` first")
-        return self._client
-
-    def options(self, **options: Any) -> AsyncClient:
-        view = AsyncClient(self._address, **self._client_options)
-        view._client = self.client.options(**options)
-        return view
-
-    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        return asyncio.wrap_future(self.client.submit(fn, *args, **kwargs))
-
-    async def map(
-        self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], chunksize: int = 1
-    ) -> AsyncIterator[Any]:
-        iterator = self.client.map(fn, *iterables, chunksize=chunksize)
-        sentinel = object()
-        try:
-            while True:
-                value = await asyncio.to_thread(next, iterator, sentinel)
-                if value is sentinel:
-                    return
-                yield value
-        finally:
-            await asyncio.to_thread(iterator.close)  # type: ignore[attr-defined]
-
-    async def result(self, job_id: str, timeout: float | None = None) -> Any:
-        return await asyncio.to_thread(self.client.result, job_id, timeout)
-
-    async def cancel(self, *jobs: JobFuture | str) -> list[str]:
-        return await asyncio.to_thread(self.client.cancel, *jobs)
-
-    async def status(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.client.status)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)

@@ -1,35 +1,20 @@
-"""Security pieces shared by the dispatcher, workers and clients (docs/security.md explains the model).
-
-- `check_bind`: the dispatcher refuses a non-loopback address without keys unless told `insecure`.
-- `configure_socket`: CurveZMQ client keys and ZMQ_MAXMSGSIZE on a worker's or client's DEALER.
-- `HandshakeWatch`: reads a DEALER's handshake failures (a ZeroMQ socket monitor), so that a key the
-  dispatcher does not accept, or a keys/no-keys mismatch, ends in a clear `AccessDenied` instead of
-  a silent wait: such peers never get to exchange a single message with the dispatcher.
-- `oversized` / `fit_outcome`: frames larger than the peers' ZMQ_MAXMSGSIZE are refused before
-  sending, because a receiver drops the whole connection on such a frame.
-
-The dispatcher's side (ZAP handler, roles, revocation, quarantine) is `conveyor/dispatcher/access.py`.
+"""A DEALER's handshake, watched: a key the dispatcher refuses, or a keys/no-keys mismatch, ends in a clear
+`AccessDenied` instead of a silent wait (such peers never exchange a single message with the dispatcher).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import zmq
 
-from conveyor.errors import AccessDenied, InsecureBindError
-from conveyor.keys import PeerCredentials
-from conveyor.protocol import errors as perr
+from conveyor.errors import AccessDenied
+from conveyor.security.keys import PeerCredentials
 
 log = logging.getLogger("conveyor.security")
-
-DEFAULT_MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # ZMQ_MAXMSGSIZE: the largest single frame a socket accepts
-ENV_INSECURE = "CONVEYOR_INSECURE"
 
 HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -38,59 +23,6 @@ HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
 )
 VAGUE_FAILURES = 3  # a handshake that fails without a reason this many times in a row is reported
-
-
-# --- binding --------------------------------------------------------------------------------------
-
-
-def is_loopback(address: str) -> bool:
-    """True for inproc://, ipc:// and tcp:// on 127.0.0.0/8, ::1 or localhost; False for anything else."""
-    if address.startswith(("inproc://", "ipc://")):
-        return True
-    if not address.startswith("tcp://"):
-        return False
-    host = address[len("tcp://") :].rpartition(":")[0]
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name: reachable from elsewhere
-        return False
-
-
-def insecure_bind_message(address: str) -> str:
-    return (
-        f"refusing to listen on {address} without keys: anyone who can reach it could run code on your workers. "
-        "Create keys with `conveyor keys init DIR` and pass --keys DIR (or set CONVEYOR_KEYS=DIR), "
-        "or pass --insecure to accept unauthenticated, unencrypted connections anyway"
-    )
-
-
-def insecure_warning(address: str) -> str:
-    return (
-        f"warning: --insecure: {address} accepts unauthenticated, unencrypted connections; anyone who can "
-        "reach it can submit tasks (run code on every worker), register as a worker and read results"
-    )
-
-
-def check_bind(address: str, has_keys: bool, insecure: bool) -> None:
-    """Raise InsecureBindError for a non-loopback address without keys, unless insecure."""
-    if not has_keys and not insecure and not is_loopback(address):
-        raise InsecureBindError(insecure_bind_message(address))
-
-
-# --- worker and client sockets ----------------------------------------------------------------------
-
-
-def configure_socket(sock: zmq.Socket[Any], credentials: PeerCredentials | None, max_message_size: int) -> None:
-    """Before connect: bound inbound frames, and with keys, CurveZMQ (the dispatcher's key is checked)."""
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-    if credentials is not None:
-        sock.setsockopt(zmq.CURVE_SECRETKEY, credentials.secret)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials.public)
-        sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.server_public)
 
 
 class HandshakeWatch:
@@ -202,39 +134,3 @@ def watch_handshakes(
     if address.startswith("inproc://"):
         return None
     return HandshakeWatch(sock, address, credentials, role)
-
-
-# --- sizes --------------------------------------------------------------------------------------------
-
-
-def oversized(frames: Sequence[Any], limit: int) -> int | None:
-    """The size of the first frame larger than `limit` bytes, or None."""
-    for frame in frames:
-        n = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
-        if n > limit:
-            return n
-    return None
-
-
-def check_frames(frames: Sequence[Any], limit: int, what: str = "the task's call") -> None:
-    """Raise ValueError if a frame would make the dispatcher drop the connection (ZMQ_MAXMSGSIZE)."""
-    n = oversized(frames, limit)
-    if n is not None:
-        raise ValueError(
-            f"{what} has a frame of {n} bytes, over the {limit}-byte max_message_size of Conveyor's sockets "
-            "(raise it on the dispatcher, workers and clients alike, e.g. --max-message-mib)"
-        )
-
-
-def fit_outcome(outcome: Any, limit: int) -> Any:
-    """A worker's Outcome whose frames fit the limit: itself, or a failure saying the result is too large."""
-    n = oversized(outcome.frames, limit) if outcome.frames else None
-    if n is None:
-        return outcome
-    from conveyor.worker.execution import Outcome
-
-    message = (
-        f"the result has a frame of {n} bytes, over the {limit}-byte max_message_size "
-        "(raise it on the dispatcher, workers and clients alike)"
-    )
-    return Outcome(outcome.job_id, outcome.attempt, False, perr.error_info(perr.EXCEPTION, "ValueError", message))

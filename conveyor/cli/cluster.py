@@ -20,10 +20,11 @@ from typing import Annotated, Any
 
 import typer
 
-from conveyor.cli_common import keys_option, new_app
+from conveyor.cli.common import keys_option, new_app
 from conveyor.cluster import remote
-from conveyor.cluster.inventory import DEFAULT_STATE_DIR, Inventory, InventoryError, Process, load_inventory
+from conveyor.cluster.inventory import DEFAULT_STATE_DIR, Inventory, Process, load_inventory
 from conveyor.cluster.remote import Outcome
+from conveyor.errors import InventoryError
 
 app = new_app("cluster", "Run a dispatcher and workers on many hosts over SSH, from an inventory file (hosts.toml).")
 

@@ -15,7 +15,7 @@ from collections import deque
 from typing import Any
 
 from conveyor.dispatcher.scheduler import CANCELLED, FAILED, SUCCEEDED, Job, Scheduler
-from conveyor.protocol import errors as perr
+from conveyor.protocol import failures as perr
 
 HISTORY = 10_000  # summaries of recently finished jobs (`conveyor jobs`)
 FAILURES = 100  # failure records with tracebacks (the dashboard)

@@ -13,6 +13,8 @@ from typing import Any
 
 import zmq
 
+from conveyor.security.keys import PeerCredentials
+
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _COPY_BELOW = zmq.COPY_THRESHOLD
@@ -26,3 +28,12 @@ def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any], flags: int = 0) -> N
     for i, part in enumerate(parts):
         small = type(part) is bytes and len(part) < _COPY_BELOW
         send(part, more if i < last else flags, copy=small)
+
+
+def configure_socket(sock: zmq.Socket[Any], credentials: PeerCredentials | None, max_message_size: int) -> None:
+    """Before connect: bound inbound frames, and with keys, CurveZMQ (the dispatcher's key is checked)."""
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    if credentials is not None:
+        sock.setsockopt(zmq.CURVE_SECRETKEY, credentials.secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials.public)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.server_public)

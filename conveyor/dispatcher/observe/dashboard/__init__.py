@@ -34,7 +34,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from conveyor.dispatcher.observe import Observer
+from conveyor.dispatcher.observe.observer import Observer
 
 log = logging.getLogger("conveyor.dashboard")
 
@@ -284,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         states = [s for v in query.get("state", []) for s in v.split(",") if s] or None
         since = None
         if query.get("since"):
-            from conveyor.dispatcher.observe import parse_duration
+            from conveyor.protocol.durations import parse_duration
 
             try:
                 since = parse_duration(query["since"][0])

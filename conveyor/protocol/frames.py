@@ -24,6 +24,8 @@ from typing import Any
 
 import msgpack
 
+from conveyor.errors import ProtocolError, VersionMismatch
+
 SIGNATURE = b"CNV1"
 SIGNATURE_PREFIX = b"CNV"
 PROTOCOL_VERSION = 1
@@ -82,14 +84,6 @@ class Cmd(enum.IntEnum):
 _CMD_BY_BYTE = {bytes((c,)): c for c in Cmd}
 _CMD_FRAME = {c: bytes((c,)) for c in Cmd}
 _CMD_FRAME_PACKED = {c: bytes((c, PACKED)) for c in Cmd}
-
-
-class ProtocolError(Exception):
-    """A message that does not follow docs/protocol.md."""
-
-
-class VersionMismatch(ProtocolError):
-    """A peer speaks another Conveyor protocol version."""
 
 
 @dataclass(slots=True)

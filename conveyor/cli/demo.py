@@ -1,6 +1,6 @@
 """`conveyor demo`: run the experiments, write the report, print a summary table.
 
-Registered in conveyor/cli.py with `app.command()(demo)`; heavy imports wait until it runs.
+Registered in conveyor/cli/__init__.py; heavy imports wait until it runs.
 """
 
 from __future__ import annotations

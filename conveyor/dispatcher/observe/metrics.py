@@ -43,7 +43,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from conveyor.dispatcher.observe import Observer
+from conveyor.dispatcher.observe.observer import Observer
 
 
 def _buckets(h: dict[str, Any]) -> list[tuple[str, float]]:

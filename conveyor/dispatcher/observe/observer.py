@@ -28,9 +28,8 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from conveyor.dispatcher.model import wall_clock_view
-from conveyor.dispatcher.outputs import OUTPUT_BUDGET, OUTPUT_LIMIT, OutputStore
-from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job
-from conveyor.dispatcher.stats import (
+from conveyor.dispatcher.observe.outputs import OUTPUT_BUDGET, OUTPUT_LIMIT, OutputStore
+from conveyor.dispatcher.observe.stats import (
     FAILURE_OUTPUT,
     FAILURES,
     HISTORY,
@@ -41,6 +40,7 @@ from conveyor.dispatcher.stats import (
     ThroughputSeries,
     summary_dict,
 )
+from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job
 from conveyor.protocol import Cmd, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -414,23 +414,3 @@ class Observer:
             self.snapshot = snapshot
             self.version += 1
             self.changed.notify_all()
-
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '2h', '1d', '1h30m' -> seconds."""
-    import re
-
-    text = text.strip().lower()
-    if not text:
-        raise ValueError("empty duration")
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise ValueError(f"bad duration {text!r}: use e.g. 30s, 10m, 2h, 1d")
-    return sum(float(n) * _UNITS[u] for n, u in parts)

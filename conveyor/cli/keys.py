@@ -1,6 +1,6 @@
 """`conveyor keys init|add-worker|add-client|list|revoke`: create and authorize CurveZMQ keys.
 
-The directory layout is described in `conveyor/keys.py`; docs/security.md says which file goes to
+The directory layout is described in `conveyor/security/keys.py`; docs/security.md says which file goes to
 which host. Errors end as one `error: ...` line (KeysError is a ConveyorError, printed by cli.main).
 """
 
@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from conveyor import keys as keyfiles
-from conveyor.cli_common import new_app
+from conveyor.cli.common import new_app
 from conveyor.errors import KeysError
+from conveyor.security import keys as keyfiles
 
 app = new_app("keys", "Create and authorize CurveZMQ keys (docs/security.md).")
 

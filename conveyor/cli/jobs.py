@@ -1,0 +1,172 @@
+"""`conveyor submit`, `result`, `status` and `cancel`: jobs by id, from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from conveyor.cli.common import EXIT_USAGE, CliError, DispatcherOpt, JsonOpt, KeysOpt, check_mode, connect, dump
+from conveyor.protocol import failures as perr
+from conveyor.protocol.payload import decode_value
+
+
+def _record_json(record: dict[str, Any], data: list[Any]) -> dict[str, Any]:
+    out = {k: record.get(k) for k in ("id", "state", "worker", "attempts")}
+    out["history"] = record.get("history", [])
+    if record.get("output"):
+        out["output"] = record["output"]  # the task's captured stdout, stderr and log records (their tails)
+    if record.get("state") == "succeeded":
+        out["result"] = decode_value(data)
+    elif record.get("error"):
+        out["error"] = record["error"]
+    return out
+
+
+def _parse_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def submit(
+    function: Annotated[str | None, typer.Argument(help="module:function to run.")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments; each parsed as JSON, else a string.")] = None,
+    shell: Annotated[str | None, typer.Option("--shell", help="Run this shell command on a worker instead.")] = None,
+    kwargs: Annotated[str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and print the result.")] = False,
+    mode: Annotated[str | None, typer.Option(help="Only run on a worker in this mode.")] = None,
+    retries: Annotated[
+        int | None, typer.Option(help="Retries: of crashes and lost workers, and of --retry-on exceptions.")
+    ] = None,
+    retry_on: Annotated[
+        list[str] | None, typer.Option("--retry-on", help="Exception type name to retry (repeatable).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Fail the task after this many seconds.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Only run on workers with this tag.")] = None,
+    dispatcher: DispatcherOpt = None,
+    keys: KeysOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job; print its id, or with --wait its result."""
+    if (function is None) == (shell is None):
+        raise CliError("give either module:function [ARGS...] or --shell 'COMMAND'", EXIT_USAGE)
+    call_kwargs: dict[str, Any] = {}
+    if kwargs is not None:
+        try:
+            call_kwargs = json.loads(kwargs)
+        except ValueError as exc:
+            raise CliError(f"--kwargs is not valid JSON: {exc}", EXIT_USAGE) from None
+        if not isinstance(call_kwargs, dict):
+            raise CliError("--kwargs must be a JSON object", EXIT_USAGE)
+    if shell is not None:
+        target, call_args = "conveyor.builtins:shell", [shell]
+    else:
+        assert function is not None
+        if ":" not in function or function.startswith(":") or function.endswith(":"):
+            raise CliError(f"bad function {function!r}: expected module:function", EXIT_USAGE)
+        target, call_args = function, [_parse_arg(a) for a in args or []]
+        for raw, value in zip(args or [], call_args, strict=True):
+            if raw.startswith("-") and isinstance(value, str):  # -1 is an argument; --wiat is a typo
+                hint = f"pass a string starting with '-' as JSON: '\"{raw}\"'"
+                raise CliError(f"no such option: {raw} ({hint})", EXIT_USAGE)
+    if mode is not None:
+        check_mode(mode)
+    with connect(dispatcher, keys) as client:
+        job = client.options(
+            mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True
+        )
+        fut = job.submit(target, *call_args, **call_kwargs)
+        if not wait:
+            fut.add_done_callback(lambda _: None)
+            # the id is ours from the start; make sure the dispatcher accepted it before we exit
+            info = client.job_info(fut.job_id)
+            if info[0] is None and not fut.done():
+                raise CliError("the dispatcher did not accept the job")
+            print(dump({"id": fut.job_id}) if as_json else fut.job_id)
+            return
+        from conveyor.client.progress import wait_with_progress
+
+        record, data = (
+            client.wait_record(fut.job_id) if as_json else wait_with_progress(client, fut.job_id, target)
+        )
+        _print_outcome(record, data, as_json, shell=shell is not None)
+
+
+def _print_outcome(record: dict[str, Any], data: list[Any], as_json: bool, shell: bool = False) -> None:
+    state = record.get("state")
+    if as_json:
+        print(dump(_record_json(record, data)))
+        if state != "succeeded":
+            raise typer.Exit(1)
+        return
+    if state == "succeeded":
+        value = decode_value(data)
+        if shell and isinstance(value, dict) and "exit_code" in value:
+            sys.stdout.write(value.get("stdout", ""))
+            sys.stderr.write(value.get("stderr", ""))
+            raise typer.Exit(int(value["exit_code"]))
+        print(value if isinstance(value, str) else dump(value))
+        return
+    error = record.get("error") or {}
+    if state == "unknown":
+        raise CliError(str(error.get("message", "unknown job")))
+    if error.get("traceback"):
+        sys.stderr.write(f"Remote traceback (job {record.get('id')}):\n{error['traceback']}")
+    raise CliError(f"job {record.get('id')} {state}: {perr.describe(error)}")
+
+
+def result(
+    job_id: Annotated[str, typer.Argument(help="The job id `submit` printed.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job finishes.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    dispatcher: DispatcherOpt = None,
+    keys: KeysOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a job's result, error or state."""
+    with connect(dispatcher, keys) as client:
+        if not wait:
+            view = client.job_info(job_id)[0]
+            if view is None:
+                raise CliError(f"no job {job_id} (never submitted, or expired)")
+            if view["state"] in ("queued", "running"):
+                if as_json:
+                    keys_ = ("id", "state", "worker", "attempts", "history", "progress", "output")
+                    print(dump({k: view[k] for k in keys_ if k in view}))
+                else:
+                    from conveyor.client.progress import format_progress
+
+                    print(" ".join(filter(None, [view["state"], format_progress(view.get("progress"))])))
+                return
+        try:
+            record, data = client.wait_record(job_id, timeout)
+        except TimeoutError:
+            raise CliError(f"job {job_id} did not finish within {timeout:g} s") from None
+        _print_outcome(record, data, as_json)
+
+
+def status(dispatcher: DispatcherOpt = None, as_json: JsonOpt = False, keys: KeysOpt = None) -> None:
+    """Show workers and queue depth."""
+    with connect(dispatcher, keys) as client:
+        st = client.status()
+    from conveyor.cli.observe import print_status
+
+    print_status(st, as_json)  # workers (host, mode, busy slots, prefetch, done, heartbeat), queues, throughput
+
+
+def cancel(
+    job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.")],
+    dispatcher: DispatcherOpt = None,
+    keys: KeysOpt = None,
+) -> None:
+    """Cancel queued or running jobs."""
+    with connect(dispatcher, keys) as client:
+        done = set(client.cancel(*job_ids))
+    for job_id in job_ids:
+        print(f"{job_id} {'cancelled' if job_id in done else 'not cancelled (unknown or already finished)'}")
+    if len(done) < len(job_ids):
+        raise typer.Exit(1)

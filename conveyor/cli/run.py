@@ -1,0 +1,205 @@
+"""`conveyor dispatcher`, `conveyor worker` and `conveyor up`: the long-running processes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from conveyor.cli.common import (
+    DEFAULT_ADDRESS,
+    ENV_DISPATCHER,
+    EXIT_USAGE,
+    CliError,
+    InsecureOpt,
+    KeysOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    MaxMessageOpt,
+    address,
+    check_bind,
+    check_mode,
+    setup_logging,
+)
+from conveyor.errors import ConveyorError
+
+
+def dispatcher(
+    bind: Annotated[str, typer.Option("--bind", help="Address to listen on; port 0 picks a free one.")] = (
+        DEFAULT_ADDRESS
+    ),
+    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
+    liveness: Annotated[int, typer.Option(help="Missed heartbeats before a worker is declared lost.")] = 3,
+    result_ttl: Annotated[float, typer.Option(help="Seconds a finished job's result is kept for `result`.")] = 3600.0,
+    journal: Annotated[
+        str | None, typer.Option(help="Journal file [$XDG_STATE_HOME/conveyor/journal.db].")
+    ] = None,
+    no_journal: Annotated[bool, typer.Option("--no-journal", help="Keep jobs in memory only.")] = False,
+    journal_sync: Annotated[
+        str, typer.Option(help="normal: survive a dispatcher crash; full: also an OS crash (fsync per commit).")
+    ] = "normal",
+    max_queued: Annotated[int, typer.Option(help="Queued jobs beyond which submitters are slowed.")] = 1_000_000,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
+    max_message_mib: MaxMessageOpt = 512,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (/metrics; 0 picks one).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "127.0.0.1",
+    dashboard_port: Annotated[
+        int | None, typer.Option(help="Serve the web dashboard on this port (0 picks one).")
+    ] = None,
+    dashboard_host: Annotated[
+        str, typer.Option(help="Address for --dashboard-port; off loopback a token is required.")
+    ] = "127.0.0.1",
+    dashboard_token: Annotated[
+        str | None, typer.Option(envvar="CONVEYOR_DASHBOARD_TOKEN", help="Dashboard token [generated off loopback].")
+    ] = None,
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Run the dispatcher: accept jobs from clients and hand them to workers."""
+    from conveyor.dispatcher import Dispatcher
+    from conveyor.dispatcher.journal import Journal, default_journal_path
+
+    setup_logging(log_level, log_format)
+    check_bind(bind, keys, insecure)
+    store = None
+    if not no_journal:
+        path = journal or str(default_journal_path())
+        try:
+            store = Journal(path, synchronous=journal_sync)
+        except Exception as exc:
+            raise CliError(f"cannot open the journal: {exc}") from None
+    try:
+        d = Dispatcher(
+            bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
+            journal=store, max_queued=max_queued, keys=keys, insecure=insecure, max_message_size=max_message_mib << 20,
+        )
+    except ConveyorError:
+        if store is not None:
+            store.close()
+        raise
+    try:
+        endpoint = d.bind()
+    except Exception as exc:
+        if store is not None:
+            store.close()
+        raise CliError(f"cannot listen on {bind}: {exc}") from None
+    d.install_signal_handlers()  # before anyone can learn our endpoint and signal us
+    from conveyor.cli.observe import start_observers
+
+    start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
+    print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
+    d.run()
+
+
+def worker(
+    connect: Annotated[
+        str | None, typer.Option("--connect", "-c", help=f"Dispatcher address [env {ENV_DISPATCHER}]")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="threads, processes or asyncio.")] = "processes",
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-n", help="Tasks at once [CPUs; asyncio 1000].")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="A tag this worker offers (repeatable).")] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name [host-pid].")] = None,
+    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
+    liveness: Annotated[int, typer.Option(help="Missed heartbeats before the dispatcher is considered lost.")] = 3,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds to let running tasks finish on SIGTERM.")] = 30.0,
+    max_child_memory: Annotated[
+        int | None, typer.Option(help="processes mode: kill a child whose RSS exceeds this many MiB.")
+    ] = None,
+    prefetch: Annotated[
+        str,
+        typer.Option(
+            help="Jobs to hold beyond the free slots: 'auto' (up to 256, sized by task durations) or a number."
+        ),
+    ] = "auto",
+    keys: KeysOpt = None,
+    max_message_mib: MaxMessageOpt = 512,
+    capture: Annotated[
+        bool, typer.Option("--capture/--no-capture", help="Capture tasks' stdout, stderr and logging per job.")
+    ] = True,
+    output_limit: Annotated[int, typer.Option(help="KiB of each output stream kept per task (the tail).")] = 64,
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Run a worker that executes tasks in one mode."""
+    from conveyor.worker import Worker, run_worker
+
+    setup_logging(log_level, log_format)
+    if output_limit < 1:
+        raise CliError("--output-limit must be at least 1", EXIT_USAGE)
+    if prefetch != "auto" and not prefetch.isdigit():
+        raise CliError(f"--prefetch must be 'auto' or a number of jobs, not {prefetch!r}", EXIT_USAGE)
+    try:
+        w = Worker(
+            address(connect),
+            mode=mode,
+            concurrency=concurrency,
+            tags=tag,
+            name=name,
+            heartbeat_interval=heartbeat_interval,
+            liveness=liveness,
+            drain_timeout=drain_timeout,
+            max_child_memory_mb=max_child_memory,
+            capture_output=capture,
+            output_limit=output_limit << 10,
+            prefetch=None if prefetch == "auto" else int(prefetch),
+            keys=keys,
+            max_message_size=max_message_mib << 20,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    code = run_worker(w)
+    if code:
+        raise typer.Exit(code)
+
+
+def up(
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Number of worker processes.")] = 2,
+    mode: Annotated[str, typer.Option(help="threads, processes or asyncio.")] = "processes",
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-n", help="Tasks at once per worker.")] = None,
+    bind: Annotated[str, typer.Option("--bind", help="Dispatcher address.")] = DEFAULT_ADDRESS,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Start a dispatcher and local workers in one command; Ctrl-C stops all of it."""
+    from conveyor.client.local import LocalCluster
+
+    check_bind(bind, keys, insecure, warn=False)  # the dispatcher prints the --insecure warning itself
+    if keys is not None:
+        from conveyor.security.keys import load_dispatcher_credentials, load_peer_credentials
+
+        load_dispatcher_credentials(keys)
+        load_peer_credentials(keys, "worker")
+    check_mode(mode)
+    if workers < 1 or (concurrency is not None and concurrency < 1):
+        raise CliError("--workers and --concurrency must be at least 1", EXIT_USAGE)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    from conveyor.dispatcher.journal import default_journal_path
+
+    cluster = LocalCluster(
+        workers=workers, mode=mode, concurrency=concurrency, bind=bind, log_level=log_level, quiet=False,
+        journal=str(default_journal_path()), keys=keys, insecure=insecure,
+    )
+    try:
+        address = cluster.start()
+    except ConveyorError as exc:
+        raise CliError(f"{exc} (is {bind} already in use?)") from None
+    print(f"conveyor is up: dispatcher at {address}, {workers} {mode} worker(s). Ctrl-C to stop.", file=sys.stderr)
+    print(f"  export {ENV_DISPATCHER}={address}", file=sys.stderr)
+    try:
+        while not stop.wait(0.5):
+            if cluster.dispatcher is not None and cluster.dispatcher.poll() is not None:
+                raise CliError("the dispatcher exited unexpectedly")
+    finally:
+        print("stopping...", file=sys.stderr)
+        cluster.stop()

@@ -1,0 +1,102 @@
+"""JobFuture: a concurrent.futures.Future for one job, made cheap enough for a million of them.
+
+The speed trick lives here and only here: a standard Future costs the garbage collector 11 tracked
+objects, 7 of them in its Condition; with thousands of futures pending, collecting them was most of
+the client's CPU per task. JobFuture sets Future's fields itself with a lighter condition. That
+depends on Future's private fields: `LIGHT_INIT` says whether this Python's Future has exactly the
+fields expected, and tests/test_client_future.py fails if the fallback (the standard __init__) is
+ever taken, so a Python upgrade that changes them is noticed rather than silently slower.
+"""
+
+from __future__ import annotations
+
+import threading
+from _thread import allocate_lock as _allocate_lock
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conveyor.client.connection import Connection
+
+
+class _FutureCondition(threading.Condition):
+    """threading.Condition on a plain lock, without the bound methods Condition.__init__ stores.
+
+    A standard Future costs the garbage collector 11 tracked objects, 7 of them in its Condition (the
+    RLock's five bound methods, the RLock and a deque); with thousands of futures pending, collecting
+    them was most of the client's CPU per task. Here the deque of waiters exists only once a thread
+    waits. A Future never acquires its own condition twice, so a plain lock is enough, and the
+    wait/notify logic is threading.Condition's own.
+    """
+
+    _waiters: Any = ()  # no waiter yet: notify() finds nothing to do; wait() installs a deque
+
+    def __init__(self) -> None:  # no super().__init__(): it stores the bound methods
+        self._lock = _allocate_lock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if type(self._waiters) is not deque:  # called with the lock held, as notify() is
+            self._waiters = deque()
+        return super().wait(timeout)
+
+    def notify(self, n: int = 1) -> None:
+        if self._waiters:  # the usual case is nobody waiting: skip the ownership check
+            super().notify(n)
+
+    def notify_all(self) -> None:
+        if self._waiters:
+            super().notify(len(self._waiters))
+
+    def _at_fork_reinit(self) -> None:
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+        self._waiters = ()
+
+
+# Future.__init__'s fields, set directly below (with the lighter condition); if a Python version has
+# other fields, JobFuture falls back to Future.__init__ with the standard condition.
+_PENDING_STATE = Future()._state
+LIGHT_INIT = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+
+
+class JobFuture(Future[Any]):
+    """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran."""
+
+    def __init__(
+        self, job_id: str, connection: Connection | None, opts: dict[str, Any] | None = None,
+        frames: Sequence[Any] | None = None,
+    ):
+        if LIGHT_INIT:
+            self._condition = _FutureCondition()
+            self._state = _PENDING_STATE
+            self._result = None
+            self._exception = None
+            self._waiters = []
+            self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        else:
+            super().__init__()
+        self.job_id = job_id
+        self.info: dict[str, Any] = {}
+        self._connection = connection
+        # What the connection (re-)sends while the job is pending; dropped once it is resolved.
+        self._opts = opts
+        self._frames = frames
+
+    def cancel(self) -> bool:
+        """Cancel the job, queued or running (it keeps running only in threads mode; see docs)."""
+        cancelled = super().cancel()
+        if cancelled and self._connection is not None:
+            self._connection.send_cancel([self.job_id])
+        return cancelled
+
+    def __repr__(self) -> str:
+        return f"<JobFuture {self.job_id} {self._state.lower()}>"
+
+

@@ -1,0 +1,40 @@
+"""What a running task can use from Conveyor: `conveyor.progress(fraction, message)`.
+
+This module is all a task imports, and it loads no worker code: the worker plugs in where reports go
+(conveyor/worker/capture.py sets the current task's reporter), so `import conveyor` in a client stays
+light. Outside a task every function here does nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    """Where the current task's reports go (the worker's side)."""
+
+    def progress(self, fraction: float | None, message: str | None) -> None: ...
+
+
+# The task this thread or asyncio task runs (threads and asyncio modes)...
+current: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("conveyor_task", default=None)
+# ...or, in a processes-mode child, the reporter of the one task the child runs at a time.
+process_reporter: Reporter | None = None
+
+
+def progress(fraction: float | None = None, message: str | None = None) -> None:
+    """Report how far the current task has got: `fraction` from 0 to 1 (or None), and a short message.
+
+    `conveyor result JOB_ID` and the dashboard show the latest report while the job runs. Outside a
+    task this does nothing. Reports are cheap: the worker sends only the latest a few times a second.
+    """
+    if fraction is not None:
+        fraction = float(fraction)
+        if not 0.0 <= fraction <= 1.0:  # also rejects NaN
+            raise ValueError(f"progress fraction must be between 0 and 1, got {fraction}")
+    if message is not None:
+        message = str(message)[:1000]
+    reporter = current.get() or process_reporter
+    if reporter is not None:
+        reporter.progress(fraction, message)
