@@ -125,6 +125,9 @@ def worker(
         bool, typer.Option("--capture/--no-capture", help="Capture tasks' stdout, stderr and logging per job.")
     ] = True,
     output_limit: Annotated[int, typer.Option(help="KiB of each output stream kept per task (the tail).")] = 64,
+    health_file: Annotated[
+        str | None, typer.Option(help="Write the time into this file every heartbeat (for liveness probes).")
+    ] = None,
     log_level: LogLevelOpt = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -152,6 +155,7 @@ def worker(
             prefetch=None if prefetch == "auto" else int(prefetch),
             keys=keys,
             max_message_size=max_message_mib << 20,
+            health_file=health_file,
         )
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

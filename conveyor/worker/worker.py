@@ -84,6 +84,7 @@ class Worker:
         context: zmq.asyncio.Context | None = None,
         keys: str | os.PathLike[str] | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        health_file: str | os.PathLike[str] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -146,6 +147,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._dispatcher_instance: str | None = None
         self._connected = False
+        # Touched by the worker's own loop every heartbeat interval, connected or not: a liveness probe that
+        # reads it checks this process, never the dispatcher (conveyor-healthcheck worker --local).
+        self.health_file = None if health_file is None else os.fspath(health_file)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -169,6 +173,7 @@ class Worker:
             self.name, self.mode_name, self.concurrency, self.tags or "-", self.connect_address,
         )
         backoff = 0.1
+        health = asyncio.create_task(self._touch_health_file()) if self.health_file else None
         try:
             while True:
                 self._open()
@@ -188,10 +193,23 @@ class Worker:
                     pass
                 backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
+            if health is not None:
+                health.cancel()
             await self.mode.shutdown()
             self._close_socket()
             if self._own_context:
                 self._ctx.term()
+
+    async def _touch_health_file(self) -> None:
+        """Write the time into the health file every heartbeat interval (a stuck loop stops doing so)."""
+        assert self.health_file is not None
+        while True:
+            try:
+                with open(self.health_file, "w") as f:
+                    f.write(f"{time.time():.3f}\n")
+            except OSError as exc:
+                log.warning("cannot write the health file %s: %s", self.health_file, exc)
+            await asyncio.sleep(self.heartbeat_interval)
 
     def _open(self) -> None:
         """A new connection: a new session id, outcomes held while disconnected first, then READY."""
