@@ -1,4 +1,4 @@
-"""`conveyor keys init|add-worker|add-client|list|revoke`: create and authorize CurveZMQ keys.
+"""`conveyor keys init|add-worker|add-client|list|revoke|kubernetes-secrets`: create and authorize CurveZMQ keys.
 
 The directory layout is described in `conveyor/security/keys.py`; docs/security.md says which file goes to
 which host. Errors end as one `error: ...` line (KeysError is a ConveyorError, printed by cli.main).
@@ -6,12 +6,13 @@ which host. Errors end as one `error: ...` line (KeysError is a ConveyorError, p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from conveyor.cli.common import new_app
+from conveyor.cli.common import EXIT_USAGE, CliError, new_app
 from conveyor.errors import KeysError
 from conveyor.security import keys as keyfiles
 
@@ -88,3 +89,28 @@ def revoke(
         raise KeysError(f"role must be worker or client, not {role!r}")
     path = keyfiles.revoke(directory, role, name)
     print(f"revoked {role} {name!r} (removed {path})")
+
+
+@app.command("kubernetes-secrets")
+def kubernetes_secrets(
+    directory: DirArg,
+    release: Annotated[
+        str, typer.Option("--release", help="The Helm release the Secrets are for: their names follow it.")
+    ] = "conveyor",
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", help="Put the Secrets in this namespace.")
+    ] = None,
+) -> None:
+    """Print Kubernetes Secret manifests (YAML) for DIR's keys, for deploy/helm/conveyor (docs/kubernetes.md).
+
+    Apply them with `kubectl apply -f -`; after `conveyor keys revoke` or `add-worker`, apply them again.
+    """
+    from conveyor.security.kubernetes import kubernetes_secrets as render
+
+    try:
+        rendered = render(directory, release=release, namespace=namespace)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    sys.stdout.write(rendered.yaml())
+    for note in rendered.notes:
+        print(f"note: {note}", file=sys.stderr)

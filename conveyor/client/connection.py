@@ -25,12 +25,15 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, cast
 
+import msgspec
 import zmq
 
 from conveyor.client.future import JobFuture
 from conveyor.errors import AccessDenied, DispatcherUnavailable, VersionMismatch
-from conveyor.protocol import Cmd, ProtocolError, decode, encode, split_frames
+from conveyor.protocol import Cmd, ProtocolError, encode, split_frames
+from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
+from conveyor.protocol.frames import split, unpack
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.protocol.payload import decode_value
 from conveyor.security.keys import PeerCredentials
@@ -38,6 +41,9 @@ from conveyor.transport.handshake import watch_handshakes
 from conveyor.transport.sockets import configure_socket, send_parts
 
 log = logging.getLogger("conveyor.client")
+
+_REPLIES = frozenset({Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.JOBS_REPLY, Cmd.LOGS_REPLY})
+_NO_OPTIONS = msgspec.Raw(b"\xc0")  # nil: the dispatcher's defaults
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
 # Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
@@ -110,7 +116,7 @@ class Connection:
             self.close()
             raise
 
-    def submit(self, job_id: str, opts: dict[str, Any], frames: Sequence[Any]) -> JobFuture:
+    def submit(self, job_id: str, opts: msgspec.Raw, frames: Sequence[Any]) -> JobFuture:
         # A tuple of bytes, unlike a list, drops out of the garbage collector's sight at its first pass.
         future = JobFuture(job_id, self, opts, tuple(frames))
         with self._lock:
@@ -350,7 +356,7 @@ class Connection:
             data = future._frames
             if data is None:  # resolved meanwhile (the client failed or closed)
                 continue
-            entries.append([future.job_id, future._opts, len(data)])
+            entries.append(c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data)))
             frames.extend(data)
         if entries:
             self._send(Cmd.SUBMIT, entries, frames)
@@ -367,31 +373,33 @@ class Connection:
                 parts.append(frame)
             last_heard = time.monotonic()
             try:
-                msg = decode(parts)
-            except ProtocolError as exc:
+                cmd, raw, frames = split(parts)
+                body = c.decode_body(cmd, raw)
+                if cmd in _REPLIES:  # checked against its type; the caller gets every key as a plain map
+                    body = unpack(raw)
+                self._handle(cmd, body, frames)
+            except ProtocolError as exc:  # one odd message must not fail every pending future
                 log.warning("ignoring a malformed message from the dispatcher: %s", exc)
-                continue
-            self._handle(msg.cmd, msg.body, msg.frames)
         return last_heard
 
     def _handle(self, cmd: Cmd, body: Any, frames: list[Any]) -> None:
         if cmd == Cmd.JOB_DONE:
             self._on_done(body, frames)
         elif cmd in (Cmd.WELCOME, Cmd.HEARTBEAT):
-            instance = body.get("instance")
+            instance = body.instance
             if self._instance is not None and instance != self._instance:
                 log.warning("dispatcher restarted; re-sending %d unfinished job(s)", len(self._pending))
                 self._resend_unfinished()
             self._instance = instance
             if not self._welcome.done():
-                self._welcome.set_result(body)
+                self._welcome.set_result({"instance": body.instance, "heartbeat_interval": body.heartbeat_interval})
         elif cmd == Cmd.ACCEPTED:
-            if body.get("busy"):
-                self._busy.extend(body["busy"])
+            if body.busy:
+                self._busy.extend(body.busy)
                 self._busy_at = time.monotonic() + 0.2
-            for job_id, reason in body.get("rejected", []):
+            for job_id, reason in body.rejected:
                 self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
-        elif cmd in (Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.JOBS_REPLY, Cmd.LOGS_REPLY):
+        elif cmd in _REPLIES:
             with self._lock:
                 future = self._requests.get(body.get("req"))
             if future is not None and not future.done():
@@ -400,12 +408,12 @@ class Connection:
             log.info("the dispatcher is shutting down")
         elif cmd == Cmd.ERROR:
             exc: BaseException
-            if body.get("code") == "version":
-                exc = VersionMismatch(f"protocol version mismatch: {body.get('message')}")
-            elif body.get("code") == "forbidden":
-                exc = AccessDenied(f"the dispatcher refused this client: {body.get('message')}")
+            if body.code == "version":
+                exc = VersionMismatch(f"protocol version mismatch: {body.message}")
+            elif body.code == "forbidden":
+                exc = AccessDenied(f"the dispatcher refused this client: {body.message}")
             else:
-                exc = DispatcherUnavailable(f"the dispatcher refused this client: {body.get('message')}")
+                exc = DispatcherUnavailable(f"the dispatcher refused this client: {body.message}")
             self._fatal = exc
             if not self._welcome.done():
                 self._welcome.set_exception(exc)
@@ -427,9 +435,9 @@ class Connection:
         if watched:
             self._send(Cmd.WATCH, {"ids": watched})
 
-    def _on_done(self, entries: list[Any], frames: list[Any]) -> None:
-        per_entry = split_frames([int(e[3]) for e in entries], frames)
-        self._resolve_many([(str(e[0]), str(e[1]), e[2], data) for e, data in zip(entries, per_entry, strict=True)])
+    def _on_done(self, entries: list[c.JobDoneEntry], frames: list[Any]) -> None:
+        per_entry = split_frames([e.n_frames for e in entries], frames)
+        self._resolve_many([(e.job_id, e.state, e.info, data) for e, data in zip(entries, per_entry, strict=True)])
 
     def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:
         self._resolve_many([(job_id, state, info, data)])

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 if TYPE_CHECKING:
     from conveyor.client.connection import Connection
 
@@ -70,7 +72,7 @@ class JobFuture(Future[Any]):
     """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran."""
 
     def __init__(
-        self, job_id: str, connection: Connection | None, opts: dict[str, Any] | None = None,
+        self, job_id: str, connection: Connection | None, opts: msgspec.Raw | None = None,
         frames: Sequence[Any] | None = None,
     ):
         if LIGHT_INIT:

@@ -21,11 +21,14 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+import msgspec
+
 from conveyor.client.connection import Connection
 from conveyor.client.future import JobFuture
 from conveyor.client.local import LocalCluster
 from conveyor.errors import ConveyorError
 from conveyor.protocol import Cmd
+from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
 from conveyor.protocol.commands import MODE_NAMES
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE, check_frames
@@ -83,7 +86,7 @@ class Client:
             address = self._cluster.start()
         self.address = address
         self._options = _wire_options(options)
-        self._task_opts: dict[str, dict[str, Any]] = {}  # per function name: its options, built once
+        self._task_opts: dict[str, msgspec.Raw] = {}  # per function name: its options, checked and encoded once
         self._owner = True
         try:
             self._conn = Connection(
@@ -124,7 +127,7 @@ class Client:
         if opts is None:
             if len(self._task_opts) >= 1024:
                 self._task_opts.clear()
-            opts = self._task_opts[name] = {**self._options, "fn": name}
+            opts = self._task_opts[name] = c.raw_options(c.options(**self._options, fn=name))
         return self._conn.submit(self._conn.new_job_id(), opts, frames)
 
     def map(

@@ -72,7 +72,7 @@ class StoredJob:
     id: str
     seq: int
     owner: bytes | None
-    opts: dict[str, Any]
+    opts: bytes  # TaskOptions as msgpack
     frames: list[bytes]
     state: str
     attempts: int
@@ -125,10 +125,9 @@ class Journal:
 
     # --- recording (buffered until commit) ---------------------------------------------------------
 
-    def submitted(
-        self, job_id: str, seq: int, owner: bytes | None, opts: dict[str, Any], frames: list[Any]
-    ) -> None:
-        self._inserts[job_id] = (job_id, seq, owner, msgpack.packb(opts, use_bin_type=True), tuple(frames))
+    def submitted(self, job_id: str, seq: int, owner: bytes | None, opts: bytes, frames: list[Any]) -> None:
+        """A job was accepted; `opts` are its TaskOptions as msgpack (TaskOptions.to_wire)."""
+        self._inserts[job_id] = (job_id, seq, owner, opts, tuple(frames))
         self._deletes.discard(job_id)
 
     def finished(
@@ -283,7 +282,7 @@ class Journal:
                     id=row[0],
                     seq=row[1],
                     owner=row[2],
-                    opts=msgpack.unpackb(row[3], raw=False),
+                    opts=bytes(row[3]),
                     frames=self._unpack(row[4], self._call_files, row[0]),
                     state=row[5],
                     attempts=row[6],

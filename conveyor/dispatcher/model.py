@@ -1,14 +1,16 @@
-"""The dispatcher's records: job states, task options, jobs, workers, and the actions the scheduler emits.
+"""The dispatcher's records: job states, jobs, workers, and the actions the scheduler emits (a job's
+options are the protocol's TaskOptions: conveyor/protocol/commands.py).
 
 Plain data with no behaviour beyond validation; `scheduler.py` holds the rules that move them.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from conveyor.protocol.commands import TaskOptions
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -19,54 +21,6 @@ FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 ClassKey = tuple[str | None, frozenset[str]]  # (mode or None, required tags)
 MAX_BACKOFF = 300.0
-
-
-@dataclass(slots=True, frozen=True)
-class TaskOptions:
-    fn: str = "?"  # display name, for status and errors
-    mode: str | None = None
-    tags: frozenset[str] = frozenset()
-    retries: int = 0
-    retry_backoff: float = 1.0
-    timeout: float | None = None
-    retry_on: tuple[str, ...] = ()
-    keep: bool = False  # keep the result after delivering it (CLI jobs, fetched later by id)
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> TaskOptions:
-        """Validate options sent by a client; raises ValueError with a readable reason."""
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise ValueError("task options must be a map")
-        mode = raw.get("mode")
-        if mode is not None and not isinstance(mode, str):
-            raise ValueError("mode must be a string")
-        tags = raw.get("tags") or []
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ValueError("tags must be a list of strings")
-        retries = raw.get("retries", 0)
-        backoff = raw.get("retry_backoff", 1.0)
-        timeout = raw.get("timeout")
-        retry_on = raw.get("retry_on") or []
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError("retries must be a non-negative integer")
-        if not isinstance(backoff, int | float) or math.isnan(backoff) or backoff < 0:
-            raise ValueError("retry_backoff must be a non-negative number")
-        if timeout is not None and (not isinstance(timeout, int | float) or math.isnan(timeout) or timeout <= 0):
-            raise ValueError("timeout must be a positive number")
-        if not isinstance(retry_on, list) or not all(isinstance(t, str) for t in retry_on):
-            raise ValueError("retry_on must be a list of exception type names")
-        return cls(
-            fn=str(raw.get("fn", "?")),
-            mode=mode,
-            tags=frozenset(tags),
-            retries=retries,
-            retry_backoff=float(backoff),
-            timeout=float(timeout) if timeout is not None else None,
-            retry_on=tuple(retry_on),
-            keep=bool(raw.get("keep", False)),
-        )
 
 
 _NO_INFO: dict[str, Any] = {}
@@ -117,7 +71,7 @@ class Job:
 
     @property
     def class_key(self) -> ClassKey:
-        return (self.opts.mode, self.opts.tags)
+        return self.opts.class_key
 
 
 @dataclass(slots=True)

@@ -42,10 +42,10 @@ from conveyor.dispatcher.model import (
     ClassKey,
     Deliver,
     Job,
-    TaskOptions,
     WorkerInfo,
 )
 from conveyor.protocol import failures as perr
+from conveyor.protocol.commands import TaskOptions
 
 PREFETCH_HORIZON = 0.002  # seconds of work a worker may hold beyond its slots (auto prefetch)
 DURATION_WEIGHT = 0.2  # weight of the newest task in a worker's moving average of durations

@@ -1,8 +1,9 @@
 """The dispatcher's socket loop: one ROUTER socket, a thin shell around the Scheduler.
 
-Read this top to bottom: `run()` is the loop; `_handle()` routes each command to a handler;
-`_flush()` turns the scheduler's actions into messages. All scheduling decisions live in
-`scheduler.py`; this file only decodes, encodes, and keeps time.
+Read this top to bottom: `run()` is the loop; `_receive()` decodes each message into its typed body
+(conveyor/protocol/commands.py) and routes it through `_handlers`, the one table of every command a
+peer may send; `_flush()` turns the scheduler's actions into messages. All scheduling decisions live
+in `scheduler.py`; this file only decodes, encodes, and keeps time.
 """
 
 from __future__ import annotations
@@ -22,18 +23,10 @@ from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.model import shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe.observer import Observer
-from conveyor.dispatcher.scheduler import (
-    FINISHED_STATES,
-    SUCCEEDED,
-    Assign,
-    CancelRunning,
-    Deliver,
-    Job,
-    Scheduler,
-    TaskOptions,
-)
-from conveyor.dispatcher.validate import ready_body, results_entries, submit_entries, task_options
-from conveyor.protocol import Cmd, Message, ProtocolError, VersionMismatch, decode, encode, split_frames
+from conveyor.dispatcher.scheduler import FINISHED_STATES, SUCCEEDED, Assign, CancelRunning, Deliver, Job, Scheduler
+from conveyor.protocol import Cmd, ProtocolError, VersionMismatch, encode, split_frames
+from conveyor.protocol import commands as c
+from conveyor.protocol.frames import split
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
 from conveyor.security.keys import load_dispatcher_credentials
@@ -64,13 +57,13 @@ class Dispatcher:
         self.journal = journal
         self.result_ttl = result_ttl
         self.max_queued = max_queued
-        self._acks: list[tuple[bytes, dict[str, Any]]] = []  # ACCEPTED replies waiting for the journal commit
+        self._acks: list[tuple[bytes, c.Accepted]] = []  # ACCEPTED replies waiting for the journal commit
         self._commit_at: float | None = None  # when the journal commits what this and later turns recorded
         self._clients: dict[bytes, float] = {}  # client peers by last message time, told when we stop
         self.heartbeat_interval = heartbeat_interval
         self.instance = uuid.uuid4().hex[:12]
         # Our heartbeat also tells peers our interval: workers beat at least this often.
-        self._beat_body = {"instance": self.instance, "role": "dispatcher", "heartbeat_interval": heartbeat_interval}
+        self._beat_body = c.Heartbeat("dispatcher", self.instance, heartbeat_interval)
         self.scheduler = Scheduler(
             infra_retries=infra_retries, liveness=heartbeat_interval * liveness, result_ttl=result_ttl
         )
@@ -86,21 +79,30 @@ class Dispatcher:
         self.insecure = insecure  # allow a non-loopback bind without keys (docs/security.md)
         self.max_message_size = max_message_size
         self._gate = Gate(load_dispatcher_credentials(keys) if keys is not None else None)
-        self._handlers: dict[Cmd, Callable[[bytes, Message, float], None]] = {
+        # Progress, output, job history, metrics, the dashboard's snapshots.
+        self.observer = Observer(self.scheduler, self._send, self._wake, self._about)
+        # Every command a peer may send, and who handles it (each gets the typed body of its command).
+        self._handlers: dict[Cmd, Callable[[bytes, Any, list[Any], float], None]] = {
+            # workers
             Cmd.READY: self._on_ready,
             Cmd.RESULTS: self._on_results,
             Cmd.GIVEBACK: self._on_giveback,
             Cmd.LEAVING: self._on_leaving,
             Cmd.GOODBYE: self._on_goodbye,
+            Cmd.PROGRESS: self.observer.on_progress,
+            Cmd.OUTPUT: self.observer.on_output,
+            # clients
             Cmd.HELLO: self._on_hello,
             Cmd.SUBMIT: self._on_submit,
             Cmd.WATCH: self._on_watch,
             Cmd.CANCEL_JOBS: self._on_cancel,
             Cmd.STATUS: self._on_status,
             Cmd.JOB_INFO: self._on_job_info,
+            Cmd.JOBS: self.observer.on_jobs,
+            Cmd.LOGS: self.observer.on_logs,
+            # both
             Cmd.HEARTBEAT: self._on_heartbeat,
         }
-        self.observer = Observer(self)  # progress, output, job history, metrics: adds its own commands
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -125,10 +127,18 @@ class Dispatcher:
     def stop(self) -> None:
         """Ask the loop to finish (thread-safe and signal-safe)."""
         self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop from another thread (or a signal handler)."""
         try:
             self._wake_w.send(b"x")
         except OSError:
             pass
+
+    def _about(self) -> dict[str, Any]:
+        """Who this dispatcher is, for status views."""
+        return {"instance": self.instance, "endpoint": self.endpoint, "malformed": self.malformed}
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,7 +200,7 @@ class Dispatcher:
         n_done = n_again = 0
         for stored in journal.load():
             try:
-                opts = TaskOptions.from_wire(stored.opts)
+                opts = c.options_from_raw(stored.opts)
             except ValueError as exc:  # written by an older version, or damaged: skip it, keep the rest
                 log.error("journal: job %s has unusable options (%s); dropped", stored.id, exc)
                 journal.forgotten(stored.id)
@@ -223,7 +233,7 @@ class Dispatcher:
         """Tell every worker and client we are going, so they reconnect instead of waiting out liveness."""
         if self.journal is not None:  # what the group commit still held: durable, then acknowledged
             self._commit(self.journal)
-        body = {"instance": self.instance}
+        body = c.Shutdown(self.instance)
         for peer in [*self.scheduler.workers, *self._clients]:
             self._send(peer, Cmd.SHUTDOWN, body)
         log.info("dispatcher %s stopped", self.instance)
@@ -243,25 +253,27 @@ class Dispatcher:
             if allowed is None:
                 continue  # quarantined, or its key was revoked: dropped unread
             try:
-                msg = decode(parts[1:])
+                cmd, raw, frames = split(parts[1:])
+                handler = self._handlers.get(cmd)
+                if handler is None:
+                    self._malformed(peer, f"unexpected command {cmd.name}", now)
+                    continue
+                if allowed is not ANY_COMMAND and cmd not in allowed:
+                    self._forbidden(peer, cmd, now)  # e.g. a client key sending READY
+                    continue
+                body = c.decode_body(cmd, raw)
             except VersionMismatch as exc:
                 self._send(peer, Cmd.ERROR, {"code": "version", "message": str(exc)})
                 continue
             except ProtocolError as exc:
                 self._malformed(peer, str(exc), now)
                 continue
-            handler = self._handlers.get(msg.cmd)
-            if handler is None:
-                self._malformed(peer, f"unexpected command {msg.cmd.name}", now)
-                continue
-            if allowed is not ANY_COMMAND and msg.cmd not in allowed:
-                self._forbidden(peer, msg.cmd, now)  # e.g. a client key sending READY
-                continue
             try:
-                handler(peer, msg, now)
-            except (ProtocolError, KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
-                    RecursionError) as exc:  # e.g. int(inf), str() of a list nested 1000 deep
-                self._malformed(peer, f"{msg.cmd.name}: {type(exc).__name__}: {exc}", now)
+                handler(peer, body, frames, now)
+            except ProtocolError as exc:  # what a type cannot say (frame counts that do not add up)
+                self._malformed(peer, f"{cmd.name}: {exc}", now)
+            except Exception:  # a bug of ours, not the peer's: loud, with its traceback, and nobody is blamed
+                log.exception("handling %s from %r failed", cmd.name, peer[:16])
 
     def _malformed(self, peer: bytes, reason: str, now: float) -> None:
         self.malformed += 1
@@ -286,146 +298,132 @@ class Dispatcher:
 
     # --- worker commands ----------------------------------------------------------------------------
 
-    def _on_ready(self, peer: bytes, msg: Message, now: float) -> None:
-        b = ready_body(msg.body)  # types and ranges checked at the edge (validate.py)
-        running = [(str(j), int(a)) for j, a in b.get("running", [])]
+    def _on_ready(self, peer: bytes, b: c.Ready, frames: list[Any], now: float) -> None:
         w = self.scheduler.worker_ready(
             peer,
-            name=str(b["name"]),
-            host=str(b["host"]),
-            pid=int(b["pid"]),
-            mode=str(b["mode"]),
-            concurrency=int(b["concurrency"]),
-            tags=[str(t) for t in b.get("tags", [])],
-            credit=int(b["credit"]),
-            running=running,
+            name=b.name,
+            host=b.host,
+            pid=b.pid,
+            mode=b.mode,
+            concurrency=b.concurrency,
+            tags=b.tags,
+            credit=b.credit,
+            running=[(r.job_id, r.attempt) for r in b.running],
             now=now,
-            session=str(b.get("session", "")),
-            prefetch=int(b.get("prefetch", 0)),
-            prefetch_auto=b.get("prefetch_auto") is True,
+            session=b.session,
+            prefetch=b.prefetch,
+            prefetch_auto=b.prefetch_auto,
         )
         self._send(peer, Cmd.HEARTBEAT, self._beat_body)
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
 
-    def _on_results(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_results(self, peer: bytes, entries: list[c.OutcomeEntry], frames: list[Any], now: float) -> None:
         known = self.scheduler.heard_from(peer, now)
-        entries = results_entries(msg.body)  # all entries checked before any is applied
-        per_entry = split_frames([int(e[4]) for e in entries], msg.frames)
-        for entry, frames in zip(entries, per_entry, strict=True):
-            job_id, attempt, ok, info = str(entry[0]), int(entry[1]), bool(entry[2]), entry[3]
-            if not isinstance(info, dict):
-                raise ProtocolError("outcome info must be a map")
-            self.scheduler.outcome(peer, job_id, attempt, ok, info, frames, now)
+        per_entry = split_frames([e.n_frames for e in entries], frames)  # all checked before any is applied
+        outcome = self.scheduler.outcome
+        for e, data in zip(entries, per_entry, strict=True):
+            outcome(peer, e.job_id, e.attempt, e.ok, e.info, data, now)
         if not known:
-            self._send(peer, Cmd.RECONNECT, {"instance": self.instance})
+            self._send(peer, Cmd.RECONNECT, c.Reconnect(self.instance))
 
-    def _on_giveback(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_giveback(self, peer: bytes, entries: list[c.AttemptRef], frames: list[Any], now: float) -> None:
         self.scheduler.heard_from(peer, now)
-        for job_id, attempt in msg.body:
-            self.scheduler.give_back(peer, str(job_id), int(attempt), now)
+        for e in entries:
+            self.scheduler.give_back(peer, e.job_id, e.attempt, now)
 
-    def _on_leaving(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_leaving(self, peer: bytes, b: c.Empty, frames: list[Any], now: float) -> None:
         self.scheduler.heard_from(peer, now)
         self.scheduler.worker_leaving(peer)
 
-    def _on_goodbye(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_goodbye(self, peer: bytes, b: c.Empty, frames: list[Any], now: float) -> None:
         w = self.scheduler.workers.get(peer)
         self.scheduler.worker_gone(peer, now)
         if w is not None:
             log.info("worker %s left", w.name)
 
-    def _on_heartbeat(self, peer: bytes, msg: Message, now: float) -> None:
-        role = msg.body.get("role") if isinstance(msg.body, dict) else None
-        if role == "worker":
+    def _on_heartbeat(self, peer: bytes, b: c.Heartbeat, frames: list[Any], now: float) -> None:
+        if b.role == "worker":
             if not self.scheduler.heard_from(peer, now):
-                self._send(peer, Cmd.RECONNECT, {"instance": self.instance})
+                self._send(peer, Cmd.RECONNECT, c.Reconnect(self.instance))
         else:  # a client's ping: answer, so it knows we are alive and which instance we are
             self._clients[peer] = now
             self._send(peer, Cmd.HEARTBEAT, self._beat_body)
 
     # --- client commands ----------------------------------------------------------------------------
 
-    def _on_hello(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_hello(self, peer: bytes, b: c.Hello, frames: list[Any], now: float) -> None:
         self._clients[peer] = now
-        self._send(
-            peer,
-            Cmd.WELCOME,
-            {
-                "instance": self.instance,
-                "heartbeat_interval": self.heartbeat_interval,
-                "req": msg.body.get("req") if isinstance(msg.body, dict) else None,
-            },
-        )
+        self._send(peer, Cmd.WELCOME, c.Welcome(self.instance, self.heartbeat_interval, b.req))
 
-    def _on_submit(self, peer: bytes, msg: Message, now: float) -> None:
-        entries = submit_entries(msg.body)
-        per_entry = split_frames([int(e[2]) for e in entries], msg.frames)
+    def _on_submit(self, peer: bytes, entries: list[c.SubmitEntry], frames: list[Any], now: float) -> None:
+        per_entry = split_frames([e.n_frames for e in entries], frames)
         accepted: list[str] = []
-        rejected: list[list[str]] = []
+        rejected: list[tuple[str, str]] = []
         busy: list[str] = []
         jobs = self.scheduler.jobs
         submits = self.observer.submits
-        last_raw: Any = None
-        last_opts: TaskOptions | None = None
-        for entry, frames in zip(entries, per_entry, strict=True):
-            job_id = str(entry[0])
+        last_raw = b""
+        last_opts: c.TaskOptions | None = None
+        last_stored = b""
+        for e, data in zip(entries, per_entry, strict=True):
+            job_id = e.job_id
             try:
-                raw = entry[1]
-                if last_opts is None or not _same_options(raw, last_raw):  # a batch's tasks mostly share them
-                    last_opts = TaskOptions.from_wire(task_options(raw))  # plain and shallow: it is journaled
+                raw = bytes(e.options)
+                if last_opts is None or raw != last_raw:  # a batch's tasks mostly share their options' bytes
+                    last_opts = c.options_from_raw(e.options)
                     last_raw = raw
+                    last_stored = last_opts.to_wire()  # journaled as the known fields only
                 opts = last_opts
-                if not frames:
+                if not data:
                     raise ValueError("a task needs its call frames")
             except ValueError as exc:
-                rejected.append([job_id, str(exc)])
+                rejected.append((job_id, str(exc)))
                 continue
             is_new = job_id not in jobs
             if is_new and self.scheduler.n_queued >= self.max_queued:
                 busy.append(job_id)  # backpressure: the client re-sends these a little later
                 continue
-            job = self.scheduler.submit(job_id, opts, frames, peer, now)
+            job = self.scheduler.submit(job_id, opts, data, peer, now)
             if is_new:
                 submits[opts.fn] = submits.get(opts.fn, 0) + 1
             if is_new and self.journal is not None:
-                self.journal.submitted(job_id, job.seq, peer, entry[1] or {}, frames)
+                self.journal.submitted(job_id, job.seq, peer, last_stored, data)
             accepted.append(job_id)
-        reply = {"accepted": accepted, "rejected": rejected, "busy": busy}
+        reply = c.Accepted(accepted, rejected, busy)
         if self.journal is None:
             self._send(peer, Cmd.ACCEPTED, reply)
         else:
             self._acks.append((peer, reply))
 
-    def _on_watch(self, peer: bytes, msg: Message, now: float) -> None:
-        unknown = self.scheduler.watch(peer, [str(i) for i in msg.body["ids"]])
+    def _on_watch(self, peer: bytes, b: c.Ids, frames: list[Any], now: float) -> None:
+        unknown = self.scheduler.watch(peer, b.ids)
         if unknown:
-            entries = [[job_id, "unknown", {"error": _unknown_job(job_id)}, 0] for job_id in unknown]
+            entries = [c.JobDoneEntry(job_id, "unknown", {"error": _unknown_job(job_id)}, 0) for job_id in unknown]
             self._send(peer, Cmd.JOB_DONE, entries)
 
-    def _on_cancel(self, peer: bytes, msg: Message, now: float) -> None:
-        ids = [str(i) for i in msg.body["ids"]]
-        done = [job_id for job_id in ids if self.scheduler.cancel(job_id, now)]
-        self._send(peer, Cmd.CANCELLED, {"req": msg.body.get("req"), "cancelled": done})
+    def _on_cancel(self, peer: bytes, b: c.CancelJobs, frames: list[Any], now: float) -> None:
+        done = [job_id for job_id in b.ids if self.scheduler.cancel(job_id, now)]
+        self._send(peer, Cmd.CANCELLED, c.Cancelled(done, b.req))
 
-    def _on_status(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_status(self, peer: bytes, b: c.Request, frames: list[Any], now: float) -> None:
         status = self.scheduler.status(now)
         status["dispatcher"] = {"instance": self.instance, "endpoint": self.endpoint, "pid": os.getpid()}
         self.observer.decorate_status(status, now)
-        status["req"] = msg.body.get("req") if isinstance(msg.body, dict) else None
+        status["req"] = b.req
         status["totals"]["malformed"] = self.malformed
         status["security"] = self._gate.status()
         self._send(peer, Cmd.STATUS_REPLY, status)
 
-    def _on_job_info(self, peer: bytes, msg: Message, now: float) -> None:
+    def _on_job_info(self, peer: bytes, b: c.Ids, frames: list[Any], now: float) -> None:
         views: list[dict[str, Any] | None] = []
         offset = wall_clock_offset()
-        for job_id in msg.body["ids"]:
-            job = self.scheduler.jobs.get(str(job_id))
+        for job_id in b.ids:
+            job = self.scheduler.jobs.get(job_id)
             if job is None:
                 views.append(None)
                 continue
             views.append(self.observer.decorate_view(wall_clock_view(self.scheduler.job_view(job), offset), now))
-        self._send(peer, Cmd.JOB_INFO_REPLY, {"req": msg.body.get("req"), "jobs": views})
+        self._send(peer, Cmd.JOB_INFO_REPLY, c.JobInfoReply(views, b.req))
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -502,7 +500,7 @@ class Dispatcher:
         for job in action.jobs:
             data = job.frames or []
             opts = job.opts
-            entries.append([job.id, job.attempt, opts.timeout, list(opts.retry_on), len(data)])
+            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data)))
             frames.extend(data)
         if not self._send(action.worker, Cmd.ASSIGN, entries, frames):
             # The worker vanished between its credit and our send: the jobs go back to the queue.
@@ -525,7 +523,7 @@ class Dispatcher:
                 info["history"] = shift_history(job.history, offset)
             if job.state != SUCCEEDED:
                 info["error"] = job.result_info
-            entries.append([job.id, job.state, info, len(job.result_frames)])
+            entries.append(c.JobDoneEntry(job.id, job.state, info, len(job.result_frames)))
             frames.extend(job.result_frames)
         if self._send(client, Cmd.JOB_DONE, entries, frames):
             for job in jobs:
@@ -544,15 +542,6 @@ class Dispatcher:
                 return False
             raise
         return True
-
-
-def _same_options(raw: Any, last: Any) -> bool:
-    """Equal, and alike in type too: 1, 1.0 and True are equal in Python but not equally valid options."""
-    if raw is last:
-        return True
-    if type(raw) is not dict or type(last) is not dict or raw != last:
-        return False
-    return all(type(value) is type(last[key]) for key, value in raw.items())
 
 
 COMMIT_WINDOW = 0.005  # seconds a journal write may wait for company (and the ACCEPTED of it)

@@ -1,5 +1,448 @@
-"""The body of every command, typed: one definition used by the dispatcher, the worker and the client."""
+"""The body of every command, typed: one definition used by the dispatcher, the worker and the client.
+
+Each body is a msgspec Struct (frozen, slotted, decoded and validated in C). Entries of batches
+(ASSIGN, RESULTS, SUBMIT, JOB_DONE, ...) are `array_like`: on the wire they are the positional
+arrays docs/protocol.md shows, so the format did not change when these types replaced the lists
+built by hand. Single-message bodies are maps. Both are forward compatible: an array entry may carry
+more trailing fields than a reader knows and a map more keys; both are ignored.
+
+    decode_message(parts) -> Message          the frames of one message, its body typed
+    decode_body(cmd, raw) -> the typed body    raises ProtocolError on anything malformed
+    encode_body(body) -> bytes                 a Struct, a list of them, or plain msgpack values
+                                               (frames.encode(cmd, body, frames) uses it)
+
+Only what peers send the dispatcher is typed tightly (bounded strings, lists and integers, no free
+nesting): any bytes a peer sends must fail here, cheaply, or come out as values the dispatcher can
+keep and re-encode. Replies to clients carry nested status maps, typed loosely.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeAlias
+
+import msgspec
+
+from conveyor.errors import ProtocolError
+from conveyor.protocol.frames import Cmd, Message, split
+
 MODE_NAMES = ("threads", "processes", "asyncio")  # worker execution modes; tasks are routed on them
+
+MAX_ID = 1024  # characters of a job id, a name, a host, a tag, a session
+MAX_BATCH = 1 << 20  # entries of one batch (SUBMIT, RESULTS, WATCH ids, ...)
+MAX_TAGS = 1024
+
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID)]
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]  # frames of an entry, a pid, a limit
+Attempt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+IdList = Annotated[list[Id], msgspec.Meta(max_length=MAX_BATCH)]
+Tags = Annotated[list[Id], msgspec.Meta(max_length=MAX_TAGS)]
+Scalar: TypeAlias = str | int | float | bool | None
+
+
+class Body(msgspec.Struct, frozen=True):
+    """A map body: a field with a default may be left out by a sender."""
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True):
+    """One entry of a batch: a positional array on the wire."""
+
+
+# --- worker -> dispatcher ---------------------------------------------------------------------------
+
+
+class AttemptRef(Entry, frozen=True):
+    """[job_id, attempt]: one assignment (READY `running`, GIVEBACK)."""
+
+    job_id: Id
+    attempt: Attempt
+
+
+class Ready(Body, frozen=True):
+    """READY: a worker registers, or registers again (§5)."""
+
+    name: Id
+    host: Id
+    pid: Count
+    mode: Id
+    concurrency: Int32
+    credit: Int32
+    prefetch: Int32 = 0
+    prefetch_auto: bool = False
+    tags: Tags = []
+    session: Id = ""
+    running: Annotated[list[AttemptRef], msgspec.Meta(max_length=MAX_BATCH)] = []
+
+
+class OutcomeEntry(Entry, frozen=True):
+    """A RESULTS entry: how one attempt ended. `info` is {duration} or an error record (§9), flat."""
+
+    job_id: Id
+    attempt: Attempt
+    ok: bool
+    info: dict[str, Scalar]
+    n_frames: Count
+
+
+class ProgressEntry(Entry, frozen=True):
+    """A PROGRESS entry: the latest report of a running task."""
+
+    job_id: Id
+    attempt: Attempt
+    fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None
+    message: str | None
+
+
+class OutputEntry(Entry, frozen=True):
+    """An OUTPUT entry: what a running task wrote to one stream since the last one."""
+
+    job_id: Id
+    attempt: Attempt
+    stream: Id
+    text: str
+
+
+class Empty(Body, frozen=True):
+    """LEAVING, GOODBYE: no fields."""
+
+
+# --- dispatcher -> worker ---------------------------------------------------------------------------
+
+
+class AssignEntry(Entry, frozen=True):
+    """An ASSIGN entry: a task and how many of the message's data frames are its call."""
+
+    job_id: Id
+    attempt: Attempt
+    timeout: float | None
+    retry_on: tuple[str, ...]
+    n_frames: Count
+
+
+class Cancel(Body, frozen=True):
+    """CANCEL: stop this attempt."""
+
+    job: Id
+    attempt: Attempt
+
+
+class Reconnect(Body, frozen=True):
+    """RECONNECT: "I don't know you", re-send READY."""
+
+    instance: str = ""
+
+
+# --- client -> dispatcher ---------------------------------------------------------------------------
+
+
+class TaskOptions(Body, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    """A task's options (SUBMIT), as the client builds them and the dispatcher keeps them (§6)."""
+
+    fn: Annotated[str, msgspec.Meta(max_length=4096)] = "?"  # display name, for status and errors
+    mode: Id | None = None
+    tags: Annotated[frozenset[Id], msgspec.Meta(max_length=MAX_TAGS)] = frozenset()
+    retries: Annotated[int, msgspec.Meta(ge=0, le=2**31)] = 0
+    retry_backoff: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+    timeout: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    retry_on: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_TAGS)] = ()
+    keep: bool = False  # keep the result after delivering it (CLI jobs, fetched later by id)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> TaskOptions:
+        """Options from decoded msgpack values (a map, or nil); ValueError with a readable reason."""
+        if raw is None:
+            return DEFAULT_OPTIONS
+        if type(raw) is dict and "keep" in raw:
+            raw = {**raw, "keep": bool(raw["keep"])}  # any truthy value keeps, as before
+        try:
+            return msgspec.convert(raw, cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(_options_error(exc)) from None
+
+    def to_wire(self) -> bytes:
+        return _encoder.encode(self)
+
+    @property
+    def class_key(self) -> tuple[str | None, frozenset[str]]:
+        """The queue the task waits in: (mode or None, required tags)."""
+        return (self.mode, self.tags)
+
+
+class SubmitEntry(Entry, frozen=True):
+    """A SUBMIT entry. `options` stays raw msgpack until the dispatcher reads it (options_from_raw): a
+    bad one rejects its entry only, and a batch's entries usually share the same bytes."""
+
+    job_id: Id
+    options: msgspec.Raw  # a map, or nil: no options
+    n_frames: Count
+
+
+class Hello(Body, frozen=True):
+    client: str = ""
+    pid: int = 0
+    req: Any = None
+
+
+class Ids(Body, frozen=True):
+    """WATCH, JOB_INFO: job ids (and a correlation id)."""
+
+    ids: IdList
+    req: Any = None
+
+
+class CancelJobs(Body, frozen=True):
+    ids: IdList
+    req: Any = None
+
+
+class Request(Body, frozen=True):
+    """STATUS: nothing but a correlation id."""
+
+    req: Any = None
+
+
+class JobsQuery(Body, frozen=True):
+    """JOBS: list jobs by state, age and function."""
+
+    req: Any = None
+    states: Annotated[list[Id], msgspec.Meta(max_length=16)] | None = None
+    since: float | None = None
+    fn: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    limit: Count | None = None
+
+
+class LogsQuery(Body, frozen=True):
+    """LOGS: a job's output from these offsets on."""
+
+    id: Id
+    req: Any = None
+    offsets: Annotated[dict[Id, Count], msgspec.Meta(max_length=16)] = {}
+
+
+# --- dispatcher -> client ---------------------------------------------------------------------------
+
+
+class Welcome(Body, frozen=True):
+    instance: str
+    heartbeat_interval: float = 1.0
+    req: Any = None
+
+
+class Accepted(Body, frozen=True):
+    """ACCEPTED: every entry of a SUBMIT in exactly one list."""
+
+    accepted: list[str] = []
+    rejected: list[tuple[str, str]] = []  # [job_id, reason]
+    busy: list[str] = []
+
+
+class JobDoneEntry(Entry, frozen=True):
+    """A JOB_DONE entry: a finished job (state succeeded, failed, cancelled, or unknown)."""
+
+    job_id: str
+    state: str
+    info: dict[str, Any]
+    n_frames: Count
+
+
+class Cancelled(Body, frozen=True):
+    cancelled: list[str] = []
+    req: Any = None
+
+
+class StatusReply(Body, frozen=True, forbid_unknown_fields=False):
+    """STATUS_REPLY (§6): workers, queues and totals; the nested rows are maps (their keys in the spec)."""
+
+    workers: list[dict[str, Any]] = []
+    queued: int = 0
+    running: int = 0
+    delayed: int = 0
+    queues: list[dict[str, Any]] = []
+    totals: dict[str, int] = {}
+    dispatcher: dict[str, Any] = {}
+    slots: dict[str, int] = {}
+    security: dict[str, Any] = {}
+    throughput: dict[str, float] = {}
+    uptime: float = 0.0
+    started_at: float = 0.0
+    req: Any = None
+
+
+class JobInfoReply(Body, frozen=True):
+    """JOB_INFO_REPLY: one view (a map) or nil per requested id."""
+
+    jobs: list[dict[str, Any] | None] = []
+    req: Any = None
+
+
+class JobsReply(Body, frozen=True):
+    jobs: list[dict[str, Any]] = []
+    truncated: bool = False
+    req: Any = None
+
+
+class LogsReply(Body, frozen=True):
+    id: str
+    state: str | None = None
+    attempt: int | None = None
+    streams: dict[str, dict[str, Any]] = {}
+    progress: dict[str, Any] | None = None
+    req: Any = None
+
+
+# --- any peer ---------------------------------------------------------------------------------------
+
+
+class Heartbeat(Body, frozen=True):
+    """HEARTBEAT: a worker's or client's ping ({role}), or the dispatcher's beat."""
+
+    role: str = ""
+    instance: str = ""
+    heartbeat_interval: float | None = None
+
+
+class Error(Body, frozen=True):
+    code: str = ""
+    message: str = ""
+
+
+class Shutdown(Body, frozen=True):
+    instance: str = ""
+
+
+# --- the table, and decoding ------------------------------------------------------------------------
+
+BODY_TYPES: dict[Cmd, Any] = {
+    Cmd.READY: Ready,
+    Cmd.RESULTS: Annotated[list[OutcomeEntry], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.GIVEBACK: Annotated[list[AttemptRef], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.LEAVING: Empty,
+    Cmd.GOODBYE: Empty,
+    Cmd.PROGRESS: Annotated[list[ProgressEntry], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.OUTPUT: Annotated[list[OutputEntry], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.ASSIGN: list[AssignEntry],
+    Cmd.CANCEL: Cancel,
+    Cmd.RECONNECT: Reconnect,
+    Cmd.HELLO: Hello,
+    Cmd.SUBMIT: Annotated[list[SubmitEntry], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.WATCH: Ids,
+    Cmd.CANCEL_JOBS: CancelJobs,
+    Cmd.STATUS: Request,
+    Cmd.JOB_INFO: Ids,
+    Cmd.JOBS: JobsQuery,
+    Cmd.LOGS: LogsQuery,
+    Cmd.WELCOME: Welcome,
+    Cmd.ACCEPTED: Accepted,
+    Cmd.JOB_DONE: list[JobDoneEntry],
+    Cmd.STATUS_REPLY: StatusReply,
+    Cmd.JOB_INFO_REPLY: JobInfoReply,
+    Cmd.CANCELLED: Cancelled,
+    Cmd.JOBS_REPLY: JobsReply,
+    Cmd.LOGS_REPLY: LogsReply,
+    Cmd.HEARTBEAT: Heartbeat,
+    Cmd.ERROR: Error,
+    Cmd.SHUTDOWN: Shutdown,
+}
+
+
+def _reject_ext(code: int, data: memoryview) -> Any:
+    raise ProtocolError(f"message bodies never hold msgpack extension types (got type {code})")
+
+
+_DECODERS = {cmd: msgspec.msgpack.Decoder(t, ext_hook=_reject_ext) for cmd, t in BODY_TYPES.items()}
+_OPTIONS = msgspec.msgpack.Decoder(TaskOptions, ext_hook=_reject_ext)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def _check_outcomes(entries: list[OutcomeEntry]) -> None:
+    for e in entries:
+        for key in ("kind", "type", "message", "traceback"):
+            value = e.info.get(key)
+            if value is not None and type(value) is not str:
+                raise ProtocolError(f"RESULTS entry {e.job_id!r}: info {key!r} must be a string")
+
+
+_CHECKS: dict[Cmd, Any] = {Cmd.RESULTS: _check_outcomes}  # what a type cannot say
+
+
+def decode_body(cmd: Cmd, raw: bytes | memoryview) -> Any:
+    """The typed body of a `cmd` message; ProtocolError if it does not match docs/protocol.md."""
+    try:
+        body = _DECODERS[cmd].decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{cmd.name} body: {exc}") from None
+    except ProtocolError:
+        raise
+    except (msgspec.DecodeError, RecursionError, OverflowError, ValueError) as exc:
+        raise ProtocolError(f"{cmd.name} body is not valid msgpack: {type(exc).__name__}") from None
+    check = _CHECKS.get(cmd)
+    if check is not None:
+        check(body)
+    return body
+
+
+def decode_message(parts: Sequence[Any]) -> Message:
+    """One message (envelope removed) with its typed body: what every peer reads.
+
+    Raises VersionMismatch for another Conveyor version and ProtocolError for anything malformed."""
+    cmd, raw, frames = split(parts)
+    return Message(cmd, decode_body(cmd, raw), frames)
+
+
+def encode_body(body: Any) -> bytes:
+    """A body's bytes: a Struct, a list of Structs, or plain msgpack values."""
+    return _encoder.encode(body)
+
+
+_NIL = b"\xc0"
+
+
+def options_from_raw(raw: msgspec.Raw | bytes) -> TaskOptions:
+    """A SUBMIT entry's options; ValueError with a readable reason (the entry is rejected, not the message)."""
+    if memoryview(raw) == _NIL:
+        return DEFAULT_OPTIONS
+    try:
+        return _OPTIONS.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_options_error(exc)) from None
+    except (msgspec.DecodeError, RecursionError, ProtocolError) as exc:
+        raise ValueError(f"task options must be a map of plain values ({type(exc).__name__})") from None
+
+
+def options(**values: Any) -> TaskOptions:
+    """TaskOptions from Python values, checked as the dispatcher checks them (ValueError, readable)."""
+    try:
+        return msgspec.convert(values, TaskOptions)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_options_error(exc)) from None
+
+
+_OPTION_RULES = {
+    "fn": "fn must be a string",
+    "mode": "mode must be a string",
+    "tags": "tags must be a list of strings",
+    "retries": "retries must be a non-negative integer",
+    "retry_backoff": "retry_backoff must be a non-negative number",
+    "timeout": "timeout must be a positive number",
+    "retry_on": "retry_on must be a list of exception type names",
+    "keep": "keep must be true or false",
+}
+
+
+def _options_error(exc: msgspec.ValidationError) -> str:
+    """The rule a bad option broke, in words ('retries must be a non-negative integer')."""
+    text = str(exc)
+    if "- at `$" not in text:
+        return "task options must be a map"
+    path = text.rpartition("- at `$")[2].rstrip("`")
+    name = path.lstrip(".").split("[")[0].split(".")[0]
+    return _OPTION_RULES.get(name, f"bad task option {name}: {text.partition(' - at')[0]}")
+
+
+def raw_options(opts: TaskOptions) -> msgspec.Raw:
+    """Options encoded once, to be shared by the SUBMIT entries of many tasks."""
+    return msgspec.Raw(_encoder.encode(opts))
+
+
+DEFAULT_OPTIONS = TaskOptions()

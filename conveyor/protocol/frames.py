@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import msgspec
 
 from conveyor.errors import ProtocolError, VersionMismatch
 
@@ -93,12 +94,11 @@ class Message:
     frames: list[bytes]
 
 
-_packer = msgpack.Packer(use_bin_type=True)
+_pack_body = msgspec.msgpack.Encoder().encode  # typed bodies (commands.py) and plain values alike
 
 
 def pack(obj: Any) -> bytes:
-    data: bytes = _packer.pack(obj)
-    return data
+    return _pack_body(obj)
 
 
 def unpack(data: bytes) -> Any:
@@ -133,7 +133,7 @@ def _container_budget(budget: int) -> Callable[[Any], Any]:
 def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
     """The frames of one message (without the ROUTER envelope); several small data frames go packed."""
     if len(frames) < 2:
-        return [SIGNATURE, _CMD_FRAME[cmd], _packer.pack(body), *frames]
+        return [SIGNATURE, _CMD_FRAME[cmd], _pack_body(body), *frames]
     lengths: list[int] = []
     small: list[Any] = []
     large: list[Any] = []
@@ -148,15 +148,28 @@ def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
             lengths.append(-1)
             large.append(frame)
     if len(small) < 2:
-        return [SIGNATURE, _CMD_FRAME[cmd], _packer.pack(body), *frames]
-    return [SIGNATURE, _CMD_FRAME_PACKED[cmd], _packer.pack(body), _packer.pack(lengths), b"".join(small), *large]
+        return [SIGNATURE, _CMD_FRAME[cmd], _pack_body(body), *frames]
+    return [SIGNATURE, _CMD_FRAME_PACKED[cmd], _pack_body(body), _pack_body(lengths), b"".join(small), *large]
 
 
 def decode(parts: Sequence[Any]) -> Message:
-    """Parse the frames of one message (envelope already removed).
+    """Parse the frames of one message (envelope already removed), its body as plain msgpack values.
 
     Raises VersionMismatch for another Conveyor version and ProtocolError for anything malformed.
+    Peers read typed bodies instead: commands.decode_message.
     """
+    cmd, raw, frames = split(parts)
+    try:
+        body = unpack(raw)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several types for bad input
+        raise ProtocolError(f"bad msgpack body: {type(exc).__name__}") from None
+    return Message(cmd, body, frames)
+
+
+def split(parts: Sequence[Any]) -> tuple[Cmd, bytes, list[Any]]:
+    """(command, raw body, data frames) of one message; the body is not decoded."""
     if len(parts) < 3:
         raise ProtocolError(f"expected at least 3 frames, got {len(parts)}")
     sig = bytes(parts[0])
@@ -171,13 +184,10 @@ def decode(parts: Sequence[Any]) -> Message:
     cmd = _CMD_BY_BYTE.get(cmd_frame[:1])
     if cmd is None:
         raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}")
-    try:
-        body = unpack(bytes(parts[2]))
-    except ProtocolError:
-        raise
-    except Exception as exc:  # msgpack raises several types for bad input
-        raise ProtocolError(f"bad msgpack body: {type(exc).__name__}") from None
-    return Message(cmd, body, _unpacked(parts) if packed else list(parts[3:]))
+    raw = bytes(parts[2])
+    if len(raw) > MAX_BODY_BYTES:
+        raise ProtocolError("message body too large")
+    return cmd, raw, _unpacked(parts) if packed else list(parts[3:])
 
 
 def _unpacked(parts: Sequence[Any]) -> list[Any]:

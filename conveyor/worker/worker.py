@@ -28,7 +28,8 @@ import zmq
 import zmq.asyncio
 
 from conveyor.errors import DispatcherRefused
-from conveyor.protocol import Cmd, Message, ProtocolError, decode, encode, split_frames
+from conveyor.protocol import Cmd, Message, ProtocolError, encode, split_frames
+from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.keys import load_peer_credentials
@@ -315,11 +316,15 @@ class Worker:
     def _handle(self, parts: list[Any]) -> bool:
         """Handle one message; False means: drop this connection and reconnect."""
         try:
-            msg = decode(parts)
+            msg = c.decode_message(parts)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed message from the dispatcher: %s", exc)
+            return True
+        try:
             return self._dispatch_message(msg)
         except DispatcherRefused:
             raise
-        except (ProtocolError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except ProtocolError as exc:  # what a type cannot say (frame counts that do not add up)
             log.warning("ignoring a malformed message from the dispatcher: %s", exc)
             return True
 
@@ -327,7 +332,7 @@ class Worker:
         if msg.cmd == Cmd.ASSIGN:
             self._on_assign(msg)
         elif msg.cmd == Cmd.CANCEL:
-            key = (str(msg.body["job"]), int(msg.body["attempt"]))
+            key = (msg.body.job, msg.body.attempt)
             task = self._running.get(key)
             if task is not None and key not in self._started:  # still waiting for a slot: it never starts
                 del self._running[key]
@@ -335,9 +340,9 @@ class Worker:
             elif task is not None:
                 self.mode.cancel(key)
         elif msg.cmd == Cmd.HEARTBEAT:
-            instance = msg.body.get("instance")
-            theirs = msg.body.get("heartbeat_interval")
-            if isinstance(theirs, int | float) and theirs > 0:
+            instance = msg.body.instance
+            theirs = msg.body.heartbeat_interval
+            if theirs is not None and theirs > 0:
                 self._beat_every = min(self.heartbeat_interval, float(theirs))
                 self._patience = max(self.heartbeat_interval, float(theirs)) * self.liveness
             if self._dispatcher_instance is not None and instance != self._dispatcher_instance:
@@ -353,15 +358,15 @@ class Worker:
             log.info("dispatcher is shutting down")
             return False
         elif msg.cmd == Cmd.ERROR:
-            log.error("dispatcher refused this worker: %s", msg.body.get("message"))
-            raise DispatcherRefused(str(msg.body.get("message")))
+            log.error("dispatcher refused this worker: %s", msg.body.message)
+            raise DispatcherRefused(msg.body.message)
         return True
 
     def _on_assign(self, msg: Message) -> None:
-        entries = msg.body
-        per_entry = split_frames([int(e[4]) for e in entries], msg.frames)
-        for (job_id, attempt, timeout, retry_on, _), frames in zip(entries, per_entry, strict=True):
-            task = Task(str(job_id), int(attempt), timeout, tuple(retry_on), frames)
+        entries: list[c.AssignEntry] = msg.body
+        per_entry = split_frames([e.n_frames for e in entries], msg.frames)
+        for e, frames in zip(entries, per_entry, strict=True):
+            task = Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames)
             self._running[task.key] = task
             self._waiting.append(task)
         if entries:
@@ -455,7 +460,7 @@ class Worker:
         entries = []
         frames: list[Any] = []
         for o in outcomes:
-            entries.append([o.job_id, o.attempt, o.ok, o.info, len(o.frames)])
+            entries.append(c.OutcomeEntry(o.job_id, o.attempt, o.ok, o.info, len(o.frames)))
             frames.extend(o.frames)
         self._send(Cmd.RESULTS, entries, frames)
 

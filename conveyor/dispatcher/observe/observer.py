@@ -23,9 +23,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from conveyor.dispatcher.model import wall_clock_view
 from conveyor.dispatcher.observe.outputs import OUTPUT_BUDGET, OUTPUT_LIMIT, OutputStore
@@ -40,11 +40,11 @@ from conveyor.dispatcher.observe.stats import (
     ThroughputSeries,
     summary_dict,
 )
-from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job
-from conveyor.protocol import Cmd, Message, ProtocolError
+from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job, Scheduler
+from conveyor.protocol import Cmd
+from conveyor.protocol.commands import JobsQuery, JobsReply, LogsQuery, OutputEntry, ProgressEntry
 
-if TYPE_CHECKING:
-    from conveyor.dispatcher.server import Dispatcher
+Send = Callable[[bytes, Cmd, Any], bool]  # the dispatcher's send: peer, command, body
 
 JOBS_LIMIT = 5000  # most jobs one JOBS reply lists
 
@@ -52,7 +52,10 @@ JOBS_LIMIT = 5000  # most jobs one JOBS reply lists
 class Observer:
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        scheduler: Scheduler,
+        send: Send,
+        wake: Callable[[], None],
+        about: Callable[[], dict[str, Any]],
         *,
         output_limit: int = OUTPUT_LIMIT,
         output_budget: int = OUTPUT_BUDGET,
@@ -61,8 +64,10 @@ class Observer:
         series_seconds: int = SERIES_SECONDS,
         interval: float = 1.0,
     ):
-        self.dispatcher = dispatcher
-        self.scheduler = dispatcher.scheduler
+        self.scheduler = scheduler
+        self._send = send  # replies to JOBS and LOGS
+        self._wake = wake  # wakes the loop from another thread (ask)
+        self._about = about  # the dispatcher's identity and counters: {instance, endpoint, pid, malformed, ...}
         self.interval = interval
         self.outputs = OutputStore(output_limit, output_budget)  # by job id, while the dispatcher holds the job
         self.progress: dict[str, tuple[int, float | None, str | None, float]] = {}  # job -> (attempt, f, msg, at)
@@ -81,14 +86,6 @@ class Observer:
         self.changed = threading.Condition()
         self._requests: queue.SimpleQueue[tuple[str, dict[str, Any], Future[Any]]] = queue.SimpleQueue()
         self._asked = False
-        dispatcher._handlers.update(
-            {
-                Cmd.PROGRESS: self._on_progress,
-                Cmd.OUTPUT: self._on_output,
-                Cmd.JOBS: self._on_jobs,
-                Cmd.LOGS: self._on_logs,
-            }
-        )
 
     # --- hooks the dispatcher loop calls -----------------------------------------------------------
 
@@ -168,53 +165,38 @@ class Observer:
             return None  # a report of an attempt that no longer counts
         return job
 
-    def _on_progress(self, peer: bytes, msg: Message, now: float) -> None:
+    def on_progress(self, peer: bytes, entries: list[ProgressEntry], frames: list[Any], now: float) -> None:
+        """PROGRESS: keep each running job's latest report."""
         if not self.scheduler.heard_from(peer, now):
             return
-        for entry in msg.body:
-            job_id, attempt, fraction, message = str(entry[0]), int(entry[1]), entry[2], entry[3]
-            if self._current(peer, job_id, attempt) is None:
+        for e in entries:
+            if self._current(peer, e.job_id, e.attempt) is None:
                 continue
-            if fraction is not None:
-                fraction = float(fraction)
-                if not 0.0 <= fraction <= 1.0:
-                    raise ProtocolError("progress fraction out of range")
-            if message is not None:
-                message = str(message)[:1000]
-            self.progress[job_id] = (attempt, fraction, message, now)
+            message = None if e.message is None else e.message[:1000]
+            self.progress[e.job_id] = (e.attempt, e.fraction, message, now)
 
-    def _on_output(self, peer: bytes, msg: Message, now: float) -> None:
+    def on_output(self, peer: bytes, entries: list[OutputEntry], frames: list[Any], now: float) -> None:
+        """OUTPUT: append to each running job's streams (their tails)."""
         if not self.scheduler.heard_from(peer, now):
             return
-        for entry in msg.body:
-            job_id, attempt, stream, text = str(entry[0]), int(entry[1]), str(entry[2]), entry[3]
-            if not isinstance(text, str):
-                raise ProtocolError("output text must be a string")
-            if stream not in ("stdout", "stderr", "log") or self._current(peer, job_id, attempt) is None:
+        for e in entries:
+            if e.stream not in ("stdout", "stderr", "log") or self._current(peer, e.job_id, e.attempt) is None:
                 continue
-            self.outputs.write(job_id, attempt, stream, text)
+            self.outputs.write(e.job_id, e.attempt, e.stream, e.text)
         self.outputs.evict()
 
     # --- client commands -----------------------------------------------------------------------------
 
-    def _on_jobs(self, peer: bytes, msg: Message, now: float) -> None:
-        body = msg.body if isinstance(msg.body, dict) else {}
-        states = body.get("states")
-        if states is not None and (not isinstance(states, list) or not all(isinstance(s, str) for s in states)):
-            raise ProtocolError("states must be a list of strings")
-        since = body.get("since")
-        if since is not None and not isinstance(since, int | float):
-            raise ProtocolError("since must be a number of seconds")
-        fn = body.get("fn")
-        limit = int(body.get("limit") or 100)
-        jobs, truncated = self.list_jobs(states, since, None if fn is None else str(fn), limit, now)
-        self.dispatcher._send(peer, Cmd.JOBS_REPLY, {"req": body.get("req"), "jobs": jobs, "truncated": truncated})
+    def on_jobs(self, peer: bytes, q: JobsQuery, frames: list[Any], now: float) -> None:
+        """JOBS: a listing of recent jobs."""
+        jobs, truncated = self.list_jobs(q.states, q.since, q.fn, q.limit or 100, now)
+        self._send(peer, Cmd.JOBS_REPLY, JobsReply(jobs=jobs, truncated=truncated, req=q.req))
 
-    def _on_logs(self, peer: bytes, msg: Message, now: float) -> None:
-        body = msg.body
-        reply = self.logs(str(body["id"]), body.get("offsets") or {}, now)
-        reply["req"] = body.get("req")
-        self.dispatcher._send(peer, Cmd.LOGS_REPLY, reply)
+    def on_logs(self, peer: bytes, q: LogsQuery, frames: list[Any], now: float) -> None:
+        """LOGS: a job's output from the given offsets on."""
+        reply = self.logs(q.id, q.offsets, now)
+        reply["req"] = q.req
+        self._send(peer, Cmd.LOGS_REPLY, reply)
 
     # --- queries (loop thread) -----------------------------------------------------------------------
 
@@ -333,10 +315,7 @@ class Observer:
         fut: Future[Any] = Future()
         self._requests.put((kind, args, fut))
         self._asked = True
-        try:
-            self.dispatcher._wake_w.send(b"o")
-        except OSError:
-            pass
+        self._wake()
         return fut
 
     def _serve_requests(self, now: float) -> None:
@@ -370,8 +349,8 @@ class Observer:
     def status(self, now: float) -> dict[str, Any]:
         """What `conveyor status --json` prints (the STATUS_REPLY body without its req)."""
         st = self.scheduler.status(now)
-        d = self.dispatcher
-        st["dispatcher"] = {"instance": d.instance, "endpoint": d.endpoint, "pid": os.getpid()}
+        about = self._about()
+        st["dispatcher"] = {"instance": about["instance"], "endpoint": about["endpoint"], "pid": os.getpid()}
         return self.decorate_status(st, now)
 
     def _publish(self, now: float) -> None:
@@ -407,7 +386,7 @@ class Observer:
             "functions": self.stats.export_functions(),
             "heartbeat_misses": self.heartbeat_misses,
             "journal": self.journal.export(),
-            "malformed": self.dispatcher.malformed,
+            "malformed": self._about()["malformed"],
             "output_chars": self.outputs.chars,
         }
         with self.changed:
