@@ -60,7 +60,7 @@ def validate_builtin(obj: dict[str, Any], version: str) -> str | None:
         path = "/".join(str(p) for p in exc.path)
         return f"{obj['kind']}/{obj['metadata']['name']} at {path or '.'}: {exc.message} (Kubernetes {version})"
     except utils.SchemaNotFoundError as exc:
-        return exc.message
+        return str(exc.message)
     return None
 
 

@@ -189,8 +189,9 @@ def done_entries(peer: RawPeer, ids: set[str], timeout: float = 30.0) -> dict[st
     deadline = time.monotonic() + timeout
     while not ids <= set(got):
         msg = peer.expect(Cmd.JOB_DONE, timeout=max(0.1, deadline - time.monotonic()))
-        per_entry = split_frames([e[3] for e in msg.body], msg.frames)
-        for (job_id, state, info, _), data in zip(msg.body, per_entry, strict=True):
+        jobs = msg.body["jobs"]
+        per_entry = split_frames([e[3] for e in jobs], msg.frames)
+        for (job_id, state, info, _), data in zip(jobs, per_entry, strict=True):
             got[job_id].append((state, info, decode_value(data) if state == "succeeded" else None))
     return got
 
@@ -313,7 +314,7 @@ def test_one_submit_with_valid_invalid_and_duplicate_entries(
     after = client.request(Cmd.STATUS, {}, Cmd.STATUS_REPLY)  # a barrier: every earlier JOB_DONE is in
     for m in client.received:
         if m.cmd == Cmd.JOB_DONE:
-            assert {e[0] for e in m.body} <= set(ok_ids), m.body
+            assert {e[0] for e in m.body["jobs"]} <= set(ok_ids), m.body
     assert {job_id: [(s, v) for s, _, v in outs] for job_id, outs in done.items()} == {
         job_id: [("succeeded", i + 100)] for i, job_id in enumerate(ok_ids)
     }
@@ -454,8 +455,9 @@ def test_assign_batches_stay_within_credit_and_results_batches_map_back(
         sizes: list[int] = []
 
         def take(msg: Message) -> None:
-            sizes.append(len(msg.body))
-            for entry, frames in zip(msg.body, split_frames([e[4] for e in msg.body], msg.frames), strict=True):
+            tasks_ = msg.body["tasks"]
+            sizes.append(len(tasks_))
+            for entry, frames in zip(tasks_, split_frames([e[4] for e in tasks_], msg.frames), strict=True):
                 assert entry[1] == 1 and entry[0] not in held and entry[0] in futs, entry
                 held[entry[0]] = decode_call(frames).args[0]
 
@@ -466,6 +468,7 @@ def test_assign_batches_stay_within_credit_and_results_batches_map_back(
         [w] = status["workers"]
         assert (w["running"], status["queued"]) == (capacity, n - capacity)  # never beyond its credit
         answered: set[str] = set()
+        seq = 0  # RESULTS are numbered (protocol §5)
         while len(answered) < n:
             # When to refill is the dispatcher's policy: only once everything held is answered must more come.
             for msg in worker.drain(Cmd.ASSIGN) if len(held) > len(answered) else [worker.expect(Cmd.ASSIGN)]:
@@ -480,7 +483,8 @@ def test_assign_batches_stay_within_credit_and_results_batches_map_back(
                 data = [bytes(f) for f in encode_value(value)]
                 entries.append([job_id, 1, True, {"duration": 0.001}, len(data)])
                 frames.extend(data)
-            worker.send(Cmd.RESULTS, entries, frames)
+            seq += 1
+            worker.send(Cmd.RESULTS, {"seq": seq, "outcomes": entries}, frames)
             answered.update(batch)
         for job_id, fut in futs.items():
             a = held[job_id]
@@ -506,8 +510,9 @@ def _assigned(peer: RawPeer, want: set[tuple[str, int]]) -> dict[tuple[str, int]
     got: dict[tuple[str, int], list[Any]] = {}
     while not want <= set(got):
         msg = peer.expect(Cmd.ASSIGN)
+        tasks_ = msg.body["tasks"]
         for (job_id, attempt, _timeout, _retry_on, _n), frames in zip(
-            msg.body, split_frames([e[4] for e in msg.body], msg.frames), strict=True
+            tasks_, split_frames([e[4] for e in tasks_], msg.frames), strict=True
         ):
             got[(job_id, attempt)] = frames
     return got
@@ -543,7 +548,7 @@ def test_results_batch_mixing_current_stale_and_unknown_outcomes(
             (a.job_id, 1, True, *ok(999)),  # the job has just finished: ignored
         ]
         entries = [[j, att, okay, info, len(fs)] for j, att, okay, info, fs in outcomes]
-        worker.send(Cmd.RESULTS, entries, [f for *_, fs in outcomes for f in fs])
+        worker.send(Cmd.RESULTS, {"seq": 1, "outcomes": entries}, [f for *_, fs in outcomes for f in fs])
 
         assert a.result(20) == 3
         assert a.info["worker"] == "raw" and a.info["attempts"] == 1
@@ -559,7 +564,7 @@ def test_results_batch_mixing_current_stale_and_unknown_outcomes(
         assert not b.done()
 
         value, data = ok(7)
-        worker.send(Cmd.RESULTS, [[b.job_id, 2, True, value, len(data)]], data)
+        worker.send(Cmd.RESULTS, {"seq": 2, "outcomes": [[b.job_id, 2, True, value, len(data)]]}, data)
         assert b.result(20) == 7
         assert b.info["attempts"] == 2 and "WorkerLost" in b.info["history"][0]["error"]
         assert client.status()["totals"]["fenced"] == totals["fenced"]

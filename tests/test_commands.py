@@ -29,6 +29,7 @@ def test_every_command_of_the_spec_has_a_body_type() -> None:
 ids = st.text(max_size=20)
 ints = st.integers(-(2**31), 2**31)
 counts = st.integers(0, 2**31)
+seqs = st.integers(0, 2**40)
 scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False), st.text(max_size=10))
 plain = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ids, inner, max_size=3),
                      max_leaves=8)
@@ -38,18 +39,20 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     Cmd.READY: st.builds(
         c.Ready, name=ids, host=ids, pid=counts, mode=st.sampled_from(c.MODE_NAMES), concurrency=ints, credit=ints,
         prefetch=ints, prefetch_auto=st.booleans(), tags=st.lists(ids, max_size=3), session=ids,
-        running=st.lists(st.builds(c.AttemptRef, ids, ints), max_size=3),
+        running=st.lists(st.builds(c.AttemptRef, ids, ints), max_size=3), results_seq=seqs,
     ),
-    Cmd.RESULTS: st.lists(st.builds(c.OutcomeEntry, ids, ints, st.booleans(),
-                                    st.dictionaries(st.sampled_from(["duration", "retryable"]), scalars), counts)),
+    Cmd.RESULTS: st.builds(c.Results, seqs, st.lists(st.builds(
+        c.OutcomeEntry, ids, ints, st.booleans(), st.dictionaries(st.sampled_from(["duration", "retryable"]), scalars),
+        counts))),
     Cmd.GIVEBACK: st.lists(st.builds(c.AttemptRef, ids, ints)),
     Cmd.LEAVING: st.just(c.Empty()),
     Cmd.GOODBYE: st.just(c.Empty()),
     Cmd.PROGRESS: st.lists(st.builds(c.ProgressEntry, ids, ints, st.none() | st.floats(0.0, 1.0),
                                      st.none() | st.text(max_size=20))),
     Cmd.OUTPUT: st.lists(st.builds(c.OutputEntry, ids, ints, st.sampled_from(["stdout", "stderr", "log"]), st.text())),
-    Cmd.ASSIGN: st.lists(st.builds(c.AssignEntry, ids, ints, st.none() | st.floats(0.001, 1e6),
-                                   st.tuples(ids) | st.just(()), counts)),
+    Cmd.ASSIGN: st.builds(c.Assign, seqs, st.lists(st.builds(
+        c.AssignEntry, ids, ints, st.none() | st.floats(0.001, 1e6), st.tuples(ids) | st.just(()), counts))),
+    Cmd.RESEND: st.builds(c.Resend, seqs),
     Cmd.CANCEL: st.builds(c.Cancel, ids, ints),
     Cmd.RECONNECT: st.builds(c.Reconnect, ids),
     Cmd.HELLO: st.builds(c.Hello, ids, counts, plain),
@@ -65,17 +68,19 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     Cmd.JOB_INFO: st.builds(c.Ids, st.lists(ids), plain),
     Cmd.JOBS: st.builds(c.JobsQuery, plain, st.none() | st.lists(ids, max_size=5), st.none() | st.floats(0, 1e6),
                         st.none() | ids, st.none() | counts),
+    Cmd.ACK: st.builds(c.Ack, seqs),
     Cmd.LOGS: st.builds(c.LogsQuery, ids, plain, st.dictionaries(st.sampled_from(["stdout", "stderr"]), counts)),
     Cmd.WELCOME: st.builds(c.Welcome, ids, st.floats(0.01, 100), plain),
     Cmd.ACCEPTED: st.builds(c.Accepted, st.lists(ids), st.lists(st.tuples(ids, ids)), st.lists(ids)),
-    Cmd.JOB_DONE: st.lists(st.builds(c.JobDoneEntry, ids, st.sampled_from(["succeeded", "failed", "unknown"]),
-                                     st.dictionaries(ids, plain, max_size=3), counts)),
+    Cmd.JOB_DONE: st.builds(c.JobDone, seqs, st.lists(st.builds(
+        c.JobDoneEntry, ids, st.sampled_from(["succeeded", "failed", "unknown"]),
+        st.dictionaries(ids, plain, max_size=3), counts))),
     Cmd.STATUS_REPLY: st.builds(c.StatusReply, queued=counts, running=counts, uptime=st.floats(0, 1e6), req=plain),
     Cmd.JOB_INFO_REPLY: st.builds(c.JobInfoReply, st.lists(st.none() | st.dictionaries(ids, plain, max_size=3)), plain),
     Cmd.CANCELLED: st.builds(c.Cancelled, st.lists(ids), plain),
     Cmd.JOBS_REPLY: st.builds(c.JobsReply, st.lists(st.dictionaries(ids, plain, max_size=3)), st.booleans(), plain),
     Cmd.LOGS_REPLY: st.builds(c.LogsReply, ids, st.none() | ids, st.none() | ints, req=plain),
-    Cmd.HEARTBEAT: st.builds(c.Heartbeat, ids, ids, st.none() | st.floats(0.01, 100)),
+    Cmd.HEARTBEAT: st.builds(c.Heartbeat, ids, ids, st.none() | st.floats(0.01, 100), st.none() | seqs),
     Cmd.ERROR: st.builds(c.Error, ids, ids),
     Cmd.SHUTDOWN: st.builds(c.Shutdown, ids),
 }
@@ -106,11 +111,13 @@ def test_bodies_round_trip(cmd: Cmd, data: st.DataObject) -> None:
 
 def test_entries_are_the_positional_arrays_of_the_spec() -> None:
     entry = c.AssignEntry("job-1", 2, 30.0, ("ValueError",), 1)
-    assert msgpack.unpackb(c.encode_body([entry])) == [["job-1", 2, 30.0, ["ValueError"], 1]]
-    outcome = c.decode_body(Cmd.RESULTS, msgpack.packb([["j", 1, True, {"duration": 0.5}, 1]]))
-    assert outcome == [c.OutcomeEntry("j", 1, True, {"duration": 0.5}, 1)]
+    wire = msgpack.unpackb(c.encode_body(c.Assign(7, [entry])))
+    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1]]}
+    outcome = c.decode_body(Cmd.RESULTS, msgpack.packb({"seq": 3, "outcomes": [["j", 1, True, {"duration": 0.5}, 1]]}))
+    assert outcome == c.Results(3, [c.OutcomeEntry("j", 1, True, {"duration": 0.5}, 1)])
     # a newer peer's extra trailing fields and keys are ignored
-    assert c.decode_body(Cmd.RESULTS, msgpack.packb([["j", 1, True, {}, 0, "extra"]]))[0].job_id == "j"
+    extra = msgpack.packb({"seq": 1, "outcomes": [["j", 1, True, {}, 0, "extra"]], "more": 1})
+    assert c.decode_body(Cmd.RESULTS, extra).outcomes[0].job_id == "j"
     assert c.decode_body(Cmd.CANCEL, msgpack.packb({"job": "j", "attempt": 3, "new": 1})) == c.Cancel("j", 3)
 
 
@@ -118,10 +125,12 @@ def test_entries_are_the_positional_arrays_of_the_spec() -> None:
     ("cmd", "body"),
     [
         (Cmd.RESULTS, {"not": "an array"}),
-        (Cmd.RESULTS, [["j", 1, True, {"kind": 5}, 0]]),  # an error record's strings are strings
-        (Cmd.RESULTS, [["j", 1.5, True, {}, 0]]),
-        (Cmd.RESULTS, [["j", 1, True, {"nested": {"too": "deep"}}, 0]]),
-        (Cmd.RESULTS, [["j" * 2000, 1, True, {}, 0]]),
+        (Cmd.RESULTS, [["j", 1, True, {}, 0]]),  # protocol 1's shape
+        (Cmd.RESULTS, {"seq": 1, "outcomes": [["j", 1, True, {"kind": 5}, 0]]}),  # an error record's strings
+        (Cmd.RESULTS, {"seq": 1, "outcomes": [["j", 1.5, True, {}, 0]]}),
+        (Cmd.RESULTS, {"seq": 1, "outcomes": [["j", 1, True, {"nested": {"too": "deep"}}, 0]]}),
+        (Cmd.RESULTS, {"seq": 1, "outcomes": [["j" * 2000, 1, True, {}, 0]]}),
+        (Cmd.RESULTS, {"seq": -1, "outcomes": []}),
         (Cmd.SUBMIT, [["j", None, -1]]),
         (Cmd.SUBMIT, [[7, None, 1]]),
         (Cmd.READY, {"name": "w"}),

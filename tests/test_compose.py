@@ -9,6 +9,7 @@ CI a missing piece skips with the reason; with CI=true it fails.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -66,14 +67,20 @@ def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def conveyor_image(docker_daemon: None) -> str:
-    """The Conveyor image, built by deploy/build-image.sh (its debootstrap base is cached by tag)."""
+    """The Conveyor image, built by deploy/build-image.sh (its debootstrap base is cached by tag); once per
+    test run, also when another module imports this fixture (tests/test_helm.py does)."""
     require(None if shutil.which("debootstrap") or _image_exists("conveyor-base:bookworm")
             else "debootstrap not found: apt-get install debootstrap")
-    env = {**os.environ, "CONVEYOR_IMAGE": IMAGE, "PYTHON": sys.executable}
+    _build_image(IMAGE)
+    return IMAGE
+
+
+@functools.cache
+def _build_image(tag: str) -> None:
+    env = {**os.environ, "CONVEYOR_IMAGE": tag, "PYTHON": sys.executable}
     res = subprocess.run(["sh", str(ROOT / "deploy" / "build-image.sh")], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=900)
     assert res.returncode == 0, f"deploy/build-image.sh failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return IMAGE
 
 
 def _image_exists(tag: str) -> bool:

@@ -67,10 +67,11 @@ def valid_message(rng: random.Random, job_ids: list[str]) -> list[Any]:
         return encode(Cmd.READY, body)
     if kind == 1:
         value = encode_value(rng.random())
-        return encode(Cmd.RESULTS, [[job, rng.randrange(1, 4), True, {"duration": 0.1}, len(value)]], value)
+        outcomes = [[job, rng.randrange(1, 4), True, {"duration": 0.1}, len(value)]]
+        return encode(Cmd.RESULTS, {"seq": rng.randrange(1, 6), "outcomes": outcomes}, value)
     if kind == 2:
         info = {"kind": rng.choice(["exception", "lost", "crashed"]), "type": "E", "message": "m", "retryable": True}
-        return encode(Cmd.RESULTS, [[job, 1, False, info, 0]])
+        return encode(Cmd.RESULTS, {"seq": rng.randrange(1, 6), "outcomes": [[job, 1, False, info, 0]]})
     if kind == 3:
         return encode(Cmd.GIVEBACK, [[job, rng.randrange(1, 4)]])
     if kind == 4:
@@ -142,7 +143,7 @@ def mutate(rng: random.Random, frames: list[Any]) -> list[Any]:
         except Exception:
             frames[2] = msgpack.packb(rng.choice(NASTY), use_bin_type=True)
     elif op == 5:  # another protocol version, or no protocol at all
-        frames[0] = rng.choice([b"CNV2", b"CNV", b"HTTP", b"", SIGNATURE + b"x"])
+        frames[0] = rng.choice([b"CNV1", b"CNV3", b"CNV", b"HTTP", b"", SIGNATURE + b"x"])
     elif op == 6:  # an unknown or misplaced command byte
         frames[1] = rng.choice([bytes([rng.randrange(256)]), b"", b"\x21\x21"])
     elif op == 7:  # extra data frames

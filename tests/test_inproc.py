@@ -18,7 +18,7 @@ import zmq.asyncio
 from conveyor import Client, JobCancelled
 from conveyor.dispatcher import Dispatcher
 from conveyor.errors import RemoteTraceback
-from conveyor.protocol import Cmd, decode
+from conveyor.protocol import SIGNATURE, Cmd, decode
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import wait_until
@@ -250,7 +250,7 @@ def test_version_mismatch_gets_an_error_and_the_dispatcher_keeps_serving(inproc:
 
         malformed = inproc.dispatcher.malformed
         raw.send_multipart([b"garbage"])  # not even a Conveyor message: dropped and counted, no answer
-        raw.send_multipart([b"CNV1", b"\x21", msgpack.packb("not a batch")])  # a SUBMIT with a bad body
+        raw.send_multipart([SIGNATURE, b"\x21", msgpack.packb("not a batch")])  # a SUBMIT with a bad body
         wait_until(lambda: inproc.dispatcher.malformed == malformed + 2, 10, what="the malformed messages")
         assert not raw.poll(100)
     finally:

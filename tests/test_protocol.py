@@ -85,7 +85,7 @@ def test_decode_accepts_any_buffer_type() -> None:
     assert [bytes(f) for f in msg.frames] == [b"data"]
 
 
-@pytest.mark.parametrize("signature", [b"CNV9", b"CNV2", b"CNV0", b"CNV10"])
+@pytest.mark.parametrize("signature", [b"CNV9", b"CNV1", b"CNV3", b"CNV0", b"CNV10"])
 def test_another_version_is_a_version_mismatch(signature: bytes) -> None:
     with pytest.raises(VersionMismatch):
         decode([signature, bytes((Cmd.HELLO,)), msgpack.packb({})])

@@ -83,6 +83,8 @@ class Connection:
         self._watchers: dict[str, list[Future[Any]]] = {}
         self._requests: dict[int, Future[Any]] = {}
         self._instance: str | None = None
+        self._done_seq = 0  # the highest JOB_DONE number received (acknowledged with ACK)
+        self._acked_seq = 0
         self.duplicate_results = 0  # outcomes for jobs already resolved here (after re-sends); dropped
         self._busy: list[str] = []  # jobs the dispatcher had no room for: re-sent after a pause
         self._busy_at = 0.0
@@ -287,6 +289,9 @@ class Connection:
                     self._drain_wakeups()
                 if readable or sock_fd in events:
                     last_heard = self._receive(sock, last_heard)
+                    if self._done_seq != self._acked_seq:  # one ACK for every JOB_DONE of this turn
+                        self._acked_seq = self._done_seq
+                        self._send(Cmd.ACK, c.Ack(self._done_seq))
                 if watch is not None and watch.socket in events and (refused := watch.failure()) is not None:
                     self._fail_all(refused)
                 if self._closing:
@@ -296,7 +301,7 @@ class Connection:
                 if self._busy and now >= self._busy_at:
                     self._resend_busy()
                 if now >= next_ping:
-                    self._send(Cmd.HEARTBEAT, {"role": "client"})
+                    self._send(Cmd.HEARTBEAT, c.Heartbeat("client", ack=self._done_seq))
                     next_ping = now + self.heartbeat_interval
                     if self._instance is not None and now - last_heard > self.reconnect_timeout:
                         self._fail_all(DispatcherUnavailable(
@@ -389,6 +394,7 @@ class Connection:
             instance = body.instance
             if self._instance is not None and instance != self._instance:
                 log.warning("dispatcher restarted; re-sending %d unfinished job(s)", len(self._pending))
+                self._done_seq = self._acked_seq = 0  # the new instance numbers its JOB_DONE from 1
                 self._resend_unfinished()
             self._instance = instance
             if not self._welcome.done():
@@ -435,7 +441,9 @@ class Connection:
         if watched:
             self._send(Cmd.WATCH, {"ids": watched})
 
-    def _on_done(self, entries: list[c.JobDoneEntry], frames: list[Any]) -> None:
+    def _on_done(self, done: c.JobDone, frames: list[Any]) -> None:
+        self._done_seq = max(self._done_seq, done.seq)
+        entries = done.jobs
         per_entry = split_frames([e.n_frames for e in entries], frames)
         self._resolve_many([(e.job_id, e.state, e.info, data) for e, data in zip(entries, per_entry, strict=True)])
 

@@ -30,6 +30,7 @@ _NO_FRAMES: list[Any] = []
 class Job:
     __slots__ = (
         "attempt",
+        "delivered",
         "failures",
         "finished_at",
         "frames",
@@ -44,6 +45,7 @@ class Job:
         "seq",
         "state",
         "submitted_at",
+        "unacked",
         "watchers",
         "worker",
     )
@@ -68,6 +70,8 @@ class Job:
         self.result_info: dict[str, Any] = _NO_INFO
         self.result_frames: list[Any] = _NO_FRAMES
         self.watchers: set[bytes] | None = None
+        self.unacked = 0  # deliveries to clients not yet acknowledged (deliveries.py)
+        self.delivered = False  # some client acknowledged its outcome
 
     @property
     def class_key(self) -> ClassKey:
@@ -95,6 +99,13 @@ class WorkerInfo:
     prefetch_auto: bool = False  # hold only as many as its recent task durations justify (window)
     window: int = 0  # jobs held beyond the slots right now: prefetch, or less when prefetch_auto
     mean_duration: float | None = None  # moving average of its tasks' run time (seconds), once known
+    results_next: int = 1  # the RESULTS number it applies next: RESULTS are applied in order (§5)
+    resend_asked: int = 0  # the number a RESEND last asked for (asked once per gap)
+
+    @property
+    def results_acked(self) -> int:
+        """The highest RESULTS number applied: what ASSIGN and HEARTBEAT acknowledge."""
+        return self.results_next - 1
 
     @property
     def capacity(self) -> int:
@@ -126,9 +137,18 @@ class CancelRunning:
 class Deliver:
     client: bytes
     jobs: list[Job]
+    seq: int  # this JOB_DONE's number in the client's sequence (deliveries.py)
 
 
-Action = Assign | CancelRunning | Deliver
+@dataclass(slots=True)
+class Resend:
+    """Ask a worker to send again its RESULTS from `seq` on (one went missing)."""
+
+    worker: bytes
+    seq: int
+
+
+Action = Assign | CancelRunning | Deliver | Resend
 
 
 # --- clocks: the scheduler keeps monotonic times; peers and the journal get wall-clock ones -------------

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from conveyor.dispatcher.deliveries import Deliveries
 from conveyor.dispatcher.model import (
     CANCELLED,
     FAILED,
@@ -42,6 +43,7 @@ from conveyor.dispatcher.model import (
     ClassKey,
     Deliver,
     Job,
+    Resend,
     WorkerInfo,
 )
 from conveyor.protocol import failures as perr
@@ -97,7 +99,7 @@ class Scheduler:
         self._finished_log: list[Job] = []
         self._forgotten_log: list[str] = []
         self.outbox: list[Action] = []
-        self._deliveries: dict[bytes, list[Job]] = {}
+        self.deliveries = Deliveries(self._forget)  # outcomes on their way to clients, until acknowledged
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -148,9 +150,25 @@ class Scheduler:
     def forget(self, job_id: str) -> None:
         """Drop a finished job whose result was delivered and need not be kept."""
         job = self.jobs.get(job_id)
-        if job is not None and job.state in FINISHED_STATES:
-            del self.jobs[job_id]
-            self._forgotten_log.append(job_id)
+        if job is not None:
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        if job.state in FINISHED_STATES and self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+            self._forgotten_log.append(job.id)
+
+    def acked(self, client: bytes, seq: int) -> None:
+        """The client has every JOB_DONE up to seq: jobs delivered in them may be forgotten."""
+        self.deliveries.acked(client, seq)
+
+    def delivery_failed(self, client: bytes, seq: int) -> None:
+        """The JOB_DONE numbered seq could not be sent: its jobs stay until their result TTL."""
+        self.deliveries.failed(client, seq)
+
+    def client_gone(self, client: bytes) -> None:
+        """A client not heard from for long (it pings every second)."""
+        self.deliveries.client_gone(client)
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -170,18 +188,25 @@ class Scheduler:
         session: str = "",
         prefetch: int = 0,
         prefetch_auto: bool = False,
+        results_seq: int = 1,
     ) -> WorkerInfo:
         """Register a worker, or re-register one that reconnected, keeping the assignments it still holds.
 
         A READY repeated on the same connection (same session) changes nothing: assignments sent on
         that connection are still on their way to the worker and must not be taken back.
+
+        The same worker process on a new connection (same routing id, new session) lists everything it
+        holds, outcomes not yet acknowledged included: an assignment it does not list is lost (an ASSIGN
+        lost with a broken connection, say) and retried; one it lists that no longer counts is stopped
+        (a CANCEL may have been lost too).
         """
         known = self.workers.get(wid)
         if known is not None and session and known.session == session:
             known.last_seen = now
             return known
         still_running = {job_id: attempt for job_id, attempt in running}
-        if wid in self.workers:
+        if known is not None:
+            results_seq = max(results_seq, known.results_next)  # what it already applied is not applied twice
             self._drop_worker(wid, keep=still_running, now=now)
         w = WorkerInfo(
             id=wid,
@@ -200,10 +225,13 @@ class Scheduler:
         )
         w.window = 0 if prefetch_auto else w.prefetch  # auto: nothing beyond the slots until durations are known
         w.classes = [k for k in self._queues if w.serves(k)]
+        w.results_next = max(1, results_seq)
         self.workers[wid] = w
         for job_id, attempt in still_running.items():
             job = self.jobs.get(job_id)
-            if job is None:
+            if job is None or job.state in FINISHED_STATES:
+                if known is not None:  # it runs what no longer counts: a CANCEL it never got
+                    self.outbox.append(CancelRunning(wid, job_id, attempt))
                 continue
             if job.state == RUNNING and job.worker == wid and job.attempt == attempt:
                 w.running[job_id] = attempt
@@ -221,6 +249,23 @@ class Scheduler:
         if w.credit:
             self._free[wid] = None
         return w
+
+    def results_in_order(self, wid: bytes, seq: int) -> bool:
+        """Whether to apply the RESULTS numbered seq from this worker now: the next one in its sequence.
+
+        An older one was applied already (a re-send). A newer one means some went missing (a broken
+        connection): it is not applied, and the worker is asked once to re-send from the first missing
+        one, in order. RESULTS from a worker not registered are applied as they come (late outcomes)."""
+        w = self.workers.get(wid)
+        if w is None:
+            return True
+        if seq == w.results_next:
+            w.results_next += 1
+            return True
+        if seq > w.results_next and w.resend_asked != w.results_next:
+            w.resend_asked = w.results_next
+            self.outbox.append(Resend(wid, w.results_next))
+        return False
 
     def heard_from(self, wid: bytes, now: float) -> bool:
         """Any message from a worker proves it alive. False if the worker is unknown."""
@@ -409,10 +454,8 @@ class Scheduler:
 
     def take_actions(self) -> list[Action]:
         out = self.outbox
-        for client, jobs in self._deliveries.items():
-            out.append(Deliver(client, jobs))
+        out.extend(self.deliveries.take())
         self.outbox = []
-        self._deliveries = {}
         return out
 
     # --- views --------------------------------------------------------------------------------
@@ -602,9 +645,10 @@ class Scheduler:
             job.watchers = None
 
     def _deliver_to(self, client: bytes, job: Job) -> None:
-        self._deliveries.setdefault(client, []).append(job)
+        self.deliveries.add(client, job)
 
     def _drop_worker(self, wid: bytes, keep: dict[str, int], now: float) -> None:
+        """Forget a worker; what it held, but for `keep`, fails as lost (and is retried)."""
         w = self.workers.pop(wid)
         self._free.pop(wid, None)
         for job_id, attempt in list(w.running.items()):

@@ -21,9 +21,9 @@ import zmq
 
 from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.journal import Journal
-from conveyor.dispatcher.model import shift_history, wall_clock_offset, wall_clock_view
+from conveyor.dispatcher.model import Resend, shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe.observer import Observer
-from conveyor.dispatcher.scheduler import FINISHED_STATES, SUCCEEDED, Assign, CancelRunning, Deliver, Job, Scheduler
+from conveyor.dispatcher.scheduler import FINISHED_STATES, SUCCEEDED, Assign, CancelRunning, Deliver, Scheduler
 from conveyor.protocol import Cmd, ProtocolError, VersionMismatch, encode, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol.frames import split
@@ -100,6 +100,7 @@ class Dispatcher:
             Cmd.JOB_INFO: self._on_job_info,
             Cmd.JOBS: self.observer.on_jobs,
             Cmd.LOGS: self.observer.on_logs,
+            Cmd.ACK: self._on_ack,
             # both
             Cmd.HEARTBEAT: self._on_heartbeat,
         }
@@ -313,16 +314,18 @@ class Dispatcher:
             session=b.session,
             prefetch=b.prefetch,
             prefetch_auto=b.prefetch_auto,
+            results_seq=b.results_seq,
         )
         self._send(peer, Cmd.HEARTBEAT, self._beat_body)
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
 
-    def _on_results(self, peer: bytes, entries: list[c.OutcomeEntry], frames: list[Any], now: float) -> None:
+    def _on_results(self, peer: bytes, b: c.Results, frames: list[Any], now: float) -> None:
         known = self.scheduler.heard_from(peer, now)
-        per_entry = split_frames([e.n_frames for e in entries], frames)  # all checked before any is applied
-        outcome = self.scheduler.outcome
-        for e, data in zip(entries, per_entry, strict=True):
-            outcome(peer, e.job_id, e.attempt, e.ok, e.info, data, now)
+        per_entry = split_frames([e.n_frames for e in b.outcomes], frames)  # all checked before any is applied
+        if self.scheduler.results_in_order(peer, b.seq):  # else: a re-send we have, or one after a gap
+            outcome = self.scheduler.outcome
+            for e, data in zip(b.outcomes, per_entry, strict=True):
+                outcome(peer, e.job_id, e.attempt, e.ok, e.info, data, now)
         if not known:
             self._send(peer, Cmd.RECONNECT, c.Reconnect(self.instance))
 
@@ -347,6 +350,8 @@ class Dispatcher:
                 self._send(peer, Cmd.RECONNECT, c.Reconnect(self.instance))
         else:  # a client's ping: answer, so it knows we are alive and which instance we are
             self._clients[peer] = now
+            if b.ack is not None:  # it also acknowledges JOB_DONE, in case an ACK was lost
+                self.scheduler.acked(peer, b.ack)
             self._send(peer, Cmd.HEARTBEAT, self._beat_body)
 
     # --- client commands ----------------------------------------------------------------------------
@@ -395,11 +400,15 @@ class Dispatcher:
         else:
             self._acks.append((peer, reply))
 
+    def _on_ack(self, peer: bytes, b: c.Ack, frames: list[Any], now: float) -> None:
+        self._clients[peer] = now
+        self.scheduler.acked(peer, b.seq)
+
     def _on_watch(self, peer: bytes, b: c.Ids, frames: list[Any], now: float) -> None:
         unknown = self.scheduler.watch(peer, b.ids)
         if unknown:
             entries = [c.JobDoneEntry(job_id, "unknown", {"error": _unknown_job(job_id)}, 0) for job_id in unknown]
-            self._send(peer, Cmd.JOB_DONE, entries)
+            self._send(peer, Cmd.JOB_DONE, c.JobDone(self.scheduler.deliveries.number(peer), entries))
 
     def _on_cancel(self, peer: bytes, b: c.CancelJobs, frames: list[Any], now: float) -> None:
         done = [job_id for job_id in b.ids if self.scheduler.cancel(job_id, now)]
@@ -433,14 +442,15 @@ class Dispatcher:
             self._gate.revoke(peer, now)
             self._drop_peer(peer, why, now)
         for peer, seen in list(self._clients.items()):
-            if now - seen > 60.0:  # clients ping every second; this one is gone
+            if now - seen > CLIENT_GONE_S:  # clients ping every second; this one is gone
                 del self._clients[peer]
+                self.scheduler.client_gone(peer)
         for w in self.scheduler.expire_workers(now):
             self.observer.heartbeat_missed()
             log.warning("worker %s (pid %d on %s) missed its heartbeats: lost", w.name, w.pid, w.host)
-        body = self._beat_body
-        for wid in list(self.scheduler.workers):
-            self._send(wid, Cmd.HEARTBEAT, body)
+        for wid, w in list(self.scheduler.workers.items()):  # each acknowledges that worker's RESULTS
+            self._send(wid, Cmd.HEARTBEAT, c.Heartbeat("dispatcher", self.instance, self.heartbeat_interval,
+                                                       w.results_acked))
 
     def _flush(self) -> None:
         """Send what the scheduler decided, record it in the journal, and once the commit window has
@@ -453,9 +463,11 @@ class Dispatcher:
             if isinstance(action, Assign):
                 self._send_assign(action)
             elif isinstance(action, Deliver):
-                self._send_done(action.client, action.jobs)
+                self._send_done(action)
             elif isinstance(action, CancelRunning):
-                self._send(action.worker, Cmd.CANCEL, {"job": action.job_id, "attempt": action.attempt})
+                self._send(action.worker, Cmd.CANCEL, c.Cancel(action.job_id, action.attempt))
+            elif isinstance(action, Resend):
+                self._send(action.worker, Cmd.RESEND, c.Resend(action.seq))
         finished, forgotten = self.scheduler.drain_finished(), self.scheduler.drain_forgotten()
         self.observer.turn(finished, forgotten)  # drained every turn, journal or not (they would pile up)
         journal = self.journal
@@ -502,12 +514,16 @@ class Dispatcher:
             opts = job.opts
             entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data)))
             frames.extend(data)
-        if not self._send(action.worker, Cmd.ASSIGN, entries, frames):
+        w = self.scheduler.workers.get(action.worker)
+        body = c.Assign(w.results_acked if w is not None else 0, entries)
+        if not self._send(action.worker, Cmd.ASSIGN, body, frames):
             # The worker vanished between its credit and our send: the jobs go back to the queue.
             now = time.monotonic()
             self.scheduler.worker_gone(action.worker, now)
 
-    def _send_done(self, client: bytes, jobs: list[Job]) -> None:
+    def _send_done(self, action: Deliver) -> None:
+        """JOB_DONE: the jobs are forgotten once the client acknowledges it (deliveries.py), not now."""
+        jobs = action.jobs
         entries = []
         frames: list[Any] = []
         outputs = self.observer.outputs
@@ -525,10 +541,8 @@ class Dispatcher:
                 info["error"] = job.result_info
             entries.append(c.JobDoneEntry(job.id, job.state, info, len(job.result_frames)))
             frames.extend(job.result_frames)
-        if self._send(client, Cmd.JOB_DONE, entries, frames):
-            for job in jobs:
-                if not job.opts.keep:
-                    self.scheduler.forget(job.id)
+        if not self._send(action.client, Cmd.JOB_DONE, c.JobDone(action.seq, entries), frames):
+            self.scheduler.delivery_failed(action.client, action.seq)
 
     def _send(self, peer: bytes, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> bool:
         """Send without ever blocking; False if the peer is not connected."""
@@ -544,6 +558,7 @@ class Dispatcher:
         return True
 
 
+CLIENT_GONE_S = 60.0  # a client silent this long is gone: told nothing more, its unacknowledged deliveries dropped
 COMMIT_WINDOW = 0.005  # seconds a journal write may wait for company (and the ACCEPTED of it)
 
 

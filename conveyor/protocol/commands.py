@@ -35,6 +35,7 @@ MAX_TAGS = 1024
 Id = Annotated[str, msgspec.Meta(max_length=MAX_ID)]
 Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]  # frames of an entry, a pid, a limit
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a message sequence number
 Attempt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 IdList = Annotated[list[Id], msgspec.Meta(max_length=MAX_BATCH)]
 Tags = Annotated[list[Id], msgspec.Meta(max_length=MAX_TAGS)]
@@ -73,6 +74,9 @@ class Ready(Body, frozen=True):
     tags: Tags = []
     session: Id = ""
     running: Annotated[list[AttemptRef], msgspec.Meta(max_length=MAX_BATCH)] = []
+    # The sequence number of the first RESULTS this connection sends (outcomes re-sent included): the
+    # dispatcher applies RESULTS in that order from there (§5, RESULTS).
+    results_seq: Seq = 1
 
 
 class OutcomeEntry(Entry, frozen=True):
@@ -83,6 +87,15 @@ class OutcomeEntry(Entry, frozen=True):
     ok: bool
     info: dict[str, Scalar]
     n_frames: Count
+
+
+class Results(Body, frozen=True):
+    """RESULTS: a batch of outcomes, numbered per worker process (1, 2, ...). The dispatcher applies them
+    in order and acknowledges the highest it applied (HEARTBEAT and ASSIGN `ack`); the worker keeps
+    each batch until then and re-sends what is unacknowledged after a reconnection or a RESEND."""
+
+    seq: Seq
+    outcomes: Annotated[list[OutcomeEntry], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class ProgressEntry(Entry, frozen=True):
@@ -118,6 +131,19 @@ class AssignEntry(Entry, frozen=True):
     timeout: float | None
     retry_on: tuple[str, ...]
     n_frames: Count
+
+
+class Assign(Body, frozen=True):
+    """ASSIGN: a batch of tasks, and the highest RESULTS sequence number applied so far (`ack`)."""
+
+    ack: Seq
+    tasks: list[AssignEntry]
+
+
+class Resend(Body, frozen=True):
+    """RESEND: RESULTS from `seq` on never arrived: re-send every unacknowledged batch from there."""
+
+    seq: Seq
 
 
 class Cancel(Body, frozen=True):
@@ -184,6 +210,12 @@ class Hello(Body, frozen=True):
     req: Any = None
 
 
+class Ack(Body, frozen=True):
+    """ACK: every JOB_DONE up to `seq` arrived (the dispatcher may forget what those delivered)."""
+
+    seq: Seq
+
+
 class Ids(Body, frozen=True):
     """WATCH, JOB_INFO: job ids (and a correlation id)."""
 
@@ -233,8 +265,9 @@ class Accepted(Body, frozen=True):
     """ACCEPTED: every entry of a SUBMIT in exactly one list."""
 
     accepted: list[str] = []
-    rejected: list[tuple[str, str]] = []  # [job_id, reason]
-    busy: list[str] = []
+    rejected: list[tuple[str, str]] = []  # [job_id, reason]: the entry itself is wrong
+    busy: list[str] = []  # no room now: send again later
+    refused: list[tuple[str, str]] = []  # [job_id, reason]: cannot be made durable now (the journal's disk is full)
 
 
 class JobDoneEntry(Entry, frozen=True):
@@ -244,6 +277,14 @@ class JobDoneEntry(Entry, frozen=True):
     state: str
     info: dict[str, Any]
     n_frames: Count
+
+
+class JobDone(Body, frozen=True):
+    """JOB_DONE: finished jobs, numbered per client (1, 2, ...); the client acknowledges them (ACK), and
+    a gap in the numbers tells it that a JOB_DONE went missing."""
+
+    seq: Seq
+    jobs: list[JobDoneEntry]
 
 
 class Cancelled(Body, frozen=True):
@@ -300,6 +341,9 @@ class Heartbeat(Body, frozen=True):
     role: str = ""
     instance: str = ""
     heartbeat_interval: float | None = None
+    # client -> dispatcher: JOB_DONE received up to here (as ACK); dispatcher -> worker: RESULTS applied
+    # up to here. A lost ACK is made good by the next heartbeat.
+    ack: Seq | None = None
 
 
 class Error(Body, frozen=True):
@@ -315,13 +359,14 @@ class Shutdown(Body, frozen=True):
 
 BODY_TYPES: dict[Cmd, Any] = {
     Cmd.READY: Ready,
-    Cmd.RESULTS: Annotated[list[OutcomeEntry], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.RESULTS: Results,
     Cmd.GIVEBACK: Annotated[list[AttemptRef], msgspec.Meta(max_length=MAX_BATCH)],
     Cmd.LEAVING: Empty,
     Cmd.GOODBYE: Empty,
     Cmd.PROGRESS: Annotated[list[ProgressEntry], msgspec.Meta(max_length=MAX_BATCH)],
     Cmd.OUTPUT: Annotated[list[OutputEntry], msgspec.Meta(max_length=MAX_BATCH)],
-    Cmd.ASSIGN: list[AssignEntry],
+    Cmd.ASSIGN: Assign,
+    Cmd.RESEND: Resend,
     Cmd.CANCEL: Cancel,
     Cmd.RECONNECT: Reconnect,
     Cmd.HELLO: Hello,
@@ -332,9 +377,10 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.JOB_INFO: Ids,
     Cmd.JOBS: JobsQuery,
     Cmd.LOGS: LogsQuery,
+    Cmd.ACK: Ack,
     Cmd.WELCOME: Welcome,
     Cmd.ACCEPTED: Accepted,
-    Cmd.JOB_DONE: list[JobDoneEntry],
+    Cmd.JOB_DONE: JobDone,
     Cmd.STATUS_REPLY: StatusReply,
     Cmd.JOB_INFO_REPLY: JobInfoReply,
     Cmd.CANCELLED: Cancelled,
@@ -355,8 +401,8 @@ _OPTIONS = msgspec.msgpack.Decoder(TaskOptions, ext_hook=_reject_ext)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def _check_outcomes(entries: list[OutcomeEntry]) -> None:
-    for e in entries:
+def _check_outcomes(results: Results) -> None:
+    for e in results.outcomes:
         for key in ("kind", "type", "message", "traceback"):
             value = e.info.get(key)
             if value is not None and type(value) is not str:

@@ -2,7 +2,7 @@
 
 Every message is a ZeroMQ multipart message (the ROUTER adds the peer's routing id in front):
 
-    frame 0   b"CNV1"            protocol signature and version
+    frame 0   b"CNV2"            protocol signature and version
     frame 1   one byte           the command (see `Cmd`); a second byte PACKED when small frames are packed
     frame 2   msgpack body       the command's fields (a map, or for batches an array)
     frame 3.. data frames        opaque payloads (function, arguments, results), counted in the body
@@ -27,9 +27,9 @@ import msgspec
 
 from conveyor.errors import ProtocolError, VersionMismatch
 
-SIGNATURE = b"CNV1"
+SIGNATURE = b"CNV2"
 SIGNATURE_PREFIX = b"CNV"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: JOB_DONE and RESULTS carry sequence numbers, acknowledged (ACK, ASSIGN, HEARTBEAT)
 
 # Limits applied to every decoded body: a peer cannot make the decoder allocate without bound.
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -58,6 +58,7 @@ class Cmd(enum.IntEnum):
     ASSIGN = 0x10  # batch of tasks, each with its data frames
     CANCEL = 0x11  # stop running a job attempt
     RECONNECT = 0x12  # "I don't know you": re-send READY
+    RESEND = 0x13  # a RESULTS message went missing: re-send the unacknowledged ones from this sequence number
     # client -> dispatcher
     HELLO = 0x20  # open a session, learn the dispatcher instance
     SUBMIT = 0x21  # batch of tasks
@@ -67,6 +68,7 @@ class Cmd(enum.IntEnum):
     JOB_INFO = 0x25  # snapshot of jobs' states without waiting
     JOBS = 0x26  # list jobs by state, age and function (recent ones, from a bounded history)
     LOGS = 0x27  # a job's captured output from given offsets
+    ACK = 0x28  # JOB_DONE messages received, up to this sequence number
     # dispatcher -> client
     WELCOME = 0x30  # answer to HELLO
     ACCEPTED = 0x31  # these job ids are accepted (sent after the journal commit), rejected, or busy

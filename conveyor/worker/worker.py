@@ -141,6 +141,7 @@ class Worker:
         self._heard = False
         self._last_heard = 0.0
         self._outbox: list[Outcome] = []
+        self._results_seq = 0  # the number of the last RESULTS sent (protocol §5: numbered, acknowledged)
         self._flush_soon = False
         self._flush_timer: asyncio.TimerHandle | None = None
         self._last_progress = 0.0  # when a task last started or ended (stall detection)
@@ -252,6 +253,7 @@ class Worker:
             "prefetch_auto": self.prefetch_auto,
             "credit": self.concurrency + self.prefetch - len(self._running),
             "running": [[job_id, attempt] for job_id, attempt in self._running],
+            "results_seq": self._results_seq + 1,
         }
 
     # --- the session loop -------------------------------------------------------------------------
@@ -363,7 +365,7 @@ class Worker:
         return True
 
     def _on_assign(self, msg: Message) -> None:
-        entries: list[c.AssignEntry] = msg.body
+        entries: list[c.AssignEntry] = msg.body.tasks
         per_entry = split_frames([e.n_frames for e in entries], msg.frames)
         for e, frames in zip(entries, per_entry, strict=True):
             task = Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames)
@@ -462,7 +464,8 @@ class Worker:
         for o in outcomes:
             entries.append(c.OutcomeEntry(o.job_id, o.attempt, o.ok, o.info, len(o.frames)))
             frames.extend(o.frames)
-        self._send(Cmd.RESULTS, entries, frames)
+        self._results_seq += 1
+        self._send(Cmd.RESULTS, c.Results(self._results_seq, entries), frames)
 
     def _send_reports(self) -> None:
         """Send the running tasks' output and progress (dropped while disconnected: only the tail matters)."""

@@ -1,0 +1,94 @@
+"""A release of the chart run under Docker (tests/kube_docker.py): what `helm install` plus a kubelet would do,
+minus Kubernetes.
+
+The key Secrets come from `conveyor keys kubernetes-secrets` run on a key directory made by `conveyor keys
+init`, as a user makes them; the chart is rendered with the real Helm engine; the pods run from the rendered
+objects. A host client reaches the dispatcher through a published port (what `kubectl port-forward` gives).
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from conveyor import Client
+from tests import kube_render
+from tests.conftest import ROOT, conveyor_cmd
+from tests.kube_docker import Node, Pod
+from tests.test_compose import free_port
+
+# Task code for the `code.configMap` setting: a flat package in a ConfigMap, mounted as /app/kubetasks.
+KUBETASKS = {
+    "__init__.py": "",
+    "jobs.py": "import socket\n\n\ndef where(x):\n    return [x, socket.gethostname()]\n",
+}
+
+
+def config_map(name: str, files: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": files}
+
+
+class Release:
+    def __init__(self, node: Node, keys: Path, values: dict[str, Any]):
+        self.node, self.keys, self.values = node, keys, values
+        self.objects = kube_render.documents(kube_render.render(values))
+        self.node.apply(*self.of_kind("Service"), config_map("kubetasks", KUBETASKS))
+        self.apply_secrets()
+        self.pods: dict[str, list[Pod]] = {}  # workload name -> its running pods
+        self.dispatcher = f"{kube_render.FULLNAME}-dispatcher"
+        ports = self.workload(self.dispatcher)["spec"]["template"]["spec"]["containers"][0]["ports"]
+        self.port = ports[0]["containerPort"]
+        # the same host ports for every dispatcher pod, so a host client finds a restarted one
+        self.published = {p["containerPort"]: free_port() for p in ports}
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def workload(self, name: str) -> dict[str, Any]:
+        (obj,) = [o for o in self.objects if o["metadata"]["name"] == name and o["kind"] != "Service"
+                  and not (o["kind"] == "PodDisruptionBudget")]
+        return obj
+
+    def secrets(self) -> list[dict[str, Any]]:
+        """`conveyor keys kubernetes-secrets KEYS --release conveyor`, parsed."""
+        import yaml
+
+        res = subprocess.run(conveyor_cmd("keys", "kubernetes-secrets", str(self.keys), "--release",
+                                          kube_render.RELEASE), capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return [s for s in yaml.safe_load_all(res.stdout) if s]
+
+    def apply_secrets(self) -> None:
+        """`conveyor keys kubernetes-secrets ... | kubectl apply -f -`: mounted copies follow (a kubelet sync)."""
+        self.node.apply(*self.secrets())
+
+    def start(self, name: str) -> Pod:
+        obj = self.workload(name)
+        pods = self.pods.setdefault(name, [])
+        publish = self.published if name == self.dispatcher else None
+        pod = self.node.run_workload(obj, ordinal=len(pods) if obj["kind"] == "StatefulSet" else 0, publish=publish)
+        pods.append(pod)
+        return pod
+
+    def stop(self, pod: Pod) -> dict[str, Any]:
+        """Delete a pod (a scale-down, a rollout, a StatefulSet pod deleted): the kubelet's SIGTERM and grace."""
+        for pods in self.pods.values():
+            if pod in pods:
+                pods.remove(pod)
+        return dict(self.node.delete_pod(pod))
+
+    def client_keys(self, target: Path) -> Path:
+        """The client Secret's files in a directory, as NOTES.txt says to copy them out."""
+        (secret,) = [s for s in self.secrets() if s["metadata"]["name"] == f"{kube_render.FULLNAME}-client-keys"]
+        target.mkdir(mode=0o700, exist_ok=True)
+        for name, value in secret["data"].items():
+            path = target / name
+            path.write_bytes(base64.b64decode(value))
+            path.chmod(0o600)
+        return target
+
+    def client(self, keys: Path, **kwargs: Any) -> Client:
+        """A client on this host, through the dispatcher's published port."""
+        return Client(f"tcp://127.0.0.1:{self.published[self.port]}", keys=keys, **kwargs)
