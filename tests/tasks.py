@@ -52,6 +52,12 @@ def fail_custom() -> None:
     raise CustomError("custom failure")
 
 
+def sleep_for(seconds: float, value: Any) -> Any:
+    """Sleep, then return value (which job this was)."""
+    time.sleep(seconds)
+    return value
+
+
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
