@@ -3,7 +3,8 @@ minus Kubernetes.
 
 The key Secrets come from `conveyor keys kubernetes-secrets` run on a key directory made by `conveyor keys
 init`, as a user makes them; the chart is rendered with the real Helm engine; the pods run from the rendered
-objects. A host client reaches the dispatcher through a published port (what `kubectl port-forward` gives).
+objects. A host client reaches the dispatcher at a fixed address on the pods' network, as it would reach a
+Service's ClusterIP.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from conveyor import Client
 from tests import kube_render
 from tests.conftest import ROOT, conveyor_cmd
 from tests.kube_docker import Node, Pod
-from tests.test_compose import free_port
 
 # Task code for the `code.configMap` setting: a flat package in a ConfigMap, mounted as /app/kubetasks.
 KUBETASKS = {
@@ -39,16 +39,16 @@ class Release:
         self.pods: dict[str, list[Pod]] = {}  # workload name -> its running pods
         self.dispatcher = f"{kube_render.FULLNAME}-dispatcher"
         ports = self.workload(self.dispatcher)["spec"]["template"]["spec"]["containers"][0]["ports"]
-        self.port = ports[0]["containerPort"]
-        # the same host ports for every dispatcher pod, so a host client finds a restarted one
-        self.published = {p["containerPort"]: free_port() for p in ports}
+        self.ports = {p["name"]: p["containerPort"] for p in ports}
+        # every dispatcher pod gets this address: clients on this host use it as they would the Service's ClusterIP
+        self.dispatcher_ip = f"{node.subnet}.10"
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
 
     def workload(self, name: str) -> dict[str, Any]:
-        (obj,) = [o for o in self.objects if o["metadata"]["name"] == name and o["kind"] != "Service"
-                  and not (o["kind"] == "PodDisruptionBudget")]
+        (obj,) = [o for o in self.objects if o["metadata"]["name"] == name
+                  and o["kind"] in ("Deployment", "StatefulSet", "Pod")]
         return obj
 
     def secrets(self) -> list[dict[str, Any]]:
@@ -67,8 +67,8 @@ class Release:
     def start(self, name: str) -> Pod:
         obj = self.workload(name)
         pods = self.pods.setdefault(name, [])
-        publish = self.published if name == self.dispatcher else None
-        pod = self.node.run_workload(obj, ordinal=len(pods) if obj["kind"] == "StatefulSet" else 0, publish=publish)
+        ip = self.dispatcher_ip if name == self.dispatcher else None
+        pod = self.node.run_workload(obj, ordinal=len(pods) if obj["kind"] == "StatefulSet" else 0, ip=ip)
         pods.append(pod)
         return pod
 
@@ -90,5 +90,5 @@ class Release:
         return target
 
     def client(self, keys: Path, **kwargs: Any) -> Client:
-        """A client on this host, through the dispatcher's published port."""
-        return Client(f"tcp://127.0.0.1:{self.published[self.port]}", keys=keys, **kwargs)
+        """A client on this host, connected to the dispatcher's stable address."""
+        return Client(f"tcp://{self.dispatcher_ip}:{self.ports['conveyor']}", keys=keys, **kwargs)

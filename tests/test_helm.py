@@ -492,8 +492,8 @@ def test_pods_register_with_the_secrets_keys_and_serve(kube: Release) -> None:
         assert where.result(30) == [7, where.info["worker"]] and pods[where.info["worker"]] == "io"
 
     test_pod = kube.node.run_workload(kinds(kube.objects, "Pod")[0])  # `helm test`
-    code = wait_until(lambda: test_pod.exited(), 60, what="the helm test pod to finish")
-    assert (code, test_pod.logs().strip()) == (0, "42")
+    wait_until(lambda: test_pod.exited() is not None, 60, what="the helm test pod to finish")
+    assert (test_pod.exited(), test_pod.stdout()) == (0, "42\n"), test_pod.logs()
     kube.node.delete_pod(test_pod)
 
     dispatcher = kube.pods[kube.dispatcher][0]
@@ -510,13 +510,19 @@ def test_the_keda_query_reads_metrics_the_dispatcher_serves(kube: Release) -> No
     scaled = kinds(kube_render.documents(kube_render.render(values)), "ScaledObject")
     with kube.client(kube.host_keys, connect_timeout=30) as client:
         wait_until(lambda: len(registered(client)) == 3, 60, what="3 workers to register")
-        job = client.options(mode="processes").submit("time:sleep", 3)
+        running = client.options(mode="processes").submit("time:sleep", 3)
+        queued = client.options(mode="threads").submit("time:sleep", 0)  # no threads worker: it stays queued
         wait_until(lambda: client.status()["running"] == 1, 30, what="the job to run")
-        metrics_port = kube.published[9100]
-        text = wait_until(lambda: "conveyor_worker_busy_slots{" in (t := urllib.request.urlopen(
-            f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()) and 'mode="processes"} 1.0' in t
-            and t, 20, what="the busy slot in the metrics")
-        job.result(30)
+
+        def scrape() -> str:
+            url = f"http://{kube.dispatcher_ip}:{kube.ports['metrics']}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return str(r.read().decode())
+
+        text = wait_until(lambda: 'mode="processes"} 1.0' in (t := scrape()) and 'mode="threads"' in t and t, 20,
+                          what="the running and the queued job in the metrics")
+        client.cancel(queued)
+        running.result(30)
     for obj in scaled:
         query = obj["spec"]["triggers"][0]["metadata"]["query"]
         for metric, labels in re.findall(r"(conveyor_\w+)\{([^}]*)\}", query):
@@ -552,20 +558,24 @@ def test_probes_follow_the_worker_loop_never_the_dispatcher(kube: Release) -> No
 
 
 def test_jobs_survive_a_dispatcher_restart_on_its_claim(kube: Release) -> None:
+    with kube.client(kube.host_keys, connect_timeout=30) as submitter:  # detached jobs, as `conveyor submit`
+        keep = submitter.options(keep=True)
+        done = keep.submit(pow, 3, 4).job_id
+        slow = [keep.options(mode="processes").submit("conveyor.builtins:shell", f"sleep 2; echo {i}").job_id
+                for i in range(6)]
+        wait_until(lambda: None not in submitter.job_info(done, *slow), 30, what="the jobs to be accepted")
     with kube.client(kube.host_keys, connect_timeout=30, reconnect_timeout=120) as client:
-        wait_until(lambda: len(registered(client)) == 3, 60, what="3 workers to register")
-        done = client.submit(pow, 3, 4)
-        assert done.result(30) == 81
+        wait_until(lambda: [(j or {}).get("state") for j in client.job_info(done, slow[0])] == ["succeeded", "running"],
+                   30, what="one job done, the others running or queued")
         before = client.status()["dispatcher"]["instance"]
-        jobs = [client.options(mode="processes").submit("conveyor.builtins:shell", f"sleep 1; echo {i}")
-                for i in range(8)]
-        wait_until(lambda: client.status()["running"] >= 2, 30, what="jobs to run")
-        exited = kube.stop(kube.pods[kube.dispatcher][0])  # SIGTERM; the StatefulSet makes a new pod
-        assert exited["dispatcher"].code == 0 and not exited["dispatcher"].killed, exited
-        dispatcher = kube.start(kube.dispatcher)  # the same claim, journal-conveyor-dispatcher-0
-        assert [j.result(90)["stdout"] for j in jobs] == [f"{i}\n" for i in range(8)]
+        exited = kube.stop(kube.pods[kube.dispatcher][0])["dispatcher"]  # SIGTERM; the StatefulSet makes a new pod
+        assert exited.code == 0 and not exited.killed, exited
+        dispatcher = kube.start(kube.dispatcher)  # on the same claim, journal-conveyor-dispatcher-0
+        assert client.result(done, timeout=60) == 81  # finished before the restart: its result was journaled
+        assert [client.result(j, timeout=60)["stdout"] for j in slow] == [f"{i}\n" for i in range(6)]  # ran again
         assert client.status()["dispatcher"]["instance"] != before
-        assert client.result(done.job_id, timeout=30) == 81  # finished before the restart: kept in the journal
+        recovered = re.search(r"(\d+) finished job\(s\) restored, (\d+) unfinished job\(s\) queued", dispatcher.logs())
+        assert recovered and int(recovered[1]) >= 1 and int(recovered[2]) >= 1, dispatcher.logs()[-2000:]
         wait_until(lambda: len(registered(client)) == 3 and dispatcher.ready(), 60, what="the workers to return")
 
 
@@ -592,7 +602,8 @@ def test_revoking_a_key_through_its_secret_reaches_the_dispatcher_pod(kube: Rele
         subprocess.run(conveyor_cmd("keys", "revoke", str(kube.keys), "worker", "io"), check=True, cwd=ROOT,
                        capture_output=True, timeout=60)
         kube.apply_secrets()  # kubectl apply: the kubelet swaps the dispatcher's authorized-workers files
-        assert wait_until(lambda: io.exited(), 30, what="the io worker to be refused") == 1
+        wait_until(lambda: io.exited() is not None, 30, what="the io worker to be refused")
+        assert io.exited() == 1
         assert "was revoked" in io.logs()
         assert {w["mode"] for w in registered(client).values()} == {"processes"}
         assert client.options(mode="processes").submit(pow, 2, 3).result(30) == 8
