@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import base64
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conveyor import Client
+from conveyor.security.keys import add_peer, init_directory
 from tests import kube_render
-from tests.conftest import ROOT, conveyor_cmd
+from tests.conftest import ROOT, conveyor_cmd, wait_until
+from tests.conftest_netns import require
 from tests.kube_docker import Node, Pod
 
 # Task code for the `code.configMap` setting: a flat package in a ConfigMap, mounted as /app/kubetasks.
@@ -24,6 +29,29 @@ KUBETASKS = {
     "__init__.py": "",
     "jobs.py": "import socket\n\n\ndef where(x):\n    return [x, socket.gethostname()]\n",
 }
+
+
+GROUPS = [
+    {"name": "cpu", "mode": "processes", "concurrency": 2, "replicas": 2, "readinessProbe": {"mode": "registered"}},
+    {"name": "io", "mode": "asyncio", "concurrency": 50, "replicas": 1, "tags": ["io"],
+     "keysSecret": "conveyor-worker-keys-io", "code": {"configMap": "kubetasks", "package": "kubetasks"}},
+]
+FAST = {"periodSeconds": 1, "timeoutSeconds": 5}  # probes at test speed: the same checks, shorter periods
+
+
+def docker_values(image: str) -> dict[str, Any]:
+    repository, _, tag = image.rpartition(":")
+    return {
+        "image": {"repository": repository, "tag": tag},
+        "dispatcher": {"heartbeatIntervalSeconds": 0.5, "metrics": {"enabled": True},
+                       "startupProbe": {**FAST, "failureThreshold": 60},
+                       "readinessProbe": {**FAST, "failureThreshold": 2},
+                       "livenessProbe": {**FAST, "periodSeconds": 3, "failureThreshold": 3}},
+        "workerDefaults": {"drainTimeoutSeconds": 5, "heartbeatIntervalSeconds": 0.5,
+                           "livenessProbe": {**FAST, "failureThreshold": 3, "maxAgeSeconds": 2},
+                           "readinessProbe": {**FAST, "periodSeconds": 2, "failureThreshold": 2}},
+        "workerGroups": GROUPS,
+    }
 
 
 def config_map(name: str, files: dict[str, str]) -> dict[str, Any]:
@@ -36,6 +64,7 @@ class Release:
         self.objects = kube_render.documents(kube_render.render(values))
         self.node.apply(*self.of_kind("Service"), config_map("kubetasks", KUBETASKS))
         self.apply_secrets()
+        self.host_keys = self.client_keys(keys.parent / "client-keys")  # what a client outside the cluster uses
         self.pods: dict[str, list[Pod]] = {}  # workload name -> its running pods
         self.dispatcher = f"{kube_render.FULLNAME}-dispatcher"
         ports = self.workload(self.dispatcher)["spec"]["template"]["spec"]["containers"][0]["ports"]
@@ -92,3 +121,46 @@ class Release:
     def client(self, keys: Path, **kwargs: Any) -> Client:
         """A client on this host, connected to the dispatcher's stable address."""
         return Client(f"tcp://{self.dispatcher_ip}:{self.ports['conveyor']}", keys=keys, **kwargs)
+
+
+# --- fixtures (tests/test_helm.py imports them) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module", name="release")
+def release_fixture(conveyor_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    """The chart's dispatcher and two worker groups (cpu x2, io x1) running under Docker."""
+    require(kube_render.missing_helm())
+    tmp = tmp_path_factory.mktemp("kube")
+    keys = tmp / "keys"
+    init_directory(keys)
+    add_peer(keys, "worker", "io")  # the io group's own key: revoking it stops that group only
+    node = Node(conveyor_image, tmp / "pods")
+    try:
+        rel = Release(node, keys, docker_values(conveyor_image))
+        dispatcher = rel.start(rel.dispatcher)
+        for group in GROUPS:
+            for _ in range(group["replicas"]):
+                rel.start(f"conveyor-worker-{group['name']}")
+        wait_until(lambda: dispatcher.ready(), 60, what=f"the dispatcher to be ready:\n{dispatcher.logs()[-2000:]}")
+        node.pause_probes()
+        yield rel
+    finally:
+        node.close()
+
+
+@pytest.fixture(name="kube")
+def kube_fixture(release: Release) -> Iterator[Release]:
+    """The release with its probes running for this test (paused between tests: no docker exec in flight)."""
+    release.node.resume_probes()
+    try:
+        yield release
+    finally:
+        release.node.pause_probes()
+
+
+def workers_of(rel: Release, group: str) -> list[Pod]:
+    return rel.pods.get(f"conveyor-worker-{group}", [])
+
+
+def registered(client: Client) -> dict[str, dict[str, Any]]:
+    return {w["name"]: w for w in client.status()["workers"]}

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,43 +31,28 @@ from conveyor.security.kubernetes import kubernetes_secrets
 from tests import kube_render, kube_validate
 from tests.conftest import ROOT, Cluster, conveyor_cmd, wait_until
 from tests.conftest_netns import require
-from tests.kube_docker import Node, Pod
-from tests.kube_release import Release
-from tests.kube_render import VALUES_MATRIX
+from tests.kube_release import Release, docker_values, kube_fixture, registered, release_fixture, workers_of
+from tests.kube_render import VALUES_MATRIX, arg, kinds, pod_specs
 from tests.kube_volumes import AtomicVolume
-from tests.test_compose import conveyor_image, docker_daemon  # noqa: F401  (fixtures: one image build per run)
+from tests.test_compose import conveyor_image, docker_daemon
+
+# fixtures from other modules: the image is built once per run (with tests/test_compose.py), the release once here
+__all__ = ["conveyor_image", "docker_daemon", "kube_fixture", "release_fixture"]
 
 RENDERS: dict[str, list[dict[str, Any]]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def helm_available() -> None:
+@pytest.fixture
+def helm() -> None:
     require(kube_render.missing_helm())
 
 
 def docs(name: str) -> list[dict[str, Any]]:
     """The objects of a matrix entry's render (cached: a render is deterministic, as a test below checks)."""
+    require(kube_render.missing_helm())
     if name not in RENDERS:
         RENDERS[name] = kube_render.documents(kube_render.render(VALUES_MATRIX[name]))
     return RENDERS[name]
-
-
-def kinds(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == kind]
-
-
-def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
-    """(object, pod spec, pod labels) of every workload and Pod."""
-    for o in objs:
-        if o["kind"] in ("Deployment", "StatefulSet"):
-            yield o, o["spec"]["template"]["spec"], o["spec"]["template"]["metadata"]["labels"]
-        elif o["kind"] == "Pod":
-            yield o, o["spec"], o["metadata"]["labels"]
-
-
-def arg(container: dict[str, Any], flag: str) -> str | None:
-    args = [*container.get("command", []), *container.get("args", [])]
-    return args[args.index(flag) + 1] if flag in args else None
 
 
 MATRIX = sorted(VALUES_MATRIX)
@@ -77,7 +61,7 @@ MATRIX = sorted(VALUES_MATRIX)
 
 
 @pytest.mark.parametrize("name", MATRIX)
-def test_the_chart_renders_the_same_twice_and_lints_clean(name: str) -> None:
+def test_the_chart_renders_the_same_twice_and_lints_clean(name: str, helm: None) -> None:
     values = VALUES_MATRIX[name]
     first, second = kube_render.render(values), kube_render.render(values)
     assert first == second, "the render is not deterministic"
@@ -112,7 +96,7 @@ SCHEMA_REJECTS = [
 
 
 @pytest.mark.parametrize(("values", "expected"), SCHEMA_REJECTS, ids=[e for _, e in SCHEMA_REJECTS])
-def test_values_schema_rejects(values: dict[str, Any], expected: str) -> None:
+def test_values_schema_rejects(values: dict[str, Any], expected: str, helm: None) -> None:
     import helm_python
 
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(expected)):
@@ -133,14 +117,14 @@ TEMPLATE_REJECTS = [
 
 
 @pytest.mark.parametrize(("values", "expected"), TEMPLATE_REJECTS, ids=[e for _, e in TEMPLATE_REJECTS])
-def test_templates_reject(values: dict[str, Any], expected: str) -> None:
+def test_templates_reject(values: dict[str, Any], expected: str, helm: None) -> None:
     import helm_python
 
     with pytest.raises(helm_python.HelmRenderError, match=re.escape(expected)):
         kube_render.render(values)
 
 
-def test_the_plain_manifests_equal_a_fresh_render() -> None:
+def test_the_plain_manifests_equal_a_fresh_render(helm: None) -> None:
     committed = kube_render.MANIFESTS.read_text()
     assert committed == kube_render.plain_manifests(), "stale: run python3 -m tests.kube_render --write"
     assert "helm.sh/hook" not in committed  # no test hook among the plain manifests
@@ -151,7 +135,7 @@ def test_the_plain_manifests_equal_a_fresh_render() -> None:
 
 @pytest.fixture(scope="module")
 def validators() -> tuple[str, ...]:
-    require(kube_validate.missing_validators())
+    require(kube_render.missing_helm() or kube_validate.missing_validators())
     versions = kube_validate.kubernetes_versions()
     assert versions[0] == "1.30.0" and len(versions) >= 8, versions
     return versions
@@ -329,6 +313,7 @@ def test_pods_use_the_secrets_the_keys_command_prints(tmp_path: Path) -> None:
 
 
 def test_the_keys_command_prints_secrets_of_a_key_directory(tmp_path: Path) -> None:
+    require(kube_render.missing_yaml())
     import yaml
 
     keys = tmp_path / "keys"
@@ -410,69 +395,6 @@ def test_a_secret_update_revokes_a_worker_on_the_running_dispatcher(tmp_path: Pa
 
 
 # --- 4. the pod specs under Docker: the containers' contract, not Kubernetes ------------------------------------
-
-GROUPS = [
-    {"name": "cpu", "mode": "processes", "concurrency": 2, "replicas": 2, "readinessProbe": {"mode": "registered"}},
-    {"name": "io", "mode": "asyncio", "concurrency": 50, "replicas": 1, "tags": ["io"],
-     "keysSecret": "conveyor-worker-keys-io", "code": {"configMap": "kubetasks", "package": "kubetasks"}},
-]
-FAST = {"periodSeconds": 1, "timeoutSeconds": 5}  # probes at test speed: the same checks, shorter periods
-
-
-def docker_values(image: str) -> dict[str, Any]:
-    repository, _, tag = image.rpartition(":")
-    return {
-        "image": {"repository": repository, "tag": tag},
-        "dispatcher": {"heartbeatIntervalSeconds": 0.5, "metrics": {"enabled": True},
-                       "startupProbe": {**FAST, "failureThreshold": 60},
-                       "readinessProbe": {**FAST, "failureThreshold": 2},
-                       "livenessProbe": {**FAST, "periodSeconds": 3, "failureThreshold": 3}},
-        "workerDefaults": {"drainTimeoutSeconds": 5, "heartbeatIntervalSeconds": 0.5,
-                           "livenessProbe": {**FAST, "failureThreshold": 3, "maxAgeSeconds": 2},
-                           "readinessProbe": {**FAST, "periodSeconds": 2, "failureThreshold": 2}},
-        "workerGroups": GROUPS,
-    }
-
-
-@pytest.fixture(scope="module")
-def release(conveyor_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:  # noqa: F811
-    """The chart's dispatcher and two worker groups (cpu x2, io x1) running under Docker."""
-    tmp = tmp_path_factory.mktemp("kube")
-    keys = tmp / "keys"
-    init_directory(keys)
-    add_peer(keys, "worker", "io")  # the io group's own key: revoking it stops that group only
-    node = Node(conveyor_image, tmp / "pods")
-    try:
-        rel = Release(node, keys, docker_values(conveyor_image))
-        dispatcher = rel.start(rel.dispatcher)
-        for group in GROUPS:
-            for _ in range(group["replicas"]):
-                rel.start(f"conveyor-worker-{group['name']}")
-        rel.host_keys = rel.client_keys(tmp / "client-keys")
-        wait_until(lambda: dispatcher.ready(), 60, what=f"the dispatcher to be ready:\n{dispatcher.logs()[-2000:]}")
-        node.pause_probes()
-        yield rel
-    finally:
-        node.close()
-
-
-@pytest.fixture
-def kube(release: Release) -> Iterator[Release]:
-    """The release with its probes running for this test (paused between tests: no docker exec in flight)."""
-    release.node.resume_probes()
-    try:
-        yield release
-    finally:
-        release.node.pause_probes()
-
-
-def workers_of(rel: Release, group: str) -> list[Pod]:
-    return rel.pods.get(f"conveyor-worker-{group}", [])
-
-
-def registered(client: Client) -> dict[str, dict[str, Any]]:
-    return {w["name"]: w for w in client.status()["workers"]}
-
 
 def test_pods_register_with_the_secrets_keys_and_serve(kube: Release) -> None:
     pods = {p.name: group for group in ("cpu", "io") for p in workers_of(kube, group)}
