@@ -42,6 +42,7 @@ def start_observers(
 
         try:
             m = start_metrics(d.observer, metrics_port, metrics_host)
+            d.on_close(m.close)  # stopped with the dispatcher
         except OSError as exc:
             raise CliError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}") from None
         print(f"metrics: http://{m.host}:{m.port}/metrics", file=sys.stderr, flush=True)
@@ -50,6 +51,7 @@ def start_observers(
 
         try:
             server, token = start_dashboard(d.observer, dashboard_port, dashboard_host, dashboard_token)
+            d.on_close(server.close)
         except OSError as exc:
             where = f"{dashboard_host}:{dashboard_port}"
             raise CliError(f"cannot serve the dashboard on {where}: {exc.strerror or exc}") from None

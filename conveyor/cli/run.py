@@ -42,6 +42,9 @@ def dispatcher(
         str, typer.Option(help="normal: survive a dispatcher crash; full: also an OS crash (fsync per commit).")
     ] = "normal",
     max_queued: Annotated[int, typer.Option(help="Queued jobs beyond which submitters are slowed.")] = 1_000_000,
+    max_queued_mib: Annotated[
+        int, typer.Option(min=1, help="MiB of task arguments held for unfinished jobs beyond which submitters wait.")
+    ] = 2048,
     keys: KeysOpt = None,
     insecure: InsecureOpt = False,
     max_message_mib: MaxMessageOpt = 512,
@@ -77,7 +80,8 @@ def dispatcher(
     try:
         d = Dispatcher(
             bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
-            journal=store, max_queued=max_queued, keys=keys, insecure=insecure, max_message_size=max_message_mib << 20,
+            journal=store, max_queued=max_queued, max_queued_bytes=max_queued_mib << 20, keys=keys,
+            insecure=insecure, max_message_size=max_message_mib << 20,
         )
     except ConveyorError:
         if store is not None:

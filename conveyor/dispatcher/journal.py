@@ -21,6 +21,7 @@ commit of the row that no longer does; `load()` removes files that no row refers
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -28,6 +29,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,39 @@ def default_journal_path() -> Path:
     """$XDG_STATE_HOME/conveyor/journal.db (~/.local/state/conveyor/journal.db)."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "conveyor" / "journal.db"
+
+
+@dataclass(slots=True)
+class Batch:
+    """Journal writes recorded over a few loop turns, committed together: the last word on each job."""
+
+    inserts: dict[str, tuple[Any, ...]]  # job id -> (id, seq, owner, opts, frames)
+    finishes: dict[str, tuple[Any, ...]]  # job id -> (state, attempts, history, info, frames, expires_at, id)
+    deletes: set[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.finishes or self.deletes)
+
+    @property
+    def jobs(self) -> int:
+        return len(self.inserts) + len(self.finishes) + len(self.deletes)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a failed write failed for lack of space (SQLite's "database or disk is full", ENOSPC, EDQUOT)."""
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", "")
+        return name == "SQLITE_FULL" or "full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free for an unprivileged writer on the file system of path (None if it cannot tell)."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass(slots=True)
@@ -127,8 +162,8 @@ class Journal:
 
     def submitted(self, job_id: str, seq: int, owner: bytes | None, opts: bytes, frames: list[Any]) -> None:
         """A job was accepted; `opts` are its TaskOptions as msgpack (TaskOptions.to_wire)."""
+        # A pending delete of the same id (forgotten, then submitted again) stays: deletes are written first.
         self._inserts[job_id] = (job_id, seq, owner, opts, tuple(frames))
-        self._deletes.discard(job_id)
 
     def finished(
         self,
@@ -161,9 +196,38 @@ class Journal:
     def dirty(self) -> bool:
         return bool(self._inserts or self._finishes or self._deletes)
 
+    # --- committing: a batch at a time, from the writer thread (committer.py) or here ------------------
+
+    def take_batch(self) -> Batch:
+        """Everything recorded since the last batch (loop thread); recording goes on into a new one."""
+        batch = Batch(self._inserts, self._finishes, self._deletes)
+        self._inserts, self._finishes, self._deletes = {}, {}, set()
+        return batch
+
+    def restore(self, batch: Batch, dropped: AbstractSet[str] = frozenset()) -> None:
+        """Put a batch that failed to commit back in front of what was recorded since (loop thread): the
+        newer word on a job wins, and the next commit writes both. `dropped`: jobs refused meanwhile,
+        whose insert is not written at all."""
+        inserts = {i: row for i, row in batch.inserts.items() if i not in dropped and i not in self._deletes}
+        self._inserts = {**inserts, **self._inserts}
+        for i, row in batch.finishes.items():
+            if i not in self._finishes and i not in self._deletes and i not in dropped:
+                self._finishes[i] = row
+        self._deletes |= batch.deletes  # deletes are written before inserts: a re-submitted id survives
+
     def commit(self) -> None:
-        """Write everything recorded since the last commit in one transaction."""
-        if not self.dirty:
+        """Write everything recorded so far, now, in this thread (start-up, shutdown, tests)."""
+        batch = self.take_batch()
+        try:
+            self.write(batch)
+        except BaseException:
+            self.restore(batch)
+            raise
+
+    def write(self, batch: Batch) -> None:
+        """Write one batch in one transaction; on failure nothing of it is written (and it can be
+        restored). Only one thread writes at a time: the writer thread, or the loop when none runs."""
+        if not batch:
             return
         started = time.perf_counter()
         db = self._db
@@ -172,55 +236,60 @@ class Journal:
         result_files: dict[str, list[str]] = {}
         try:
             inserts = [
-                # finished within this turn too: the UPDATE below drops the call frames anyway
-                (i, seq, owner, opts, None if i in self._finishes else self._pack(frames, call_files, i, written))
-                for i, seq, owner, opts, frames in self._inserts.values()
+                # finished within this batch too: the UPDATE below drops the call frames anyway
+                (i, seq, owner, opts, None if i in batch.finishes else self._pack(frames, call_files, i, written))
+                for i, seq, owner, opts, frames in batch.inserts.values()
             ]
             finishes = [
                 (st, att, hist, info, self._pack(frames, result_files, i, written), exp, i)
-                for st, att, hist, info, frames, exp, i in self._finishes.values()
+                for st, att, hist, info, frames, exp, i in batch.finishes.values()
             ]
             if written and self._full:
                 _fsync_dir(self._blobs)
             db.execute("BEGIN")
-            try:
-                if inserts:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state) "
-                        "VALUES (?,?,?,?,?,'queued')",
-                        inserts,
-                    )
-                if finishes:
-                    db.executemany(
-                        "UPDATE jobs SET state=?, attempts=?, history=?, result_info=?, result_frames=?, "
-                        "expires_at=?, frames=NULL WHERE id=?",
-                        finishes,
-                    )
-                if self._deletes:
-                    db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in self._deletes])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            # Deletes first: a batch restored after a failure may delete a job that a later batch inserts
+            # again under the same id (a client re-sending it); in a fresh batch they never overlap.
+            if batch.deletes:
+                db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in batch.deletes])
+            if inserts:
+                db.executemany(
+                    "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state) VALUES (?,?,?,?,?,'queued')",
+                    inserts,
+                )
+            if finishes:
+                db.executemany(
+                    "UPDATE jobs SET state=?, attempts=?, history=?, result_info=?, result_frames=?, "
+                    "expires_at=?, frames=NULL WHERE id=?",
+                    finishes,
+                )
+            db.execute("COMMIT")
         except BaseException:
+            self._abandon()
             self._unlink(written)
             raise
         if written or self._call_files or self._result_files:
             doomed: list[str] = []  # files no committed row refers to any more
-            for job_id in self._finishes:
+            for job_id in batch.finishes:
                 doomed += self._call_files.pop(job_id, ())
                 doomed += self._result_files.pop(job_id, ())
-            for job_id in self._deletes:
+            for job_id in batch.deletes:
                 doomed += self._call_files.pop(job_id, ())
                 doomed += self._result_files.pop(job_id, ())
             self._call_files.update(call_files)
             self._result_files.update(result_files)
             self._unlink(doomed)
-        self._inserts.clear()
-        self._finishes.clear()
-        self._deletes.clear()
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
+
+    def _abandon(self) -> None:
+        """After a failed write: end the transaction if SQLite has not ended it itself. On SQLITE_FULL it
+        may already have rolled back, and a ROLLBACK then fails ("no transaction is active"): ask
+        SQLite whether a transaction is open instead of assuming."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the connection is in a state we cannot repair: log, the next BEGIN tells
+                log.error("journal %s: rollback failed: %s", self.path, exc)
 
     def _pack(self, frames: Sequence[Any], files: dict[str, list[str]], job_id: str, written: list[str]) -> bytes:
         """A frames column: msgpack [bin | ext(file name), ...], large frames written to blob files."""

@@ -93,7 +93,7 @@ class WorkerInfo:
     running: dict[str, int] = field(default_factory=dict)  # job id -> attempt
     done: int = 0
     draining: bool = False
-    classes: list[ClassKey] = field(default_factory=list)  # queue classes this worker can serve
+    classes: dict[ClassKey, None] = field(default_factory=dict)  # queue classes it can serve (an ordered set)
     session: str = ""  # the worker's connection; a READY with a new one means a new connection
     prefetch: int = 0  # most jobs it may hold beyond its slots, queued on the worker
     prefetch_auto: bool = False  # hold only as many as its recent task durations justify (window)

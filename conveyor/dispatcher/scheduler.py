@@ -88,13 +88,16 @@ class Scheduler:
         self.workers: dict[bytes, WorkerInfo] = {}
         self._free: dict[bytes, None] = {}  # workers with credit, least recently assigned first
         self._queues: dict[ClassKey, deque[Job]] = {}
-        self._queued_by_class: dict[ClassKey, int] = {}
+        self._queued_by_class: _Counts = _Counts()  # queued jobs per class (absent: 0)
         self._delayed: list[tuple[float, int, str]] = []  # (ready_at, seq, job id) heap of retries
         self._finished: deque[str] = deque()  # finished job ids in finishing order, for expiry
         self._seq = 0
         self.n_queued = 0
         self.n_running = 0
-        self.counts = {SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, "retried": 0, "submitted": 0, "fenced": 0}
+        self.counts = {
+            SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, "retried": 0, "submitted": 0, "fenced": 0, "refused": 0,
+        }
+        self.held_bytes = 0  # bytes of call frames held for unfinished jobs (--max-queued-bytes bounds it)
         # What changed this turn, for the journal: jobs that finished and ids that were dropped.
         self._finished_log: list[Job] = []
         self._forgotten_log: list[str] = []
@@ -116,8 +119,24 @@ class Scheduler:
         job = Job(job_id, opts, frames, owner, self._seq, now)
         self.jobs[job_id] = job
         self.counts["submitted"] += 1
+        self.held_bytes += _nbytes(frames)
         self._enqueue(job)
         return job
+
+    def refuse(self, job_id: str) -> bool:
+        """Take back a job just submitted that no worker has taken (it could not be made durable); False
+        if it is gone, or has started: then it stays."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state != QUEUED or job.attempt or job.retry_at is not None:
+            return False
+        self._leave_queue(job)
+        job.state = CANCELLED  # its queue entry is skipped from now on
+        del self.jobs[job_id]
+        self.held_bytes -= _nbytes(job.frames or ())
+        job.frames = None
+        self.counts["submitted"] -= 1
+        self.counts["refused"] += 1
+        return True
 
     def watch(self, client: bytes, job_ids: Iterable[str]) -> list[str]:
         """Deliver these jobs' outcomes to client when they finish (now if finished). Returns unknown ids."""
@@ -224,7 +243,7 @@ class Scheduler:
             prefetch_auto=prefetch_auto,
         )
         w.window = 0 if prefetch_auto else w.prefetch  # auto: nothing beyond the slots until durations are known
-        w.classes = [k for k in self._queues if w.serves(k)]
+        w.classes = {k: None for k in self._queues if w.serves(k)}
         w.results_next = max(1, results_seq)
         self.workers[wid] = w
         for job_id, attempt in still_running.items():
@@ -522,7 +541,7 @@ class Scheduler:
             self._queued_by_class[key] = 0
             for w in self.workers.values():
                 if w.serves(key):
-                    w.classes.append(key)
+                    w.classes[key] = None
         if front:
             q.appendleft(job)
         else:
@@ -534,8 +553,19 @@ class Scheduler:
         """A queued job stops being queued other than by being popped (lazy removal from the deque)."""
         self.n_queued -= 1
         if job.retry_at is None:
-            self._queued_by_class[job.class_key] -= 1
+            key = job.class_key
+            self._queued_by_class[key] -= 1
+            if not self._queued_by_class[key]:
+                self._prune(key)
         job.retry_at = None
+
+    def _prune(self, key: ClassKey) -> None:
+        """A queue class with nothing queued goes (per-job tags would otherwise grow memory and the cost of
+        every assignment forever); its stale entries go with it. It comes back with its next job."""
+        del self._queues[key]
+        del self._queued_by_class[key]
+        for w in self.workers.values():
+            w.classes.pop(key, None)
 
     def _pop_for(self, w: WorkerInfo, n: int) -> list[Job]:
         out: list[Job] = []
@@ -560,6 +590,7 @@ class Scheduler:
             self._queued_by_class[best_key] -= 1
             if not self._queued_by_class[best_key]:
                 classes.remove(best_key)
+                self._prune(best_key)
         return out
 
     def _observe_duration(self, w: WorkerInfo, duration: Any) -> None:
@@ -630,6 +661,7 @@ class Scheduler:
     def _finish(self, job: Job, state: str, info: dict[str, Any], frames: list[Any], now: float) -> None:
         job.state = state
         job.finished_at = now
+        self.held_bytes -= _nbytes(job.frames or ())
         job.frames = None  # the call's data is no longer needed
         job.result_info = info
         job.result_frames = frames
@@ -661,3 +693,14 @@ class Scheduler:
             info = perr.error_info(perr.LOST, "WorkerLost", f"worker {w.name} on {w.host} stopped answering")
             self._record_attempt(job, attempt, wid, info, now)
             self._failed_attempt(job, info, [], now, retryable=True)
+
+
+class _Counts(dict[ClassKey, int]):
+    """Counts by key; a key not present counts 0 (reading it adds nothing)."""
+
+    def __missing__(self, key: ClassKey) -> int:
+        return 0
+
+
+def _nbytes(frames: Iterable[Any]) -> int:
+    return sum(len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames)
