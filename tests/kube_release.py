@@ -126,10 +126,16 @@ class Release:
 # --- fixtures (tests/test_helm.py imports them) ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module", name="release")
-def release_fixture(conveyor_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
-    """The chart's dispatcher and two worker groups (cpu x2, io x1) running under Docker."""
+@pytest.fixture(scope="session")
+def helm_installed() -> None:
+    """Before the image is built: without Helm nothing here can run."""
     require(kube_render.missing_helm())
+
+
+@pytest.fixture(scope="module", name="release")
+def release_fixture(helm_installed: None, conveyor_image: str,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    """The chart's dispatcher and two worker groups (cpu x2, io x1) running under Docker."""
     tmp = tmp_path_factory.mktemp("kube")
     keys = tmp / "keys"
     init_directory(keys)

@@ -31,13 +31,21 @@ from conveyor.security.kubernetes import kubernetes_secrets
 from tests import kube_render, kube_validate
 from tests.conftest import ROOT, Cluster, conveyor_cmd, wait_until
 from tests.conftest_netns import require
-from tests.kube_release import Release, docker_values, kube_fixture, registered, release_fixture, workers_of
+from tests.kube_release import (
+    Release,
+    docker_values,
+    helm_installed,
+    kube_fixture,
+    registered,
+    release_fixture,
+    workers_of,
+)
 from tests.kube_render import VALUES_MATRIX, arg, kinds, pod_specs
 from tests.kube_volumes import AtomicVolume
 from tests.test_compose import conveyor_image, docker_daemon
 
 # fixtures from other modules: the image is built once per run (with tests/test_compose.py), the release once here
-__all__ = ["conveyor_image", "docker_daemon", "kube_fixture", "release_fixture"]
+__all__ = ["conveyor_image", "docker_daemon", "helm_installed", "kube_fixture", "release_fixture"]
 
 RENDERS: dict[str, list[dict[str, Any]]] = {}
 

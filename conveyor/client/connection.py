@@ -405,6 +405,8 @@ class Connection:
                 self._busy_at = time.monotonic() + 0.2
             for job_id, reason in body.rejected:
                 self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
+            for job_id, reason in body.refused:
+                self._resolve(job_id, "failed", {"error": perr.error_info(perr.REFUSED, "JournalFull", reason)}, [])
         elif cmd in _REPLIES:
             with self._lock:
                 future = self._requests.get(body.get("req"))

@@ -102,7 +102,7 @@ class Durability:
         else:
             self._send_acks(self._acks)
         self._acks = []
-        self.journal.close()
+        self.journal.close(commit=False)
 
     # --- the loop's calls ---------------------------------------------------------------------------
 

@@ -384,9 +384,11 @@ class Journal:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM jobs").fetchone()[0])
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        """Commit what is recorded (unless told not to), then close; the lock is released either way."""
         try:
-            self.commit()
+            if commit:
+                self.commit()
         finally:
             self._db.close()
             self._lock_file.close()

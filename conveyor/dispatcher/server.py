@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message  # not lazily: out of descriptors, an import fails
 
 from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.clients import ClientSide
@@ -449,10 +450,8 @@ class _Connections:
         self.socket = router.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)
 
     def read(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         assert self.socket is not None
-        while True:
+        for _ in range(100):  # libzmq retries a failing accept in a tight loop: read a bounded share per turn
             try:
                 event = recv_monitor_message(self.socket, zmq.NOBLOCK)
             except zmq.Again:

@@ -25,7 +25,8 @@ CRASHED = "crashed"  # the process running it died
 LOST = "lost"  # the worker holding it went silent
 CANCELLED = "cancelled"
 NOT_FOUND = "not_found"  # the function could not be imported
-ERROR_KINDS = (EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND)
+REFUSED = "refused"  # the dispatcher could not make the job durable (its journal's disk is full): never ran
+ERROR_KINDS = (EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND, REFUSED)
 # Infrastructure failures: retried automatically (up to the limit) whatever the task's retry_on says.
 INFRASTRUCTURE_KINDS = frozenset({CRASHED, LOST})
 
@@ -35,6 +36,7 @@ _KIND_TYPES: dict[str, type[BaseException]] = {
     LOST: errors.WorkerLost,
     CANCELLED: errors.JobCancelled,
     NOT_FOUND: errors.FunctionNotFound,
+    REFUSED: errors.JournalFull,
 }
 
 
