@@ -75,6 +75,20 @@ def _unsupported(what: str, fields: set[str], allowed: set[str]) -> None:
         raise NotImplementedError(f"{what}: {sorted(extra)} not emulated")
 
 
+def cleanup_stale() -> None:
+    """Remove the containers, volumes and networks of earlier runs whose process is gone (killed runs)."""
+    import psutil
+
+    for kind, labels in (("container", ".Config.Labels"), ("volume", ".Labels"), ("network", ".Labels")):
+        listing = docker(kind, "ls", "-aq" if kind == "container" else "-q", "--filter", f"label={LABEL}",
+                         check=False).stdout.split()
+        for ident in listing:
+            owner = docker(kind, "inspect", "-f", f'{{{{index {labels} "{LABEL}"}}}}', ident, check=False).stdout
+            pid = owner.strip()[2:].split("-", 1)[0]  # kt<pid>-<random>
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                docker(kind, "rm", *(["-f"] if kind != "network" else []), ident, check=False)
+
+
 @dataclass
 class Exited:
     code: int
@@ -196,6 +210,7 @@ class Node:
         self.services: list[dict[str, Any]] = []
         self.pods: dict[str, Pod] = {}
         self.claims: set[str] = set()
+        cleanup_stale()
         self.subnet = self._create_network()
 
     def _create_network(self) -> str:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import wait
@@ -85,7 +86,7 @@ def test_a_full_journal_disk_refuses_new_jobs_keeps_serving_and_recovers(tmp_pat
     require(_root_missing())
     with tmpfs(tmp_path / "disk", "3m") as disk:
         cluster = Cluster(tmp_path)
-        cluster.start_dispatcher("--journal", str(disk / "journal.db"))
+        cluster.start_dispatcher("--journal", str(disk / "journal.db"), "--metrics-port", "0")
         try:
             cluster.wait_for_workers(cluster.start_worker("threads", 2))
             client = cluster.client()
@@ -112,6 +113,12 @@ def test_a_full_journal_disk_refuses_new_jobs_keeps_serving_and_recovers(tmp_pat
             assert status["journal"]["state"] == "full" and status["journal"]["refused"] >= len(refused)
             assert len(status["workers"]) == 1
 
+            # status, the CLI and the metrics say so
+            shown = run_cli("status", "--dispatcher", cluster.address)
+            assert "journal: full" in shown.stdout, shown.stdout
+            metrics_url = next(line.split("metrics: ")[1] for line in _log_lines(cluster, "metrics: http"))
+            wait_until(lambda: "conveyor_journal_full 1.0" in urllib.request.urlopen(metrics_url).read().decode(),
+                       what="the metric to show the full journal")
             # the CLI says so in one line
             res = run_cli("submit", "--dispatcher", cluster.address, "tests.tasks:add", "1", "2")
             assert "journal disk is full" in assert_one_error_line(res, 1)

@@ -129,6 +129,13 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
     head.append(f"  instance {d.get('instance')}  pid {d.get('pid')}", style="dim")
     if "uptime" in st:
         head.append(f"  up {fmt_duration(st['uptime'])}", style="dim")
+    journal = st.get("journal") or {}
+    if journal.get("state") in ("full", "failing"):  # it refuses new jobs: say why, in red
+        head.append(f"\njournal: {journal['state']}: {journal.get('reason')}", style="bold red")
+    conns = st.get("connections") or {}
+    if conns.get("accept_failures"):
+        head.append(f"\nconnections: cannot accept more ({conns.get('last_error')}); serving the ones it has",
+                    style="bold red")
     line = Text()
     line.append(f"{len(workers)} worker(s)", style="bold")
     if modes:

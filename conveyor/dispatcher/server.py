@@ -246,18 +246,21 @@ class Dispatcher:
             pass
 
     def _about(self) -> dict[str, Any]:
-        """Who this dispatcher is, for status views."""
-        return {"instance": self.instance, "endpoint": self.endpoint, "malformed": self.malformed}
+        """Who this dispatcher is and how its journal and connections are, for status views."""
+        now = time.monotonic()
+        return {
+            "instance": self.instance, "endpoint": self.endpoint, "malformed": self.malformed,
+            "journal": self.durability.status(now) if self.durability is not None else {"state": "off", "path": None},
+            "connections": self._connections.status(),
+        }
 
     def _decorate_status(self, status: dict[str, Any], now: float) -> None:
         """The server's part of STATUS_REPLY: endpoint, security, journal, connections."""
         status["dispatcher"]["endpoint"] = self.endpoint
         status["totals"]["malformed"] = self.malformed
         status["security"] = self._gate.status()
-        status["journal"] = (
-            self.durability.status(now) if self.durability is not None else {"state": "off", "path": None}
-        )
-        status["connections"] = self._connections.status()
+        about = self._about()
+        status["journal"], status["connections"] = about["journal"], about["connections"]
 
     # --- receiving --------------------------------------------------------------------------------
 

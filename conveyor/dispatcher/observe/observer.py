@@ -351,6 +351,8 @@ class Observer:
         st = self.scheduler.status(now)
         about = self._about()
         st["dispatcher"] = {"instance": about["instance"], "endpoint": about["endpoint"], "pid": os.getpid()}
+        st["journal"] = about.get("journal", {"state": "off"})
+        st["connections"] = about.get("connections", {})
         return self.decorate_status(st, now)
 
     def _publish(self, now: float) -> None:
