@@ -101,12 +101,12 @@ class Release:
         pods.append(pod)
         return pod
 
-    def stop(self, pod: Pod) -> dict[str, Any]:
+    def stop(self, pod: Pod, grace_s: float | None = None) -> dict[str, Any]:
         """Delete a pod (a scale-down, a rollout, a StatefulSet pod deleted): the kubelet's SIGTERM and grace."""
         for pods in self.pods.values():
             if pod in pods:
                 pods.remove(pod)
-        return dict(self.node.delete_pod(pod))
+        return dict(self.node.delete_pod(pod, grace_s))
 
     def client_keys(self, target: Path) -> Path:
         """The client Secret's files in a directory, as NOTES.txt says to copy them out."""

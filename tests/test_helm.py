@@ -78,6 +78,9 @@ def test_the_chart_renders_the_same_twice_and_lints_clean(name: str, helm: None)
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
     assert report["errors"] == [] and problems == [], report
     objs = docs(name)
+    standard = {"helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by", "app.kubernetes.io/component"}
+    assert all(standard <= o["metadata"]["labels"].keys() for o in objs)
     groups = values.get("workerGroups", [{"name": "default"}])
     assert len(kinds(objs, "Deployment")) == len(groups)
     assert len(kinds(objs, "ScaledObject")) == (len(groups) if name == "keda" else 0)
@@ -479,12 +482,14 @@ def test_probes_follow_the_worker_loop_never_the_dispatcher(kube: Release) -> No
         assert checks and all(checks) and pod.live()
 
     io.signal("SIGSTOP")  # a stuck worker loop: its health file goes stale
-    try:
-        wait_until(lambda: not io.live() and not io.ready(), 30, what="the stuck worker to fail liveness")
-        assert all(p.live() for p in cpu)
-    finally:
-        io.signal("SIGCONT")
-    wait_until(lambda: io.live() and io.ready(), 30, what="the worker to be live again")
+    wait_until(lambda: not io.live() and not io.ready(), 30, what="the stuck worker to fail liveness")
+    assert all(p.live() for p in cpu)
+    # the kubelet kills it: a stopped process never handles SIGTERM, so SIGKILL ends it (after a grace period
+    # shortened here from the pod's 20 s); then a new container, here a new pod, starts
+    exited = kube.stop(io, grace_s=1)["worker"]
+    assert exited.killed and exited.code == 137, exited
+    fresh = kube.start("conveyor-worker-io")
+    wait_until(lambda: fresh.live() and fresh.ready(), 60, what="the new io worker to be live and ready")
 
 
 def test_jobs_survive_a_dispatcher_restart_on_its_claim(kube: Release) -> None:
