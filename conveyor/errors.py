@@ -8,11 +8,14 @@
     │   └── VersionMismatch        the peer speaks another protocol version
     ├── JobError                   how a job ended, raised by its future's result()
     │   ├── RemoteError            the task raised an exception whose type cannot be rebuilt here
+    │   │   └── JobRejected        the dispatcher refused the submission: a bad option, an unknown limit
+    │   │                          key (also ValueError)
     │   ├── TaskTimeout            it ran longer than its timeout (also TimeoutError)
     │   ├── WorkerCrashed          the process running it died
     │   ├── WorkerLost             its worker stopped answering, more often than retries allow
     │   ├── JobCancelled           it was cancelled
     │   ├── FunctionNotFound       the worker could not import its function (also LookupError)
+    │   ├── JobExpired             it had not started by its expiry time
     │   └── JournalFull            the dispatcher could not make it durable: its journal's disk is full
     ├── RemoteTraceback            the worker's traceback, as the __cause__ of a re-raised task error
     └── configuration errors (also ValueError or RuntimeError where that is what they are):
@@ -73,6 +76,11 @@ class RemoteError(JobError):
         self.remote_traceback = remote_traceback
 
 
+class JobRejected(RemoteError, ValueError):
+    """The dispatcher refused the submission itself: an option it cannot accept, or a limit key it does not
+    know. The message says which."""
+
+
 class TaskTimeout(JobError, TimeoutError):
     """The task ran longer than its `timeout`."""
 
@@ -91,6 +99,10 @@ class JobCancelled(JobError):
 
 class FunctionNotFound(JobError, LookupError):
     """The worker could not import the function the task names."""
+
+
+class JobExpired(JobError):
+    """The job had not started by its expiry time (`options(expires=...)`); it never ran."""
 
 
 class JournalFull(JobError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from conveyor.dispatcher.durability import Durability
 from conveyor.dispatcher.model import SUCCEEDED, Deliver, shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe.observer import Observer
 from conveyor.dispatcher.scheduler import Scheduler
+from conveyor.dispatcher.timing import check_limits, due_and_expiry, fix_times
 from conveyor.protocol import Cmd, split_frames
 from conveyor.protocol import commands as c
 
@@ -108,14 +110,19 @@ class ClientSide:
         last_raw = b""
         last_opts: c.TaskOptions | None = None
         last_stored = b""
+        due: float | None = None
+        expires: float | None = None
+        wall = time.time()
         for e, data in zip(entries, per_entry, strict=True):
             job_id = e.job_id
             try:
                 raw = bytes(e.options)
                 if last_opts is None or raw != last_raw:  # a batch's tasks mostly share their options' bytes
-                    last_opts = c.options_from_raw(e.options)
-                    last_raw = raw
-                    last_stored = last_opts.to_wire()  # journaled as the known fields only
+                    fixed = fix_times(c.options_from_raw(e.options), wall)  # countdown -> eta, ...
+                    check_limits(fixed, scheduler.limits)
+                    due, expires = due_and_expiry(fixed, now, wall)
+                    last_opts, last_raw = fixed, raw
+                    last_stored = fixed.to_wire()  # journaled as the known fields only, times absolute
                 opts = last_opts
                 if not data:
                     raise ValueError("a task needs its call frames")
@@ -130,12 +137,12 @@ class ClientSide:
                 assert durability is not None
                 refused.append((job_id, durability.reason))
                 continue
-            if scheduler.n_queued >= self.max_queued or (
+            if scheduler.n_queued + scheduler.n_scheduled + scheduler.n_limited >= self.max_queued or (
                 scheduler.held_bytes and scheduler.held_bytes + _nbytes(data) > self.max_queued_bytes
             ):
                 busy.append(job_id)  # backpressure: the client re-sends these a little later
                 continue
-            job = scheduler.submit(job_id, opts, data, peer, now)
+            job = scheduler.submit(job_id, opts, data, peer, now, due, expires)
             submits[opts.fn] = submits.get(opts.fn, 0) + 1
             if durability is not None:
                 durability.submitted(job, peer, last_stored, data)

@@ -24,7 +24,8 @@ from typing import Any
 from conveyor.dispatcher.committer import Commit, Committer
 from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.model import FINISHED_STATES, Job, shift_history
-from conveyor.dispatcher.scheduler import Scheduler
+from conveyor.dispatcher.scheduler import OFFLOAD_AFTER_S, OFFLOADED, Scheduler
+from conveyor.dispatcher.timing import due_and_expiry
 from conveyor.protocol import Cmd
 from conveyor.protocol import commands as c
 
@@ -57,7 +58,15 @@ class Durability:
         journal = self.journal
         expired = journal.expire(now_wall)
         n_done = n_again = 0
-        for stored in journal.load():
+
+        def frames_wanted(opts: bytes) -> bool:  # a call due far ahead stays on disk until it is due
+            try:
+                eta = c.options_from_raw(opts).eta
+            except ValueError:
+                return True
+            return eta is None or eta - now_wall < OFFLOAD_AFTER_S
+
+        for stored in journal.load(frames_wanted):
             try:
                 opts = c.options_from_raw(stored.opts)
             except ValueError as exc:  # written by an older version, or damaged: skip it, keep the rest
@@ -73,7 +82,9 @@ class Durability:
                 )
                 n_done += 1
             else:
-                self.scheduler.submit(stored.id, opts, list(stored.frames), stored.owner, now)
+                due, expires = due_and_expiry(opts, now, now_wall)
+                frames = OFFLOADED if stored.frames is None else list(stored.frames)
+                self.scheduler.submit(stored.id, opts, frames, stored.owner, now, due, expires)
                 n_again += 1
         self.scheduler.take_actions()  # nobody to deliver to yet: owners re-attach when they reconnect
         log.info(
@@ -169,6 +180,9 @@ class Durability:
             self.committer.succeeded(now)
             self.on_commit(done.seconds)
             self._send_acks(done.acks)
+            if self.scheduler.n_scheduled:  # durable now: the call of a job due far ahead can stay on disk
+                for job_id in done.batch.inserts:
+                    self.scheduler.offload(job_id, now)
             return
         self.committer.failed(done.error, now)
         reason = self.committer.reason

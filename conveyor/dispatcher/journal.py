@@ -28,7 +28,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +108,7 @@ class StoredJob:
     seq: int
     owner: bytes | None
     opts: bytes  # TaskOptions as msgpack
-    frames: list[bytes]
+    frames: list[bytes] | None  # None: left on disk (load's frames_wanted)
     state: str
     attempts: int
     history: list[dict[str, Any]]
@@ -157,6 +157,7 @@ class Journal:
         self._deletes: set[str] = set()
         self.commits = 0
         self.last_commit_seconds = 0.0
+        self._reader: sqlite3.Connection | None = None  # for read_frames, on the loop thread
 
     # --- recording (buffered until commit) ---------------------------------------------------------
 
@@ -327,6 +328,27 @@ class Journal:
 
         return msgpack.unpackb(blob, raw=False, ext_hook=ext_hook)  # type: ignore[no-any-return]
 
+    def _note_blobs(self, blob: bytes | None, files: dict[str, list[str]], job_id: str) -> list[Any] | None:
+        """Note the blob files a frames column refers to without reading them: the frames stay on disk
+        (None)."""
+        if blob is not None:
+
+            def ext_hook(code: int, data: bytes) -> None:
+                files.setdefault(job_id, []).append(data.decode())
+
+            msgpack.unpackb(blob, raw=False, ext_hook=ext_hook)
+        return None
+
+    def read_frames(self, job_id: str) -> list[Any]:
+        """A job's call frames, read back from the journal (loop thread; a connection of its own, since the
+        writer thread uses the other). Raises LookupError if the job's call is not there."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        row = self._reader.execute("SELECT frames FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row[0] is None:
+            raise LookupError(f"journal {self.path} holds no call for job {job_id}")
+        return self._unpack(row[0], {}, job_id)
+
     def _unlink(self, names: list[str]) -> None:
         for name in names:
             try:
@@ -336,9 +358,12 @@ class Journal:
 
     # --- recovery and housekeeping -----------------------------------------------------------------
 
-    def load(self) -> Iterator[StoredJob]:
+    def load(self, frames_wanted: Callable[[bytes], bool] | None = None) -> Iterator[StoredJob]:
         """Every job in the journal, oldest submission first. Once all are read, blob files that no job
-        refers to (written for a commit that never happened, or not yet deleted at a crash) are removed."""
+        refers to (written for a commit that never happened, or not yet deleted at a crash) are removed.
+
+        `frames_wanted(opts)` False: the job's call frames stay on disk (`frames` is None; read_frames
+        gets them when they are needed: a job due far ahead)."""
         rows = self._db.execute(
             "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, expires_at "
             "FROM jobs ORDER BY seq"
@@ -352,7 +377,11 @@ class Journal:
                     seq=row[1],
                     owner=row[2],
                     opts=bytes(row[3]),
-                    frames=self._unpack(row[4], self._call_files, row[0]),
+                    frames=(
+                        self._unpack(row[4], self._call_files, row[0])
+                        if frames_wanted is None or frames_wanted(row[3])
+                        else self._note_blobs(row[4], self._call_files, row[0])  # None: left on disk
+                    ),
                     state=row[5],
                     attempts=row[6],
                     history=msgpack.unpackb(row[7], raw=False) if row[7] is not None else [],
@@ -390,6 +419,8 @@ class Journal:
             if commit:
                 self.commit()
         finally:
+            if self._reader is not None:
+                self._reader.close()
             self._db.close()
             self._lock_file.close()
 

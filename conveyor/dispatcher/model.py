@@ -12,12 +12,16 @@ from typing import Any
 
 from conveyor.protocol.commands import TaskOptions
 
-QUEUED = "queued"
-RUNNING = "running"
+SCHEDULED = "scheduled"  # not due yet (eta, countdown): waits in the dispatcher, on a timer
+LIMITED = "limited"  # waits for its limit keys to allow a start (limits.py)
+QUEUED = "queued"  # could be assigned now: waits for a worker with room
+RUNNING = "running"  # assigned to a worker (prefetched ones too)
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
-FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+EXPIRED = "expired"  # not started by its expiry time
+FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
+WAITING_STATES = frozenset({SCHEDULED, LIMITED, QUEUED})  # accepted, not started
 
 ClassKey = tuple[str | None, frozenset[str]]  # (mode or None, required tags)
 MAX_BACKOFF = 300.0
@@ -25,12 +29,15 @@ MAX_BACKOFF = 300.0
 
 _NO_INFO: dict[str, Any] = {}
 _NO_FRAMES: list[Any] = []
+NO_HISTORY: list[dict[str, Any]] = []  # shared by every job that never ran: replaced, never appended to
 
 
 class Job:
     __slots__ = (
         "attempt",
         "delivered",
+        "due",
+        "expires",
         "failures",
         "finished_at",
         "frames",
@@ -59,7 +66,9 @@ class Job:
         self.state = QUEUED
         self.attempt = 0
         self.worker: bytes | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = NO_HISTORY
+        self.due: float | None = None  # not before this (monotonic), while scheduled
+        self.expires: float | None = None  # expired if not started by this (monotonic)
         self.failures = 0
         self.infra_failures = 0
         self.submitted_at = now

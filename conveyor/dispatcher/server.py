@@ -34,9 +34,10 @@ from conveyor.dispatcher.durability import Durability
 from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.model import Resend
 from conveyor.dispatcher.observe.observer import Observer
-from conveyor.dispatcher.scheduler import Assign, CancelRunning, Deliver, Scheduler
+from conveyor.dispatcher.scheduler import OFFLOADED, Assign, CancelRunning, Deliver, Job, Scheduler
 from conveyor.protocol import Cmd, ProtocolError, VersionMismatch, encode, split_frames
 from conveyor.protocol import commands as c
+from conveyor.protocol import failures as perr
 from conveyor.protocol.frames import split
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
@@ -417,6 +418,11 @@ class Dispatcher:
         frames: list[Any] = []
         for job in action.jobs:
             data = job.frames or []
+            if data is OFFLOADED:  # due at last: its call comes back from the journal
+                loaded = self._reload(job)
+                if loaded is None:
+                    continue
+                data = loaded
             opts = job.opts
             entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data)))
             frames.extend(data)
@@ -425,6 +431,21 @@ class Dispatcher:
         if not self._send(action.worker, Cmd.ASSIGN, body, frames):
             # The worker vanished between its credit and our send: the jobs go back to the queue.
             self.scheduler.worker_gone(action.worker, time.monotonic())
+
+    def _reload(self, job: Job) -> list[Any] | None:
+        """An offloaded job's call frames, read back from the journal; None (and the job failed) if they
+        cannot be read."""
+        try:
+            assert self.durability is not None
+            frames = self.durability.journal.read_frames(job.id)
+        except (AssertionError, LookupError, OSError, ValueError) as exc:
+            log.error("job %s: its call cannot be read back from the journal (%s)", job.id, exc)
+            info = perr.error_info(perr.EXCEPTION, "JournalError", f"its call could not be read back: {exc}")
+            assert job.worker is not None
+            self.scheduler.outcome(job.worker, job.id, job.attempt, False, info, [], time.monotonic())
+            return None
+        self.scheduler.reload(job, frames)
+        return frames
 
     def _send(self, peer: bytes, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> bool:
         """Send without ever blocking; False if the peer is not connected (or does not read)."""

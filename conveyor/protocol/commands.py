@@ -173,6 +173,21 @@ class TaskOptions(Body, frozen=True, omit_defaults=True, forbid_unknown_fields=F
     timeout: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     retry_on: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_TAGS)] = ()
     keep: bool = False  # keep the result after delivering it (CLI jobs, fetched later by id)
+    # Work that waits (docs/protocol.md §10): a priority, a due time, an expiry, limit keys.
+    priority: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)] = 0  # higher runs first
+    eta: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # run not before this Unix time
+    countdown: Annotated[float, msgspec.Meta(ge=0.0, le=10.0 * 365 * 86400)] | None = None  # ...or in this many s
+    expires_at: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # not started by this Unix time: expired
+    expires_in: Annotated[float, msgspec.Meta(gt=0.0, le=10.0 * 365 * 86400)] | None = None  # ...or after this
+    limits: Annotated[tuple[Id, ...], msgspec.Meta(max_length=16)] = ()  # keys declared on the dispatcher
+    rate_limit: Annotated[str, msgspec.Meta(max_length=64)] | None = None  # this function's own key: "10/s"
+
+    @property
+    def limit_keys(self) -> tuple[str, ...]:
+        """Every limit key this task waits for: its `limits`, and `fn:<its function>` with a rate_limit."""
+        if self.rate_limit is None:
+            return self.limits
+        return (*self.limits, f"fn:{self.fn}")
 
     @classmethod
     def from_wire(cls, raw: Any) -> TaskOptions:
@@ -473,6 +488,13 @@ _OPTION_RULES = {
     "timeout": "timeout must be a positive number",
     "retry_on": "retry_on must be a list of exception type names",
     "keep": "keep must be true or false",
+    "priority": "priority must be an integer",
+    "eta": "eta must be a Unix time (a timezone-aware datetime)",
+    "countdown": "countdown must be a number of seconds, 0 or more",
+    "expires_at": "expires_at must be a Unix time (a timezone-aware datetime)",
+    "expires_in": "expires must be a positive number of seconds",
+    "limits": "limits must be a list of limit keys",
+    "rate_limit": "rate_limit must be a rate such as '10/s'",
 }
 
 

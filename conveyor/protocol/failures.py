@@ -26,7 +26,9 @@ LOST = "lost"  # the worker holding it went silent
 CANCELLED = "cancelled"
 NOT_FOUND = "not_found"  # the function could not be imported
 REFUSED = "refused"  # the dispatcher could not make the job durable (its journal's disk is full): never ran
-ERROR_KINDS = (EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND, REFUSED)
+REJECTED = "rejected"  # the dispatcher refused the submission itself (a bad option, an unknown limit key)
+EXPIRED = "expired"  # not started by its expiry time
+ERROR_KINDS = (EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND, REFUSED, REJECTED, EXPIRED)
 # Infrastructure failures: retried automatically (up to the limit) whatever the task's retry_on says.
 INFRASTRUCTURE_KINDS = frozenset({CRASHED, LOST})
 
@@ -37,6 +39,7 @@ _KIND_TYPES: dict[str, type[BaseException]] = {
     CANCELLED: errors.JobCancelled,
     NOT_FOUND: errors.FunctionNotFound,
     REFUSED: errors.JournalFull,
+    EXPIRED: errors.JobExpired,
 }
 
 
@@ -79,7 +82,9 @@ def rebuild_exception(info: dict[str, Any], frames: list[Any]) -> BaseException:
     message = str(info.get("message", ""))
     tb = str(info.get("traceback", ""))
     exc: BaseException
-    if kind in _KIND_TYPES:
+    if kind == REJECTED:
+        exc = errors.JobRejected(str(info.get("type", "ValueError")), message)
+    elif kind in _KIND_TYPES:
         exc = _KIND_TYPES[kind](message)
     else:
         exc = errors.RemoteError(str(info.get("type", "Exception")), message, tb)
