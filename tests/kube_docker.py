@@ -117,6 +117,7 @@ class Prober(threading.Thread):
         self.active = threading.Event()  # cleared: no probe runs (between tests: no docker exec in flight)
         self.active.set()
         self.busy = threading.Lock()  # held while a probe runs
+        self.proc: subprocess.Popen[str] | None = None  # the check in flight
 
     def run(self) -> None:
         if self.after is not None:
@@ -135,6 +136,8 @@ class Prober(threading.Thread):
                 ok, output = self._once()
             if self.stopped.is_set():
                 return
+            if not self.active.is_set():
+                continue  # paused mid-check: the check was cut short, it says nothing
             self.history.append((time.time(), ok, output))
             successes, failures = (successes + 1, 0) if ok else (0, failures + 1)
             if ok and successes >= self.success_threshold:
@@ -146,12 +149,25 @@ class Prober(threading.Thread):
             self.stopped.wait(max(0.0, self.period_s - (time.monotonic() - started)))
 
     def _once(self) -> tuple[bool, str]:
-        try:
-            res = subprocess.run(["docker", "exec", self.container, *self.command], capture_output=True, text=True,
-                                 timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {self.timeout_s:g} s"
-        return res.returncode == 0, (res.stdout + res.stderr).strip()[-300:]
+        with subprocess.Popen(["docker", "exec", self.container, *self.command], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            self.proc = proc
+            try:
+                output, _ = proc.communicate(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                return False, f"timed out after {self.timeout_s:g} s"
+            finally:
+                self.proc = None
+        return proc.returncode == 0, output.strip()[-300:]
+
+    def pause(self) -> None:
+        """No more checks until resume; one in flight is cut short (its `docker exec` ended)."""
+        self.active.clear()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
 
 @dataclass
@@ -481,7 +497,7 @@ class Node:
         """No probe runs until resume_probes() (none is in flight when this returns)."""
         for pod in self.pods.values():
             for prober in pod.probers.values():
-                prober.active.clear()
+                prober.pause()
         for pod in self.pods.values():
             for prober in pod.probers.values():
                 with prober.busy:

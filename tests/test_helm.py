@@ -452,7 +452,9 @@ def test_the_keda_query_reads_metrics_the_dispatcher_serves(kube: Release) -> No
             with urllib.request.urlopen(url, timeout=10) as r:
                 return str(r.read().decode())
 
-        text = wait_until(lambda: 'mode="processes"} 1.0' in (t := scrape()) and 'mode="threads"' in t and t, 20,
+        busy = re.compile(r'^conveyor_worker_busy_slots\{[^}]*mode="processes"\} 1\.0$', re.MULTILINE)
+        waiting = re.compile(r'^conveyor_queue_depth\{mode="threads",tags=""\} 1\.0$', re.MULTILINE)
+        text = wait_until(lambda: busy.search(t := scrape()) and waiting.search(t) and t, 20,
                           what="the running and the queued job in the metrics")
         client.cancel(queued)
         running.result(30)
