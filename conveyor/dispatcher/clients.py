@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conveyor.dispatcher.durability import Durability
+from conveyor.dispatcher.limits import KEY_RE, parse_rule
 from conveyor.dispatcher.model import SUCCEEDED, Deliver, shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe.observer import Observer
 from conveyor.dispatcher.scheduler import Scheduler
@@ -77,6 +78,7 @@ class ClientSide:
             Cmd.JOBS: self._throttled(Cmd.JOBS, self.observer.on_jobs),
             Cmd.LOGS: self._throttled(Cmd.LOGS, self.observer.on_logs),
             Cmd.ACK: self.on_ack,
+            Cmd.LIMITS: self._throttled(Cmd.LIMITS, self.on_limits),
         }
 
     # --- commands -----------------------------------------------------------------------------------
@@ -184,6 +186,25 @@ class ClientSide:
                 continue
             views.append(self.observer.decorate_view(wall_clock_view(self.scheduler.job_view(job), offset), now))
         self._send(peer, Cmd.JOB_INFO_REPLY, c.JobInfoReply(views, b.req), [])
+
+    def on_limits(self, peer: bytes, b: c.LimitsRequest, frames: list[Any], now: float) -> None:
+        """LIMITS: set or remove rules at run time (all or none), then list every key."""
+        error = None
+        try:
+            rules = {key: None if rule is None else parse_rule(rule) for key, rule in b.set.items()}
+            for key in rules:
+                if not KEY_RE.match(key):
+                    raise ValueError(f"bad limit key {key!r}")
+        except ValueError as exc:
+            error = str(exc)
+        else:
+            for key, rule in rules.items():
+                if rule is None:
+                    self.scheduler.limits.remove(key)
+                else:
+                    self.scheduler.limits.declare(key, rule, now)
+                log.info("limit %s: %s", key, rule if rule is not None else "removed")
+        self._send(peer, Cmd.LIMITS_REPLY, c.LimitsReply(self.scheduler.limits_view(now), error, b.req), [])
 
     # --- outcomes -----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*([smhd])\s*$")
+EPSILON_S = 1e-9  # a timer set for the next allowed instant wakes at it, give or take a rounding
 KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-/{}]{1,200}$")
 
 
@@ -127,7 +128,7 @@ class Limits:
             if rule.concurrency is not None:
                 if state.running >= rule.concurrency:
                     return False
-            elif now < state.tat - state.tolerance:
+            elif now + EPSILON_S < state.tat - state.tolerance:
                 return False
         return True
 

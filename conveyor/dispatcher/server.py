@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
@@ -32,6 +32,7 @@ from conveyor.dispatcher.access import ANY_COMMAND, Gate
 from conveyor.dispatcher.clients import ClientSide
 from conveyor.dispatcher.durability import Durability
 from conveyor.dispatcher.journal import Journal
+from conveyor.dispatcher.limits import Rule
 from conveyor.dispatcher.model import Resend
 from conveyor.dispatcher.observe.observer import Observer
 from conveyor.dispatcher.scheduler import OFFLOADED, Assign, CancelRunning, Deliver, Job, Scheduler
@@ -67,13 +68,19 @@ class Dispatcher:
         keys: str | os.PathLike[str] | None = None,
         insecure: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        limits: Iterable[tuple[str, Rule]] = (),
+        priority_aging_s: float | None = None,
     ):
         self.bind_address = bind
         self.journal = journal
         self.heartbeat_interval = heartbeat_interval
         self.liveness_s = heartbeat_interval * liveness  # silence after which a worker is lost
         self.instance = uuid.uuid4().hex[:12]
-        self.scheduler = Scheduler(infra_retries=infra_retries, liveness=self.liveness_s, result_ttl=result_ttl)
+        self.scheduler = Scheduler(
+            infra_retries=infra_retries, liveness=self.liveness_s, result_ttl=result_ttl, aging_s=priority_aging_s
+        )
+        for key, rule in limits:  # declared at start (--limit, --limits-file); LIMITS changes them later
+            self.scheduler.limits.declare(key, rule, time.monotonic())
         self._ctx = context or zmq.Context.instance()
         self._router: zmq.Socket[Any] | None = None
         self._stopping = False

@@ -267,6 +267,13 @@ class LogsQuery(Body, frozen=True):
     offsets: Annotated[dict[Id, Count], msgspec.Meta(max_length=16)] = {}
 
 
+class LimitsRequest(Body, frozen=True):
+    """LIMITS: set rules (`{key: rule}`, a rule nil removes the key), then list every key."""
+
+    set: Annotated[dict[Id, Annotated[str, msgspec.Meta(max_length=64)] | None], msgspec.Meta(max_length=256)] = {}
+    req: Any = None
+
+
 # --- dispatcher -> client ---------------------------------------------------------------------------
 
 
@@ -338,6 +345,14 @@ class JobsReply(Body, frozen=True):
     req: Any = None
 
 
+class LimitsReply(Body, frozen=True):
+    """LIMITS_REPLY: each key (rule, tokens or running, waiting, oldest wait); `error` if a rule was refused."""
+
+    limits: list[dict[str, Any]] = []
+    error: str | None = None
+    req: Any = None
+
+
 class LogsReply(Body, frozen=True):
     id: str
     state: str | None = None
@@ -393,6 +408,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.JOBS: JobsQuery,
     Cmd.LOGS: LogsQuery,
     Cmd.ACK: Ack,
+    Cmd.LIMITS: LimitsRequest,
     Cmd.WELCOME: Welcome,
     Cmd.ACCEPTED: Accepted,
     Cmd.JOB_DONE: JobDone,
@@ -401,6 +417,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.CANCELLED: Cancelled,
     Cmd.JOBS_REPLY: JobsReply,
     Cmd.LOGS_REPLY: LogsReply,
+    Cmd.LIMITS_REPLY: LimitsReply,
     Cmd.HEARTBEAT: Heartbeat,
     Cmd.ERROR: Error,
     Cmd.SHUTDOWN: Shutdown,
