@@ -116,7 +116,7 @@ def test_bodies_round_trip(cmd: Cmd, data: st.DataObject) -> None:
 def test_entries_are_the_positional_arrays_of_the_spec() -> None:
     entry = c.AssignEntry("job-1", 2, 30.0, ("ValueError",), 1)
     wire = msgpack.unpackb(c.encode_body(c.Assign(7, [entry])))
-    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1]]}
+    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1, []]]}  # no parents
     outcome = c.decode_body(Cmd.RESULTS, msgpack.packb({"seq": 3, "outcomes": [["j", 1, True, {"duration": 0.5}, 1]]}))
     assert outcome == c.Results(3, [c.OutcomeEntry("j", 1, True, {"duration": 0.5}, 1)])
     # a newer peer's extra trailing fields and keys are ignored

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conveyor.dispatcher.durability import Durability
+from conveyor.dispatcher.graph import UnknownParent
 from conveyor.dispatcher.limits import KEY_RE, parse_rule
 from conveyor.dispatcher.model import SUCCEEDED, Deliver, shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe.observer import Observer
@@ -28,6 +29,7 @@ from conveyor.dispatcher.scheduler import Scheduler
 from conveyor.dispatcher.timing import check_limits, due_and_expiry, fix_times
 from conveyor.protocol import Cmd, split_frames
 from conveyor.protocol import commands as c
+from conveyor.protocol import failures as perr
 
 log = logging.getLogger("conveyor.dispatcher")
 
@@ -100,62 +102,85 @@ class ClientSide:
 
     def on_submit(self, peer: bytes, entries: list[c.SubmitEntry], frames: list[Any], now: float) -> None:
         per_entry = split_frames([e.n_frames for e in entries], frames)
-        accepted: list[str] = []
-        rejected: list[tuple[str, str]] = []
-        busy: list[str] = []
-        refused: list[tuple[str, str]] = []
-        scheduler = self.scheduler
-        jobs = scheduler.jobs
-        submits = self.observer.submits
+        reply = _Reply()
+        checker = _Checker(self.scheduler, now)
+        i = 0
+        while i < len(entries):
+            batch = entries[i].batch
+            j = i + 1
+            if batch:  # the entries of a batch come together and are accepted all or none
+                while j < len(entries) and entries[j].batch == batch:
+                    j += 1
+            self._submit_group(peer, entries[i:j], per_entry[i:j], checker, reply, now, atomic=bool(batch))
+            i = j
         durability = self.durability
-        durable = durability is None or durability.accepting
-        last_raw = b""
-        last_opts: c.TaskOptions | None = None
-        last_stored = b""
-        due: float | None = None
-        expires: float | None = None
-        wall = time.time()
-        for e, data in zip(entries, per_entry, strict=True):
-            job_id = e.job_id
-            try:
-                raw = bytes(e.options)
-                if last_opts is None or raw != last_raw:  # a batch's tasks mostly share their options' bytes
-                    fixed = fix_times(c.options_from_raw(e.options), wall)  # countdown -> eta, ...
-                    check_limits(fixed, scheduler.limits)
-                    due, expires = due_and_expiry(fixed, now, wall)
-                    last_opts, last_raw = fixed, raw
-                    last_stored = fixed.to_wire()  # journaled as the known fields only, times absolute
-                opts = last_opts
-                if not data:
-                    raise ValueError("a task needs its call frames")
-            except ValueError as exc:
-                rejected.append((job_id, str(exc)))
-                continue
-            if job_id in jobs:  # a re-send: never busy, never refused (it is held already)
-                scheduler.submit(job_id, opts, data, peer, now)
-                accepted.append(job_id)
-                continue
-            if not durable:
-                assert durability is not None
-                refused.append((job_id, durability.reason))
-                continue
-            if scheduler.n_queued + scheduler.n_scheduled + scheduler.n_limited >= self.max_queued or (
-                scheduler.held_bytes and scheduler.held_bytes + _nbytes(data) > self.max_queued_bytes
-            ):
-                busy.append(job_id)  # backpressure: the client re-sends these a little later
-                continue
-            job = scheduler.submit(job_id, opts, data, peer, now, due, expires)
-            submits[opts.fn] = submits.get(opts.fn, 0) + 1
-            if durability is not None:
-                durability.submitted(job, peer, last_stored, data)
-            accepted.append(job_id)
-        if refused and durability is not None:
-            durability.committer.refused += len(refused)
-        reply = c.Accepted(accepted, rejected, busy, refused)
-        if durability is None or not accepted:
-            self._send(peer, Cmd.ACCEPTED, reply, [])  # nothing waits for the disk
+        if reply.refused and durability is not None:
+            durability.committer.refused += len(reply.refused)
+        accepted = c.Accepted(reply.accepted, reply.rejected, reply.busy, reply.refused)
+        if durability is None or not reply.accepted:
+            self._send(peer, Cmd.ACCEPTED, accepted, [])  # nothing waits for the disk
         else:
-            durability.reply(peer, reply)
+            durability.reply(peer, accepted)
+
+    def _submit_group(
+        self, peer: bytes, entries: list[c.SubmitEntry], per_entry: list[list[Any]], checker: _Checker,
+        reply: _Reply, now: float, atomic: bool,
+    ) -> None:
+        """Check then submit entries (a batch: all or none; else each on its own)."""
+        scheduler = self.scheduler
+        durability = self.durability
+        checked: list[tuple[c.SubmitEntry, list[Any], _Checked]] = []
+        new_data = 0
+        for e, data in zip(entries, per_entry, strict=True):
+            try:
+                ok = checker.check(e, data, [x.job_id for x, _, _ in checked])
+            except ValueError as exc:
+                kind = (perr.UNKNOWN_DEPENDENCY,) if isinstance(exc, UnknownParent) else ()
+                if not atomic:
+                    reply.rejected.append((e.job_id, str(exc), *kind))
+                    continue
+                why = f"the batch was not accepted: {e.job_id}: {exc}"
+                reply.rejected += [(x.job_id, why, *kind) for x in entries]
+                return
+            checked.append((e, data, ok))
+            if e.job_id not in scheduler.jobs:
+                new_data += _nbytes(data)
+        new = [x for x in checked if x[0].job_id not in scheduler.jobs]
+        if new and durability is not None and not durability.accepting:
+            if atomic:
+                reply.refused += [(x.job_id, durability.reason) for x in entries]
+                return
+            reply.refused += [(e.job_id, durability.reason) for e, _, _ in new]
+            checked = [x for x in checked if x[0].job_id in scheduler.jobs]
+        waiting = scheduler.n_queued + scheduler.n_scheduled + scheduler.n_limited + scheduler.n_waiting
+        full = (waiting + (len(new) if atomic else 1) > self.max_queued) or (
+            scheduler.held_bytes > 0 and scheduler.held_bytes + (new_data if atomic else 0) > self.max_queued_bytes
+        )
+        if new and full and atomic:
+            reply.busy += [x.job_id for x in entries]  # backpressure: the client sends them again later
+            return
+        for e, data, ok in checked:
+            if e.job_id in scheduler.jobs:  # a re-send: never busy, never refused (it is held already)
+                scheduler.submit(e.job_id, ok.opts, data, peer, now)
+                reply.accepted.append(e.job_id)
+                continue
+            if not atomic and (
+                scheduler.n_queued + scheduler.n_scheduled + scheduler.n_limited + scheduler.n_waiting
+                >= self.max_queued
+                or (scheduler.held_bytes and scheduler.held_bytes + _nbytes(data) > self.max_queued_bytes)
+            ):
+                reply.busy.append(e.job_id)
+                continue
+            try:
+                job = scheduler.submit(e.job_id, ok.opts, data, peer, now, ok.due, ok.expires, e.parents, e.after,
+                                       e.allow_failure)
+            except UnknownParent as exc:  # checked already; only a bug gets here
+                reply.rejected.append((e.job_id, str(exc), perr.UNKNOWN_DEPENDENCY))
+                continue
+            self.observer.submits[ok.opts.fn] = self.observer.submits.get(ok.opts.fn, 0) + 1
+            if durability is not None:
+                durability.submitted(job, peer, ok.stored, data, _deps(e))
+            reply.accepted.append(e.job_id)
 
     def on_watch(self, peer: bytes, b: c.Ids, frames: list[Any], now: float) -> None:
         unknown = self.scheduler.watch(peer, b.ids)
@@ -225,6 +250,9 @@ class ClientSide:
                 info["history"] = shift_history(job.history, offset)
             if job.state != SUCCEEDED:
                 info["error"] = job.result_info
+            if job.id in action.withhold:  # its dependants use it; the client fetches it if it asks (WATCH)
+                entries.append(c.JobDoneEntry(job.id, job.state, info, 0, withheld=True))
+                continue
             entries.append(c.JobDoneEntry(job.id, job.state, info, len(job.result_frames)))
             frames.extend(job.result_frames)
         if not self._send(action.client, Cmd.JOB_DONE, c.JobDone(action.seq, entries), frames):
@@ -258,6 +286,67 @@ class ClientSide:
             handler(peer, body, frames, now)
 
         return limited
+
+
+class _Reply:
+    """The four lists of one ACCEPTED."""
+
+    def __init__(self) -> None:
+        self.accepted: list[str] = []
+        self.rejected: list[tuple[str, ...]] = []  # (id, reason) or (id, reason, kind)
+        self.busy: list[str] = []
+        self.refused: list[tuple[str, str]] = []
+
+
+class _Checked:
+    __slots__ = ("due", "expires", "opts", "stored")
+
+    def __init__(self, opts: c.TaskOptions, stored: bytes, due: float | None, expires: float | None):
+        self.opts, self.stored, self.due, self.expires = opts, stored, due, expires
+
+
+class _Checker:
+    """Checks SUBMIT entries; entries mostly share their options' bytes, so options are read once."""
+
+    def __init__(self, scheduler: Scheduler, now: float):
+        self.scheduler = scheduler
+        self.now = now
+        self.wall = time.time()
+        self._raw = b""
+        self._last: _Checked | None = None
+        self._last_dependant = False
+
+    def check(self, e: c.SubmitEntry, data: list[Any], earlier: list[str]) -> _Checked:
+        """ValueError with the reason this entry cannot be accepted (its parents may be earlier entries)."""
+        if not data:
+            raise ValueError("a task needs its call frames")
+        dependant = bool(e.parents or e.after)
+        raw = bytes(e.options)
+        if self._last is None or raw != self._raw or dependant != self._last_dependant:
+            opts = c.options_from_raw(e.options)
+            # A dependant's countdown and expiry count from when its parents are done, not from now.
+            fixed = opts if dependant else fix_times(opts, self.wall)
+            if dependant and fixed.eta is not None and fixed.expires_at is not None and fixed.eta >= fixed.expires_at:
+                raise ValueError("the job would expire before it is due (eta after expires)")
+            check_limits(fixed, self.scheduler.limits)
+            due, expires = due_and_expiry(fixed, self.now, self.wall)
+            self._last = _Checked(fixed, fixed.to_wire(), due, expires)
+            self._raw, self._last_dependant = raw, dependant
+        jobs = self.scheduler.jobs
+        for parent in (*e.parents, *e.after):
+            if parent not in jobs and parent not in earlier:
+                raise UnknownParent(e.job_id, parent)
+        for parent in e.allow_failure:
+            if parent not in e.parents and parent not in e.after:
+                raise ValueError(f"allow_failure names {parent}, which is not a parent")
+        return self._last
+
+
+def _deps(e: c.SubmitEntry) -> bytes | None:
+    """What the journal keeps of a job's parents (None: it has none)."""
+    if not (e.parents or e.after):
+        return None
+    return c.encode_body([list(e.parents), list(e.after), list(e.allow_failure)])
 
 
 def _nbytes(frames: list[Any]) -> int:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from conveyor.dispatcher.committer import Commit, Committer
 from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.model import FINISHED_STATES, Job, shift_history
@@ -84,7 +86,9 @@ class Durability:
             else:
                 due, expires = due_and_expiry(opts, now, now_wall)
                 frames = OFFLOADED if stored.frames is None else list(stored.frames)
-                self.scheduler.submit(stored.id, opts, frames, stored.owner, now, due, expires)
+                parents, after, allow = _deps(stored.deps)
+                self.scheduler.submit(stored.id, opts, frames, stored.owner, now, due, expires, parents, after, allow,
+                                      restoring=True)
                 n_again += 1
         self.scheduler.take_actions()  # nobody to deliver to yet: owners re-attach when they reconnect
         log.info(
@@ -126,8 +130,8 @@ class Durability:
     def reason(self) -> str:
         return self.committer.reason
 
-    def submitted(self, job: Job, owner: bytes, opts: bytes, frames: list[Any]) -> None:
-        self.journal.submitted(job.id, job.seq, owner, opts, frames)
+    def submitted(self, job: Job, owner: bytes, opts: bytes, frames: list[Any], deps: bytes | None = None) -> None:
+        self.journal.submitted(job.id, job.seq, owner, opts, frames, deps)
 
     def reply(self, peer: bytes, reply: c.Accepted) -> None:
         self._acks.append((peer, reply))
@@ -193,7 +197,7 @@ class Durability:
             for job_id in reply.accepted:
                 # Not durable, not yet acknowledged: a job no worker has taken is refused, so its client
                 # knows at once; one already running or finished stays, acknowledged when it is durable.
-                if job_id in done.batch.inserts and self.scheduler.refuse(job_id):
+                if job_id in done.batch.inserts and self.scheduler.refuse(job_id, now):
                     refused.add(job_id)
                     now_refused.append((job_id, reason))
                 else:
@@ -213,3 +217,15 @@ class Durability:
 
     def status(self, now: float) -> dict[str, Any]:
         return self.committer.status(now)
+
+
+def _deps(raw: bytes | None) -> tuple[list[str], list[str], list[str]]:
+    """A job's parents as the journal keeps them (clients.py _deps): parents, after, allow_failure."""
+    if raw is None:
+        return [], [], []
+    try:
+        parents, after, allow = msgspec.msgpack.decode(raw, type=tuple[list[str], list[str], list[str]])
+    except (msgspec.DecodeError, ValueError):
+        log.error("journal: unreadable dependencies %r: the job runs without them", raw[:40])
+        return [], [], []
+    return parents, after, allow

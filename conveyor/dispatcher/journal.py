@@ -40,7 +40,9 @@ from conveyor.errors import JournalInUse
 
 log = logging.getLogger("conveyor.dispatcher")
 
-SCHEMA_VERSION = 2  # 2: frames may refer to files in <journal>.blobs/ (a version 1 journal is a valid 2)
+# 2: frames may refer to files in <journal>.blobs/ (a version 1 journal is a valid 2); 3: a job's parents
+# (deps), added to older journals on open
+SCHEMA_VERSION = 3
 BLOB_THRESHOLD = 1 << 20  # frames of this many bytes or more go to their own file
 _EXT_FILE = 1  # msgpack extension in a frames column: the frame is in the blob file named by its data
 
@@ -57,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     history BLOB,
     result_info BLOB,
     result_frames BLOB,
-    expires_at REAL
+    expires_at REAL,
+    deps BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 """
@@ -73,7 +76,7 @@ def default_journal_path() -> Path:
 class Batch:
     """Journal writes recorded over a few loop turns, committed together: the last word on each job."""
 
-    inserts: dict[str, tuple[Any, ...]]  # job id -> (id, seq, owner, opts, frames)
+    inserts: dict[str, tuple[Any, ...]]  # job id -> (id, seq, owner, opts, frames, deps)
     finishes: dict[str, tuple[Any, ...]]  # job id -> (state, attempts, history, info, frames, expires_at, id)
     deletes: set[str]
 
@@ -115,6 +118,7 @@ class StoredJob:
     result_info: dict[str, Any]
     result_frames: list[bytes]
     expires_at: float | None  # wall-clock time
+    deps: bytes | None = None  # its parents (msgpack [parents, after, allow_failure]), if it has any
 
 
 class Journal:
@@ -139,7 +143,10 @@ class Journal:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) == 1:
+        elif int(row[0]) in (1, 2):
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "deps" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN deps BLOB")
             self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise RuntimeError(f"journal {self.path} has schema {row[0]}, this Conveyor reads {SCHEMA_VERSION}")
@@ -161,10 +168,12 @@ class Journal:
 
     # --- recording (buffered until commit) ---------------------------------------------------------
 
-    def submitted(self, job_id: str, seq: int, owner: bytes | None, opts: bytes, frames: list[Any]) -> None:
-        """A job was accepted; `opts` are its TaskOptions as msgpack (TaskOptions.to_wire)."""
+    def submitted(
+        self, job_id: str, seq: int, owner: bytes | None, opts: bytes, frames: list[Any], deps: bytes | None = None
+    ) -> None:
+        """A job was accepted; `opts` are its TaskOptions as msgpack (TaskOptions.to_wire), `deps` its parents."""
         # A pending delete of the same id (forgotten, then submitted again) stays: deletes are written first.
-        self._inserts[job_id] = (job_id, seq, owner, opts, tuple(frames))
+        self._inserts[job_id] = (job_id, seq, owner, opts, tuple(frames), deps)
 
     def finished(
         self,
@@ -238,8 +247,8 @@ class Journal:
         try:
             inserts = [
                 # finished within this batch too: the UPDATE below drops the call frames anyway
-                (i, seq, owner, opts, None if i in batch.finishes else self._pack(frames, call_files, i, written))
-                for i, seq, owner, opts, frames in batch.inserts.values()
+                (i, seq, owner, opts, None if i in batch.finishes else self._pack(frames, call_files, i, written), deps)
+                for i, seq, owner, opts, frames, deps in batch.inserts.values()
             ]
             finishes = [
                 (st, att, hist, info, self._pack(frames, result_files, i, written), exp, i)
@@ -254,7 +263,8 @@ class Journal:
                 db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in batch.deletes])
             if inserts:
                 db.executemany(
-                    "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state) VALUES (?,?,?,?,?,'queued')",
+                    "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state, deps) "
+                    "VALUES (?,?,?,?,?,'queued',?)",
                     inserts,
                 )
             if finishes:
@@ -365,8 +375,8 @@ class Journal:
         `frames_wanted(opts)` False: the job's call frames stay on disk (`frames` is None; read_frames
         gets them when they are needed: a job due far ahead)."""
         rows = self._db.execute(
-            "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, expires_at "
-            "FROM jobs ORDER BY seq"
+            "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, expires_at, "
+            "deps FROM jobs ORDER BY seq"
         )
         self._call_files.clear()
         self._result_files.clear()
@@ -388,6 +398,7 @@ class Journal:
                     result_info=msgpack.unpackb(row[8], raw=False) if row[8] is not None else {},
                     result_frames=self._unpack(row[9], self._result_files, row[0]),
                     expires_at=row[10],
+                    deps=row[11],
                 )
             except (OSError, ValueError) as exc:  # e.g. a blob file lost with the OS (sync normal): skip the job
                 log.error("journal %s: job %s cannot be read back (%s); dropped", self.path, row[0], exc)

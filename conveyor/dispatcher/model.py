@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.dispatcher.graph import Node
 from conveyor.protocol.commands import TaskOptions
 
+WAITING = "waiting"  # waits for its parents to finish (graph.py)
 SCHEDULED = "scheduled"  # not due yet (eta, countdown): waits in the dispatcher, on a timer
 LIMITED = "limited"  # waits for its limit keys to allow a start (limits.py)
 QUEUED = "queued"  # could be assigned now: waits for a worker with room
@@ -21,7 +23,7 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 EXPIRED = "expired"  # not started by its expiry time
 FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
-WAITING_STATES = frozenset({SCHEDULED, LIMITED, QUEUED})  # accepted, not started
+WAITING_STATES = frozenset({WAITING, SCHEDULED, LIMITED, QUEUED})  # accepted, not started
 
 ClassKey = tuple[str | None, frozenset[str]]  # (mode or None, required tags)
 MAX_BACKOFF = 300.0
@@ -44,6 +46,7 @@ class Job:
         "history",
         "id",
         "infra_failures",
+        "node",
         "opts",
         "owner",
         "result_frames",
@@ -69,6 +72,7 @@ class Job:
         self.history: list[dict[str, Any]] = NO_HISTORY
         self.due: float | None = None  # not before this (monotonic), while scheduled
         self.expires: float | None = None  # expired if not started by this (monotonic)
+        self.node: Node | None = None  # its parents and dependants, if it has any (graph.py)
         self.failures = 0
         self.infra_failures = 0
         self.submitted_at = now
@@ -147,6 +151,7 @@ class Deliver:
     client: bytes
     jobs: list[Job]
     seq: int  # this JOB_DONE's number in the client's sequence (deliveries.py)
+    withhold: frozenset[str] = frozenset()  # jobs sent without their result (their dependants use it)
 
 
 @dataclass(slots=True)

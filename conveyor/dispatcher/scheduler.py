@@ -5,10 +5,11 @@ each taking the current time as an argument. What must go out on the wire accumu
 `outbox` as plain action objects, which the socket loop drains after each batch of events.
 This keeps every scheduling rule testable without sockets or clocks.
 
-A job's life: **scheduled** (not due: `eta`, `countdown`; on a timer) -> **limited** (waiting for its
-limit keys, limits.py) -> **queued** (could be assigned now, queues.py) -> **running** (assigned) ->
-succeeded | failed | cancelled | **expired** (not started by its `expires`). Everything that waits
-waits here, never in a worker: a job becomes queued only when it could be assigned now.
+A job's life: **waiting** (for its parents, graph.py) -> **scheduled** (not due: `eta`, `countdown`; on a
+timer) -> **limited** (waiting for its limit keys, limits.py) -> **queued** (could be assigned now,
+queues.py) -> **running** (assigned) -> succeeded | failed | cancelled | **expired** (not started by its
+`expires`). Everything that waits waits here, never in a worker: a job becomes queued only when it could
+be assigned now.
 
 Rules worth knowing before reading:
 - Priority: a worker with credit gets the best job among every class it serves: the highest
@@ -40,6 +41,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from conveyor.dispatcher.deliveries import Deliveries
+from conveyor.dispatcher.graph import Node, UnknownParent
 from conveyor.dispatcher.limits import Limits, parse_rule
 from conveyor.dispatcher.model import (
     CANCELLED,
@@ -53,6 +55,7 @@ from conveyor.dispatcher.model import (
     RUNNING,
     SCHEDULED,
     SUCCEEDED,
+    WAITING,
     WAITING_STATES,
     Action,
     Assign,
@@ -70,6 +73,7 @@ from conveyor.protocol.commands import TaskOptions
 PREFETCH_HORIZON = 0.002  # seconds of work a worker may hold beyond its slots (auto prefetch)
 DURATION_WEIGHT = 0.2  # weight of the newest task in a worker's moving average of durations
 OFFLOAD_AFTER_S = 2.0  # a job due further ahead than this keeps its call in the journal, not in memory
+WITHHOLD_BYTES = 64 * 1024  # a result at least this large that dependants use is not sent to its client unasked
 
 __all__ = [
     "CANCELLED",
@@ -81,6 +85,7 @@ __all__ = [
     "RUNNING",
     "SCHEDULED",
     "SUCCEEDED",
+    "WAITING",
     "Action",
     "Assign",
     "CancelRunning",
@@ -127,6 +132,10 @@ class Scheduler:
         self.n_queued = 0  # queued, and waiting out a retry delay
         self.n_running = 0
         self.n_scheduled = 0
+        self.n_waiting = 0  # waiting for parents
+        self._settling: deque[Job] = deque()  # finished jobs whose dependants are still to be told
+        self._now = 0.0  # the latest time an event brought
+        self._propagating = False
         self.counts = {
             SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, EXPIRED: 0, "retried": 0, "submitted": 0, "fenced": 0,
             "refused": 0, "limited_starts": 0,
@@ -162,11 +171,17 @@ class Scheduler:
         now: float,
         due: float | None = None,
         expires: float | None = None,
+        parents: Iterable[str] = (),
+        after: Iterable[str] = (),
+        allow_failure: Iterable[str] = (),
+        restoring: bool = False,
     ) -> Job:
         """Accept a job; a job id seen before is not queued twice (a client re-sending after a restart).
 
         `due` and `expires` are times on this scheduler's (monotonic) clock: not before `due`, and
-        expired if not started by `expires`."""
+        expired if not started by `expires`. `parents` (whose results the call refers to) and `after`
+        must be known, else UnknownParent (while `restoring` from the journal, an unknown parent
+        finished and was forgotten: it counts as done)."""
         existing = self.jobs.get(job_id)
         if existing is not None:
             if owner is not None:
@@ -174,6 +189,13 @@ class Scheduler:
                 if existing.state in FINISHED_STATES:
                     self._deliver_to(owner, existing)
             return existing
+        node = None
+        if parents or after:
+            node = Node(tuple(parents), tuple(after), frozenset(allow_failure))
+            if not restoring:
+                for parent in node.all_parents:
+                    if parent not in self.jobs:
+                        raise UnknownParent(job_id, parent)
         self._seq += 1
         job = Job(job_id, opts, frames, owner, self._seq, now)
         self.jobs[job_id] = job
@@ -185,16 +207,62 @@ class Scheduler:
         if expires is not None:
             job.expires = expires
             heapq.heappush(self._expiring, (expires, job.seq, job_id))
+        job.due = due
+        if node is not None:
+            job.node = node
+            if self._link(job, node, now):
+                return job  # it waits for its parents, or already ended (a parent that failed)
+        self._runnable(job, now)
+        return job
+
+    def _link(self, job: Job, node: Node, now: float) -> bool:
+        """Attach a new job to its parents; True if it waits for them (or ended: a parent ended badly)."""
+        blocked: Job | None = None
+        for parent_id in node.all_parents:
+            parent = self.jobs.get(parent_id)
+            if parent is None:
+                continue  # restoring: it finished and was forgotten, so it succeeded
+            if parent_id in node.parents:
+                if parent.node is None:
+                    parent.node = Node()
+                parent.node.pins += 1  # its result stays until this job has run
+            if parent.state in FINISHED_STATES:
+                if parent.state != SUCCEEDED and parent_id not in node.allow_failure and blocked is None:
+                    blocked = parent
+                continue
+            if parent.node is None:
+                parent.node = Node()
+            parent.node.children.append(job.id)
+            node.waiting += 1
+        if blocked is not None:
+            self._blocked_by(job, blocked, now)
+            return True
+        if node.waiting:
+            job.state = WAITING
+            self.n_waiting += 1
+            return True
+        return False
+
+    def _runnable(self, job: Job, now: float) -> None:
+        """Nothing it depends on holds it any more: it waits for its due time, its limit keys, a worker.
+        A dependant's countdown and expiry count from this moment."""
+        opts = job.opts
+        due = job.due
+        if job.node is not None:
+            if opts.countdown is not None:
+                due = max(due or now, now + opts.countdown)
+            if opts.expires_in is not None and job.expires is None:
+                job.expires = now + opts.expires_in
+                heapq.heappush(self._expiring, (job.expires, job.seq, job.id))
         if due is not None:
             job.due = due
             job.state = SCHEDULED
             self.n_scheduled += 1
-            heapq.heappush(self._due, (due, job.seq, job_id))  # even if overdue: released in due order
+            heapq.heappush(self._due, (due, job.seq, job.id))  # even if overdue: released in due order
         else:
             self._enqueue(job, now)
-        return job
 
-    def refuse(self, job_id: str) -> bool:
+    def refuse(self, job_id: str, now: float = 0.0) -> bool:
         """Take back a job just submitted that no worker has taken (it could not be made durable); False
         if it is gone, or has started: then it stays."""
         job = self.jobs.get(job_id)
@@ -207,6 +275,16 @@ class Scheduler:
         job.frames = None
         self.counts["submitted"] -= 1
         self.counts["refused"] += 1
+        if job.node is not None:
+            self._unpin_parents(job)
+            for child_id in job.node.children:  # accepted after it, refused with it or never to run
+                child = self.jobs.get(child_id)
+                if child is not None and child.state == WAITING:
+                    self.n_waiting -= 1
+                    info = perr.error_info(perr.DEPENDENCY_CANCELLED, "DependencyCancelled",
+                                           f"it depends on job {job_id}, which could not be accepted")
+                    info["root"] = job_id
+                    self._finish(child, CANCELLED, info, [], now)
         return True
 
     def watch(self, client: bytes, job_ids: Iterable[str]) -> list[str]:
@@ -244,6 +322,8 @@ class Scheduler:
             self._forget(job)
 
     def _forget(self, job: Job) -> None:
+        if job.node is not None and job.node.pins:
+            return  # a dependant still needs its result: forgotten once they have run (_unpin_parents)
         if job.state in FINISHED_STATES and self.jobs.get(job.id) is job:
             del self.jobs[job.id]
             self._forgotten_log.append(job.id)
@@ -469,6 +549,7 @@ class Scheduler:
     def tick(self, now: float) -> None:
         """Release due jobs and retries whose backoff has passed, expire jobs not started in time, and
         forget results past their TTL."""
+        self._now = now
         while self._delayed and self._delayed[0][0] <= now:
             _, _, job_id = heapq.heappop(self._delayed)
             job = self.jobs.get(job_id)
@@ -497,6 +578,8 @@ class Scheduler:
                 break
             self._finished.popleft()
             if job is not None and job.state in FINISHED_STATES:
+                if job.node is not None and job.node.pins:
+                    continue  # pinned by a dependant: forgotten once it has run
                 del self.jobs[job.id]
                 self._forgotten_log.append(job.id)
 
@@ -616,6 +699,16 @@ class Scheduler:
             view["expires_at"] = job.expires
         if opts.limit_keys:
             view["limits"] = list(opts.limit_keys)
+        node = job.node
+        if node is not None:
+            if node.all_parents:
+                view["parents"] = list(node.all_parents)
+            if node.children:
+                view["children"] = list(node.children)
+            if job.state == WAITING:
+                view["waiting_for"] = node.waiting
+            if node.root is not None:
+                view["root"] = node.root
         return view
 
     def status(self, now: float) -> dict[str, Any]:
@@ -648,6 +741,7 @@ class Scheduler:
             "running": self.n_running,
             "delayed": len(self._delayed),
             "scheduled": self.n_scheduled,
+            "waiting": self.n_waiting,
             "limited": self.waiting.total,
             "queues": by_class,
             "totals": dict(self.counts),
@@ -710,6 +804,8 @@ class Scheduler:
             self._left_limited(job)
         elif job.state == SCHEDULED:
             self.n_scheduled -= 1
+        elif job.state == WAITING:
+            self.n_waiting -= 1
 
     def _left_limited(self, job: Job) -> None:
         keys = job.opts.limit_keys
@@ -853,6 +949,7 @@ class Scheduler:
         heapq.heappush(self._delayed, (job.retry_at, job.seq, job.id))
 
     def _finish(self, job: Job, state: str, info: dict[str, Any], frames: list[Any], now: float) -> None:
+        self._now = max(self._now, now)
         job.state = state
         job.finished_at = now
         if job.frames is not OFFLOADED:
@@ -863,13 +960,78 @@ class Scheduler:
         self.counts[state] += 1
         self._finished.append(job.id)
         self._finished_log.append(job)
+        node = job.node
+        # A large result its dependants use stays here: the client fetches it only if it asks (WATCH).
+        withhold = node is not None and node.pins > 0 and _nbytes(frames) >= WITHHOLD_BYTES
         if job.owner is not None:
-            self._deliver_to(job.owner, job)
+            self.deliveries.add(job.owner, job, withhold)
         if job.watchers:
             for client in job.watchers:
                 if client != job.owner:
-                    self._deliver_to(client, job)
+                    self.deliveries.add(client, job, withhold)
             job.watchers = None
+        if node is not None:
+            self._settling.append(job)
+            if not self._propagating:  # a worklist, not recursion: a chain of 10,000 fails in one turn
+                self._propagating = True
+                try:
+                    while self._settling:
+                        self._settled(self._settling.popleft(), now)
+                finally:
+                    self._propagating = False
+
+    def _settled(self, job: Job, now: float) -> None:
+        """A job of a graph ended: its parents may let go of their results, its dependants move on."""
+        node = job.node
+        assert node is not None
+        self._unpin_parents(job)
+        good = job.state == SUCCEEDED
+        for child_id in node.children:
+            child = self.jobs.get(child_id)
+            if child is None or child.state != WAITING or child.node is None:
+                continue  # ended meanwhile (another parent failed, or it was cancelled)
+            if good or job.id in child.node.allow_failure:
+                child.node.waiting -= 1
+                if not child.node.waiting:
+                    self.n_waiting -= 1
+                    self._runnable(child, now)
+            else:
+                self.n_waiting -= 1
+                self._blocked_by(child, job, now)
+
+    def _blocked_by(self, job: Job, parent: Job, now: float) -> None:
+        """A parent ended badly: the job ends too, blaming the job whose failure started the chain."""
+        info = parent.result_info
+        if info.get("kind") in (perr.DEPENDENCY_FAILED, perr.DEPENDENCY_CANCELLED):
+            root, root_fn, root_error = info.get("root"), info.get("root_fn"), info.get("root_error")
+        else:
+            root, root_fn, root_error = parent.id, parent.opts.fn, info
+        assert job.node is not None
+        job.node.root = str(root)
+        if parent.state == FAILED:
+            out = perr.error_info(perr.DEPENDENCY_FAILED, "DependencyFailed",
+                                  f"job {root} ({root_fn}) failed: {perr.describe(root_error or {})}")
+            out.update(root=root, root_fn=root_fn, root_error=root_error)
+            self._finish(job, FAILED, out, [], now)
+        else:
+            what = "expired" if parent.state == EXPIRED or info.get("cause") == EXPIRED else "was cancelled"
+            out = perr.error_info(perr.DEPENDENCY_CANCELLED, "DependencyCancelled", f"job {root} {what}")
+            out.update(root=root, root_fn=root_fn, cause=EXPIRED if what == "expired" else CANCELLED)
+            self._finish(job, CANCELLED, out, [], now)
+
+    def _unpin_parents(self, job: Job) -> None:
+        """The job has run (or never will): its parents' results are no longer held for it."""
+        assert job.node is not None
+        for parent_id in job.node.parents:
+            parent = self.jobs.get(parent_id)
+            if parent is None or parent.node is None or not parent.node.pins:
+                continue
+            parent.node.pins -= 1
+            if not parent.node.pins and parent.state in FINISHED_STATES:
+                expired = parent.finished_at is not None and self._now - parent.finished_at >= self.result_ttl
+                if expired or (parent.delivered and not parent.unacked and not parent.opts.keep):
+                    del self.jobs[parent.id]
+                    self._forgotten_log.append(parent.id)
 
     def _deliver_to(self, client: bytes, job: Job) -> None:
         self.deliveries.add(client, job)

@@ -431,13 +431,32 @@ class Dispatcher:
                     continue
                 data = loaded
             opts = job.opts
-            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data)))
+            parents, parent_frames = self._parent_results(job)
+            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents))
             frames.extend(data)
+            frames.extend(parent_frames)
         w = self.scheduler.workers.get(action.worker)
         body = c.Assign(w.results_acked if w is not None else 0, entries)
         if not self._send(action.worker, Cmd.ASSIGN, body, frames):
             # The worker vanished between its credit and our send: the jobs go back to the queue.
             self.scheduler.worker_gone(action.worker, time.monotonic())
+
+    def _parent_results(self, job: Job) -> tuple[list[c.ParentResult], list[Any]]:
+        """What the job's call refers to: its parents' results (pinned for it), as opaque frames."""
+        node = job.node
+        if node is None or not node.parents:
+            return [], []
+        entries: list[c.ParentResult] = []
+        frames: list[Any] = []
+        for parent_id in node.parents:
+            parent = self.scheduler.jobs.get(parent_id)
+            if parent is None:  # only after a restart: a parent finished and forgotten before it
+                entries.append(c.ParentResult(parent_id, "unknown", 0, {"message": "its result is gone"}))
+                continue
+            error = None if parent.state == "succeeded" else parent.result_info
+            entries.append(c.ParentResult(parent_id, parent.state, len(parent.result_frames), error))
+            frames.extend(parent.result_frames)
+        return entries, frames
 
     def _reload(self, job: Job) -> list[Any] | None:
         """An offloaded job's call frames, read back from the journal; None (and the job failed) if they

@@ -123,14 +123,30 @@ class Empty(Body, frozen=True):
 # --- dispatcher -> worker ---------------------------------------------------------------------------
 
 
+class ParentResult(Entry, frozen=True):
+    """How one parent of a task ended, in its ASSIGN entry: its result frames follow the task's call
+    frames (in `parents` order), and the worker passes the value where the call refers to the parent."""
+
+    job_id: Id
+    state: str  # succeeded, or (with allow_failure) failed, cancelled, expired
+    n_frames: Count
+    error: dict[str, Any] | None = None  # the parent's error record, when it did not succeed
+
+
 class AssignEntry(Entry, frozen=True):
-    """An ASSIGN entry: a task and how many of the message's data frames are its call."""
+    """An ASSIGN entry: a task, how many of the message's data frames are its call, and its parents'
+    results (their frames follow the call's)."""
 
     job_id: Id
     attempt: Attempt
     timeout: float | None
     retry_on: tuple[str, ...]
     n_frames: Count
+    parents: list[ParentResult] = []
+
+    @property
+    def total_frames(self) -> int:
+        return self.n_frames + sum(p.n_frames for p in self.parents)
 
 
 class Assign(Body, frozen=True):
@@ -217,6 +233,10 @@ class SubmitEntry(Entry, frozen=True):
     job_id: Id
     options: msgspec.Raw  # a map, or nil: no options
     n_frames: Count
+    parents: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # results the call refers to
+    after: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # only run after these
+    allow_failure: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # run even if these fail
+    batch: Id = ""  # the entries of one batch (one message) are accepted all or none
 
 
 class Hello(Body, frozen=True):
@@ -287,7 +307,7 @@ class Accepted(Body, frozen=True):
     """ACCEPTED: every entry of a SUBMIT in exactly one list."""
 
     accepted: list[str] = []
-    rejected: list[tuple[str, str]] = []  # [job_id, reason]: the entry itself is wrong
+    rejected: list[tuple[str, ...]] = []  # [job_id, reason] or [job_id, reason, kind]: the entry itself is wrong
     busy: list[str] = []  # no room now: send again later
     refused: list[tuple[str, str]] = []  # [job_id, reason]: cannot be made durable now (the journal's disk is full)
 
@@ -299,6 +319,7 @@ class JobDoneEntry(Entry, frozen=True):
     state: str
     info: dict[str, Any]
     n_frames: Count
+    withheld: bool = False  # the result stays in the dispatcher (its dependants use it); WATCH fetches it
 
 
 class JobDone(Body, frozen=True):

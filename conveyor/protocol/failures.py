@@ -28,7 +28,13 @@ NOT_FOUND = "not_found"  # the function could not be imported
 REFUSED = "refused"  # the dispatcher could not make the job durable (its journal's disk is full): never ran
 REJECTED = "rejected"  # the dispatcher refused the submission itself (a bad option, an unknown limit key)
 EXPIRED = "expired"  # not started by its expiry time
-ERROR_KINDS = (EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND, REFUSED, REJECTED, EXPIRED)
+DEPENDENCY_FAILED = "dependency_failed"  # a parent failed for good: info has root, root_fn, root_error
+DEPENDENCY_CANCELLED = "dependency_cancelled"  # a parent was cancelled or expired: info has root
+UNKNOWN_DEPENDENCY = "unknown_dependency"  # a rejection: a parent the dispatcher does not know
+ERROR_KINDS = (
+    EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND, REFUSED, REJECTED, EXPIRED, DEPENDENCY_FAILED,
+    DEPENDENCY_CANCELLED, UNKNOWN_DEPENDENCY,
+)
 # Infrastructure failures: retried automatically (up to the limit) whatever the task's retry_on says.
 INFRASTRUCTURE_KINDS = frozenset({CRASHED, LOST})
 
@@ -84,6 +90,16 @@ def rebuild_exception(info: dict[str, Any], frames: list[Any]) -> BaseException:
     exc: BaseException
     if kind == REJECTED:
         exc = errors.JobRejected(str(info.get("type", "ValueError")), message)
+    elif kind == UNKNOWN_DEPENDENCY:
+        exc = errors.UnknownDependency("UnknownDependency", message)
+    elif kind == DEPENDENCY_FAILED:
+        exc = errors.DependencyFailed(message, str(info.get("root", "")), str(info.get("root_fn", "")))
+        root_error = info.get("root_error")
+        if isinstance(root_error, dict):  # the root's own error, as its own future raises it
+            exc.__cause__ = rebuild_exception(root_error, [])
+            return exc
+    elif kind == DEPENDENCY_CANCELLED:
+        exc = errors.DependencyCancelled(message, str(info.get("root", "")))
     elif kind in _KIND_TYPES:
         exc = _KIND_TYPES[kind](message)
     else:
