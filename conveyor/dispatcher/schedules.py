@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
 from cronsim import CronSim, CronSimError
 
 NICKNAMES = {
@@ -241,6 +242,7 @@ class Entry:
     call: list[bytes]  # the task's call frames, as the client encoded them
     options: bytes  # its TaskOptions (wire form)
     generation: int = 0  # heap entries of older generations are stale
+    origin: str = "api"  # "file": declared in the dispatcher's --schedules file (which owns it)
 
 
 class Schedules:
@@ -260,12 +262,12 @@ class Schedules:
 
     # --- changes -----------------------------------------------------------------------------------
 
-    def upsert(self, spec: Spec, call: list[bytes], options: bytes, now: float) -> Entry:
+    def upsert(self, spec: Spec, call: list[bytes], options: bytes, now: float, origin: str = "api") -> Entry:
         """Create or change a schedule. A change keeps its last slot: it never fires at once."""
         spec.check()
         old = self.entries.get(spec.name)
         state = old.state if old is not None else State(last_slot=now)
-        entry = Entry(spec, state, call, options, old.generation + 1 if old is not None else 0)
+        entry = Entry(spec, state, call, options, old.generation + 1 if old is not None else 0, origin)
         self.entries[spec.name] = entry
         self._deleted.discard(spec.name)
         self._changed(entry)
@@ -380,7 +382,7 @@ class Schedules:
             "pause_on_failure": spec.pause_on_failure, "paused": state.paused, "paused_until": state.paused_until,
             "next_run": nxt, "last_slot": state.last_slot, "last_job": state.last_job,
             "last_outcome": state.last_outcome, "fired": state.fired, "skipped": state.skipped,
-            "explain": _explain(spec),
+            "explain": _explain(spec), "origin": entry.origin,
         }
 
     def preview(self, name: str, count: int, now: float) -> list[float]:
@@ -430,6 +432,29 @@ class Schedules:
         entry.state.last_outcome = None
         entry.state.fired += 1
         return [Fire(entry.spec.name, slot, job, slot + jitter(entry.spec, slot))]
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """A schedule as the journal keeps it."""
+    return msgspec.msgpack.encode({"spec": entry.spec, "state": entry.state, "call": entry.call,
+                                   "options": entry.options, "origin": entry.origin})
+
+
+class _Stored(msgspec.Struct):
+    spec: Spec
+    state: State
+    call: list[bytes]
+    options: bytes
+    origin: str = "api"
+
+
+def decode_entry(blob: bytes) -> Entry:
+    """The inverse of encode_entry; ValueError if it cannot be read."""
+    try:
+        stored = msgspec.msgpack.decode(blob, type=_Stored)
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"unreadable schedule: {exc}") from None
+    return Entry(stored.spec, stored.state, stored.call, stored.options, origin=stored.origin)
 
 
 def _schedule_of(job_id: str) -> str | None:
