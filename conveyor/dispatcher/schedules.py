@@ -42,7 +42,7 @@ NICKNAMES = {
 MISFIRE = ("skip", "once", "all")
 OVERLAP = ("skip", "queue_one", "allow", "cancel_previous")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
-ON_TIME_S = 10.0  # a slot fired later than this after it was due counts as missed (misfire applies)
+ON_TIME_S = 10.0  # a slot fired later than this after it was due, or after its successor came, is missed
 MAX_SLOTS_PER_TURN = 10_000  # slots of one schedule looked at in one evaluation, at most
 
 
@@ -199,8 +199,9 @@ def plan(spec: Spec, state: State, now: float) -> Plan:
     if not window:
         return Plan([], skipped, max(state.last_slot, horizon) if skipped else state.last_slot)
     last = window[-1]
-    on_time = [t for t in window if now - t <= ON_TIME_S]
-    missed = [t for t in window if t not in on_time]
+    # Only the latest slot can be on time: any other one's successor has come too (so it was missed).
+    on_time = [last] if now - last <= ON_TIME_S else []
+    missed = window[:-1] if on_time else window
     if not missed:
         fire = on_time
     elif spec.misfire == "skip":
