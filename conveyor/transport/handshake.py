@@ -46,6 +46,7 @@ class HandshakeWatch:
         self._last_log = 0.0
         self._vague = 0  # failures in a row without a reason (a connection cut during a handshake is one)
         self._definite: AccessDenied | None = None
+        self.handshakes = 0  # succeeded so far, as seen by failure(): one after the first is a new TCP connection
 
     def failure(self) -> AccessDenied | None:
         """The handshake failure reported since the last call, as an exception (None if none).
@@ -68,6 +69,7 @@ class HandshakeWatch:
                 continue
             kind, value = int(event["event"]), int(event["value"])
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
                 self._vague, self._definite, found = 0, None, None
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
                 kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
