@@ -403,8 +403,11 @@ class Connection:
             if body.busy:
                 self._busy.extend(body.busy)
                 self._busy_at = time.monotonic() + 0.2
-            for job_id, reason in body.rejected:
-                self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
+            for job_id, reason, *kind in body.rejected:  # [id, reason] or [id, reason, kind]
+                error = perr.error_info(kind[0] if kind else perr.REJECTED, "ValueError", reason)
+                self._resolve(job_id, "failed", {"error": error}, [])
+            for job_id, reason in body.refused:
+                self._resolve(job_id, "failed", {"error": perr.error_info(perr.REFUSED, "JournalFull", reason)}, [])
         elif cmd in _REPLIES:
             with self._lock:
                 future = self._requests.get(body.get("req"))

@@ -45,6 +45,7 @@ class HandshakeWatch:
         self.socket.connect(endpoint)
         self._last_log = 0.0
         self._vague = 0  # failures in a row without a reason (a connection cut during a handshake is one)
+        self._succeeded = False  # a handshake succeeded once: vague failures since are a restart, not our keys
         self._definite: AccessDenied | None = None
         self.handshakes = 0  # succeeded so far, as seen by failure(): one after the first is a new TCP connection
 
@@ -71,6 +72,7 @@ class HandshakeWatch:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshakes += 1
                 self._vague, self._definite, found = 0, None, None
+                self._succeeded = True
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
                 kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
             ):
@@ -79,7 +81,9 @@ class HandshakeWatch:
                 self._vague += 1
                 if self._definite is not None:
                     found = self._definite
-                elif self._vague >= VAGUE_FAILURES:
+                elif self._vague >= VAGUE_FAILURES and not self._succeeded:
+                    # Once a handshake succeeded, these keys were right: failures without a reason are a
+                    # dispatcher restarting behind a proxy that accepts first (docker-proxy, port-forward).
                     found = self._explain(kind, value)
 
     def log_failure(self, every: float = 10.0) -> AccessDenied | None:
