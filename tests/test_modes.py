@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable, Sequence
 
 from conveyor.protocol.payload import encode_call
 from conveyor.worker.execution import Outcome, Task
-from conveyor.worker.modes import ThreadsMode
+from conveyor.worker.modes import ModeSettings, ThreadsMode
 from tests import tasks
 
 
 def _task(n: int, fn: str, *args: object) -> Task:
     return Task(f"job-{n}", 1, None, (), encode_call(fn, None, args, {}))
+
+
+def _into(outcomes: dict[str, Outcome]) -> Callable[[Sequence[Outcome]], None]:
+    """A mode's report callback that files outcomes by job id (a second report of one job fails the test)."""
+
+    def report(batch: Sequence[Outcome]) -> None:
+        for o in batch:
+            assert o.job_id not in outcomes, f"{o.job_id} reported twice"
+            outcomes[o.job_id] = o
+
+    return report
 
 
 async def _until(condition: object, what: str, timeout: float = 10.0) -> None:
@@ -28,17 +40,16 @@ async def _until(condition: object, what: str, timeout: float = 10.0) -> None:
 
 
 async def test_threads_mode_gives_back_only_jobs_waiting_for_a_slot() -> None:
-    mode = ThreadsMode(1)
-    await mode.start()
-    gate = f"modes-{uuid.uuid4().hex}"
+    mode = ThreadsMode(ModeSettings(concurrency=1, prefetch=2))
     outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
+    gate = f"modes-{uuid.uuid4().hex}"
     try:
         blocker = _task(0, "tests.tasks:wait_gate", gate)
-        mode.submit(blocker, lambda t, o: outcomes.__setitem__(t.job_id, o))
+        mode.submit([blocker])
         await _until(lambda: mode._busy, "the blocker to take the only thread")
         behind = [_task(n, "tests.tasks:noop", n) for n in (1, 2)]
-        for t in behind:
-            mode.submit(t, lambda t, o: outcomes.__setitem__(t.job_id, o))
+        mode.submit(behind)
 
         assert not mode.withdraw(blocker.key)  # running: it stays
         assert mode.withdraw(behind[1].key)  # waiting for the slot: back
@@ -57,13 +68,12 @@ async def test_threads_mode_gives_back_only_jobs_waiting_for_a_slot() -> None:
 async def test_threads_mode_keeps_a_job_an_idle_thread_is_about_to_take() -> None:
     # The loop holds the GIL from submit to withdraw, so the threads have not taken anything yet:
     # exactly the window in which a SIGTERM used to send a just-assigned job back to the queue.
-    mode = ThreadsMode(2)
-    await mode.start()
+    mode = ThreadsMode(ModeSettings(concurrency=2, prefetch=1))
     outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
     try:
         jobs = [_task(n, "tests.tasks:noop", n) for n in range(3)]
-        for t in jobs:
-            mode.submit(t, lambda t, o: outcomes.__setitem__(t.job_id, o))
+        mode.submit(jobs)
         kept = [mode.withdraw(t.key) for t in jobs]
         assert kept[:2] == [False, False]  # two idle threads: the first two start now
         # the third waits for a slot, unless a thread already finished one of the first two meanwhile

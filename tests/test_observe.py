@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.dispatcher.observe.outputs import OUTPUT_LIMIT, OutputStore, StreamTail
 from conveyor.protocol.durations import parse_duration
-from conveyor.worker.capture import TaskReports
+from conveyor.worker.reports import TaskReports
 from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
 from tests.test_cli import assert_ok, free_port, run_cli, show
 
@@ -80,7 +80,7 @@ def test_the_output_store_keeps_running_jobs_and_evicts_the_oldest_finished_firs
 
 
 def test_task_reports_bound_each_stream_between_sends() -> None:
-    reports = TaskReports(limit=1000)
+    reports = TaskReports(limit_chars=1000)
     key = ("job", 1)
     for i in range(5000):
         reports.output(key, "stdout", f"line {i}\n")
@@ -107,13 +107,14 @@ def test_task_reports_drop_what_a_finished_task_writes_later() -> None:
 
 def test_task_reports_split_big_sends() -> None:
     from conveyor.protocol import Cmd
-    from conveyor.worker import capture
+    from conveyor.worker import reports as capture
 
-    reports = TaskReports(limit=capture.MESSAGE_CHARS // 2)
+    reports = TaskReports(limit_chars=capture.MESSAGE_CHARS // 2)
     for i in range(6):
         reports.output((f"job-{i}", 1), "stdout", "x" * (capture.MESSAGE_CHARS // 2))
-    sent: list[tuple[Cmd, Any]] = []
-    reports.send(lambda cmd, body: sent.append((cmd, body)))
+    progress, batches = reports.take()  # what the worker's loop sends: one OUTPUT per batch, then PROGRESS
+    sent: list[tuple[Cmd, Any]] = [(Cmd.OUTPUT, body) for body in batches]
+    sent += [(Cmd.PROGRESS, progress)] if progress else []
     assert [cmd for cmd, _ in sent] == [Cmd.OUTPUT] * 3
     assert all(sum(len(e[3]) for e in body) <= capture.MESSAGE_CHARS for _, body in sent)
     assert sorted(e[0] for _, body in sent for e in body) == [f"job-{i}" for i in range(6)]

@@ -47,6 +47,7 @@ class HandshakeWatch:
         self._vague = 0  # failures in a row without a reason (a connection cut during a handshake is one)
         self._succeeded = False  # a handshake succeeded once: vague failures since are a restart, not our keys
         self._definite: AccessDenied | None = None
+        self.handshakes = 0  # succeeded so far, as seen by failure(): one after the first is a new TCP connection
 
     def failure(self) -> AccessDenied | None:
         """The handshake failure reported since the last call, as an exception (None if none).
@@ -69,6 +70,7 @@ class HandshakeWatch:
                 continue
             kind, value = int(event["event"]), int(event["value"])
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
                 self._vague, self._definite, found = 0, None, None
                 self._succeeded = True
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from conveyor.errors import FunctionNotFound
 from conveyor.protocol import ProtocolError
@@ -14,8 +14,10 @@ from conveyor.protocol import failures as perr
 from conveyor.protocol.limits import oversized
 from conveyor.protocol.payload import Call, decode_call, encode_value
 
+Key: TypeAlias = tuple[str, int]  # (job id, attempt): a job can come back to the same worker under a newer attempt
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
 class Task:
     """One assignment from the dispatcher."""
 
@@ -24,15 +26,16 @@ class Task:
     timeout: float | None
     retry_on: tuple[str, ...]
     frames: list[Any]
+    key: Key = field(init=False)  # (job id, attempt): what every table of the worker is keyed by
 
-    @property
-    def key(self) -> tuple[str, int]:
-        """A job can be re-assigned to the same worker: an assignment is (job id, attempt)."""
-        return (self.job_id, self.attempt)
+    def __post_init__(self) -> None:
+        self.key = (self.job_id, self.attempt)
 
 
 @dataclass(slots=True)
 class Outcome:
+    """How one attempt ended: `info` is {duration} on success, else an error record (protocol §9)."""
+
     job_id: str
     attempt: int
     ok: bool

@@ -1,55 +1,64 @@
 """asyncio mode: coroutine tasks run concurrently on one event loop, in one thread.
 
-The loop lives in its own thread so that a task that blocks it cannot stop the worker's
-heartbeats. Thousands of tasks waiting on I/O cost one coroutine each, and since they switch only
-at `await`, they need no locks between awaits. A plain (non-async) function would block every
-task on the loop, so it runs in the loop's default thread pool instead (`asyncio.to_thread`).
-Cancellation and timeouts cancel the task (CancelledError at its current await).
+The loop lives in its own thread so that a task that blocks it cannot stop the worker's heartbeats.
+Thousands of tasks waiting on I/O cost one coroutine each, and since they switch only at `await`, they
+need no locks between awaits. A plain (non-async) function would block every task on the loop, so it
+runs in the loop's default thread pool instead (`asyncio.to_thread`). Tasks cross between the two loops
+in batches: one wake-up of the task loop starts every task submitted since the last one, and one
+wake-up of the worker's loop reports every task finished meanwhile. A stopped task is cancelled
+(CancelledError at its current await).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from conveyor.errors import JobCancelled
 from conveyor.protocol import failures as perr
-from conveyor.worker import capture
-from conveyor.worker.execution import Outcome, Task, infra_failure, run_async
-from conveyor.worker.modes.base import Done, Mode
+from conveyor.worker.execution import Key, Outcome, Task, failure, infra_failure, run_async
+from conveyor.worker.modes import inproc_capture
+from conveyor.worker.modes.base import Mode, ModeSettings, Report
+from conveyor.worker.reports import TaskReports
+
+log = logging.getLogger("conveyor.worker")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Item:
-    """A task without a timeout, started and reported in batches between the two loops."""
-
     task: Task
-    done: Done
-    dropped: bool = False  # cancelled: it does not start, or its outcome is ignored
+    dropped: bool = False  # stopped: it does not start, or its outcome is not reported
+    runner: asyncio.Task[None] | None = field(default=None)  # on the task loop, once started
 
 
 class AsyncioMode(Mode):
     name = "asyncio"
 
-    def __init__(self, concurrency: int):
-        super().__init__(concurrency)
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, settings: ModeSettings, reports: TaskReports | None = None):
+        super().__init__(settings, reports)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the task loop
         self._thread: threading.Thread | None = None
-        self._tasks: dict[tuple[str, int], asyncio.Task[Outcome]] = {}  # owned by the task loop's thread
-        self._direct: dict[tuple[str, int], _Item] = {}  # owned by the worker's loop
-        self._direct_runners: set[asyncio.Task[None]] = set()  # owned by the task loop's thread
         self._worker_loop: asyncio.AbstractEventLoop | None = None
+        self._report: Report | None = None
+        self._items: dict[Key, _Item] = {}  # submitted and not yet reported or stopped (worker's loop)
+        self._runners: set[asyncio.Task[None]] = set()  # held until they end (task loop)
         self._lock = threading.Lock()
         self._inbox: list[_Item] = []  # worker loop -> task loop, one wake-up per batch
         self._finished: list[tuple[_Item, Outcome]] = []  # task loop -> worker loop, likewise
         self._inbox_wake = self._finished_wake = False
 
-    async def start(self) -> None:
-        if self.reports is not None and self.capture_output:
-            capture.install()  # sys.stdout/stderr and logging, routed per task
+    @classmethod
+    def default_concurrency(cls) -> int:
+        return 1000
+
+    async def start(self, report: Report) -> None:
+        self._report = report
+        if self.capture_output:
+            inproc_capture.install()  # sys.stdout/stderr and logging, routed per task
         ready = threading.Event()
-        self._worker_loop = asyncio.get_running_loop()  # where outcomes of direct tasks are delivered
+        self._worker_loop = asyncio.get_running_loop()
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
@@ -65,29 +74,17 @@ class AsyncioMode(Mode):
         self._thread.start()
         await asyncio.to_thread(ready.wait)
 
-    async def _run_here(self, task: Task) -> Outcome:
-        current = asyncio.current_task()
-        assert current is not None
-        self._tasks[task.key] = current
-        ctx = capture.enter(self.reports, task.key) if self.reports is not None else None
-        try:
-            return await run_async(task)
-        finally:
-            self._tasks.pop(task.key, None)
-            if ctx is not None:
-                capture.leave(ctx)
-
-    def submit(self, task: Task, done: Done) -> None:
-        if task.timeout is not None or self._loop is None:
-            super().submit(task, done)  # supervised: its timer runs on the worker's loop
-            return
-        item = _Item(task, done)
-        self._direct[task.key] = item
+    def submit(self, tasks: Sequence[Task]) -> None:
+        loop = self._loop
+        assert loop is not None, "submit before start"
+        items = [_Item(task) for task in tasks]
+        for item in items:
+            self._items[item.task.key] = item
         with self._lock:
-            self._inbox.append(item)
+            self._inbox.extend(items)
             wake, self._inbox_wake = not self._inbox_wake, True
         if wake:
-            self._loop.call_soon_threadsafe(self._start_inbox)
+            loop.call_soon_threadsafe(self._start_inbox)
 
     def _start_inbox(self) -> None:
         """On the task loop: start every task submitted since the last wake-up."""
@@ -97,12 +94,24 @@ class AsyncioMode(Mode):
         loop = asyncio.get_running_loop()
         for item in items:
             if not item.dropped:
-                runner = loop.create_task(self._run_direct(item))
-                self._direct_runners.add(runner)  # held until it ends
-                runner.add_done_callback(self._direct_runners.discard)
+                runner = loop.create_task(self._run(item))
+                item.runner = runner  # set before its first step: a stop can cancel it from now on
+                self._runners.add(runner)
+                runner.add_done_callback(self._runners.discard)
 
-    async def _run_direct(self, item: _Item) -> None:
-        outcome = await self.guarded(item.task, self._run_here(item.task))
+    async def _run(self, item: _Item) -> None:
+        task = item.task
+        ctx = inproc_capture.enter(self.reports, task.key) if self.reports is not None else None
+        try:
+            outcome = await run_async(task)
+        except asyncio.CancelledError:  # stopped (its outcome was decided already), or the loop is closing
+            outcome = infra_failure(task, perr.CANCELLED, "JobCancelled", "the job was cancelled")
+        except Exception as exc:  # a bug here, not in the task (run_async catches the task's own)
+            log.exception("asyncio mode failed running %s", task.job_id)
+            outcome = failure(task, exc)
+        finally:
+            if ctx is not None:
+                inproc_capture.leave(ctx)
         with self._lock:
             self._finished.append((item, outcome))
             wake, self._finished_wake = not self._finished_wake, True
@@ -117,41 +126,30 @@ class AsyncioMode(Mode):
         with self._lock:
             finished, self._finished = self._finished, []
             self._finished_wake = False
-        for item, outcome in finished:
-            if not item.dropped:
-                del self._direct[item.task.key]
-                item.done(item.task, outcome)
+        items = self._items
+        outcomes = [o for item, o in finished if not item.dropped and items.pop(item.task.key, None) is item]
+        if outcomes and self._report is not None:
+            self._report(outcomes)
 
-    def cancel(self, key: tuple[str, int]) -> None:
-        item = self._direct.pop(key, None)
-        if item is None:
-            super().cancel(key)
-            return
-        item.dropped = True
-        reason = JobCancelled("the job was cancelled")
-        self.abort(item.task, reason)
-        item.done(item.task, infra_failure(item.task, perr.CANCELLED, "JobCancelled", str(reason)))
-
-    async def run(self, task: Task) -> Outcome:
-        assert self._loop is not None
-        cf = asyncio.run_coroutine_threadsafe(self._run_here(task), self._loop)
-        return await self.supervise(task, asyncio.wrap_future(cf))
-
-    def abort(self, task: Task, reason: BaseException) -> None:
+    def stop(self, key: Key, reason: BaseException) -> None:
+        item = self._items.pop(key, None)
         loop = self._loop
-        if loop is None:
+        if item is None or loop is None:
             return
+        item.dropped = True  # still in the inbox: it never starts
 
         def cancel() -> None:
-            t = self._tasks.get(task.key)
-            if t is not None:
-                t.cancel()
+            if item.runner is not None:
+                item.runner.cancel()
 
-        loop.call_soon_threadsafe(cancel)
+        try:
+            loop.call_soon_threadsafe(cancel)  # after _start_inbox if that is queued: it finds the runner
+        except RuntimeError:
+            pass  # the task loop has stopped
 
     async def shutdown(self) -> None:
-        if self.reports is not None and self.capture_output:
-            capture.uninstall()
+        if self.capture_output:
+            inproc_capture.uninstall()
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             await asyncio.to_thread(self._thread.join, 5)

@@ -1,10 +1,14 @@
 """threads mode: tasks run in a pool of threads inside the worker process.
 
-They share the worker's memory and, in CPython with the GIL, one core for Python code. A task that
-times out or is cancelled gets an exception raised asynchronously in its thread
-(PyThreadState_SetAsyncExc): it lands at the next Python bytecode, so pure-Python code stops
-promptly, but a thread blocked in C (a socket read, time.sleep) only stops when that call returns.
-The worker reports the task as failed at once and starts a replacement thread, so capacity stays.
+They share the worker's memory and, in CPython with the GIL, one core for Python code. The threads take
+tasks from one queue, so the worker hands this mode its prefetched tasks too (`queue_limit`): a thread
+goes from task to task without waiting for the worker's loop, and finished tasks are reported in batches,
+one loop wake-up for however many finish meanwhile.
+
+A task that is stopped (timeout, cancel) gets an exception raised asynchronously in its thread
+(PyThreadState_SetAsyncExc): it lands at the next Python bytecode, so pure-Python code stops promptly,
+but a thread blocked in C (a socket read, time.sleep) only stops when that call returns. A replacement
+thread starts at once, so capacity stays.
 """
 
 from __future__ import annotations
@@ -13,50 +17,49 @@ import asyncio
 import ctypes
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conveyor.errors import JobCancelled, TaskTimeout
-from conveyor.protocol import failures as perr
-from conveyor.worker import capture
-from conveyor.worker.execution import Outcome, Task, infra_failure, run_sync
-from conveyor.worker.modes.base import Done, Mode
+from conveyor.worker.execution import Key, Outcome, Task, run_sync
+from conveyor.worker.modes import inproc_capture
+from conveyor.worker.modes.base import Mode, ModeSettings, Report
+from conveyor.worker.reports import TaskReports
 
 
 @dataclass(slots=True, eq=False)  # compared and hashed by identity
 class _Item:
     task: Task
-    future: asyncio.Future[Outcome] | None  # a task with a timeout: supervised, run() waits on this
-    loop: asyncio.AbstractEventLoop
-    done: Done | None = None  # any other task: reported straight to the worker (no asyncio task per job)
     thread: int | None = None  # while it runs
     started: bool = False
-    dropped: bool = False  # cancelled: its thread skips it, or its outcome is ignored
-
-
-def _set_if_pending(fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
-    """Runs on the worker's loop: the future may have been cancelled meanwhile."""
-    if not fut.done():
-        fut.set_result(outcome)
+    dropped: bool = False  # stopped or withdrawn: its thread skips it, or its outcome is not reported
 
 
 class ThreadsMode(Mode):
     name = "threads"
-    takes_backlog = True  # the threads take tasks from one queue: no trip through the loop per task
 
-    def __init__(self, concurrency: int):
-        super().__init__(concurrency)
+    def __init__(self, settings: ModeSettings, reports: TaskReports | None = None):
+        super().__init__(settings, reports)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._running: dict[tuple[str, int], _Item] = {}
+        self._items: dict[Key, _Item] = {}  # submitted and not yet reported, stopped or withdrawn; queue order
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
-        self._target = concurrency
+        self._target = self.concurrency
         self._busy: set[_Item] = set()  # the items threads are running (an abandoned one leaves it)
         self._finished: list[tuple[_Item, Outcome]] = []  # handed to the loop in batches
         self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._report: Report | None = None
 
-    async def start(self) -> None:
-        if self.reports is not None and self.capture_output:
-            capture.install()  # sys.stdout/stderr and logging, routed per task
+    @property
+    def queue_limit(self) -> int:
+        return self.settings.prefetch
+
+    async def start(self, report: Report) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._report = report
+        if self.capture_output:
+            inproc_capture.install()  # sys.stdout/stderr and logging, routed per task
         for _ in range(self.concurrency):
             self._spawn()
 
@@ -82,9 +85,9 @@ class ThreadsMode(Mode):
         item = self._queue.get()
         if item is None:
             return False
-        with self._lock:  # decided together with cancel(): it either starts here or never
-            if item.dropped or (item.future is not None and item.future.cancelled()):
-                return True  # timed out or cancelled before it started
+        with self._lock:  # decided together with stop() and withdraw(): it either starts here or never
+            if item.dropped:
+                return True
             item.thread = threading.get_ident()
             item.started = True
             self._busy.add(item)
@@ -92,11 +95,11 @@ class ThreadsMode(Mode):
         if reports is None:
             outcome = run_sync(item.task)
         else:
-            ctx = capture.enter(reports, item.task.key)
+            ctx = inproc_capture.enter(reports, item.task.key)
             try:
                 outcome = run_sync(item.task)
             finally:
-                capture.leave(ctx)
+                inproc_capture.leave(ctx)
         with self._lock:
             item.thread = None
             self._busy.discard(item)
@@ -104,56 +107,57 @@ class ThreadsMode(Mode):
             wake = not self._wake_pending
             self._wake_pending = True
             more = len(self._threads) <= self._target  # False: a replacement took this thread's place
-        if wake:  # one wake-up of the loop for however many tasks finish before it runs
+        if wake and self._loop is not None:  # one wake-up of the loop for however many tasks finish before it runs
             try:
-                item.loop.call_soon_threadsafe(self._deliver)
+                self._loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:
                 pass  # the worker's loop has closed (an abandoned task outlived the worker): nobody waits
         return more
 
     def _deliver(self) -> None:
-        """On the worker's loop: resolve every task finished since the last wake-up."""
+        """On the worker's loop: report every task finished since the last wake-up."""
         with self._lock:
             finished, self._finished = self._finished, []
             self._wake_pending = False
-        for item, outcome in finished:
-            if item.future is not None:
-                _set_if_pending(item.future, outcome)
-            elif not item.dropped and item.done is not None:
-                self._running.pop(item.task.key, None)
-                item.done(item.task, outcome)
+        items = self._items
+        outcomes = [o for item, o in finished if not item.dropped and items.pop(item.task.key, None) is item]
+        if outcomes and self._report is not None:
+            self._report(outcomes)
 
-    def submit(self, task: Task, done: Done) -> None:
-        if task.timeout is not None:
-            super().submit(task, done)  # supervised: a timer and an asyncio task
-            return
-        item = _Item(task, None, asyncio.get_running_loop(), done)
-        self._running[task.key] = item
-        self._queue.put(item)
+    def submit(self, tasks: Sequence[Task]) -> None:
+        items = self._items
+        put = self._queue.put
+        for task in tasks:
+            item = _Item(task)
+            items[task.key] = item
+            put(item)
 
-    def cancel(self, key: tuple[str, int]) -> None:
-        item = self._running.get(key)
-        if item is None or item.done is None:
-            super().cancel(key)
+    def stop(self, key: Key, reason: BaseException) -> None:
+        item = self._items.pop(key, None)
+        if item is None:
             return
-        reason = JobCancelled("the job was cancelled")
-        with self._lock:
+        with self._lock:  # the thread cannot move on to another task while we aim at it
             item.dropped = True  # not started: its thread will skip it
-        self.abort(item.task, reason)  # started: stop its thread
-        del self._running[key]
-        item.done(item.task, infra_failure(item.task, perr.CANCELLED, "JobCancelled", str(reason)))
+            thread = item.thread
+            hit = 0
+            if thread is not None:
+                hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(type(reason)))
+                if hit == 1:
+                    self._busy.discard(item)  # its thread is abandoned; a new one takes its place
+        if hit == 1:
+            self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
 
-    def withdraw(self, key: tuple[str, int]) -> bool:
-        item = self._running.get(key)
-        if item is None or item.done is None:
-            return False  # supervised tasks (with a timeout) are only submitted to a free slot
+    def withdraw(self, key: Key) -> bool:
+        item = self._items.get(key)
+        if item is None:
+            return False
         with self._lock:
             if item.started or item.dropped:
-                return False  # running or ran (or already cancelled)
+                return False  # running or ran
             if self._next_for_an_idle_thread(item):
                 return False  # not waiting for a slot: a free thread is about to take it
             item.dropped = True
-        del self._running[key]
+        del self._items[key]
         return True
 
     def _next_for_an_idle_thread(self, item: _Item) -> bool:
@@ -161,7 +165,7 @@ class ThreadsMode(Mode):
         idle = self._target - len(self._busy)
         if idle <= 0:
             return False
-        for queued in self._running.values():  # in queue order
+        for queued in self._items.values():  # in queue order
             if queued.started or queued.dropped:
                 continue
             if queued is item:
@@ -171,34 +175,9 @@ class ThreadsMode(Mode):
                 return False
         return False
 
-    async def run(self, task: Task) -> Outcome:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome] = loop.create_future()
-        item = _Item(task, future, loop)
-        self._running[task.key] = item
-        self._queue.put(item)
-        try:
-            return await self.supervise(task, future)
-        finally:
-            self._running.pop(task.key, None)
-
-    def abort(self, task: Task, reason: BaseException) -> None:
-        item = self._running.get(task.key)
-        if item is None:
-            return
-        with self._lock:  # the thread cannot move on to another task while we aim at it
-            thread = item.thread
-            if thread is None:
-                return  # not started (it will be skipped) or already finished
-            hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(type(reason)))
-            if hit == 1:
-                self._busy.discard(item)  # its thread is abandoned; a new one takes its place
-        if hit == 1:
-            self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
-
     async def shutdown(self) -> None:
-        if self.reports is not None and self.capture_output:
-            capture.uninstall()
+        if self.capture_output:
+            inproc_capture.uninstall()
         with self._lock:
             self._target = 0
             n = len(self._threads)
