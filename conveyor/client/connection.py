@@ -343,8 +343,10 @@ class Connection:
         )
 
     def pending_futures(self) -> list[JobFuture]:
+        """Futures without an outcome (a cancelled one waits for the dispatcher's word, but is done)."""
         with self._lock:
-            return list(self._pending.values())
+            jobs = list(self._pending.values())
+        return [job for job in jobs if not job.done()]
 
     def begin_close(self) -> None:
         """Ask the I/O thread to stop; `closed` is set once it has."""
