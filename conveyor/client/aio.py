@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
+from conveyor.client import states
 from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
 from conveyor.client.connection import Connection, outcome_error
 from conveyor.client.future import JobFuture
@@ -165,7 +166,7 @@ class AsyncClient(ClientBase):
                     yield values.pop()
         finally:
             if run.in_flight and self._conn is not None:
-                self._conn.cancel_jobs(run.jobs())  # cancelled, or stopped early: not wanted any more
+                states.cancel_jobs(self._conn, run.jobs())  # cancelled, or stopped early: not wanted any more
 
     # --- jobs by id ---------------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ def _bridge(job: JobFuture, conn: Connection, loop: asyncio.AbstractEventLoop) -
 
     def future_done(f: asyncio.Future[Any]) -> None:
         if f.cancelled() and not job.done():
-            conn.cancel_jobs([job])
+            states.cancel_jobs(conn, [job])
 
     future.add_done_callback(future_done)
     job.add_done_callback(job_done)

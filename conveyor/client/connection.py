@@ -56,14 +56,10 @@ _REPLIES = frozenset({Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.J
 _NO_OPTIONS = msgspec.Raw(b"\xc0")  # nil: the dispatcher's defaults
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
-JOB_INFO_BATCH = 4096  # ids per JOB_INFO request at most (job_states)
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # ZMTP heartbeats: a connection silent for this many intervals is torn down
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
-ACCEPT_WAIT_S = 2.0  # job_states waits this long at most for the dispatcher to accept a job first
-STATE_TIMEOUT_S = 5.0  # and this long at most for its answer
 REFUSED = "refused"  # the error kind of a job the dispatcher could not make durable (ACCEPTED refused)
-_STARTED = frozenset({"running", "succeeded", "failed", "cancelled"})  # a worker was assigned it
 # Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -246,58 +242,26 @@ class Connection:
     def no_reply(self, timeout_s: float) -> DispatcherUnavailable:
         return DispatcherUnavailable(f"the dispatcher at {self.address} did not answer within {timeout_s:g} s")
 
-    def cancel_jobs(self, jobs: Iterable[JobFuture]) -> None:
-        """Cancel these jobs wherever they are, queued or running, without waiting: each future at once
-        (a job the dispatcher already assigned ends with JobCancelled instead), the jobs by CANCEL_JOBS."""
-        jobs = [job for job in jobs if not job.done()]
+    def queue_command(self, cmd: Cmd, body: dict[str, Any]) -> bool:
+        """Send a command without waiting for a reply (sent after the submissions queued before it)."""
         with self._lock:
-            ids = [job.job_id for job in jobs if job._sent]
-            for job in jobs:
-                if not job._sent:  # never left: nothing to tell the dispatcher
-                    self._drop_unsent(job)
-            if ids and not self._closing and self._fatal is None:
-                self._commands.append((Cmd.CANCEL_JOBS, {"ids": ids, "req": None}))
-                self._wake_locked()
-        for job in jobs:  # outside the lock: this runs the futures' done-callbacks
-            job._cancel_locally()
+            if self._closing or self._fatal is not None:
+                return False
+            self._commands.append((cmd, body))
+            self._wake_locked()
+            return True
 
-    def cancel_unstarted(self, jobs: Sequence[JobFuture]) -> set[JobFuture]:
-        """Cancel the jobs no worker was assigned yet (concurrent.futures' cancel()); returns those cancelled.
-
-        The dispatcher is asked once it has accepted them (job_states). Where it cannot be asked (on
-        the I/O thread, or while it is unreachable) they are cancelled wherever they are (cancel_jobs)."""
+    def take_unsent(self, jobs: Iterable[JobFuture]) -> list[JobFuture]:
+        """Those of these jobs that never left this process, withdrawn: they will not be sent (nor waited for)."""
         with self._lock:
             unsent = [job for job in jobs if not job._sent and not job.done()]
-            for job in unsent:  # still in this process: certainly not started
+            for job in unsent:
                 self._drop_unsent(job)
-        cancelled = {job for job in unsent if job._cancel_locally()}
-        asked = [job for job in jobs if not job.done()]
-        if not asked:
-            return cancelled
-        states = self.job_states(asked)
-        if states is None:
-            self.cancel_jobs(asked)
-            return cancelled | {job for job in asked if job.cancelled()}
-        queued = [
-            job for job in asked
-            if states.get(job.job_id) == "queued" or (job.job_id not in states and not job._accepted)
-        ]
-        ids = [job.job_id for job in queued if job._cancel_locally()]
-        if ids:
-            with self._lock:
-                if not self._closing and self._fatal is None:
-                    self._commands.append((Cmd.CANCEL_JOBS, {"ids": ids, "req": None}))
-                    self._wake_locked()
-        return cancelled | {job for job in queued if job.cancelled()}
+        return unsent
 
-    def job_states(self, jobs: Sequence[JobFuture]) -> dict[str, str] | None:
-        """The dispatcher's state of each pending job (queued, running, ...), asked once it has accepted the
-        job, so that it had a scheduling turn to assign it; jobs it does not know are left out. A job a
-        worker was assigned is marked running. None if the dispatcher cannot be asked now: on the I/O
-        thread (it would wait for itself), or unreachable, or no answer within STATE_TIMEOUT_S."""
-        if threading.current_thread() is self._thread or not self.dispatcher_reachable():
-            return None
-        deadline = time.monotonic() + ACCEPT_WAIT_S
+    def wait_accepted(self, jobs: Sequence[JobFuture], timeout_s: float) -> None:
+        """Wait until the dispatcher has accepted each of these jobs (or it is done), at most timeout_s."""
+        deadline = time.monotonic() + timeout_s
         with self._lock:
             waiting = [j for j in jobs if not j._accepted and not j.done()]
             self._accept_waiters += 1
@@ -310,30 +274,9 @@ class Connection:
                     waiting = [j for j in waiting if not j._accepted and not j.done()]
             finally:
                 self._accept_waiters -= 1
-        ids = [j.job_id for j in jobs if not j.done()]
-        asked: list[tuple[list[str], int, Future[Any]]] = []
-        states: dict[str, str] = {}
-        try:
-            for i in range(0, len(ids), JOB_INFO_BATCH):
-                chunk = ids[i : i + JOB_INFO_BATCH]
-                asked.append((chunk, *self.start_request(Cmd.JOB_INFO, {"ids": chunk})))
-            for chunk, _, future in asked:
-                try:
-                    views = future.result(STATE_TIMEOUT_S)["jobs"]
-                except Exception:  # no answer in time, or the connection failed meanwhile
-                    return None
-                for job_id, view in zip(chunk, views, strict=False):
-                    if isinstance(view, dict) and isinstance(view.get("state"), str):
-                        states[job_id] = view["state"]
-        except Exception:  # the connection is closed or broken: nobody to ask
-            return None
-        finally:
-            for _, req, _ in asked:
-                self.end_request(req)
-        for job in jobs:
-            if states.get(job.job_id) in _STARTED:
-                job._mark_running()
-        return states
+
+    def on_io_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     def dispatcher_reachable(self) -> bool:
         """Heard from the dispatcher recently (within ALIVE_BEATS heartbeat intervals)."""

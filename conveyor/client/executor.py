@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from conveyor.client import states
 from conveyor.client.base import ClientState
 from conveyor.client.future import JobFuture
 from conveyor.client.sync import Client
@@ -93,7 +94,7 @@ class Executor(concurrent.futures.Executor):
             failed = False
         finally:
             if failed and futures and self._client.state is ClientState.OPEN:
-                self._client._open_conn().cancel_unstarted(futures)
+                states.cancel_unstarted(self._client._open_conn(), futures)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
@@ -104,7 +105,7 @@ class Executor(concurrent.futures.Executor):
         client = self._client
         pending = client.pending() if client.state is ClientState.OPEN else []
         if cancel_futures and pending:
-            client._open_conn().cancel_unstarted(pending)
+            states.cancel_unstarted(client._open_conn(), pending)
         if wait:
             concurrent.futures.wait(pending)
             client.close()

@@ -9,9 +9,9 @@ ever taken, so a Python upgrade that changes them is noticed rather than silentl
 
 What "running" means for a job (concurrent.futures' contract, in Conveyor's terms): a job is
 *started* once the dispatcher has assigned it to a worker, as a future in a process pool's call queue
-counts as running. `running()` and `cancel()` ask the dispatcher (the connection does, see
-Connection.job_states), so they agree with each other and with `Executor.shutdown(cancel_futures=True)`:
-only jobs not assigned yet are cancelled; assigned ones run to completion.
+counts as running. `running()` and `cancel()` ask the dispatcher (states.py), so they agree with each
+other and with `Executor.shutdown(cancel_futures=True)`: only jobs not assigned yet are cancelled;
+assigned ones run to completion.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING,
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+from conveyor.client import states
 
 if TYPE_CHECKING:
     from conveyor.client.connection import Connection
@@ -113,13 +115,13 @@ class JobFuture(Future[Any]):
         connection = self._connection
         if connection is None or self.done():
             return super().cancel()
-        return self in connection.cancel_unstarted([self])
+        return self in states.cancel_unstarted(connection, [self])
 
     def running(self) -> bool:
         """True once a worker was assigned the job (asks the dispatcher while the job is pending)."""
         connection = self._connection
         if connection is not None and self._state == PENDING:
-            connection.job_states([self])
+            states.job_states(connection, [self])
         return super().running()
 
     def __repr__(self) -> str:

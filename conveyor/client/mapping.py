@@ -41,7 +41,7 @@ TARGET_CHUNK_S = 0.005  # an automatic chunk should run for about this long on a
 MAX_CHUNK_ITEMS = 1024  # items per automatic chunk at most
 MAX_CHUNK_BYTES = 1 << 20  # an automatic chunk's encoded call stays about this small
 WINDOW_ITEMS = 65536  # items in flight at most (memory), unless `window` says otherwise
-RATE_WINDOW_S = 0.05  # completion rate over this long
+RATE_WINDOW_S = 0.02  # completion rate over this long (at least TARGET_CHUNK_S: see ChunkPlanner.rate)
 SLOTS_REFRESH_S = 2.0  # how old the slot count may be
 # Failures a single item may not share with the rest of its chunk: its items then run one by one.
 SPLIT_KINDS = frozenset({perr.EXCEPTION, perr.TIMEOUT, perr.CRASHED, perr.LOST})

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from conveyor.client import states
 from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
 from conveyor.client.connection import outcome_error
 from conveyor.client.future import JobFuture
@@ -139,7 +140,7 @@ class Client(ClientBase):
                     yield values.pop()
         finally:
             if run.in_flight and self._conn is not None:
-                self._conn.cancel_jobs(run.jobs())  # stopped early: what is still in flight is not wanted
+                states.cancel_jobs(self._conn, run.jobs())  # stopped early: what is still in flight is not wanted
 
     # --- jobs by id (the CLI uses these) ------------------------------------------------------------
 
