@@ -5,7 +5,7 @@
     python -m benchmarks.scale --workers 1000 --tasks 1000000 --no-sweep
 
 One run: a real dispatcher subprocess (`python -m conveyor dispatcher`, journal on unless
-`--no-journal`), W simulated workers (zmq DEALER sockets speaking CNV/1 from `conveyor.protocol`,
+`--no-journal`), W simulated workers (zmq DEALER sockets speaking CNV/2 from `conveyor.protocol`,
 spread over a few processes, heartbeating every second) and one real `conveyor.Client`.
 
 - Phase 1 (submit): the workers are registered with credit 0; the client submits N no-op tasks
@@ -78,6 +78,7 @@ class SimWorker:
     name: str
     session: str = ""
     answered: bool = False  # the dispatcher answered the last READY (any HEARTBEAT after it)
+    seq: int = 0  # the number of its last RESULTS (protocol 2: numbered, applied in order)
 
 
 def _ready(w: SimWorker, concurrency: int, credit: int) -> list[bytes]:
@@ -92,6 +93,7 @@ def _ready(w: SimWorker, concurrency: int, credit: int) -> list[bytes]:
         "prefetch": 0,
         "credit": credit,
         "running": [],
+        "results_seq": w.seq + 1,
     }
     return encode(Cmd.READY, body)
 
@@ -159,8 +161,10 @@ def simulate(connect: str, n: int, concurrency: int, label: str) -> int:
                     except ProtocolError:
                         continue
                     if msg.cmd == Cmd.ASSIGN:
-                        entries = [[e[0], e[1], True, {"duration": 0.0}, 1] for e in msg.body]
-                        item.send_multipart(encode(Cmd.RESULTS, entries, result * len(entries)))
+                        entries = [[e[0], e[1], True, {"duration": 0.0}, 1] for e in msg.body["tasks"]]
+                        w.seq += 1
+                        body = {"seq": w.seq, "outcomes": entries}
+                        item.send_multipart(encode(Cmd.RESULTS, body, result * len(entries)))
                         done += len(entries)
                         assigns += 1
                     elif msg.cmd == Cmd.HEARTBEAT:

@@ -8,11 +8,17 @@
     │   └── VersionMismatch        the peer speaks another protocol version
     ├── JobError                   how a job ended, raised by its future's result()
     │   ├── RemoteError            the task raised an exception whose type cannot be rebuilt here
+    │   │   └── JobRejected        the dispatcher refused the submission: a bad option, an unknown limit
+    │   │       │                  key (also ValueError)
+    │   │       └── UnknownDependency  a job it depends on is unknown (never submitted, or forgotten)
     │   ├── TaskTimeout            it ran longer than its timeout (also TimeoutError)
     │   ├── WorkerCrashed          the process running it died
     │   ├── WorkerLost             its worker stopped answering, more often than retries allow
     │   ├── JobCancelled           it was cancelled
     │   ├── FunctionNotFound       the worker could not import its function (also LookupError)
+    │   ├── JobExpired             it had not started by its expiry time
+    │   ├── DependencyFailed       a job it depends on failed for good (its `root` says which)
+    │   ├── DependencyCancelled    a job it depends on was cancelled (or expired)
     │   └── JournalFull            the dispatcher could not make it durable: its journal's disk is full
     ├── RemoteTraceback            the worker's traceback, as the __cause__ of a re-raised task error
     └── configuration errors (also ValueError or RuntimeError where that is what they are):
@@ -73,6 +79,16 @@ class RemoteError(JobError):
         self.remote_traceback = remote_traceback
 
 
+class JobRejected(RemoteError, ValueError):
+    """The dispatcher refused the submission itself: an option it cannot accept, or a limit key it does not
+    know. The message says which."""
+
+
+class UnknownDependency(JobRejected):
+    """A job named as a parent is unknown to the dispatcher (never submitted, or already forgotten): the
+    submission is refused at once rather than left waiting forever."""
+
+
 class TaskTimeout(JobError, TimeoutError):
     """The task ran longer than its `timeout`."""
 
@@ -91,6 +107,30 @@ class JobCancelled(JobError):
 
 class FunctionNotFound(JobError, LookupError):
     """The worker could not import the function the task names."""
+
+
+class JobExpired(JobError):
+    """The job had not started by its expiry time (`options(expires=...)`); it never ran."""
+
+
+class DependencyFailed(JobError):
+    """A job this one depends on failed for good, so this one never ran.
+
+    `root` is the id of the job whose failure started it, `root_fn` its function, and the root's own
+    error is this exception's `__cause__` (rebuilt as in its own future)."""
+
+    def __init__(self, message: str, root: str = "", root_fn: str = ""):
+        super().__init__(message)
+        self.root = root
+        self.root_fn = root_fn
+
+
+class DependencyCancelled(JobError):
+    """A job this one depends on was cancelled or expired, so this one never ran (`root` says which)."""
+
+    def __init__(self, message: str, root: str = ""):
+        super().__init__(message)
+        self.root = root
 
 
 class JournalFull(JobError):

@@ -1,41 +1,115 @@
 #!/opt/conveyor/bin/python
-"""Docker healthcheck of the Conveyor image.
+"""Health checks of the Conveyor image, for Docker healthchecks and Kubernetes exec probes.
 
-    conveyor-healthcheck dispatcher   healthy when the dispatcher in this container answers `status`
-    conveyor-healthcheck worker       healthy when this container's worker is registered with its dispatcher
+    conveyor-healthcheck dispatcher       healthy when the dispatcher in this container answers `status`
+    conveyor-healthcheck worker           healthy when this container's worker is registered with its dispatcher
+    conveyor-healthcheck worker --local   healthy when this container's worker loop wrote its health file
+                                          (`conveyor worker --health-file PATH`) within --max-age seconds: it
+                                          checks the worker itself and never asks the dispatcher, so it is the
+                                          liveness probe (a dispatcher restart must not restart every worker)
 
-It connects as a client: with the key directory in CONVEYOR_KEYS (its client pair), unless
-CONVEYOR_INSECURE is true, as in conveyor-entrypoint.
+Options (each falls back on the environment conveyor-entrypoint uses, as in docker-compose.yml):
+    --address URL      the dispatcher [dispatcher: tcp://127.0.0.1:<port of CONVEYOR_BIND>; worker: CONVEYOR_DISPATCHER]
+    --keys DIR         a key directory with a client pair and dispatcher.key [CONVEYOR_KEYS; none when
+                       CONVEYOR_INSECURE is true]
+    --timeout S        the whole check's budget in seconds [6]: keep it below the probe's timeoutSeconds
+    --name NAME        the worker's name [CONVEYOR_NAME, else the container's hostname]
+    --health-file P    --local: the worker's health file [CONVEYOR_HEALTH_FILE, else /tmp/conveyor-health]
+    --max-age S        --local: oldest acceptable health file, in seconds [30]
+
+Prints one line (`healthy: ...` or `unhealthy: ...`); exits 0 when healthy, 1 when not.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
+from typing import Any
+
+INSECURE_WORDS = ("1", "true", "yes", "on")
 
 
-def main() -> int:
-    role = sys.argv[1] if len(sys.argv) > 1 else "worker"
-    if role == "dispatcher":
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="conveyor-healthcheck", description="Conveyor health checks.")
+    parser.add_argument("role", nargs="?", default="worker", choices=("dispatcher", "worker"))
+    parser.add_argument("--local", action="store_true", help="worker: check the health file only")
+    parser.add_argument("--address")
+    parser.add_argument("--keys")
+    parser.add_argument("--timeout", type=float, default=6.0)
+    parser.add_argument("--name")
+    parser.add_argument("--health-file", default=os.environ.get("CONVEYOR_HEALTH_FILE", "/tmp/conveyor-health"))
+    parser.add_argument("--max-age", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    if args.local and args.role != "worker":
+        parser.error("--local checks a worker")
+    if args.timeout <= 0 or args.max_age <= 0:
+        parser.error("--timeout and --max-age must be positive")
+    return args
+
+
+def check_health_file(path: str, max_age_s: float) -> tuple[bool, str]:
+    """Is the worker's own loop alive? Its health file holds the Unix time of its last beat."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        mtime = os.stat(path).st_mtime
+    except FileNotFoundError:
+        return False, f"no health file {path} (the worker has not started its loop, or runs without --health-file)"
+    except OSError as exc:
+        return False, f"cannot read {path}: {exc.strerror or exc}"
+    try:
+        written = float(text)
+    except ValueError:
+        written = mtime  # caught mid-write: the file's time says the same
+    age_s = time.time() - written
+    if age_s > max_age_s:
+        return False, f"the worker loop last wrote {path} {age_s:.1f} s ago (more than {max_age_s:g} s)"
+    return True, f"the worker loop wrote {path} {max(age_s, 0.0):.1f} s ago"
+
+
+def ask_status(address: str, keys: str | None, timeout_s: float) -> dict[str, Any]:
+    from conveyor import Client
+
+    deadline = time.monotonic() + timeout_s
+    with Client(address, connect_timeout=timeout_s / 2, reconnect_timeout=timeout_s / 2, keys=keys) as client:
+        return client.status(timeout=max(0.5, deadline - time.monotonic()))  # type: ignore[no-any-return]
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.local:
+        ok, message = check_health_file(args.health_file, args.max_age)
+        print(f"{'healthy' if ok else 'unhealthy'}: {message}")
+        return 0 if ok else 1
+    if args.address:
+        address = args.address
+    elif args.role == "dispatcher":
         port = os.environ.get("CONVEYOR_BIND", "tcp://0.0.0.0:5555").rsplit(":", 1)[-1]
         address = f"tcp://127.0.0.1:{port}"
     else:
         address = os.environ.get("CONVEYOR_DISPATCHER", "tcp://dispatcher:5555")
-    if os.environ.get("CONVEYOR_INSECURE", "false").lower() in ("1", "true", "yes", "on"):
+    keys = args.keys
+    if os.environ.get("CONVEYOR_INSECURE", "false").lower() in INSECURE_WORDS:
         os.environ.pop("CONVEYOR_KEYS", None)
-    from conveyor import Client
-
+        keys = None
+    elif keys is None:
+        keys = os.environ.get("CONVEYOR_KEYS") or None
+    if keys is None:
+        os.environ.pop("CONVEYOR_KEYS", None)  # the Client would read it otherwise
     try:
-        with Client(address, connect_timeout=3, reconnect_timeout=3) as client:
-            status = client.status(timeout=3)
+        status = ask_status(address, keys, args.timeout)
     except Exception as exc:
         print(f"unhealthy: dispatcher {address}: {type(exc).__name__}: {exc}")
         return 1
-    if role == "dispatcher":
+    if args.role == "dispatcher":
         print(f"healthy: {len(status['workers'])} worker(s), {status['queued']} queued")
         return 0
-    with open("/etc/hostname") as f:
-        name = os.environ.get("CONVEYOR_NAME") or f.read().strip()
+    name = args.name or os.environ.get("CONVEYOR_NAME")
+    if not name:
+        with open("/etc/hostname") as f:
+            name = f.read().strip()
     mine = [w for w in status["workers"] if w["name"] == name]
     if not mine:
         print(f"unhealthy: worker {name} is not registered with {address}")
@@ -45,4 +119,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -10,7 +10,8 @@ Each container of a rendered pod becomes one `docker run` with what the kubelet 
   subPath mounts bound to the resolved file (so they see no updates, as in Kubernetes); emptyDir as a directory
   with mode 0777; a volume claim as a Docker named volume created empty (no copy of the image's files, like a
   new PersistentVolume) and given the fsGroup as the kubelet does;
-- Services as network aliases of the pods their selector matches (a port must equal its target port);
+- Services as network aliases of the pods their selector matches (a port must equal its target port); a pod may
+  get a fixed address, which stands in for a Service's stable ClusterIP for clients on this host;
 - exec probes run with `docker exec` at their period, timeout and thresholds, readiness and liveness only after
   the startup probe succeeded; their verdicts are recorded, never acted on (no restarts);
 - pods deleted as the kubelet deletes them: preStop exec, SIGTERM, SIGKILL after terminationGracePeriodSeconds.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import secrets as random_names
 import shutil
 import subprocess
@@ -73,6 +75,20 @@ def _unsupported(what: str, fields: set[str], allowed: set[str]) -> None:
         raise NotImplementedError(f"{what}: {sorted(extra)} not emulated")
 
 
+def cleanup_stale() -> None:
+    """Remove the containers, volumes and networks of earlier runs whose process is gone (killed runs)."""
+    import psutil
+
+    for kind, labels in (("container", ".Config.Labels"), ("volume", ".Labels"), ("network", ".Labels")):
+        listing = docker(kind, "ls", "-aq" if kind == "container" else "-q", "--filter", f"label={LABEL}",
+                         check=False).stdout.split()
+        for ident in listing:
+            owner = docker(kind, "inspect", "-f", f'{{{{index {labels} "{LABEL}"}}}}', ident, check=False).stdout
+            pid = owner.strip()[2:].split("-", 1)[0]  # kt<pid>-<random>
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                docker(kind, "rm", *(["-f"] if kind != "network" else []), ident, check=False)
+
+
 @dataclass
 class Exited:
     code: int
@@ -101,6 +117,7 @@ class Prober(threading.Thread):
         self.active = threading.Event()  # cleared: no probe runs (between tests: no docker exec in flight)
         self.active.set()
         self.busy = threading.Lock()  # held while a probe runs
+        self.proc: subprocess.Popen[str] | None = None  # the check in flight
 
     def run(self) -> None:
         if self.after is not None:
@@ -119,6 +136,8 @@ class Prober(threading.Thread):
                 ok, output = self._once()
             if self.stopped.is_set():
                 return
+            if not self.active.is_set():
+                continue  # paused mid-check: the check was cut short, it says nothing
             self.history.append((time.time(), ok, output))
             successes, failures = (successes + 1, 0) if ok else (0, failures + 1)
             if ok and successes >= self.success_threshold:
@@ -130,12 +149,25 @@ class Prober(threading.Thread):
             self.stopped.wait(max(0.0, self.period_s - (time.monotonic() - started)))
 
     def _once(self) -> tuple[bool, str]:
-        try:
-            res = subprocess.run(["docker", "exec", self.container, *self.command], capture_output=True, text=True,
-                                 timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {self.timeout_s:g} s"
-        return res.returncode == 0, (res.stdout + res.stderr).strip()[-300:]
+        with subprocess.Popen(["docker", "exec", self.container, *self.command], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            self.proc = proc
+            try:
+                output, _ = proc.communicate(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                return False, f"timed out after {self.timeout_s:g} s"
+            finally:
+                self.proc = None
+        return proc.returncode == 0, output.strip()[-300:]
+
+    def pause(self) -> None:
+        """No more checks until resume; one in flight is cut short (its `docker exec` ended)."""
+        self.active.clear()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
 
 @dataclass
@@ -146,7 +178,7 @@ class Pod:
     containers: dict[str, str] = field(default_factory=dict)  # container name -> docker container name
     probers: dict[tuple[str, str], Prober] = field(default_factory=dict)  # (container, kind) -> prober
     volumes: dict[str, tuple[dict[str, Any], AtomicVolume]] = field(default_factory=dict)  # synced by the node
-    published: dict[int, int] = field(default_factory=dict)  # container port -> host port on 127.0.0.1
+    ip: str | None = None  # a fixed address on the node's network
 
     def verdict(self, kind: str, container: str | None = None) -> bool:
         name = container or next(iter(self.containers))
@@ -178,8 +210,8 @@ class Pod:
         res = docker("logs", self.docker_name(container), check=False)
         return res.stdout + res.stderr
 
-    def address(self, port: int) -> str:
-        return f"tcp://127.0.0.1:{self.published[port]}"
+    def stdout(self, container: str | None = None) -> str:
+        return docker("logs", self.docker_name(container), check=False).stdout
 
 
 class Node:
@@ -194,7 +226,21 @@ class Node:
         self.services: list[dict[str, Any]] = []
         self.pods: dict[str, Pod] = {}
         self.claims: set[str] = set()
-        docker("network", "create", "--label", f"{LABEL}={self.prefix}", self.network)
+        cleanup_stale()
+        self.subnet = self._create_network()
+
+    def _create_network(self) -> str:
+        """A network with a subnet of its own (10.232-249.K.0/24), so pods can have fixed addresses."""
+        rng = random.Random(os.getpid())
+        for _ in range(20):
+            subnet = f"10.{rng.randint(232, 249)}.{rng.randint(0, 255)}"
+            res = docker("network", "create", "--label", f"{LABEL}={self.prefix}", "--subnet", f"{subnet}.0/24",
+                         self.network, check=False)
+            if res.returncode == 0:
+                return subnet
+            if "overlap" not in res.stderr:
+                raise AssertionError(f"docker network create: {res.stderr.strip()}")
+        raise AssertionError("no free subnet for the test network")
 
     # --- objects -----------------------------------------------------------------------------------------
 
@@ -238,11 +284,11 @@ class Node:
 
     # --- pods --------------------------------------------------------------------------------------------
 
-    def run_workload(self, obj: dict[str, Any], ordinal: int = 0, publish: dict[int, int] | None = None) -> Pod:
+    def run_workload(self, obj: dict[str, Any], ordinal: int = 0, ip: str | None = None) -> Pod:
         """A pod of a Deployment or StatefulSet (its claims from volumeClaimTemplates), or a bare Pod."""
         name = obj["metadata"]["name"]
         if obj["kind"] == "Pod":
-            return self.run_pod(name, obj["metadata"].get("labels", {}), obj["spec"], publish)
+            return self.run_pod(name, obj["metadata"].get("labels", {}), obj["spec"], ip)
         template = obj["spec"]["template"]
         spec = dict(template["spec"])
         if obj["kind"] == "StatefulSet":
@@ -254,14 +300,15 @@ class Node:
         else:
             template_hash = hashlib.sha256(repr(template).encode()).hexdigest()[:10]
             pod_name = f"{name}-{template_hash}-{random_names.token_hex(3)[:5]}"
-        return self.run_pod(pod_name, template["metadata"]["labels"], spec, publish)
+        return self.run_pod(pod_name, template["metadata"]["labels"], spec, ip)
 
-    def run_pod(self, name: str, labels: dict[str, str], spec: dict[str, Any],
-                publish: dict[int, int] | None = None) -> Pod:
+    def run_pod(self, name: str, labels: dict[str, str], spec: dict[str, Any], ip: str | None = None) -> Pod:
+        """Start a pod; `ip` (an address of this node's subnet) fixes its address, e.g. to stand in for the
+        stable ClusterIP of the Service in front of it, which this host's clients then use."""
         _unsupported("pod spec", set(spec), POD_FIELDS)
         assert spec.get("enableServiceLinks") is False, "service links (env per Service) are not emulated"
         assert spec.get("automountServiceAccountToken") is False, "service account tokens are not emulated"
-        pod = Pod(name, labels, spec)
+        pod = Pod(name, labels, spec, ip=ip)
         self.pods[name] = pod
         pod_dir = self.workdir / name
         pod_dir.mkdir(parents=True)
@@ -294,7 +341,7 @@ class Node:
                 raise NotImplementedError(f"volume {vname}: {sorted(set(volume) - {'name'})} not emulated")
         aliases = self._service_aliases(pod)
         for container in spec["containers"]:
-            self._start_container(pod, container, volumes, aliases, publish or {})
+            self._start_container(pod, container, volumes, aliases)
         return pod
 
     def _service_aliases(self, pod: Pod) -> list[str]:
@@ -312,8 +359,7 @@ class Node:
                 aliases.append(svc["metadata"]["name"])
         return aliases
 
-    def _start_container(self, pod: Pod, c: dict[str, Any], volumes: dict[str, list[str]], aliases: list[str],
-                         publish: dict[int, int]) -> None:
+    def _start_container(self, pod: Pod, c: dict[str, Any], volumes: dict[str, list[str]], aliases: list[str]) -> None:
         _unsupported(f"container {c['name']}", set(c), CONTAINER_FIELDS)
         cname = f"{self.prefix}-{pod.name}-{c['name']}"
         pod.containers[c["name"]] = cname
@@ -321,6 +367,7 @@ class Node:
         run = ["run", "-d", "--name", cname, "--hostname", pod.name, "--network", self.network,
                "--label", f"{LABEL}={self.prefix}"]
         run += [a for alias in aliases for a in ("--network-alias", alias)]
+        run += ["--ip", pod.ip] if pod.ip else []
         run += self._security_flags(security)
         run += self._resource_flags(c.get("resources", {}))
         env = self._env(pod, c)
@@ -339,9 +386,6 @@ class Node:
             spec = f"type={kind},src={source},dst={mount['mountPath']}"
             spec += ",volume-nocopy" if kind == "volume" else ""
             run += ["--mount", spec + (",readonly" if read_only else "")]
-        for port in c.get("ports", []):
-            if port["containerPort"] in publish:  # 0: any free host port
-                run += ["-p", f"127.0.0.1:{publish[port['containerPort']] or ''}:{port['containerPort']}"]
         command = [expand(a, env) for a in c.get("command", [])]
         args = [expand(a, env) for a in c.get("args", [])]
         if command:
@@ -349,10 +393,6 @@ class Node:
         else:
             run += [c["image"], *args]
         docker(*run)
-        for port in c.get("ports", []):
-            if port["containerPort"] in publish:
-                out = docker("port", cname, f"{port['containerPort']}/tcp").stdout.split()[0]
-                pod.published[port["containerPort"]] = int(out.rsplit(":", 1)[1])
         startup = None
         for kind in ("startup", "readiness", "liveness"):
             if f"{kind}Probe" in c:
@@ -457,7 +497,7 @@ class Node:
         """No probe runs until resume_probes() (none is in flight when this returns)."""
         for pod in self.pods.values():
             for prober in pod.probers.values():
-                prober.active.clear()
+                prober.pause()
         for pod in self.pods.values():
             for prober in pod.probers.values():
                 with prober.busy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,35 @@ def missing_helm() -> str | None:
     """Why the chart cannot be rendered here (None: it can)."""
     try:
         import helm_python  # noqa: F401
+    except ImportError:
+        return "helm-python-sdk is not installed: pip install '.[k8s]'"
+    return missing_yaml()
+
+
+def missing_yaml() -> str | None:
+    try:
         import yaml  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is not installed: pip install helm-python-sdk pyyaml (the k8s extra)"
+    except ImportError:
+        return "PyYAML is not installed: pip install '.[k8s]'"
     return None
+
+
+def kinds(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
+    """(object, pod spec, pod labels) of every workload and Pod."""
+    for o in objs:
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            yield o, o["spec"]["template"]["spec"], o["spec"]["template"]["metadata"]["labels"]
+        elif o["kind"] == "Pod":
+            yield o, o["spec"], o["metadata"]["labels"]
+
+
+def arg(container: dict[str, Any], flag: str) -> str | None:
+    args = [*container.get("command", []), *container.get("args", [])]
+    return args[args.index(flag) + 1] if flag in args else None
 
 
 def render(values: dict[str, Any] | None = None, release: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:

@@ -52,6 +52,13 @@ def fail_custom() -> None:
     raise CustomError("custom failure")
 
 
+def size_of(data: bytes, seconds: float = 0.0) -> int:
+    """len(data), after sleeping (a task that holds its argument for a while)."""
+    if seconds:
+        time.sleep(seconds)
+    return len(data)
+
+
 def sleep_for(seconds: float, value: Any) -> Any:
     """Sleep, then return value (which job this was)."""
     time.sleep(seconds)

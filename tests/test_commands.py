@@ -69,6 +69,10 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     Cmd.JOBS: st.builds(c.JobsQuery, plain, st.none() | st.lists(ids, max_size=5), st.none() | st.floats(0, 1e6),
                         st.none() | ids, st.none() | counts),
     Cmd.ACK: st.builds(c.Ack, seqs),
+    Cmd.LIMITS: st.builds(c.LimitsRequest, st.dictionaries(ids, st.none() | st.sampled_from(["10/s", "concurrency:2"]),
+                                                           max_size=3), plain),
+    Cmd.LIMITS_REPLY: st.builds(c.LimitsReply, st.lists(st.dictionaries(ids, plain, max_size=3)), st.none() | ids,
+                                plain),
     Cmd.LOGS: st.builds(c.LogsQuery, ids, plain, st.dictionaries(st.sampled_from(["stdout", "stderr"]), counts)),
     Cmd.WELCOME: st.builds(c.Welcome, ids, st.floats(0.01, 100), plain),
     Cmd.ACCEPTED: st.builds(c.Accepted, st.lists(ids), st.lists(st.tuples(ids, ids)), st.lists(ids)),
@@ -112,7 +116,7 @@ def test_bodies_round_trip(cmd: Cmd, data: st.DataObject) -> None:
 def test_entries_are_the_positional_arrays_of_the_spec() -> None:
     entry = c.AssignEntry("job-1", 2, 30.0, ("ValueError",), 1)
     wire = msgpack.unpackb(c.encode_body(c.Assign(7, [entry])))
-    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1]]}
+    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1, []]]}  # no parents
     outcome = c.decode_body(Cmd.RESULTS, msgpack.packb({"seq": 3, "outcomes": [["j", 1, True, {"duration": 0.5}, 1]]}))
     assert outcome == c.Results(3, [c.OutcomeEntry("j", 1, True, {"duration": 0.5}, 1)])
     # a newer peer's extra trailing fields and keys are ignored

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,43 +31,36 @@ from conveyor.security.kubernetes import kubernetes_secrets
 from tests import kube_render, kube_validate
 from tests.conftest import ROOT, Cluster, conveyor_cmd, wait_until
 from tests.conftest_netns import require
-from tests.kube_docker import Node, Pod
-from tests.kube_release import Release
-from tests.kube_render import VALUES_MATRIX
+from tests.kube_release import (
+    Release,
+    docker_values,
+    helm_installed,
+    kube_fixture,
+    registered,
+    release_fixture,
+    workers_of,
+)
+from tests.kube_render import VALUES_MATRIX, arg, kinds, pod_specs
 from tests.kube_volumes import AtomicVolume
-from tests.test_compose import conveyor_image, docker_daemon  # noqa: F401  (fixtures: one image build per run)
+from tests.test_compose import conveyor_image, docker_daemon
+
+# fixtures from other modules: the image is built once per run (with tests/test_compose.py), the release once here
+__all__ = ["conveyor_image", "docker_daemon", "helm_installed", "kube_fixture", "release_fixture"]
 
 RENDERS: dict[str, list[dict[str, Any]]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def helm_available() -> None:
+@pytest.fixture
+def helm() -> None:
     require(kube_render.missing_helm())
 
 
 def docs(name: str) -> list[dict[str, Any]]:
     """The objects of a matrix entry's render (cached: a render is deterministic, as a test below checks)."""
+    require(kube_render.missing_helm())
     if name not in RENDERS:
         RENDERS[name] = kube_render.documents(kube_render.render(VALUES_MATRIX[name]))
     return RENDERS[name]
-
-
-def kinds(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == kind]
-
-
-def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
-    """(object, pod spec, pod labels) of every workload and Pod."""
-    for o in objs:
-        if o["kind"] in ("Deployment", "StatefulSet"):
-            yield o, o["spec"]["template"]["spec"], o["spec"]["template"]["metadata"]["labels"]
-        elif o["kind"] == "Pod":
-            yield o, o["spec"], o["metadata"]["labels"]
-
-
-def arg(container: dict[str, Any], flag: str) -> str | None:
-    args = [*container.get("command", []), *container.get("args", [])]
-    return args[args.index(flag) + 1] if flag in args else None
 
 
 MATRIX = sorted(VALUES_MATRIX)
@@ -77,7 +69,7 @@ MATRIX = sorted(VALUES_MATRIX)
 
 
 @pytest.mark.parametrize("name", MATRIX)
-def test_the_chart_renders_the_same_twice_and_lints_clean(name: str) -> None:
+def test_the_chart_renders_the_same_twice_and_lints_clean(name: str, helm: None) -> None:
     values = VALUES_MATRIX[name]
     first, second = kube_render.render(values), kube_render.render(values)
     assert first == second, "the render is not deterministic"
@@ -86,6 +78,9 @@ def test_the_chart_renders_the_same_twice_and_lints_clean(name: str) -> None:
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
     assert report["errors"] == [] and problems == [], report
     objs = docs(name)
+    standard = {"helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by", "app.kubernetes.io/component"}
+    assert all(standard <= o["metadata"]["labels"].keys() for o in objs)
     groups = values.get("workerGroups", [{"name": "default"}])
     assert len(kinds(objs, "Deployment")) == len(groups)
     assert len(kinds(objs, "ScaledObject")) == (len(groups) if name == "keda" else 0)
@@ -112,7 +107,7 @@ SCHEMA_REJECTS = [
 
 
 @pytest.mark.parametrize(("values", "expected"), SCHEMA_REJECTS, ids=[e for _, e in SCHEMA_REJECTS])
-def test_values_schema_rejects(values: dict[str, Any], expected: str) -> None:
+def test_values_schema_rejects(values: dict[str, Any], expected: str, helm: None) -> None:
     import helm_python
 
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(expected)):
@@ -133,14 +128,14 @@ TEMPLATE_REJECTS = [
 
 
 @pytest.mark.parametrize(("values", "expected"), TEMPLATE_REJECTS, ids=[e for _, e in TEMPLATE_REJECTS])
-def test_templates_reject(values: dict[str, Any], expected: str) -> None:
+def test_templates_reject(values: dict[str, Any], expected: str, helm: None) -> None:
     import helm_python
 
     with pytest.raises(helm_python.HelmRenderError, match=re.escape(expected)):
         kube_render.render(values)
 
 
-def test_the_plain_manifests_equal_a_fresh_render() -> None:
+def test_the_plain_manifests_equal_a_fresh_render(helm: None) -> None:
     committed = kube_render.MANIFESTS.read_text()
     assert committed == kube_render.plain_manifests(), "stale: run python3 -m tests.kube_render --write"
     assert "helm.sh/hook" not in committed  # no test hook among the plain manifests
@@ -151,7 +146,7 @@ def test_the_plain_manifests_equal_a_fresh_render() -> None:
 
 @pytest.fixture(scope="module")
 def validators() -> tuple[str, ...]:
-    require(kube_validate.missing_validators())
+    require(kube_render.missing_helm() or kube_validate.missing_validators())
     versions = kube_validate.kubernetes_versions()
     assert versions[0] == "1.30.0" and len(versions) >= 8, versions
     return versions
@@ -329,6 +324,7 @@ def test_pods_use_the_secrets_the_keys_command_prints(tmp_path: Path) -> None:
 
 
 def test_the_keys_command_prints_secrets_of_a_key_directory(tmp_path: Path) -> None:
+    require(kube_render.missing_yaml())
     import yaml
 
     keys = tmp_path / "keys"
@@ -411,69 +407,6 @@ def test_a_secret_update_revokes_a_worker_on_the_running_dispatcher(tmp_path: Pa
 
 # --- 4. the pod specs under Docker: the containers' contract, not Kubernetes ------------------------------------
 
-GROUPS = [
-    {"name": "cpu", "mode": "processes", "concurrency": 2, "replicas": 2, "readinessProbe": {"mode": "registered"}},
-    {"name": "io", "mode": "asyncio", "concurrency": 50, "replicas": 1, "tags": ["io"],
-     "keysSecret": "conveyor-worker-keys-io", "code": {"configMap": "kubetasks", "package": "kubetasks"}},
-]
-FAST = {"periodSeconds": 1, "timeoutSeconds": 5}  # probes at test speed: the same checks, shorter periods
-
-
-def docker_values(image: str) -> dict[str, Any]:
-    repository, _, tag = image.rpartition(":")
-    return {
-        "image": {"repository": repository, "tag": tag},
-        "dispatcher": {"heartbeatIntervalSeconds": 0.5, "metrics": {"enabled": True},
-                       "startupProbe": {**FAST, "failureThreshold": 60},
-                       "readinessProbe": {**FAST, "failureThreshold": 2},
-                       "livenessProbe": {**FAST, "periodSeconds": 3, "failureThreshold": 3}},
-        "workerDefaults": {"drainTimeoutSeconds": 5, "heartbeatIntervalSeconds": 0.5,
-                           "livenessProbe": {**FAST, "failureThreshold": 3, "maxAgeSeconds": 2},
-                           "readinessProbe": {**FAST, "periodSeconds": 2, "failureThreshold": 2}},
-        "workerGroups": GROUPS,
-    }
-
-
-@pytest.fixture(scope="module")
-def release(conveyor_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:  # noqa: F811
-    """The chart's dispatcher and two worker groups (cpu x2, io x1) running under Docker."""
-    tmp = tmp_path_factory.mktemp("kube")
-    keys = tmp / "keys"
-    init_directory(keys)
-    add_peer(keys, "worker", "io")  # the io group's own key: revoking it stops that group only
-    node = Node(conveyor_image, tmp / "pods")
-    try:
-        rel = Release(node, keys, docker_values(conveyor_image))
-        dispatcher = rel.start(rel.dispatcher)
-        for group in GROUPS:
-            for _ in range(group["replicas"]):
-                rel.start(f"conveyor-worker-{group['name']}")
-        rel.host_keys = rel.client_keys(tmp / "client-keys")
-        wait_until(lambda: dispatcher.ready(), 60, what=f"the dispatcher to be ready:\n{dispatcher.logs()[-2000:]}")
-        node.pause_probes()
-        yield rel
-    finally:
-        node.close()
-
-
-@pytest.fixture
-def kube(release: Release) -> Iterator[Release]:
-    """The release with its probes running for this test (paused between tests: no docker exec in flight)."""
-    release.node.resume_probes()
-    try:
-        yield release
-    finally:
-        release.node.pause_probes()
-
-
-def workers_of(rel: Release, group: str) -> list[Pod]:
-    return rel.pods.get(f"conveyor-worker-{group}", [])
-
-
-def registered(client: Client) -> dict[str, dict[str, Any]]:
-    return {w["name"]: w for w in client.status()["workers"]}
-
-
 def test_pods_register_with_the_secrets_keys_and_serve(kube: Release) -> None:
     pods = {p.name: group for group in ("cpu", "io") for p in workers_of(kube, group)}
     with kube.client(kube.host_keys, connect_timeout=30) as client:
@@ -492,8 +425,8 @@ def test_pods_register_with_the_secrets_keys_and_serve(kube: Release) -> None:
         assert where.result(30) == [7, where.info["worker"]] and pods[where.info["worker"]] == "io"
 
     test_pod = kube.node.run_workload(kinds(kube.objects, "Pod")[0])  # `helm test`
-    code = wait_until(lambda: test_pod.exited(), 60, what="the helm test pod to finish")
-    assert (code, test_pod.logs().strip()) == (0, "42")
+    wait_until(lambda: test_pod.exited() is not None, 60, what="the helm test pod to finish")
+    assert (test_pod.exited(), test_pod.stdout()) == (0, "42\n"), test_pod.logs()
     kube.node.delete_pod(test_pod)
 
     dispatcher = kube.pods[kube.dispatcher][0]
@@ -510,13 +443,21 @@ def test_the_keda_query_reads_metrics_the_dispatcher_serves(kube: Release) -> No
     scaled = kinds(kube_render.documents(kube_render.render(values)), "ScaledObject")
     with kube.client(kube.host_keys, connect_timeout=30) as client:
         wait_until(lambda: len(registered(client)) == 3, 60, what="3 workers to register")
-        job = client.options(mode="processes").submit("time:sleep", 3)
+        running = client.options(mode="processes").submit("time:sleep", 3)
+        queued = client.options(mode="threads").submit("time:sleep", 0)  # no threads worker: it stays queued
         wait_until(lambda: client.status()["running"] == 1, 30, what="the job to run")
-        metrics_port = kube.published[9100]
-        text = wait_until(lambda: "conveyor_worker_busy_slots{" in (t := urllib.request.urlopen(
-            f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()) and 'mode="processes"} 1.0' in t
-            and t, 20, what="the busy slot in the metrics")
-        job.result(30)
+
+        def scrape() -> str:
+            url = f"http://{kube.dispatcher_ip}:{kube.ports['metrics']}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return str(r.read().decode())
+
+        busy = re.compile(r'^conveyor_worker_busy_slots\{[^}]*mode="processes"\} 1\.0$', re.MULTILINE)
+        waiting = re.compile(r'^conveyor_queue_depth\{mode="threads",tags=""\} 1\.0$', re.MULTILINE)
+        text = wait_until(lambda: busy.search(t := scrape()) and waiting.search(t) and t, 20,
+                          what="the running and the queued job in the metrics")
+        client.cancel(queued)
+        running.result(30)
     for obj in scaled:
         query = obj["spec"]["triggers"][0]["metadata"]["query"]
         for metric, labels in re.findall(r"(conveyor_\w+)\{([^}]*)\}", query):
@@ -543,29 +484,35 @@ def test_probes_follow_the_worker_loop_never_the_dispatcher(kube: Release) -> No
         assert checks and all(checks) and pod.live()
 
     io.signal("SIGSTOP")  # a stuck worker loop: its health file goes stale
-    try:
-        wait_until(lambda: not io.live() and not io.ready(), 30, what="the stuck worker to fail liveness")
-        assert all(p.live() for p in cpu)
-    finally:
-        io.signal("SIGCONT")
-    wait_until(lambda: io.live() and io.ready(), 30, what="the worker to be live again")
+    wait_until(lambda: not io.live() and not io.ready(), 30, what="the stuck worker to fail liveness")
+    assert all(p.live() for p in cpu)
+    # the kubelet kills it: a stopped process never handles SIGTERM, so SIGKILL ends it (after a grace period
+    # shortened here from the pod's 20 s); then a new container, here a new pod, starts
+    exited = kube.stop(io, grace_s=1)["worker"]
+    assert exited.killed and exited.code == 137, exited
+    fresh = kube.start("conveyor-worker-io")
+    wait_until(lambda: fresh.live() and fresh.ready(), 60, what="the new io worker to be live and ready")
 
 
 def test_jobs_survive_a_dispatcher_restart_on_its_claim(kube: Release) -> None:
+    with kube.client(kube.host_keys, connect_timeout=30) as submitter:  # detached jobs, as `conveyor submit`
+        keep = submitter.options(keep=True)
+        done = keep.submit(pow, 3, 4).job_id
+        slow = [keep.options(mode="processes").submit("conveyor.builtins:shell", f"sleep 2; echo {i}").job_id
+                for i in range(6)]
+        wait_until(lambda: None not in submitter.job_info(done, *slow), 30, what="the jobs to be accepted")
     with kube.client(kube.host_keys, connect_timeout=30, reconnect_timeout=120) as client:
-        wait_until(lambda: len(registered(client)) == 3, 60, what="3 workers to register")
-        done = client.submit(pow, 3, 4)
-        assert done.result(30) == 81
+        wait_until(lambda: [(j or {}).get("state") for j in client.job_info(done, slow[0])] == ["succeeded", "running"],
+                   30, what="one job done, the others running or queued")
         before = client.status()["dispatcher"]["instance"]
-        jobs = [client.options(mode="processes").submit("conveyor.builtins:shell", f"sleep 1; echo {i}")
-                for i in range(8)]
-        wait_until(lambda: client.status()["running"] >= 2, 30, what="jobs to run")
-        exited = kube.stop(kube.pods[kube.dispatcher][0])  # SIGTERM; the StatefulSet makes a new pod
-        assert exited["dispatcher"].code == 0 and not exited["dispatcher"].killed, exited
-        dispatcher = kube.start(kube.dispatcher)  # the same claim, journal-conveyor-dispatcher-0
-        assert [j.result(90)["stdout"] for j in jobs] == [f"{i}\n" for i in range(8)]
+        exited = kube.stop(kube.pods[kube.dispatcher][0])["dispatcher"]  # SIGTERM; the StatefulSet makes a new pod
+        assert exited.code == 0 and not exited.killed, exited
+        dispatcher = kube.start(kube.dispatcher)  # on the same claim, journal-conveyor-dispatcher-0
+        assert client.result(done, timeout=60) == 81  # finished before the restart: its result was journaled
+        assert [client.result(j, timeout=60)["stdout"] for j in slow] == [f"{i}\n" for i in range(6)]  # ran again
         assert client.status()["dispatcher"]["instance"] != before
-        assert client.result(done.job_id, timeout=30) == 81  # finished before the restart: kept in the journal
+        recovered = re.search(r"(\d+) finished job\(s\) restored, (\d+) unfinished job\(s\) queued", dispatcher.logs())
+        assert recovered and int(recovered[1]) >= 1 and int(recovered[2]) >= 1, dispatcher.logs()[-2000:]
         wait_until(lambda: len(registered(client)) == 3 and dispatcher.ready(), 60, what="the workers to return")
 
 
@@ -592,7 +539,8 @@ def test_revoking_a_key_through_its_secret_reaches_the_dispatcher_pod(kube: Rele
         subprocess.run(conveyor_cmd("keys", "revoke", str(kube.keys), "worker", "io"), check=True, cwd=ROOT,
                        capture_output=True, timeout=60)
         kube.apply_secrets()  # kubectl apply: the kubelet swaps the dispatcher's authorized-workers files
-        assert wait_until(lambda: io.exited(), 30, what="the io worker to be refused") == 1
+        wait_until(lambda: io.exited() is not None, 30, what="the io worker to be refused")
+        assert io.exited() == 1
         assert "was revoked" in io.logs()
         assert {w["mode"] for w in registered(client).values()} == {"processes"}
         assert client.options(mode="processes").submit(pow, 2, 3).result(30) == 8

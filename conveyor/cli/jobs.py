@@ -83,9 +83,13 @@ def submit(
         if not wait:
             fut.add_done_callback(lambda _: None)
             # the id is ours from the start; make sure the dispatcher accepted it before we exit
-            info = client.job_info(fut.job_id)
-            if info[0] is None and not fut.done():
-                raise CliError("the dispatcher did not accept the job")
+            info = client.job_info(fut.job_id)  # answered after the SUBMIT: a barrier
+            if info[0] is None:  # rejected, or refused (its journal's disk is full): the future says why
+                try:
+                    refused = fut.exception(timeout=5)
+                except TimeoutError:
+                    refused = None
+                raise CliError(f"the dispatcher did not accept the job{f': {refused}' if refused else ''}")
             print(dump({"id": fut.job_id}) if as_json else fut.job_id)
             return
         from conveyor.client.progress import wait_with_progress

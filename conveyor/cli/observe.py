@@ -42,6 +42,7 @@ def start_observers(
 
         try:
             m = start_metrics(d.observer, metrics_port, metrics_host)
+            d.on_close(m.close)  # stopped with the dispatcher
         except OSError as exc:
             raise CliError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}") from None
         print(f"metrics: http://{m.host}:{m.port}/metrics", file=sys.stderr, flush=True)
@@ -50,6 +51,7 @@ def start_observers(
 
         try:
             server, token = start_dashboard(d.observer, dashboard_port, dashboard_host, dashboard_token)
+            d.on_close(server.close)
         except OSError as exc:
             where = f"{dashboard_host}:{dashboard_port}"
             raise CliError(f"cannot serve the dashboard on {where}: {exc.strerror or exc}") from None
@@ -127,6 +129,13 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
     head.append(f"  instance {d.get('instance')}  pid {d.get('pid')}", style="dim")
     if "uptime" in st:
         head.append(f"  up {fmt_duration(st['uptime'])}", style="dim")
+    journal = st.get("journal") or {}
+    if journal.get("state") in ("full", "failing"):  # it refuses new jobs: say why, in red
+        head.append(f"\njournal: {journal['state']}: {journal.get('reason')}", style="bold red")
+    conns = st.get("connections") or {}
+    if conns.get("accept_failures"):
+        head.append(f"\nconnections: cannot accept more ({conns.get('last_error')}); serving the ones it has",
+                    style="bold red")
     line = Text()
     line.append(f"{len(workers)} worker(s)", style="bold")
     if modes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,6 +42,19 @@ def dispatcher(
         str, typer.Option(help="normal: survive a dispatcher crash; full: also an OS crash (fsync per commit).")
     ] = "normal",
     max_queued: Annotated[int, typer.Option(help="Queued jobs beyond which submitters are slowed.")] = 1_000_000,
+    max_queued_mib: Annotated[
+        int, typer.Option(min=1, help="MiB of task arguments held for unfinished jobs beyond which submitters wait.")
+    ] = 2048,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option("--limit", help="A limit key: 'stripe=100/s,burst=20' or 'db=concurrency:4' (repeatable)."),
+    ] = None,
+    limits_file: Annotated[
+        str | None, typer.Option(help="A TOML file of limit keys: [limits] stripe = \"100/s,burst=20\".")
+    ] = None,
+    priority_aging: Annotated[
+        float | None, typer.Option(help="Seconds of waiting worth one priority point (default: strict priority).")
+    ] = None,
     keys: KeysOpt = None,
     insecure: InsecureOpt = False,
     max_message_mib: MaxMessageOpt = 512,
@@ -67,6 +80,9 @@ def dispatcher(
 
     setup_logging(log_level, log_format)
     check_bind(bind, keys, insecure)
+    declared = _limits(limit or [], limits_file)
+    if priority_aging is not None and not priority_aging > 0:
+        raise CliError("--priority-aging must be a positive number of seconds", EXIT_USAGE)
     store = None
     if not no_journal:
         path = journal or str(default_journal_path())
@@ -77,7 +93,9 @@ def dispatcher(
     try:
         d = Dispatcher(
             bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
-            journal=store, max_queued=max_queued, keys=keys, insecure=insecure, max_message_size=max_message_mib << 20,
+            journal=store, max_queued=max_queued, max_queued_bytes=max_queued_mib << 20, keys=keys,
+            insecure=insecure, max_message_size=max_message_mib << 20, limits=declared,
+            priority_aging_s=priority_aging,
         )
     except ConveyorError:
         if store is not None:
@@ -95,6 +113,29 @@ def dispatcher(
     start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.run()
+
+
+def _limits(declarations: list[str], path: str | None) -> list[tuple[str, Any]]:
+    """--limit KEY=RULE and a limits file's [limits] table, checked: one line and exit 2 if wrong."""
+    from conveyor.dispatcher.limits import parse_declaration, parse_rule
+
+    out: list[tuple[str, Any]] = []
+    try:
+        if path is not None:
+            import tomllib
+
+            try:
+                with open(path, "rb") as f:
+                    table = tomllib.load(f).get("limits", {})
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ValueError(f"cannot read the limits file {path}: {exc}") from None
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: [limits] must be a table of KEY = \"RULE\"")
+            out += [(str(key), parse_rule(str(rule))) for key, rule in table.items()]
+        out += [parse_declaration(d) for d in declarations]
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return out
 
 
 def worker(

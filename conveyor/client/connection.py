@@ -39,7 +39,7 @@ import msgspec
 import zmq
 
 from conveyor.client.future import JobFuture
-from conveyor.errors import AccessDenied, DispatcherUnavailable, JournalFull, VersionMismatch
+from conveyor.errors import AccessDenied, DispatcherUnavailable, VersionMismatch
 from conveyor.protocol import Cmd, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
@@ -59,7 +59,6 @@ SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # ZMTP heartbeats: a connection silent for this many intervals is torn down
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
-REFUSED = "refused"  # the error kind of a job the dispatcher could not make durable (ACCEPTED refused)
 # Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -556,10 +555,11 @@ class Connection:
         if body.busy:
             self._busy.extend(body.busy)
             self._busy_at = time.monotonic() + BUSY_RETRY_S
-        for job_id, reason in body.rejected:
-            self._resolve(job_id, "failed", {"error": perr.error_info("rejected", "ValueError", reason)}, [])
-        for job_id, reason in body.refused:
-            self._resolve(job_id, "failed", {"error": perr.error_info(REFUSED, "JournalFull", reason)}, [])
+        for job_id, reason, *kind in body.rejected:  # [id, reason] or [id, reason, kind]
+            error = perr.error_info(kind[0] if kind else perr.REJECTED, "ValueError", reason)
+            self._resolve(job_id, "failed", {"error": error}, [])
+        for job_id, reason in body.refused:  # its journal's disk is full: JournalFull
+            self._resolve(job_id, "failed", {"error": perr.error_info(perr.REFUSED, "JournalFull", reason)}, [])
 
     def _resend_busy(self) -> None:
         with self._lock:
@@ -673,10 +673,7 @@ def _readable(sock: zmq.Socket[Any]) -> bool:
 
 def outcome_error(info: dict[str, Any], data: list[Any]) -> BaseException:
     """The exception of a job that did not succeed, from its JOB_DONE info and frames."""
-    error = info.get("error") or {}
-    if error.get("kind") == REFUSED:
-        return JournalFull(str(error.get("message", "the dispatcher's journal is full")))
-    return perr.rebuild_exception(error, data)
+    return perr.rebuild_exception(info.get("error") or {}, data)
 
 
 def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:

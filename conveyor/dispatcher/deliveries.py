@@ -26,13 +26,17 @@ class Deliveries:
     def __init__(self, forget: Callable[[Job], None]):
         self._forget = forget  # drop a finished job that every client it was sent to has
         self._pending: dict[bytes, list[Job]] = {}  # this turn's deliveries, by client
+        self._withhold: dict[bytes, set[str]] = {}  # of those, jobs to send without their result
         self._seq: dict[bytes, int] = {}  # the last JOB_DONE number per client
         self._unacked: dict[bytes, deque[tuple[int, list[Job]]]] = {}
 
-    def add(self, client: bytes, job: Job) -> None:
-        """Deliver a finished job to a client at the end of this turn."""
+    def add(self, client: bytes, job: Job, withhold: bool = False) -> None:
+        """Deliver a finished job to a client at the end of this turn (without its result: its dependants
+        use it, and the client fetches it with WATCH if it asks)."""
         self._pending.setdefault(client, []).append(job)
         job.unacked += 1
+        if withhold:
+            self._withhold.setdefault(client, set()).add(job.id)
 
     def take(self) -> list[Deliver]:
         """This turn's JOB_DONE messages, numbered."""
@@ -40,8 +44,9 @@ class Deliveries:
         for client, jobs in self._pending.items():
             seq = self.number(client)
             self._unacked.setdefault(client, deque()).append((seq, jobs))
-            out.append(Deliver(client, jobs, seq))
+            out.append(Deliver(client, jobs, seq, frozenset(self._withhold.get(client, ()))))
         self._pending = {}
+        self._withhold = {}
         return out
 
     def number(self, client: bytes) -> int:
@@ -83,6 +88,7 @@ class Deliveries:
                 self._settle(job, delivered=False)
         for job in self._pending.pop(client, ()):
             self._settle(job, delivered=False)
+        self._withhold.pop(client, None)
 
     def unacked(self, client: bytes) -> int:
         """JOB_DONE messages sent to this client and not yet acknowledged."""
@@ -93,4 +99,4 @@ class Deliveries:
         if delivered:
             job.delivered = True
         if job.unacked == 0 and job.delivered and not job.opts.keep and job.state in FINISHED_STATES:
-            self._forget(job)
+            self._forget(job)  # unless its dependants still need it (Scheduler._forget)

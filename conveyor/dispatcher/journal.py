@@ -21,13 +21,15 @@ commit of the row that no longer does; `load()` removes files that no row refers
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,9 @@ from conveyor.errors import JournalInUse
 
 log = logging.getLogger("conveyor.dispatcher")
 
-SCHEMA_VERSION = 2  # 2: frames may refer to files in <journal>.blobs/ (a version 1 journal is a valid 2)
+# 2: frames may refer to files in <journal>.blobs/ (a version 1 journal is a valid 2); 3: a job's parents
+# (deps), added to older journals on open
+SCHEMA_VERSION = 3
 BLOB_THRESHOLD = 1 << 20  # frames of this many bytes or more go to their own file
 _EXT_FILE = 1  # msgpack extension in a frames column: the frame is in the blob file named by its data
 
@@ -55,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     history BLOB,
     result_info BLOB,
     result_frames BLOB,
-    expires_at REAL
+    expires_at REAL,
+    deps BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 """
@@ -68,18 +73,52 @@ def default_journal_path() -> Path:
 
 
 @dataclass(slots=True)
+class Batch:
+    """Journal writes recorded over a few loop turns, committed together: the last word on each job."""
+
+    inserts: dict[str, tuple[Any, ...]]  # job id -> (id, seq, owner, opts, frames, deps)
+    finishes: dict[str, tuple[Any, ...]]  # job id -> (state, attempts, history, info, frames, expires_at, id)
+    deletes: set[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.finishes or self.deletes)
+
+    @property
+    def jobs(self) -> int:
+        return len(self.inserts) + len(self.finishes) + len(self.deletes)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a failed write failed for lack of space (SQLite's "database or disk is full", ENOSPC, EDQUOT)."""
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", "")
+        return name == "SQLITE_FULL" or "full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free for an unprivileged writer on the file system of path (None if it cannot tell)."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass(slots=True)
 class StoredJob:
     id: str
     seq: int
     owner: bytes | None
     opts: bytes  # TaskOptions as msgpack
-    frames: list[bytes]
+    frames: list[bytes] | None  # None: left on disk (load's frames_wanted)
     state: str
     attempts: int
     history: list[dict[str, Any]]
     result_info: dict[str, Any]
     result_frames: list[bytes]
     expires_at: float | None  # wall-clock time
+    deps: bytes | None = None  # its parents (msgpack [parents, after, allow_failure]), if it has any
 
 
 class Journal:
@@ -104,7 +143,10 @@ class Journal:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) == 1:
+        elif int(row[0]) in (1, 2):
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "deps" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN deps BLOB")
             self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise RuntimeError(f"journal {self.path} has schema {row[0]}, this Conveyor reads {SCHEMA_VERSION}")
@@ -122,13 +164,16 @@ class Journal:
         self._deletes: set[str] = set()
         self.commits = 0
         self.last_commit_seconds = 0.0
+        self._reader: sqlite3.Connection | None = None  # for read_frames, on the loop thread
 
     # --- recording (buffered until commit) ---------------------------------------------------------
 
-    def submitted(self, job_id: str, seq: int, owner: bytes | None, opts: bytes, frames: list[Any]) -> None:
-        """A job was accepted; `opts` are its TaskOptions as msgpack (TaskOptions.to_wire)."""
-        self._inserts[job_id] = (job_id, seq, owner, opts, tuple(frames))
-        self._deletes.discard(job_id)
+    def submitted(
+        self, job_id: str, seq: int, owner: bytes | None, opts: bytes, frames: list[Any], deps: bytes | None = None
+    ) -> None:
+        """A job was accepted; `opts` are its TaskOptions as msgpack (TaskOptions.to_wire), `deps` its parents."""
+        # A pending delete of the same id (forgotten, then submitted again) stays: deletes are written first.
+        self._inserts[job_id] = (job_id, seq, owner, opts, tuple(frames), deps)
 
     def finished(
         self,
@@ -161,9 +206,38 @@ class Journal:
     def dirty(self) -> bool:
         return bool(self._inserts or self._finishes or self._deletes)
 
+    # --- committing: a batch at a time, from the writer thread (committer.py) or here ------------------
+
+    def take_batch(self) -> Batch:
+        """Everything recorded since the last batch (loop thread); recording goes on into a new one."""
+        batch = Batch(self._inserts, self._finishes, self._deletes)
+        self._inserts, self._finishes, self._deletes = {}, {}, set()
+        return batch
+
+    def restore(self, batch: Batch, dropped: AbstractSet[str] = frozenset()) -> None:
+        """Put a batch that failed to commit back in front of what was recorded since (loop thread): the
+        newer word on a job wins, and the next commit writes both. `dropped`: jobs refused meanwhile,
+        whose insert is not written at all."""
+        inserts = {i: row for i, row in batch.inserts.items() if i not in dropped and i not in self._deletes}
+        self._inserts = {**inserts, **self._inserts}
+        for i, row in batch.finishes.items():
+            if i not in self._finishes and i not in self._deletes and i not in dropped:
+                self._finishes[i] = row
+        self._deletes |= batch.deletes  # deletes are written before inserts: a re-submitted id survives
+
     def commit(self) -> None:
-        """Write everything recorded since the last commit in one transaction."""
-        if not self.dirty:
+        """Write everything recorded so far, now, in this thread (start-up, shutdown, tests)."""
+        batch = self.take_batch()
+        try:
+            self.write(batch)
+        except BaseException:
+            self.restore(batch)
+            raise
+
+    def write(self, batch: Batch) -> None:
+        """Write one batch in one transaction; on failure nothing of it is written (and it can be
+        restored). Only one thread writes at a time: the writer thread, or the loop when none runs."""
+        if not batch:
             return
         started = time.perf_counter()
         db = self._db
@@ -172,55 +246,61 @@ class Journal:
         result_files: dict[str, list[str]] = {}
         try:
             inserts = [
-                # finished within this turn too: the UPDATE below drops the call frames anyway
-                (i, seq, owner, opts, None if i in self._finishes else self._pack(frames, call_files, i, written))
-                for i, seq, owner, opts, frames in self._inserts.values()
+                # finished within this batch too: the UPDATE below drops the call frames anyway
+                (i, seq, owner, opts, None if i in batch.finishes else self._pack(frames, call_files, i, written), deps)
+                for i, seq, owner, opts, frames, deps in batch.inserts.values()
             ]
             finishes = [
                 (st, att, hist, info, self._pack(frames, result_files, i, written), exp, i)
-                for st, att, hist, info, frames, exp, i in self._finishes.values()
+                for st, att, hist, info, frames, exp, i in batch.finishes.values()
             ]
             if written and self._full:
                 _fsync_dir(self._blobs)
             db.execute("BEGIN")
-            try:
-                if inserts:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state) "
-                        "VALUES (?,?,?,?,?,'queued')",
-                        inserts,
-                    )
-                if finishes:
-                    db.executemany(
-                        "UPDATE jobs SET state=?, attempts=?, history=?, result_info=?, result_frames=?, "
-                        "expires_at=?, frames=NULL WHERE id=?",
-                        finishes,
-                    )
-                if self._deletes:
-                    db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in self._deletes])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            # Deletes first: a batch restored after a failure may delete a job that a later batch inserts
+            # again under the same id (a client re-sending it); in a fresh batch they never overlap.
+            if batch.deletes:
+                db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in batch.deletes])
+            if inserts:
+                db.executemany(
+                    "INSERT OR IGNORE INTO jobs (id, seq, owner, opts, frames, state, deps) "
+                    "VALUES (?,?,?,?,?,'queued',?)",
+                    inserts,
+                )
+            if finishes:
+                db.executemany(
+                    "UPDATE jobs SET state=?, attempts=?, history=?, result_info=?, result_frames=?, "
+                    "expires_at=?, frames=NULL WHERE id=?",
+                    finishes,
+                )
+            db.execute("COMMIT")
         except BaseException:
+            self._abandon()
             self._unlink(written)
             raise
         if written or self._call_files or self._result_files:
             doomed: list[str] = []  # files no committed row refers to any more
-            for job_id in self._finishes:
+            for job_id in batch.finishes:
                 doomed += self._call_files.pop(job_id, ())
                 doomed += self._result_files.pop(job_id, ())
-            for job_id in self._deletes:
+            for job_id in batch.deletes:
                 doomed += self._call_files.pop(job_id, ())
                 doomed += self._result_files.pop(job_id, ())
             self._call_files.update(call_files)
             self._result_files.update(result_files)
             self._unlink(doomed)
-        self._inserts.clear()
-        self._finishes.clear()
-        self._deletes.clear()
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
+
+    def _abandon(self) -> None:
+        """After a failed write: end the transaction if SQLite has not ended it itself. On SQLITE_FULL it
+        may already have rolled back, and a ROLLBACK then fails ("no transaction is active"): ask
+        SQLite whether a transaction is open instead of assuming."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the connection is in a state we cannot repair: log, the next BEGIN tells
+                log.error("journal %s: rollback failed: %s", self.path, exc)
 
     def _pack(self, frames: Sequence[Any], files: dict[str, list[str]], job_id: str, written: list[str]) -> bytes:
         """A frames column: msgpack [bin | ext(file name), ...], large frames written to blob files."""
@@ -258,6 +338,27 @@ class Journal:
 
         return msgpack.unpackb(blob, raw=False, ext_hook=ext_hook)  # type: ignore[no-any-return]
 
+    def _note_blobs(self, blob: bytes | None, files: dict[str, list[str]], job_id: str) -> list[Any] | None:
+        """Note the blob files a frames column refers to without reading them: the frames stay on disk
+        (None)."""
+        if blob is not None:
+
+            def ext_hook(code: int, data: bytes) -> None:
+                files.setdefault(job_id, []).append(data.decode())
+
+            msgpack.unpackb(blob, raw=False, ext_hook=ext_hook)
+        return None
+
+    def read_frames(self, job_id: str) -> list[Any]:
+        """A job's call frames, read back from the journal (loop thread; a connection of its own, since the
+        writer thread uses the other). Raises LookupError if the job's call is not there."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        row = self._reader.execute("SELECT frames FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row[0] is None:
+            raise LookupError(f"journal {self.path} holds no call for job {job_id}")
+        return self._unpack(row[0], {}, job_id)
+
     def _unlink(self, names: list[str]) -> None:
         for name in names:
             try:
@@ -267,12 +368,15 @@ class Journal:
 
     # --- recovery and housekeeping -----------------------------------------------------------------
 
-    def load(self) -> Iterator[StoredJob]:
+    def load(self, frames_wanted: Callable[[bytes], bool] | None = None) -> Iterator[StoredJob]:
         """Every job in the journal, oldest submission first. Once all are read, blob files that no job
-        refers to (written for a commit that never happened, or not yet deleted at a crash) are removed."""
+        refers to (written for a commit that never happened, or not yet deleted at a crash) are removed.
+
+        `frames_wanted(opts)` False: the job's call frames stay on disk (`frames` is None; read_frames
+        gets them when they are needed: a job due far ahead)."""
         rows = self._db.execute(
-            "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, expires_at "
-            "FROM jobs ORDER BY seq"
+            "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, expires_at, "
+            "deps FROM jobs ORDER BY seq"
         )
         self._call_files.clear()
         self._result_files.clear()
@@ -283,13 +387,18 @@ class Journal:
                     seq=row[1],
                     owner=row[2],
                     opts=bytes(row[3]),
-                    frames=self._unpack(row[4], self._call_files, row[0]),
+                    frames=(
+                        self._unpack(row[4], self._call_files, row[0])
+                        if frames_wanted is None or frames_wanted(row[3])
+                        else self._note_blobs(row[4], self._call_files, row[0])  # None: left on disk
+                    ),
                     state=row[5],
                     attempts=row[6],
                     history=msgpack.unpackb(row[7], raw=False) if row[7] is not None else [],
                     result_info=msgpack.unpackb(row[8], raw=False) if row[8] is not None else {},
                     result_frames=self._unpack(row[9], self._result_files, row[0]),
                     expires_at=row[10],
+                    deps=row[11],
                 )
             except (OSError, ValueError) as exc:  # e.g. a blob file lost with the OS (sync normal): skip the job
                 log.error("journal %s: job %s cannot be read back (%s); dropped", self.path, row[0], exc)
@@ -315,10 +424,14 @@ class Journal:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM jobs").fetchone()[0])
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        """Commit what is recorded (unless told not to), then close; the lock is released either way."""
         try:
-            self.commit()
+            if commit:
+                self.commit()
         finally:
+            if self._reader is not None:
+                self._reader.close()
             self._db.close()
             self._lock_file.close()
 

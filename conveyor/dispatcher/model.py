@@ -10,14 +10,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.dispatcher.graph import Node
 from conveyor.protocol.commands import TaskOptions
 
-QUEUED = "queued"
-RUNNING = "running"
+WAITING = "waiting"  # waits for its parents to finish (graph.py)
+SCHEDULED = "scheduled"  # not due yet (eta, countdown): waits in the dispatcher, on a timer
+LIMITED = "limited"  # waits for its limit keys to allow a start (limits.py)
+QUEUED = "queued"  # could be assigned now: waits for a worker with room
+RUNNING = "running"  # assigned to a worker (prefetched ones too)
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
-FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+EXPIRED = "expired"  # not started by its expiry time
+FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
+WAITING_STATES = frozenset({WAITING, SCHEDULED, LIMITED, QUEUED})  # accepted, not started
 
 ClassKey = tuple[str | None, frozenset[str]]  # (mode or None, required tags)
 MAX_BACKOFF = 300.0
@@ -25,18 +31,22 @@ MAX_BACKOFF = 300.0
 
 _NO_INFO: dict[str, Any] = {}
 _NO_FRAMES: list[Any] = []
+NO_HISTORY: list[dict[str, Any]] = []  # shared by every job that never ran: replaced, never appended to
 
 
 class Job:
     __slots__ = (
         "attempt",
         "delivered",
+        "due",
+        "expires",
         "failures",
         "finished_at",
         "frames",
         "history",
         "id",
         "infra_failures",
+        "node",
         "opts",
         "owner",
         "result_frames",
@@ -59,7 +69,10 @@ class Job:
         self.state = QUEUED
         self.attempt = 0
         self.worker: bytes | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = NO_HISTORY
+        self.due: float | None = None  # not before this (monotonic), while scheduled
+        self.expires: float | None = None  # expired if not started by this (monotonic)
+        self.node: Node | None = None  # its parents and dependants, if it has any (graph.py)
         self.failures = 0
         self.infra_failures = 0
         self.submitted_at = now
@@ -93,7 +106,7 @@ class WorkerInfo:
     running: dict[str, int] = field(default_factory=dict)  # job id -> attempt
     done: int = 0
     draining: bool = False
-    classes: list[ClassKey] = field(default_factory=list)  # queue classes this worker can serve
+    classes: dict[ClassKey, None] = field(default_factory=dict)  # queue classes it can serve (an ordered set)
     session: str = ""  # the worker's connection; a READY with a new one means a new connection
     prefetch: int = 0  # most jobs it may hold beyond its slots, queued on the worker
     prefetch_auto: bool = False  # hold only as many as its recent task durations justify (window)
@@ -138,6 +151,7 @@ class Deliver:
     client: bytes
     jobs: list[Job]
     seq: int  # this JOB_DONE's number in the client's sequence (deliveries.py)
+    withhold: frozenset[str] = frozenset()  # jobs sent without their result (their dependants use it)
 
 
 @dataclass(slots=True)

@@ -2,30 +2,43 @@
 
 Read this top to bottom: `run()` is the loop; `_receive()` decodes each message into its typed body
 (conveyor/protocol/commands.py) and routes it through `_handlers`, the one table of every command a
-peer may send; `_flush()` turns the scheduler's actions into messages. All scheduling decisions live
-in `scheduler.py`; this file only decodes, encodes, and keeps time.
+peer may send (the worker commands are here, the client commands in clients.py, progress and output in
+observe/); `_flush()` turns the scheduler's actions into messages. All scheduling decisions live in
+`scheduler.py`, the journal's commits in `durability.py`; this file only decodes, encodes, and keeps
+time.
+
+Liveness is judged on evidence only: a worker is lost when nothing came from it for the liveness
+window *before the last moment the socket was found empty*, so a slow turn (a burst, a big query)
+never expires workers whose heartbeats wait unread; after a turn that hit the read cap, nobody is
+expired at all. The journal's commits run on their own thread, so a slow disk cannot stall the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message  # not lazily: out of descriptors, an import fails
 
 from conveyor.dispatcher.access import ANY_COMMAND, Gate
+from conveyor.dispatcher.clients import ClientSide
+from conveyor.dispatcher.durability import Durability
 from conveyor.dispatcher.journal import Journal
-from conveyor.dispatcher.model import Resend, shift_history, wall_clock_offset, wall_clock_view
+from conveyor.dispatcher.limits import Rule
+from conveyor.dispatcher.model import Resend
 from conveyor.dispatcher.observe.observer import Observer
-from conveyor.dispatcher.scheduler import FINISHED_STATES, SUCCEEDED, Assign, CancelRunning, Deliver, Scheduler
+from conveyor.dispatcher.scheduler import OFFLOADED, Assign, CancelRunning, Deliver, Job, Scheduler
 from conveyor.protocol import Cmd, ProtocolError, VersionMismatch, encode, split_frames
 from conveyor.protocol import commands as c
+from conveyor.protocol import failures as perr
 from conveyor.protocol.frames import split
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
@@ -35,6 +48,8 @@ from conveyor.transport.sockets import NOBLOCK, send_parts
 log = logging.getLogger("conveyor.dispatcher")
 
 MAX_MESSAGES_PER_TURN = 2000  # then flush, so a flood from one peer cannot starve assignment
+SEND_HWM = 100_000  # messages queued for one peer at most; beyond, that peer counts as unreachable
+DEFAULT_MAX_QUEUED_BYTES = 2 << 30  # call frames held for unfinished jobs, at most (then submitters wait)
 
 
 class Dispatcher:
@@ -48,25 +63,24 @@ class Dispatcher:
         result_ttl: float = 3600.0,
         journal: Journal | None = None,
         max_queued: int = 1_000_000,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         context: zmq.Context[Any] | None = None,
         keys: str | os.PathLike[str] | None = None,
         insecure: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        limits: Iterable[tuple[str, Rule]] = (),
+        priority_aging_s: float | None = None,
     ):
         self.bind_address = bind
         self.journal = journal
-        self.result_ttl = result_ttl
-        self.max_queued = max_queued
-        self._acks: list[tuple[bytes, c.Accepted]] = []  # ACCEPTED replies waiting for the journal commit
-        self._commit_at: float | None = None  # when the journal commits what this and later turns recorded
-        self._clients: dict[bytes, float] = {}  # client peers by last message time, told when we stop
         self.heartbeat_interval = heartbeat_interval
+        self.liveness_s = heartbeat_interval * liveness  # silence after which a worker is lost
         self.instance = uuid.uuid4().hex[:12]
-        # Our heartbeat also tells peers our interval: workers beat at least this often.
-        self._beat_body = c.Heartbeat("dispatcher", self.instance, heartbeat_interval)
         self.scheduler = Scheduler(
-            infra_retries=infra_retries, liveness=heartbeat_interval * liveness, result_ttl=result_ttl
+            infra_retries=infra_retries, liveness=self.liveness_s, result_ttl=result_ttl, aging_s=priority_aging_s
         )
+        for key, rule in limits:  # declared at start (--limit, --limits-file); LIMITS changes them later
+            self.scheduler.limits.declare(key, rule, time.monotonic())
         self._ctx = context or zmq.Context.instance()
         self._router: zmq.Socket[Any] | None = None
         self._stopping = False
@@ -79,8 +93,22 @@ class Dispatcher:
         self.insecure = insecure  # allow a non-loopback bind without keys (docs/security.md)
         self.max_message_size = max_message_size
         self._gate = Gate(load_dispatcher_credentials(keys) if keys is not None else None)
+        self._connections = _Connections()
+        self._closers: list[Callable[[], None]] = []  # what else to close when the loop ends (HTTP servers)
+        self._saturated = False  # the last read hit MAX_MESSAGES_PER_TURN: messages may still be waiting
         # Progress, output, job history, metrics, the dashboard's snapshots.
         self.observer = Observer(self.scheduler, self._send, self._wake, self._about)
+        self.durability = (
+            None if journal is None else Durability(journal, self.scheduler, self._send, self._wake, result_ttl)
+        )
+        if self.durability is not None:
+            self.durability.on_commit = lambda seconds: self.observer.journal_committed(
+                journal.commits if journal is not None else 0, seconds)
+        self.clients = ClientSide(
+            self.scheduler, self.observer, self.durability, self._send, instance=self.instance,
+            heartbeat_interval=heartbeat_interval, max_queued=max_queued, max_queued_bytes=max_queued_bytes,
+            decorate_status=self._decorate_status,
+        )
         # Every command a peer may send, and who handles it (each gets the typed body of its command).
         self._handlers: dict[Cmd, Callable[[bytes, Any, list[Any], float], None]] = {
             # workers
@@ -91,16 +119,8 @@ class Dispatcher:
             Cmd.GOODBYE: self._on_goodbye,
             Cmd.PROGRESS: self.observer.on_progress,
             Cmd.OUTPUT: self.observer.on_output,
-            # clients
-            Cmd.HELLO: self._on_hello,
-            Cmd.SUBMIT: self._on_submit,
-            Cmd.WATCH: self._on_watch,
-            Cmd.CANCEL_JOBS: self._on_cancel,
-            Cmd.STATUS: self._on_status,
-            Cmd.JOB_INFO: self._on_job_info,
-            Cmd.JOBS: self.observer.on_jobs,
-            Cmd.LOGS: self.observer.on_logs,
-            Cmd.ACK: self._on_ack,
+            # clients: HELLO, SUBMIT, WATCH, CANCEL_JOBS, STATUS, JOB_INFO, JOBS, LOGS, ACK
+            **self.clients.handlers(),
             # both
             Cmd.HEARTBEAT: self._on_heartbeat,
         }
@@ -113,10 +133,15 @@ class Dispatcher:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # know when a peer is gone instead of dropping silently
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with the same id takes over
-        router.setsockopt(zmq.SNDHWM, 0)  # never block or drop on a slow peer; clients bound their windows
+        router.setsockopt(zmq.SNDHWM, SEND_HWM)  # a peer that never reads cannot grow our memory forever
         router.setsockopt(zmq.LINGER, 500)
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        # ZMTP heartbeats: a connection whose peer vanished without a FIN or RST is closed in the end
+        # instead of lingering half-open (peers detect it sooner on their side and reconnect).
+        router.setsockopt(zmq.HEARTBEAT_IVL, max(100, int(self.heartbeat_interval * 1000)))
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(5.0, 3 * self.liveness_s) * 1000))
         self._gate.secure(self._ctx, router)  # with keys: a CurveZMQ server, its ZAP handler up before bind
+        self._connections.watch(router)
         address = self.bind_address
         if address.startswith("tcp://") and address.endswith(":0"):
             address = address[:-2] + ":*"
@@ -130,98 +155,96 @@ class Dispatcher:
         self._stopping = True
         self._wake()
 
-    def _wake(self) -> None:
-        """Wake the loop from another thread (or a signal handler)."""
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def _about(self) -> dict[str, Any]:
-        """Who this dispatcher is, for status views."""
-        return {"instance": self.instance, "endpoint": self.endpoint, "malformed": self.malformed}
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Also close this when the dispatcher stops (the metrics and dashboard servers)."""
+        self._closers.append(close)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
 
     def run(self) -> None:
-        if self._router is None:
-            self.bind()
-        router = self._router
-        assert router is not None
+        """Serve until stop(); then say goodbye to every peer and close everything, in order."""
+        with contextlib.ExitStack() as stack:
+            # Closed in reverse order, each whatever happened to the others: the wake sockets last, the
+            # journal (which may fail on a full disk) before the ROUTER, which goes before the ZAP handler.
+            stack.callback(self._wake_w.close)
+            stack.callback(self._wake_r.close)
+            stack.callback(self._gate.close)
+            if self._router is None:
+                self.bind()
+            router = self._router
+            assert router is not None
+            stack.callback(router.close, 500)
+            stack.callback(self._connections.close)
+            for close in self._closers:
+                stack.callback(close)
+            if self.durability is not None:
+                stack.callback(self.durability.close)
+                self.durability.recover()
+            log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
+            self._loop(router)
+            self._goodbye()
+
+    def _loop(self, router: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         zap = self._gate.zap_socket
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
+        monitor = self._connections.socket
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         next_heartbeat = time.monotonic()
-        if self.journal is not None:
-            self._recover(self.journal)
-        log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
-        try:
-            while not self._stopping:
-                now = time.monotonic()
-                deadline = next_heartbeat
-                timer = self.scheduler.next_timer()
-                if timer is not None:
-                    deadline = min(deadline, timer)
-                deadline = min(deadline, self.observer.next_tick)  # once a second: statistics, snapshots
-                if self._commit_at is not None:
-                    deadline = min(deadline, self._commit_at)
-                events = dict(poller.poll(max(0, int((deadline - now) * 1000) + 1)))
-                if self._wake_r.fileno() in events:
-                    self._drain_wakeups()
-                if zap is not None and zap in events:
-                    self._gate.serve_zap(time.monotonic())  # handshakes: accept authorized keys only
-                if router in events:
-                    self._receive(router)
-                now = time.monotonic()
-                if now >= next_heartbeat:
-                    self._heartbeat(now)
-                    next_heartbeat = now + self.heartbeat_interval
-                self.scheduler.tick(now)
-                self.observer.tick(now)
-                self.scheduler.schedule(now)
-                self._flush()
-            self._shutdown()
-        finally:
-            if self.journal is not None:
-                self.journal.close()
-            router.close(linger=500)
-            self._gate.close()
-            self._wake_r.close()
-            self._wake_w.close()
+        durability = self.durability
+        while not self._stopping:
+            now = time.monotonic()
+            deadline = min(next_heartbeat, self.observer.next_tick)  # statistics, snapshots: once a second
+            timer = self.scheduler.next_timer()
+            if timer is not None:
+                deadline = min(deadline, timer)
+            if durability is not None and durability.deadline is not None:
+                deadline = min(deadline, durability.deadline)
+            timeout_ms = 0 if self._saturated else max(0, int((deadline - now) * 1000) + 1)
+            events = dict(poller.poll(timeout_ms))
+            turn_started = time.monotonic()
+            if self._wake_r.fileno() in events:
+                self._drain_wakeups()
+                if durability is not None:
+                    durability.committed(turn_started)  # the writer thread is done: ACCEPTED goes out
+            if zap is not None and zap in events:
+                self._gate.serve_zap(turn_started)  # handshakes: accept authorized keys only
+            if monitor is not None and monitor in events:
+                self._connections.read()
+            # The last moment the socket was empty: everything peers sent before it has been read.
+            drained_at = self._receive(router) if router in events else turn_started
+            self._saturated = drained_at is None
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                self._heartbeat(now, drained_at)
+                next_heartbeat = now + self.heartbeat_interval
+            self.scheduler.tick(now)
+            self.observer.tick(now)
+            self.scheduler.schedule(now)
+            self._flush()
 
-    def _recover(self, journal: Journal) -> None:
-        """Load the journal: finished jobs keep their results, unfinished ones are queued to run again."""
-        now, now_wall = time.monotonic(), time.time()
-        expired = journal.expire(now_wall)
-        n_done = n_again = 0
-        for stored in journal.load():
-            try:
-                opts = c.options_from_raw(stored.opts)
-            except ValueError as exc:  # written by an older version, or damaged: skip it, keep the rest
-                log.error("journal: job %s has unusable options (%s); dropped", stored.id, exc)
-                journal.forgotten(stored.id)
-                continue
-            if stored.state in FINISHED_STATES:
-                remaining = (stored.expires_at or now_wall) - now_wall
-                self.scheduler.restore_finished(
-                    stored.id, opts, stored.owner, stored.state, stored.attempts,
-                    shift_history(stored.history, now - now_wall),  # the journal keeps wall-clock times
-                    stored.result_info, list(stored.result_frames), finished_at=now - (self.result_ttl - remaining),
-                )
-                n_done += 1
-            else:
-                self.scheduler.submit(stored.id, opts, list(stored.frames), stored.owner, now)
-                n_again += 1
-        self.scheduler.take_actions()  # nobody to deliver to yet: owners re-attach when they reconnect
-        log.info(
-            "journal %s: %d finished job(s) restored, %d unfinished job(s) queued again, %d expired",
-            journal.path, n_done, n_again, expired,
-        )
+    def _goodbye(self) -> None:
+        """Tell every worker and client we are going, so they reconnect instead of waiting out liveness."""
+        if self.durability is not None:  # what the group commit still holds: durable, then acknowledged
+            self.durability.close()
+            self.durability = None
+        body = c.Shutdown(self.instance)
+        for peer in [*self.scheduler.workers, *self.clients.clients]:
+            self._send(peer, Cmd.SHUTDOWN, body)
+        log.info("dispatcher %s stopped", self.instance)
+
+    def _wake(self) -> None:
+        """Wake the loop from another thread (or a signal handler)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
 
     def _drain_wakeups(self) -> None:
         try:
@@ -230,24 +253,34 @@ class Dispatcher:
         except OSError:
             pass
 
-    def _shutdown(self) -> None:
-        """Tell every worker and client we are going, so they reconnect instead of waiting out liveness."""
-        if self.journal is not None:  # what the group commit still held: durable, then acknowledged
-            self._commit(self.journal)
-        body = c.Shutdown(self.instance)
-        for peer in [*self.scheduler.workers, *self._clients]:
-            self._send(peer, Cmd.SHUTDOWN, body)
-        log.info("dispatcher %s stopped", self.instance)
+    def _about(self) -> dict[str, Any]:
+        """Who this dispatcher is and how its journal and connections are, for status views."""
+        now = time.monotonic()
+        return {
+            "instance": self.instance, "endpoint": self.endpoint, "malformed": self.malformed,
+            "journal": self.durability.status(now) if self.durability is not None else {"state": "off", "path": None},
+            "connections": self._connections.status(),
+        }
+
+    def _decorate_status(self, status: dict[str, Any], now: float) -> None:
+        """The server's part of STATUS_REPLY: endpoint, security, journal, connections."""
+        status["dispatcher"]["endpoint"] = self.endpoint
+        status["totals"]["malformed"] = self.malformed
+        status["security"] = self._gate.status()
+        about = self._about()
+        status["journal"], status["connections"] = about["journal"], about["connections"]
 
     # --- receiving --------------------------------------------------------------------------------
 
-    def _receive(self, router: zmq.Socket[Any]) -> None:
+    def _receive(self, router: zmq.Socket[Any]) -> float | None:
+        """Handle what is waiting, up to MAX_MESSAGES_PER_TURN: when the socket was found empty, or None
+        if the cap was hit first (more may be waiting)."""
         gate = self._gate
         for _ in range(MAX_MESSAGES_PER_TURN):
             try:
                 parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return time.monotonic()
             now = time.monotonic()
             peer = parts[0].bytes
             allowed = gate.screen(peer, parts[-1], now) if gate.screening else ANY_COMMAND
@@ -264,7 +297,7 @@ class Dispatcher:
                     continue
                 body = c.decode_body(cmd, raw)
             except VersionMismatch as exc:
-                self._send(peer, Cmd.ERROR, {"code": "version", "message": str(exc)})
+                self._send(peer, Cmd.ERROR, c.Error("version", str(exc)))
                 continue
             except ProtocolError as exc:
                 self._malformed(peer, str(exc), now)
@@ -275,6 +308,7 @@ class Dispatcher:
                 self._malformed(peer, f"{cmd.name}: {exc}", now)
             except Exception:  # a bug of ours, not the peer's: loud, with its traceback, and nobody is blamed
                 log.exception("handling %s from %r failed", cmd.name, peer[:16])
+        return None
 
     def _malformed(self, peer: bytes, reason: str, now: float) -> None:
         self.malformed += 1
@@ -288,13 +322,13 @@ class Dispatcher:
         """A key sent a command its role may not send, or its key was revoked: ERROR forbidden (rate-limited)."""
         reason = self._gate.refusal(peer, cmd, now)
         if reason is not None:
-            self._send(peer, Cmd.ERROR, {"code": "forbidden", "message": reason})
+            self._send(peer, Cmd.ERROR, c.Error("forbidden", reason))
 
     def _drop_peer(self, peer: bytes, why: str, now: float) -> None:
         """Forget a quarantined or revoked peer: a worker's registration (its jobs queue again), a client's ping."""
         w = self.scheduler.workers.get(peer)
         self.scheduler.worker_gone(peer, now)
-        self._clients.pop(peer, None)
+        self.clients.clients.pop(peer, None)
         log.warning("%s: %s", f"worker {w.name}" if w is not None else f"peer {peer[:16]!r}", why)
 
     # --- worker commands ----------------------------------------------------------------------------
@@ -316,7 +350,7 @@ class Dispatcher:
             prefetch_auto=b.prefetch_auto,
             results_seq=b.results_seq,
         )
-        self._send(peer, Cmd.HEARTBEAT, self._beat_body)
+        self._send(peer, Cmd.HEARTBEAT, self._beat(w.results_acked))
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
 
     def _on_results(self, peer: bytes, b: c.Results, frames: list[Any], now: float) -> None:
@@ -345,207 +379,102 @@ class Dispatcher:
             log.info("worker %s left", w.name)
 
     def _on_heartbeat(self, peer: bytes, b: c.Heartbeat, frames: list[Any], now: float) -> None:
-        if b.role == "worker":
-            if not self.scheduler.heard_from(peer, now):
-                self._send(peer, Cmd.RECONNECT, c.Reconnect(self.instance))
-        else:  # a client's ping: answer, so it knows we are alive and which instance we are
-            self._clients[peer] = now
-            if b.ack is not None:  # it also acknowledges JOB_DONE, in case an ACK was lost
-                self.scheduler.acked(peer, b.ack)
-            self._send(peer, Cmd.HEARTBEAT, self._beat_body)
-
-    # --- client commands ----------------------------------------------------------------------------
-
-    def _on_hello(self, peer: bytes, b: c.Hello, frames: list[Any], now: float) -> None:
-        self._clients[peer] = now
-        self._send(peer, Cmd.WELCOME, c.Welcome(self.instance, self.heartbeat_interval, b.req))
-
-    def _on_submit(self, peer: bytes, entries: list[c.SubmitEntry], frames: list[Any], now: float) -> None:
-        per_entry = split_frames([e.n_frames for e in entries], frames)
-        accepted: list[str] = []
-        rejected: list[tuple[str, str]] = []
-        busy: list[str] = []
-        jobs = self.scheduler.jobs
-        submits = self.observer.submits
-        last_raw = b""
-        last_opts: c.TaskOptions | None = None
-        last_stored = b""
-        for e, data in zip(entries, per_entry, strict=True):
-            job_id = e.job_id
-            try:
-                raw = bytes(e.options)
-                if last_opts is None or raw != last_raw:  # a batch's tasks mostly share their options' bytes
-                    last_opts = c.options_from_raw(e.options)
-                    last_raw = raw
-                    last_stored = last_opts.to_wire()  # journaled as the known fields only
-                opts = last_opts
-                if not data:
-                    raise ValueError("a task needs its call frames")
-            except ValueError as exc:
-                rejected.append((job_id, str(exc)))
-                continue
-            is_new = job_id not in jobs
-            if is_new and self.scheduler.n_queued >= self.max_queued:
-                busy.append(job_id)  # backpressure: the client re-sends these a little later
-                continue
-            job = self.scheduler.submit(job_id, opts, data, peer, now)
-            if is_new:
-                submits[opts.fn] = submits.get(opts.fn, 0) + 1
-            if is_new and self.journal is not None:
-                self.journal.submitted(job_id, job.seq, peer, last_stored, data)
-            accepted.append(job_id)
-        reply = c.Accepted(accepted, rejected, busy)
-        if self.journal is None:
-            self._send(peer, Cmd.ACCEPTED, reply)
-        else:
-            self._acks.append((peer, reply))
-
-    def _on_ack(self, peer: bytes, b: c.Ack, frames: list[Any], now: float) -> None:
-        self._clients[peer] = now
-        self.scheduler.acked(peer, b.seq)
-
-    def _on_watch(self, peer: bytes, b: c.Ids, frames: list[Any], now: float) -> None:
-        unknown = self.scheduler.watch(peer, b.ids)
-        if unknown:
-            entries = [c.JobDoneEntry(job_id, "unknown", {"error": _unknown_job(job_id)}, 0) for job_id in unknown]
-            self._send(peer, Cmd.JOB_DONE, c.JobDone(self.scheduler.deliveries.number(peer), entries))
-
-    def _on_cancel(self, peer: bytes, b: c.CancelJobs, frames: list[Any], now: float) -> None:
-        done = [job_id for job_id in b.ids if self.scheduler.cancel(job_id, now)]
-        self._send(peer, Cmd.CANCELLED, c.Cancelled(done, b.req))
-
-    def _on_status(self, peer: bytes, b: c.Request, frames: list[Any], now: float) -> None:
-        status = self.scheduler.status(now)
-        status["dispatcher"] = {"instance": self.instance, "endpoint": self.endpoint, "pid": os.getpid()}
-        self.observer.decorate_status(status, now)
-        status["req"] = b.req
-        status["totals"]["malformed"] = self.malformed
-        status["security"] = self._gate.status()
-        self._send(peer, Cmd.STATUS_REPLY, status)
-
-    def _on_job_info(self, peer: bytes, b: c.Ids, frames: list[Any], now: float) -> None:
-        views: list[dict[str, Any] | None] = []
-        offset = wall_clock_offset()
-        for job_id in b.ids:
-            job = self.scheduler.jobs.get(job_id)
-            if job is None:
-                views.append(None)
-                continue
-            views.append(self.observer.decorate_view(wall_clock_view(self.scheduler.job_view(job), offset), now))
-        self._send(peer, Cmd.JOB_INFO_REPLY, c.JobInfoReply(views, b.req))
+        if b.role != "worker":
+            self.clients.on_ping(peer, b, now)
+        elif not self.scheduler.heard_from(peer, now):
+            self._send(peer, Cmd.RECONNECT, c.Reconnect(self.instance))
 
     # --- sending ----------------------------------------------------------------------------------
 
-    def _heartbeat(self, now: float) -> None:
+    def _beat(self, ack: int) -> c.Heartbeat:
+        """Our heartbeat to a worker: it also tells our interval (workers beat at least this often) and
+        acknowledges the worker's RESULTS."""
+        return c.Heartbeat("dispatcher", self.instance, self.heartbeat_interval, ack)
+
+    def _heartbeat(self, now: float, drained_at: float | None) -> None:
         for peer, why in self._gate.tick(now):  # keys removed from authorized/: tell, block and forget
-            self._send(peer, Cmd.ERROR, {"code": "forbidden", "message": why})
+            self._send(peer, Cmd.ERROR, c.Error("forbidden", why))
             self._gate.revoke(peer, now)
             self._drop_peer(peer, why, now)
-        for peer, seen in list(self._clients.items()):
-            if now - seen > CLIENT_GONE_S:  # clients ping every second; this one is gone
-                del self._clients[peer]
-                self.scheduler.client_gone(peer)
-        for w in self.scheduler.expire_workers(now):
-            self.observer.heartbeat_missed()
-            log.warning("worker %s (pid %d on %s) missed its heartbeats: lost", w.name, w.pid, w.host)
-        for wid, w in list(self.scheduler.workers.items()):  # each acknowledges that worker's RESULTS
-            self._send(wid, Cmd.HEARTBEAT, c.Heartbeat("dispatcher", self.instance, self.heartbeat_interval,
-                                                       w.results_acked))
+        self.clients.expire(now)
+        if drained_at is not None:  # else unread messages may be heartbeats: expire no one without evidence
+            for w in self.scheduler.expire_workers(drained_at):
+                self.observer.heartbeat_missed()
+                log.warning("worker %s (pid %d on %s) missed its heartbeats: lost", w.name, w.pid, w.host)
+        for wid, w in list(self.scheduler.workers.items()):
+            self._send(wid, Cmd.HEARTBEAT, self._beat(w.results_acked))
 
     def _flush(self) -> None:
-        """Send what the scheduler decided, record it in the journal, and once the commit window has
-        passed make it durable and acknowledge the submissions it holds.
-
-        Results may go out before the commit: if we crash first, the job is still unfinished in the
-        journal and runs again, and the client drops the duplicate. Acknowledgements may not.
-        """
+        """Send what the scheduler decided, then record the turn in the journal (durability.py)."""
         for action in self.scheduler.take_actions():
             if isinstance(action, Assign):
                 self._send_assign(action)
             elif isinstance(action, Deliver):
-                self._send_done(action)
+                self.clients.send_done(action)
             elif isinstance(action, CancelRunning):
                 self._send(action.worker, Cmd.CANCEL, c.Cancel(action.job_id, action.attempt))
             elif isinstance(action, Resend):
                 self._send(action.worker, Cmd.RESEND, c.Resend(action.seq))
         finished, forgotten = self.scheduler.drain_finished(), self.scheduler.drain_forgotten()
         self.observer.turn(finished, forgotten)  # drained every turn, journal or not (they would pile up)
-        journal = self.journal
-        if journal is None:
-            return
-        wall = time.time()
-        offset = wall - time.monotonic()
-        gone = set(forgotten)  # delivered and dropped this turn: nothing to write (journal.forgotten below)
-        for job in finished:
-            if job.id in gone:
-                continue
-            journal.finished(
-                job.id, job.state, job.attempt, shift_history(job.history, offset), job.result_info, job.result_frames,
-                expires_at=wall + self.result_ttl,
-            )
-        for job_id in forgotten:
-            journal.forgotten(job_id)
-        # Group commit: the first turn with something to write sets a deadline COMMIT_WINDOW ahead; the
-        # turns until then add to the same transaction. Jobs that are submitted and finish within the
-        # window are never written at all, and ACCEPTED waits for the commit as before.
-        now = time.monotonic()
-        if self._commit_at is None:
-            if not journal.dirty and not self._acks:
-                return
-            self._commit_at = now + COMMIT_WINDOW
-        if now < self._commit_at and not self._stopping:
-            return
-        self._commit_at = None
-        self._commit(journal)
-
-    def _commit(self, journal: Journal) -> None:
-        """Make everything recorded durable, then acknowledge the submissions waiting for it."""
-        journal.commit()
-        self.observer.journal_committed(journal.commits, journal.last_commit_seconds)
-        for peer, reply in self._acks:
-            self._send(peer, Cmd.ACCEPTED, reply)
-        self._acks.clear()
+        if self.durability is not None:
+            self.durability.turn(finished, forgotten, time.monotonic(), self._stopping)
 
     def _send_assign(self, action: Assign) -> None:
         entries = []
         frames: list[Any] = []
         for job in action.jobs:
             data = job.frames or []
+            if data is OFFLOADED:  # due at last: its call comes back from the journal
+                loaded = self._reload(job)
+                if loaded is None:
+                    continue
+                data = loaded
             opts = job.opts
-            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data)))
+            parents, parent_frames = self._parent_results(job)
+            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents))
             frames.extend(data)
+            frames.extend(parent_frames)
         w = self.scheduler.workers.get(action.worker)
         body = c.Assign(w.results_acked if w is not None else 0, entries)
         if not self._send(action.worker, Cmd.ASSIGN, body, frames):
             # The worker vanished between its credit and our send: the jobs go back to the queue.
-            now = time.monotonic()
-            self.scheduler.worker_gone(action.worker, now)
+            self.scheduler.worker_gone(action.worker, time.monotonic())
 
-    def _send_done(self, action: Deliver) -> None:
-        """JOB_DONE: the jobs are forgotten once the client acknowledges it (deliveries.py), not now."""
-        jobs = action.jobs
-        entries = []
+    def _parent_results(self, job: Job) -> tuple[list[c.ParentResult], list[Any]]:
+        """What the job's call refers to: its parents' results (pinned for it), as opaque frames."""
+        node = job.node
+        if node is None or not node.parents:
+            return [], []
+        entries: list[c.ParentResult] = []
         frames: list[Any] = []
-        outputs = self.observer.outputs
-        offset = wall_clock_offset()
-        for job in jobs:
-            info: dict[str, Any] = {
-                "worker": job.history[-1]["worker"] if job.history else None,
-                "attempts": job.attempt,
-            }
-            if outputs and job.id in outputs:
-                info["output"] = self.observer.output_of(job.id)
-            if job.state != SUCCEEDED or job.attempt > 1:
-                info["history"] = shift_history(job.history, offset)
-            if job.state != SUCCEEDED:
-                info["error"] = job.result_info
-            entries.append(c.JobDoneEntry(job.id, job.state, info, len(job.result_frames)))
-            frames.extend(job.result_frames)
-        if not self._send(action.client, Cmd.JOB_DONE, c.JobDone(action.seq, entries), frames):
-            self.scheduler.delivery_failed(action.client, action.seq)
+        for parent_id in node.parents:
+            parent = self.scheduler.jobs.get(parent_id)
+            if parent is None:  # only after a restart: a parent finished and forgotten before it
+                entries.append(c.ParentResult(parent_id, "unknown", 0, {"message": "its result is gone"}))
+                continue
+            error = None if parent.state == "succeeded" else parent.result_info
+            entries.append(c.ParentResult(parent_id, parent.state, len(parent.result_frames), error))
+            frames.extend(parent.result_frames)
+        return entries, frames
+
+    def _reload(self, job: Job) -> list[Any] | None:
+        """An offloaded job's call frames, read back from the journal; None (and the job failed) if they
+        cannot be read."""
+        try:
+            assert self.durability is not None
+            frames = self.durability.journal.read_frames(job.id)
+        except (AssertionError, LookupError, OSError, ValueError) as exc:
+            log.error("job %s: its call cannot be read back from the journal (%s)", job.id, exc)
+            info = perr.error_info(perr.EXCEPTION, "JournalError", f"its call could not be read back: {exc}")
+            assert job.worker is not None
+            self.scheduler.outcome(job.worker, job.id, job.attempt, False, info, [], time.monotonic())
+            return None
+        self.scheduler.reload(job, frames)
+        return frames
 
     def _send(self, peer: bytes, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> bool:
-        """Send without ever blocking; False if the peer is not connected."""
+        """Send without ever blocking; False if the peer is not connected (or does not read)."""
         assert self._router is not None
         if self._gate.blocked and not self._gate.may_send(peer, time.monotonic()):
             return False  # quarantined or revoked: nothing more goes to it
@@ -558,9 +487,38 @@ class Dispatcher:
         return True
 
 
-CLIENT_GONE_S = 60.0  # a client silent this long is gone: told nothing more, its unacknowledged deliveries dropped
-COMMIT_WINDOW = 0.005  # seconds a journal write may wait for company (and the ACCEPTED of it)
+class _Connections:
+    """Connections the ROUTER could not accept (too many open files): logged once, shown in status."""
 
+    def __init__(self) -> None:
+        self.socket: zmq.Socket[Any] | None = None
+        self.accept_failures = 0
+        self.last_error: str | None = None
+        self._logged = False
 
-def _unknown_job(job_id: str) -> dict[str, str]:
-    return {"kind": "unknown", "type": "UnknownJob", "message": f"no job {job_id} (never submitted, or expired)"}
+    def watch(self, router: zmq.Socket[Any]) -> None:
+        self.socket = router.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)
+
+    def read(self) -> None:
+        assert self.socket is not None
+        for _ in range(100):  # libzmq retries a failing accept in a tight loop: read a bounded share per turn
+            try:
+                event = recv_monitor_message(self.socket, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            self.accept_failures += 1
+            self.last_error = os.strerror(int(event.get("value", 0))) if event.get("value") else "unknown"
+            if not self._logged:
+                self._logged = True
+                log.error("cannot accept more connections (%s): serving the ones we have; raise the limit "
+                          "(ulimit -n) for more", self.last_error)
+
+    def status(self) -> dict[str, Any]:
+        return {"accept_failures": self.accept_failures, "last_error": self.last_error}
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None

@@ -123,14 +123,30 @@ class Empty(Body, frozen=True):
 # --- dispatcher -> worker ---------------------------------------------------------------------------
 
 
+class ParentResult(Entry, frozen=True):
+    """How one parent of a task ended, in its ASSIGN entry: its result frames follow the task's call
+    frames (in `parents` order), and the worker passes the value where the call refers to the parent."""
+
+    job_id: Id
+    state: str  # succeeded, or (with allow_failure) failed, cancelled, expired
+    n_frames: Count
+    error: dict[str, Any] | None = None  # the parent's error record, when it did not succeed
+
+
 class AssignEntry(Entry, frozen=True):
-    """An ASSIGN entry: a task and how many of the message's data frames are its call."""
+    """An ASSIGN entry: a task, how many of the message's data frames are its call, and its parents'
+    results (their frames follow the call's)."""
 
     job_id: Id
     attempt: Attempt
     timeout: float | None
     retry_on: tuple[str, ...]
     n_frames: Count
+    parents: list[ParentResult] = []
+
+    @property
+    def total_frames(self) -> int:
+        return self.n_frames + sum(p.n_frames for p in self.parents)
 
 
 class Assign(Body, frozen=True):
@@ -173,6 +189,21 @@ class TaskOptions(Body, frozen=True, omit_defaults=True, forbid_unknown_fields=F
     timeout: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     retry_on: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_TAGS)] = ()
     keep: bool = False  # keep the result after delivering it (CLI jobs, fetched later by id)
+    # Work that waits (docs/protocol.md §10): a priority, a due time, an expiry, limit keys.
+    priority: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)] = 0  # higher runs first
+    eta: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # run not before this Unix time
+    countdown: Annotated[float, msgspec.Meta(ge=0.0, le=10.0 * 365 * 86400)] | None = None  # ...or in this many s
+    expires_at: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # not started by this Unix time: expired
+    expires_in: Annotated[float, msgspec.Meta(gt=0.0, le=10.0 * 365 * 86400)] | None = None  # ...or after this
+    limits: Annotated[tuple[Id, ...], msgspec.Meta(max_length=16)] = ()  # keys declared on the dispatcher
+    rate_limit: Annotated[str, msgspec.Meta(max_length=64)] | None = None  # this function's own key: "10/s"
+
+    @property
+    def limit_keys(self) -> tuple[str, ...]:
+        """Every limit key this task waits for: its `limits`, and `fn:<its function>` with a rate_limit."""
+        if self.rate_limit is None:
+            return self.limits
+        return (*self.limits, f"fn:{self.fn}")
 
     @classmethod
     def from_wire(cls, raw: Any) -> TaskOptions:
@@ -202,6 +233,10 @@ class SubmitEntry(Entry, frozen=True):
     job_id: Id
     options: msgspec.Raw  # a map, or nil: no options
     n_frames: Count
+    parents: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # results the call refers to
+    after: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # only run after these
+    allow_failure: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # run even if these fail
+    batch: Id = ""  # the entries of one batch (one message) are accepted all or none
 
 
 class Hello(Body, frozen=True):
@@ -252,6 +287,13 @@ class LogsQuery(Body, frozen=True):
     offsets: Annotated[dict[Id, Count], msgspec.Meta(max_length=16)] = {}
 
 
+class LimitsRequest(Body, frozen=True):
+    """LIMITS: set rules (`{key: rule}`, a rule nil removes the key), then list every key."""
+
+    set: Annotated[dict[Id, Annotated[str, msgspec.Meta(max_length=64)] | None], msgspec.Meta(max_length=256)] = {}
+    req: Any = None
+
+
 # --- dispatcher -> client ---------------------------------------------------------------------------
 
 
@@ -265,7 +307,7 @@ class Accepted(Body, frozen=True):
     """ACCEPTED: every entry of a SUBMIT in exactly one list."""
 
     accepted: list[str] = []
-    rejected: list[tuple[str, str]] = []  # [job_id, reason]: the entry itself is wrong
+    rejected: list[tuple[str, ...]] = []  # [job_id, reason] or [job_id, reason, kind]: the entry itself is wrong
     busy: list[str] = []  # no room now: send again later
     refused: list[tuple[str, str]] = []  # [job_id, reason]: cannot be made durable now (the journal's disk is full)
 
@@ -277,6 +319,7 @@ class JobDoneEntry(Entry, frozen=True):
     state: str
     info: dict[str, Any]
     n_frames: Count
+    withheld: bool = False  # the result stays in the dispatcher (its dependants use it); WATCH fetches it
 
 
 class JobDone(Body, frozen=True):
@@ -320,6 +363,14 @@ class JobInfoReply(Body, frozen=True):
 class JobsReply(Body, frozen=True):
     jobs: list[dict[str, Any]] = []
     truncated: bool = False
+    req: Any = None
+
+
+class LimitsReply(Body, frozen=True):
+    """LIMITS_REPLY: each key (rule, tokens or running, waiting, oldest wait); `error` if a rule was refused."""
+
+    limits: list[dict[str, Any]] = []
+    error: str | None = None
     req: Any = None
 
 
@@ -378,6 +429,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.JOBS: JobsQuery,
     Cmd.LOGS: LogsQuery,
     Cmd.ACK: Ack,
+    Cmd.LIMITS: LimitsRequest,
     Cmd.WELCOME: Welcome,
     Cmd.ACCEPTED: Accepted,
     Cmd.JOB_DONE: JobDone,
@@ -386,6 +438,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.CANCELLED: Cancelled,
     Cmd.JOBS_REPLY: JobsReply,
     Cmd.LOGS_REPLY: LogsReply,
+    Cmd.LIMITS_REPLY: LimitsReply,
     Cmd.HEARTBEAT: Heartbeat,
     Cmd.ERROR: Error,
     Cmd.SHUTDOWN: Shutdown,
@@ -473,6 +526,13 @@ _OPTION_RULES = {
     "timeout": "timeout must be a positive number",
     "retry_on": "retry_on must be a list of exception type names",
     "keep": "keep must be true or false",
+    "priority": "priority must be an integer",
+    "eta": "eta must be a Unix time (a timezone-aware datetime)",
+    "countdown": "countdown must be a number of seconds, 0 or more",
+    "expires_at": "expires_at must be a Unix time (a timezone-aware datetime)",
+    "expires_in": "expires must be a positive number of seconds",
+    "limits": "limits must be a list of limit keys",
+    "rate_limit": "rate_limit must be a rate such as '10/s'",
 }
 
 

@@ -25,7 +25,16 @@ CRASHED = "crashed"  # the process running it died
 LOST = "lost"  # the worker holding it went silent
 CANCELLED = "cancelled"
 NOT_FOUND = "not_found"  # the function could not be imported
-ERROR_KINDS = (EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND)
+REFUSED = "refused"  # the dispatcher could not make the job durable (its journal's disk is full): never ran
+REJECTED = "rejected"  # the dispatcher refused the submission itself (a bad option, an unknown limit key)
+EXPIRED = "expired"  # not started by its expiry time
+DEPENDENCY_FAILED = "dependency_failed"  # a parent failed for good: info has root, root_fn, root_error
+DEPENDENCY_CANCELLED = "dependency_cancelled"  # a parent was cancelled or expired: info has root
+UNKNOWN_DEPENDENCY = "unknown_dependency"  # a rejection: a parent the dispatcher does not know
+ERROR_KINDS = (
+    EXCEPTION, TIMEOUT, CRASHED, LOST, CANCELLED, NOT_FOUND, REFUSED, REJECTED, EXPIRED, DEPENDENCY_FAILED,
+    DEPENDENCY_CANCELLED, UNKNOWN_DEPENDENCY,
+)
 # Infrastructure failures: retried automatically (up to the limit) whatever the task's retry_on says.
 INFRASTRUCTURE_KINDS = frozenset({CRASHED, LOST})
 
@@ -35,6 +44,8 @@ _KIND_TYPES: dict[str, type[BaseException]] = {
     LOST: errors.WorkerLost,
     CANCELLED: errors.JobCancelled,
     NOT_FOUND: errors.FunctionNotFound,
+    REFUSED: errors.JournalFull,
+    EXPIRED: errors.JobExpired,
 }
 
 
@@ -77,7 +88,19 @@ def rebuild_exception(info: dict[str, Any], frames: list[Any]) -> BaseException:
     message = str(info.get("message", ""))
     tb = str(info.get("traceback", ""))
     exc: BaseException
-    if kind in _KIND_TYPES:
+    if kind == REJECTED:
+        exc = errors.JobRejected(str(info.get("type", "ValueError")), message)
+    elif kind == UNKNOWN_DEPENDENCY:
+        exc = errors.UnknownDependency("UnknownDependency", message)
+    elif kind == DEPENDENCY_FAILED:
+        exc = errors.DependencyFailed(message, str(info.get("root", "")), str(info.get("root_fn", "")))
+        root_error = info.get("root_error")
+        if isinstance(root_error, dict):  # the root's own error, as its own future raises it
+            exc.__cause__ = rebuild_exception(root_error, [])
+            return exc
+    elif kind == DEPENDENCY_CANCELLED:
+        exc = errors.DependencyCancelled(message, str(info.get("root", "")))
+    elif kind in _KIND_TYPES:
         exc = _KIND_TYPES[kind](message)
     else:
         exc = errors.RemoteError(str(info.get("type", "Exception")), message, tb)

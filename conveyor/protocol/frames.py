@@ -69,6 +69,7 @@ class Cmd(enum.IntEnum):
     JOBS = 0x26  # list jobs by state, age and function (recent ones, from a bounded history)
     LOGS = 0x27  # a job's captured output from given offsets
     ACK = 0x28  # JOB_DONE messages received, up to this sequence number
+    LIMITS = 0x29  # list the limit keys, and set or remove some
     # dispatcher -> client
     WELCOME = 0x30  # answer to HELLO
     ACCEPTED = 0x31  # these job ids are accepted (sent after the journal commit), rejected, or busy
@@ -78,6 +79,7 @@ class Cmd(enum.IntEnum):
     CANCELLED = 0x35  # ack of CANCEL_JOBS: which ids were cancelled
     JOBS_REPLY = 0x36
     LOGS_REPLY = 0x37
+    LIMITS_REPLY = 0x38
     # both directions, any peer
     HEARTBEAT = 0x40
     ERROR = 0x41  # fatal for the session: another protocol version, or a key not allowed this command

@@ -122,7 +122,7 @@ def read_key_pair(path: Path) -> tuple[bytes, bytes]:
         mode = path.stat().st_mode
     except OSError:
         mode = 0
-    if mode & 0o077:
+    if mode & 0o077 and not _read_only(path):  # a read-only mount (a Kubernetes Secret): the advice cannot be followed
         log.warning("%s can be read by other users (mode %o): run `chmod 600 %s`", path, mode & 0o777, path)
     return public, secret
 
@@ -304,3 +304,11 @@ def list_authorized(directory: str | os.PathLike[str]) -> list[tuple[str, str, s
                 key = f"invalid: {exc}"
             out.append((role, path.name[: -len(PUBLIC_SUFFIX)], key))
     return out
+
+
+def _read_only(path: Path) -> bool:
+    """Whether path is on a read-only file system."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -47,6 +47,7 @@ class HandshakeWatch:
         self.socket.connect(endpoint)
         self._last_log = 0.0
         self._vague = 0  # failures in a row without a reason (a connection cut during a handshake is one)
+        self._succeeded = False  # a handshake succeeded once: vague failures since are a restart, not our keys
         self._definite: AccessDenied | None = None
         self.handshakes = 0  # handshakes that succeeded so far (counted by failure(), which reads the events)
 
@@ -73,6 +74,7 @@ class HandshakeWatch:
             kind, value = int(event["event"]), int(event["value"])
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._vague, self._definite, found = 0, None, None
+                self._succeeded = True
                 self.handshakes += 1
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
                 kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
@@ -82,7 +84,9 @@ class HandshakeWatch:
                 self._vague += 1
                 if self._definite is not None:
                     found = self._definite
-                elif self._vague >= VAGUE_FAILURES:
+                elif self._vague >= VAGUE_FAILURES and not self._succeeded:
+                    # Once a handshake succeeded, these keys were right: failures without a reason are a
+                    # dispatcher restarting behind a proxy that accepts first (docker-proxy, port-forward).
                     found = self._explain(kind, value)
 
     def log_failure(self, every: float = 10.0) -> AccessDenied | None:

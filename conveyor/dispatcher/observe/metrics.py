@@ -127,6 +127,14 @@ class ConveyorCollector(Collector):
         journal = HistogramMetricFamily("conveyor_journal_commit_seconds", "Duration of journal transactions.")
         journal.add_metric([], _buckets(snap["journal"]), snap["journal"]["sum"])
         yield journal
+        journal_state = status.get("journal", {}).get("state", "off")
+        full = GaugeMetricFamily("conveyor_journal_full", "1 while the journal refuses new jobs (full, failing).")
+        full.add_metric([], 1.0 if journal_state in ("full", "failing") else 0.0)
+        yield full
+        yield CounterMetricFamily("conveyor_jobs_refused", "Jobs refused because they could not be made durable.",
+                                  value=status.get("journal", {}).get("refused", 0) or 0)
+        yield CounterMetricFamily("conveyor_accept_failures", "Connections the dispatcher could not accept (EMFILE).",
+                                  value=status.get("connections", {}).get("accept_failures", 0))
         yield CounterMetricFamily("conveyor_malformed_messages", "Messages dropped as malformed.",
                                   value=snap["malformed"])
         rate = GaugeMetricFamily("conveyor_throughput_jobs_per_second", "Jobs finished per second.",

@@ -47,6 +47,7 @@ from conveyor.protocol.commands import JobsQuery, JobsReply, LogsQuery, OutputEn
 Send = Callable[[bytes, Cmd, Any], bool]  # the dispatcher's send: peer, command, body
 
 JOBS_LIMIT = 5000  # most jobs one JOBS reply lists
+SCAN_BUDGET = 200_000  # most held jobs one listing looks at (the loop thread answers it): then truncated
 
 
 class Observer:
@@ -228,8 +229,12 @@ class Observer:
                         break
                 if full():
                     break
+        over_budget = False
         if QUEUED in wanted and not full():
-            for job in jobs.values():  # insertion order: oldest first
+            for scanned, job in enumerate(jobs.values()):  # insertion order: oldest first
+                if scanned >= SCAN_BUDGET:  # a filter that matches nothing must not walk a million jobs
+                    over_budget = True
+                    break
                 if job.state != QUEUED or (fn is not None and job.opts.fn != fn):
                     continue
                 if cutoff is not None and job.submitted_at < cutoff:
@@ -248,7 +253,7 @@ class Observer:
                 out.append(summary_dict(s))
                 if full():
                     break
-        truncated = len(out) > limit
+        truncated = len(out) > limit or over_budget
         return out[:limit], truncated
 
     def _live_summary(self, job: Job, offset: float, now: float) -> dict[str, Any]:
@@ -351,6 +356,8 @@ class Observer:
         st = self.scheduler.status(now)
         about = self._about()
         st["dispatcher"] = {"instance": about["instance"], "endpoint": about["endpoint"], "pid": os.getpid()}
+        st["journal"] = about.get("journal", {"state": "off"})
+        st["connections"] = about.get("connections", {})
         return self.decorate_status(st, now)
 
     def _publish(self, now: float) -> None:

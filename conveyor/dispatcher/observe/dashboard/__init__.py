@@ -94,6 +94,7 @@ def _trim_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
         "time": snap["time"],
         "dispatcher": status["dispatcher"],
         "uptime": status["uptime"],
+        "journal": status.get("journal", {"state": "off"}),
         "totals": status["totals"],
         "queued": status["queued"],
         "running": status["running"],

@@ -130,7 +130,14 @@
       " · instance ", h("b", { text: d.instance || "?" }),
       " · pid ", h("b", { text: String(d.pid || "?") }),
       " · up ", h("b", { text: fmtDuration(snap.uptime) }),
+      ...journalNote(snap.journal),
     );
+  }
+
+  function journalNote(j) {
+    // "journal: full" (or failing) while the dispatcher refuses new jobs; its reason as the tooltip.
+    if (!j || j.state === "ok" || j.state === "off") return [];
+    return [" · ", h("b", { class: "journal-bad", text: `journal: ${j.state}`, title: j.reason || "" })];
   }
 
   function kpi(key, label, tone) {
