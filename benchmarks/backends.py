@@ -92,6 +92,14 @@ class Backend(abc.ABC):
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int, deadline: Deadline) -> Iterator[Any]:
         """fn over items, results in input order."""
 
+    def default_map(self, fn: Callable[[Any], Any], items: Iterable[Any], deadline: Deadline) -> Iterator[Any]:
+        """map with the backend's default arguments (no chunksize): what a first-time user writes."""
+        raise NotImplementedError(f"{self.name} has no default-argument map workload")
+
+    def executor_map(self, fn: Callable[[Any], Any], items: Iterable[Any], deadline: Deadline) -> Iterator[Any]:
+        """concurrent.futures.Executor.map(fn, items) with its defaults (chunksize=1)."""
+        raise NotImplementedError(f"{self.name} is not a concurrent.futures.Executor")
+
     def warm(self, deadline: Deadline, max_rounds: int = 200) -> dict[str, Any]:
         """Run tiny tasks until every task process has run one (imports done, processes started).
 
@@ -119,9 +127,13 @@ class ConveyorBackend(Backend):
         self.async_native = setup.mode == "asyncio"
         self.cluster: Any = None
         self.client: Any = None
+        self._stack_ref: contextlib.ExitStack | None = None
+        self._executor: Any = None
 
     def _start(self, stack: contextlib.ExitStack) -> None:
         from conveyor import Client, LocalCluster
+
+        self._stack_ref = stack
 
         # The journal is on, as in a real deployment (issue 6 measures with it): in a fresh directory.
         state = tempfile.mkdtemp(prefix="conveyor-bench-")
@@ -161,6 +173,19 @@ class ConveyorBackend(Backend):
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int, deadline: Deadline) -> Iterator[Any]:
         return self.client.map(fn, items, chunksize=chunksize, timeout=deadline.remaining())  # type: ignore[no-any-return]
+
+    def default_map(self, fn: Callable[[Any], Any], items: Iterable[Any], deadline: Deadline) -> Iterator[Any]:
+        return self.client.map(fn, items, timeout=deadline.remaining())  # type: ignore[no-any-return]
+
+    def executor_map(self, fn: Callable[[Any], Any], items: Iterable[Any], deadline: Deadline) -> Iterator[Any]:
+        if self._executor is None:  # one conveyor.Executor on the same cluster, connected before the clock starts
+            from conveyor import Executor
+
+            options = {} if self.setup.mode == "processes" else {"mode": self.setup.mode}
+            self._executor = Executor(self.cluster.address, **options)
+            assert self._stack_ref is not None
+            self._stack_ref.callback(self._executor.shutdown, wait=False, cancel_futures=True)
+        return self._executor.map(fn, items, timeout=deadline.remaining())  # type: ignore[no-any-return]
 
 
 class ConveyorThreadsBackend(ConveyorBackend):
@@ -216,6 +241,9 @@ class PoolBackend(Backend):
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int, deadline: Deadline) -> Iterator[Any]:
         return self.pool.map(fn, items, chunksize=chunksize, timeout=deadline.remaining())  # type: ignore[no-any-return]
+
+    def executor_map(self, fn: Callable[[Any], Any], items: Iterable[Any], deadline: Deadline) -> Iterator[Any]:
+        return self.pool.map(fn, items, timeout=deadline.remaining())  # type: ignore[no-any-return]
 
 
 # --- dask.distributed (optional) -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The six workloads. Each one runs one timed sample on one backend and checks every result.
+"""The workloads. Each one runs one timed sample on one backend and checks every result.
 
 A workload says which backends it applies to and how to start them (`setup`), what it measures
 (`metrics`), and how (`run`). Timing covers submission to the last result; starting a cluster
@@ -173,6 +173,80 @@ class BulkNoop(Workload):
         wall = time.perf_counter() - started
         _check(got == list(want), f"map(noop): {_first_mismatch(got, list(want))}")
         return Sample({"tasks_per_s": s.bulk_tasks / wall, "wall_s": wall}, {"chunksize": chunk})
+
+
+class DefaultMap(Workload):
+    """What a first-time user writes: map(noop, items) with no chunksize. Conveyor sizes its chunks by
+    itself; the pool runs with the chunksize it needs to be fast (100), so the ratio says how close the
+    default comes to a tuned pool."""
+
+    name = "default_map"
+    title = "map with default arguments"
+    metrics = (Metric("tasks_per_s", "throughput", "tasks/s", True),)
+
+    def setup(self, backend: str, sizes: Sizes) -> Setup | None:
+        if backend in ("dask", "ray"):  # one task per item by default: minutes for this size
+            return None
+        return super().setup(backend, sizes)
+
+    def note(self, ctx: RunContext) -> str:
+        s = ctx.sizes
+        return f"{s.bulk_tasks:,} tasks; Conveyor: no chunksize (pool: chunksize {s.bulk_pool_chunksize})"
+
+    def params(self, ctx: RunContext) -> dict[str, Any]:
+        s = ctx.sizes
+        return {
+            "tasks": s.bulk_tasks,
+            "chunksize": {"conveyor": "default (automatic)", "process_pool": s.bulk_pool_chunksize},
+            "call": "Client.map(noop, range(tasks)) until the last result; pool.map(noop, range(tasks), chunksize)",
+        }
+
+    def run(self, backend: Backend, ctx: RunContext, deadline: Deadline) -> Sample:
+        s = ctx.sizes
+        pool = backend.name == "process_pool"
+
+        def run_map(items: range) -> list[Any]:
+            if pool:
+                return list(backend.map(tasks.noop, items, s.bulk_pool_chunksize, deadline))
+            return list(backend.default_map(tasks.noop, items, deadline))
+
+        _check(run_map(range(1000)) == list(range(1000)), "warm-up map returned wrong results")
+        want = range(s.bulk_tasks)
+        started = time.perf_counter()
+        got = run_map(want)
+        wall = time.perf_counter() - started
+        _check(got == list(want), f"map(noop): {_first_mismatch(got, list(want))}")
+        return Sample({"tasks_per_s": s.bulk_tasks / wall, "wall_s": wall})
+
+
+class ExecutorMap(Workload):
+    """concurrent.futures.Executor.map(noop, items) with its default chunksize=1: conveyor.Executor against
+    ProcessPoolExecutor, and (one_by_one) against submitting the same calls one by one."""
+
+    name = "executor_map"
+    title = "Executor.map, default chunksize=1"
+    metrics = (Metric("tasks_per_s", "throughput", "tasks/s", True),)
+
+    def setup(self, backend: str, sizes: Sizes) -> Setup | None:
+        if backend in ("dask", "ray"):
+            return None
+        return super().setup(backend, sizes)
+
+    def note(self, ctx: RunContext) -> str:
+        return f"{ctx.sizes.one_by_one_tasks:,} calls, one job each"
+
+    def params(self, ctx: RunContext) -> dict[str, Any]:
+        return {"tasks": ctx.sizes.one_by_one_tasks, "call": "Executor.map(noop, range(tasks)) until the last result"}
+
+    def run(self, backend: Backend, ctx: RunContext, deadline: Deadline) -> Sample:
+        n = ctx.sizes.one_by_one_tasks
+        _check(list(backend.executor_map(tasks.noop, range(100), deadline)) == list(range(100)),
+               "warm-up Executor.map returned wrong results")
+        started = time.perf_counter()
+        got = list(backend.executor_map(tasks.noop, range(n), deadline))
+        wall = time.perf_counter() - started
+        _check(got == list(range(n)), f"Executor.map(noop): {_first_mismatch(got, list(range(n)))}")
+        return Sample({"tasks_per_s": n / wall, "wall_s": wall})
 
 
 class OneByOne(Workload):
@@ -372,5 +446,7 @@ class IoBound(Workload):
         )
 
 
-WORKLOADS: tuple[Workload, ...] = (BulkNoop(), OneByOne(), Latency(), Payload(), CpuBound(), IoBound())
+WORKLOADS: tuple[Workload, ...] = (
+    BulkNoop(), DefaultMap(), OneByOne(), ExecutorMap(), Latency(), Payload(), CpuBound(), IoBound(),
+)
 WORKLOAD_NAMES: tuple[str, ...] = tuple(w.name for w in WORKLOADS)

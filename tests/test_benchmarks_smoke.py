@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("bulk_noop", "one_by_one", "latency", "payload", "cpu_bound", "io_bound")
+WORKLOADS = ("bulk_noop", "default_map", "one_by_one", "executor_map", "latency", "payload", "cpu_bound", "io_bound")
 COMPARED = ("conveyor", "process_pool")
 
 

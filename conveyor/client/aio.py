@@ -1,31 +1,96 @@
-"""AsyncClient: the Client's API for asyncio programs."""
+"""AsyncClient: the Client's API for asyncio programs, native: every call awaits the connection's own
+futures (no thread per call, none per result of a map).
+
+    async with AsyncClient("tcp://127.0.0.1:5555") as c:
+        value = await c.submit(fn, x)                # an AsyncJobFuture: await it, or cancel it
+        async for r in c.map(fn, items): ...         # chunked automatically, in input order, streamed
+        print(await c.status(), await c.jobs(states=["failed"]))
+
+It has every public method of Client, under the same names and parameters (tests/test_async_client.py
+checks that they do not drift). Cancellation is asyncio's: cancelling an awaited submit, or a task
+iterating a map, raises CancelledError there and cancels the jobs still in flight, queued or running
+(as cancelling a task stops its coroutine).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
+from conveyor.client import states
+from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
+from conveyor.client.connection import Connection, outcome_error
 from conveyor.client.future import JobFuture
-from conveyor.client.sync import Client
+from conveyor.client.mapping import MapRun
+from conveyor.client.sync import WORKERS_POLL_S
+from conveyor.errors import ConveyorError
+from conveyor.protocol import Cmd
+from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
+from conveyor.protocol.payload import decode_value
+
+CLOSE_TIMEOUT_S = 5.0  # close() waits this long at most for the I/O thread to end
 
 
-class AsyncClient:
-    """The Client's API for asyncio programs: `await c.submit(fn, x)` gives the result.
+class AsyncJobFuture(asyncio.Future[Any]):
+    """A job's asyncio future: awaiting it gives the job's result (or raises its error); cancelling it
+    cancels the job, queued or running. `job` is the JobFuture behind it (`info` once done)."""
 
-        async with AsyncClient("tcp://127.0.0.1:5555") as c:
-            value = await c.submit(fn, x)
-            async for r in c.map(fn, items): ...
-    """
+    job: JobFuture
 
-    def __init__(self, address: str | None = None, **client_options: Any):
-        self._address = address
-        self._client_options = client_options
-        self._client: Client | None = None
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.job.info
+
+
+class AsyncClient(ClientBase):
+    """The Client's API for asyncio programs: `await c.submit(fn, x)` gives the result."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        max_pending: int = 100_000,
+        reconnect_timeout: float = 60.0,
+        local_workers: int = 1,
+        local_mode: str = "processes",
+        local_concurrency: int | None = None,
+        context: Any = None,
+        keys: str | os.PathLike[str] | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        **options: Any,
+    ):
+        super().__init__(
+            address, connect_timeout=connect_timeout, max_pending=max_pending, reconnect_timeout=reconnect_timeout,
+            local_workers=local_workers, local_mode=local_mode, local_concurrency=local_concurrency,
+            context=context, keys=keys, max_message_size=max_message_size, options=options,
+        )
 
     async def __aenter__(self) -> AsyncClient:
-        self._client = await asyncio.to_thread(Client, self._address, **self._client_options)
+        if self._conn is not None:
+            raise RuntimeError("an AsyncClient opens once: create a new one")
+        try:
+            if self.address is None:
+                await asyncio.to_thread(self._start_cluster)  # starts processes: once, in a thread
+            conn = self._new_connection()
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(conn.welcome), self._connect_timeout_s)
+            except TimeoutError:
+                raise conn.no_answer(self._connect_timeout_s) from None
+            if self._cluster is not None:
+                await self.wait_for_workers(self._local[0])
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(
@@ -33,43 +98,221 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            raise RuntimeError("use `async with AsyncClient(...)` first")
-        return self._client
+    # --- submitting ---------------------------------------------------------------------------------
 
     def options(self, **options: Any) -> AsyncClient:
-        view = AsyncClient(self._address, **self._client_options)
-        view._client = self.client.options(**options)
-        return view
+        """A view of this client whose tasks carry these options (mode, tags, retries, timeout, ...)."""
+        self._open_conn()
+        return self._view(options)
 
-    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        return asyncio.wrap_future(self.client.submit(fn, *args, **kwargs))
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> AsyncJobFuture:
+        """Run fn(*args, **kwargs) on a worker; await the returned future for its result."""
+        conn = self._open_conn()
+        loop = asyncio.get_running_loop()
+        job = self._submit_call(fn, args, kwargs)
+        return _bridge(job, conn, loop)
 
-    async def map(
-        self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], chunksize: int = 1
+    def map(
+        self,
+        fn: Callable[..., Any] | str,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        window: int | None = None,
+        progress: bool = False,
     ) -> AsyncIterator[Any]:
-        iterator = self.client.map(fn, *iterables, chunksize=chunksize)
-        sentinel = object()
+        """Results of fn over the items, in input order, streamed: `async for r in c.map(fn, items)`.
+
+        The same parameters as Client.map; `timeout` (seconds) bounds the whole iteration and raises
+        TimeoutError. Cancelling the iterating task cancels what is still in flight."""
+        return self.starmap(
+            fn, zip(*iterables, strict=False), chunksize=chunksize, timeout=timeout, window=window,
+            progress=progress, total=common_length(iterables) if progress else None,
+        )
+
+    def starmap(
+        self,
+        fn: Callable[..., Any] | str,
+        calls: Iterable[Iterable[Any]],
+        *,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        window: int | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> AsyncIterator[Any]:
+        """Like map, but each item is the argument list of one call: fn(*args)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        name, run = self._map_run(fn, calls, chunksize, window)
+        results = self._map_results(run, deadline)
+        if progress:
+            from conveyor.client.progress import atrack
+
+            return atrack(results, total, name)
+        return results
+
+    async def _map_results(self, run: MapRun, deadline: float | None) -> AsyncIterator[Any]:
         try:
-            while True:
-                value = await asyncio.to_thread(next, iterator, sentinel)
-                if value is sentinel:
-                    return
-                yield value
+            run.fill()
+            while run.in_flight:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await _done(run.head(), remaining)
+                values = run.take()
+                if values is None:  # a failed chunk, split: its items run one by one
+                    continue
+                run.fill()
+                values.reverse()
+                while values:
+                    yield values.pop()
         finally:
-            await asyncio.to_thread(iterator.close)  # type: ignore[attr-defined]
+            if run.in_flight and self._conn is not None:
+                states.cancel_jobs(self._conn, run.jobs())  # cancelled, or stopped early: not wanted any more
+
+    # --- jobs by id ---------------------------------------------------------------------------------
 
     async def result(self, job_id: str, timeout: float | None = None) -> Any:
-        return await asyncio.to_thread(self.client.result, job_id, timeout)
+        """Wait for a job submitted by anyone and return its result (or raise its error)."""
+        record, data = await self.wait_record(job_id, timeout)
+        if record["state"] == "succeeded":
+            return decode_value(data)
+        raise outcome_error(record, data)
 
-    async def cancel(self, *jobs: JobFuture | str) -> list[str]:
-        return await asyncio.to_thread(self.client.cancel, *jobs)
+    async def wait_record(self, job_id: str, timeout: float | None = None) -> tuple[dict[str, Any], list[Any]]:
+        """(job record, result frames) once the job has finished."""
+        watch = asyncio.wrap_future(self._open_conn().watch(job_id))
+        return await asyncio.wait_for(watch, timeout)
 
-    async def status(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.client.status)
+    async def job_info(self, *job_ids: str, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any] | None]:
+        """A snapshot of each job (state, attempts, worker, progress, output), None for an unknown id."""
+        reply = await self._request(Cmd.JOB_INFO, {"ids": list(job_ids)}, timeout)
+        return reply["jobs"]  # type: ignore[no-any-return]
+
+    async def cancel(self, *jobs: JobFuture | AsyncJobFuture | str, timeout: float = REQUEST_TIMEOUT_S) -> list[str]:
+        """Cancel queued or running jobs; returns the ids that were cancelled (not already finished)."""
+        self._open_conn()
+        plain = tuple(job.job if isinstance(job, AsyncJobFuture) else job for job in jobs)
+        reply = await self._request(Cmd.CANCEL_JOBS, {"ids": self._cancel_ids(plain)}, timeout)
+        return reply["cancelled"]  # type: ignore[no-any-return]
+
+    async def jobs(
+        self,
+        states: Iterable[str] | None = None,
+        since: float | None = None,
+        fn: str | None = None,
+        limit: int = 100,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Recent jobs (running, queued, then finished, newest first): (summaries, truncated)."""
+        reply = await self._request(Cmd.JOBS, self._jobs_body(states, since, fn, limit), timeout)
+        return reply["jobs"], bool(reply.get("truncated"))
+
+    async def logs(
+        self, job_id: str, offsets: dict[str, int] | None = None, timeout: float = REQUEST_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """A job's captured output: {state, streams: {name: {start, end, text}}, progress?}, from offsets."""
+        reply = await self._request(Cmd.LOGS, {"id": job_id, "offsets": offsets or {}}, timeout)
+        reply.pop("req", None)
+        return reply  # type: ignore[no-any-return]
+
+    async def status(self, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """Workers, queues and totals, as the dispatcher sees them (docs/protocol.md, STATUS_REPLY)."""
+        reply = await self._request(Cmd.STATUS, {}, timeout)
+        reply.pop("req", None)
+        return reply  # type: ignore[no-any-return]
+
+    async def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
+        """Wait until at least n workers are registered."""
+        deadline = time.monotonic() + timeout
+        while len((await self.status())["workers"]) < n:
+            if time.monotonic() > deadline:
+                raise ConveyorError(f"fewer than {n} worker(s) registered after {timeout:g} s")
+            await asyncio.sleep(WORKERS_POLL_S)
+
+    async def _request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float) -> Any:
+        conn = self._open_conn()
+        req, reply = conn.start_request(cmd, body)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(reply), timeout_s)
+        except TimeoutError:
+            raise conn.no_reply(timeout_s) from None
+        finally:
+            conn.end_request(req)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def pending(self) -> list[JobFuture]:
+        """The futures of this client's jobs that have no outcome yet."""
+        return self._open_conn().pending_futures()
 
     async def close(self) -> None:
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)
+        """Close the connection (pending futures fail) and stop the local cluster, if any. Idempotent."""
+        if not self._owner:
+            return
+        conn = self._conn
+        if conn is not None and not conn.closed.done():
+            conn.begin_close()
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(conn.closed)), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                pass
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+
+
+def _bridge(job: JobFuture, conn: Connection, loop: asyncio.AbstractEventLoop) -> AsyncJobFuture:
+    """An asyncio future that follows a JobFuture; cancelling it cancels the job wherever it is."""
+    future = AsyncJobFuture(loop=loop)
+    future.job = job
+
+    def job_done(_: Future[Any]) -> None:  # on the client's I/O thread, or here if already done
+        try:
+            loop.call_soon_threadsafe(_copy_outcome, job, future)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def future_done(f: asyncio.Future[Any]) -> None:
+        if f.cancelled() and not job.done():
+            states.cancel_jobs(conn, [job])
+
+    future.add_done_callback(future_done)
+    job.add_done_callback(job_done)
+    return future
+
+
+def _copy_outcome(job: JobFuture, future: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    if job.cancelled():
+        future.cancel()
+        return
+    exc = job.exception()
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(job.result())
+
+
+async def _done(job: JobFuture, timeout_s: float | None) -> None:
+    """Wait until the job's future is done (TimeoutError after timeout_s); cancelling the wait leaves the job."""
+    if job.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: Future[Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(_set_done, waiter)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    job.add_done_callback(wake)
+    if timeout_s is None:
+        await waiter
+    else:
+        await asyncio.wait_for(waiter, timeout_s)
+
+
+def _set_done(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

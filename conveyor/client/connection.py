@@ -1,13 +1,23 @@
 """The client's side of the wire: one DEALER socket owned by one background I/O thread.
 
+This module is over 500 lines on purpose: it is one state machine (what is pending, watched and asked
+for, and how it is asked for again after a broken connection) and its socket loop, read top to bottom.
+
 ZeroMQ sockets are not thread-safe, so the socket belongs to whoever holds `_sock_lock`: the I/O
 thread, except while it sleeps in poll. User threads append work to thread-safe queues and wake the
 I/O thread through a socketpair; only a submission to an idle connection (nothing else pending, one
 call at a time) is sent by the calling thread itself, which saves a thread hop on the round trip.
 The I/O thread batches every submission that arrived since its last turn into one SUBMIT message,
-resolves futures from JOB_DONE batches, answers requests (status, job info, cancel), pings the
-dispatcher, and re-sends every unfinished job if the dispatcher comes back as a new instance (job
-ids make that idempotent), so a restart of the dispatcher does not strand the client's futures.
+resolves futures from JOB_DONE batches, answers requests (status, job info, cancel) and pings the
+dispatcher.
+
+Nothing hangs after a broken link (docs/protocol.md §12): ZeroMQ drops whatever it had queued on a TCP
+connection that breaks, in either direction (SUBMIT, ACCEPTED, JOB_DONE, replies). The client notices
+a new TCP connection (a second successful handshake on its socket monitor), a gap in the JOB_DONE
+numbers, or a new dispatcher instance, and then *resyncs*: it sends again every pending job (SUBMIT,
+same ids: idempotent), the cancellations of cancelled ones, one WATCH of everything it watches and, after
+a new connection, every request still unanswered. ZMTP heartbeats on the socket make libzmq tear down a
+half-open connection (a peer gone without a reset), so that it reconnects instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, cast
 
@@ -46,6 +56,9 @@ _REPLIES = frozenset({Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.J
 _NO_OPTIONS = msgspec.Raw(b"\xc0")  # nil: the dispatcher's defaults
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
+BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
+LINK_TIMEOUT_BEATS = 5  # ZMTP heartbeats: a connection silent for this many intervals is torn down
+ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
 # Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -55,8 +68,8 @@ class Connection:
         self,
         address: str,
         *,
-        heartbeat_interval: float = 1.0,
-        reconnect_timeout: float = 60.0,
+        heartbeat_interval_s: float = 1.0,
+        reconnect_timeout_s: float = 60.0,
         max_pending: int = 100_000,
         context: zmq.Context[Any] | None = None,
         credentials: PeerCredentials | None = None,
@@ -64,10 +77,10 @@ class Connection:
     ):
         self.address = address
         self.credentials = credentials  # CurveZMQ keys (docs/security.md), or None
-        self.max_message_size = max_message_size
-        self.heartbeat_interval = heartbeat_interval
-        self.reconnect_timeout = reconnect_timeout
-        self.max_pending = max_pending
+        self.max_message_size = max_message_size  # bytes
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.max_pending = max_pending  # jobs
         self.client_id = uuid.uuid4().hex[:10]
         self._ids = itertools.count(1)
         self._own_context = context is None
@@ -76,15 +89,20 @@ class Connection:
         self._wake_r.setblocking(False)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # submitters wait here when max_pending is reached
+        self._acceptance = threading.Condition(self._lock)  # job_states waits here for ACCEPTED
+        self._accept_waiters = 0
         self._woken = False
         self._submits: deque[JobFuture] = deque()  # submitted, not sent yet
         self._commands: deque[tuple[Cmd, Any]] = deque()
         self._pending: dict[str, JobFuture] = {}  # until JOB_DONE (or a rejection) resolves them
         self._watchers: dict[str, list[Future[Any]]] = {}
-        self._requests: dict[int, Future[Any]] = {}
+        self._requests: dict[int, tuple[Cmd, dict[str, Any], Future[Any]]] = {}  # unanswered, by req
         self._instance: str | None = None
         self._done_seq = 0  # the highest JOB_DONE number received (acknowledged with ACK)
         self._acked_seq = 0
+        self._resync_why: str | None = None  # set when something may have been lost: resync this turn
+        self._resend_requests = False
+        self.resyncs = 0  # times everything pending was asked for again (after a gap, a reconnection, ...)
         self.duplicate_results = 0  # outcomes for jobs already resolved here (after re-sends); dropped
         self._busy: list[str] = []  # jobs the dispatcher had no room for: re-sent after a pause
         self._busy_at = 0.0
@@ -92,31 +110,44 @@ class Connection:
         self._settling: list[tuple[list[Any], list[tuple[JobFuture | None, list[Future[Any]] | None]]]] = []
         self._fatal: BaseException | None = None
         self._closing = False
+        self._last_heard = 0.0  # monotonic time of the dispatcher's last message (0: never)
         # The socket, and the lock that owns it: the I/O thread holds it except while it waits in poll,
         # so that a submission to an idle connection can be sent from the calling thread (see submit).
         self._sock: zmq.Socket[Any] | None = None
         self._sock_lock = threading.Lock()
+        self.welcome: Future[dict[str, Any]] = Future()  # WELCOME (or a first HEARTBEAT) arrived
+        self.closed: Future[None] = Future()  # the I/O thread has ended and released everything
         self._thread = threading.Thread(target=self._run, name="conveyor-client-io", daemon=True)
-        self._welcome: Future[Any] = Future()
         self._thread.start()
 
     # --- API for user threads -----------------------------------------------------------------------
 
+    @property
+    def fatal(self) -> BaseException | None:
+        """The error that ended this connection for good (lost dispatcher, refused key), or None."""
+        return self._fatal
+
+    @property
+    def closing(self) -> bool:
+        """close() was called."""
+        return self._closing
+
     def new_job_id(self) -> str:
         return f"{self.client_id}-{next(self._ids):x}"
 
-    def connect(self, timeout: float) -> dict[str, Any]:
+    def connect(self, timeout_s: float) -> dict[str, Any]:
         """Wait for the dispatcher's WELCOME; raise DispatcherUnavailable if it does not come in time."""
         try:
-            return self._welcome.result(timeout)  # type: ignore[no-any-return]
+            return self.welcome.result(timeout_s)
         except TimeoutError:
             self.close()
-            raise DispatcherUnavailable(
-                f"no Conveyor dispatcher answered at {self.address} within {timeout:g} s"
-            ) from None
+            raise self.no_answer(timeout_s) from None
         except BaseException:
             self.close()
             raise
+
+    def no_answer(self, timeout_s: float) -> DispatcherUnavailable:
+        return DispatcherUnavailable(f"no Conveyor dispatcher answered at {self.address} within {timeout_s:g} s")
 
     def submit(self, job_id: str, opts: msgspec.Raw, frames: Sequence[Any]) -> JobFuture:
         # A tuple of bytes, unlike a list, drops out of the garbage collector's sight at its first pass.
@@ -133,6 +164,7 @@ class Connection:
                 if not self._woken:
                     self._wake_locked()
                 return future
+            future._sent = True  # from here on a SUBMIT may leave (cancel_unstarted reads it under the lock)
         if not self._send_now(future):
             with self._lock:
                 self._submits.append(future)
@@ -181,42 +213,95 @@ class Connection:
             self._wake_locked()
         return future
 
-    def request(self, cmd: Cmd, body: dict[str, Any], timeout: float) -> Any:
+    def start_request(self, cmd: Cmd, body: dict[str, Any]) -> tuple[int, Future[Any]]:
+        """Send a request; its reply (a plain map) will be the future's result. end_request(req) when done."""
         future: Future[Any] = Future()
         req = next(self._ids)
+        body = {**body, "req": req}
         with self._lock:
             self._raise_if_broken()
-            self._requests[req] = future
-            self._commands.append((cmd, {**body, "req": req}))
+            self._requests[req] = (cmd, body, future)
+            self._commands.append((cmd, body))
             self._wake_locked()
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            raise DispatcherUnavailable(
-                f"the dispatcher at {self.address} did not answer within {timeout:g} s"
-            ) from None
-        finally:
-            with self._lock:
-                self._requests.pop(req, None)
+        return req, future
 
-    def send_cancel(self, job_ids: list[str]) -> None:
+    def end_request(self, req: int) -> None:
         with self._lock:
-            if self._closing:
-                return
-            self._commands.append((Cmd.CANCEL_JOBS, {"ids": job_ids, "req": None}))
+            self._requests.pop(req, None)
+
+    def request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float) -> Any:
+        req, future = self.start_request(cmd, body)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            raise self.no_reply(timeout_s) from None
+        finally:
+            self.end_request(req)
+
+    def no_reply(self, timeout_s: float) -> DispatcherUnavailable:
+        return DispatcherUnavailable(f"the dispatcher at {self.address} did not answer within {timeout_s:g} s")
+
+    def queue_command(self, cmd: Cmd, body: dict[str, Any]) -> bool:
+        """Send a command without waiting for a reply (sent after the submissions queued before it)."""
+        with self._lock:
+            if self._closing or self._fatal is not None:
+                return False
+            self._commands.append((cmd, body))
             self._wake_locked()
+            return True
+
+    def take_unsent(self, jobs: Iterable[JobFuture]) -> list[JobFuture]:
+        """Those of these jobs that never left this process, withdrawn: they will not be sent (nor waited for)."""
+        with self._lock:
+            unsent = [job for job in jobs if not job._sent and not job.done()]
+            for job in unsent:
+                self._drop_unsent(job)
+        return unsent
+
+    def wait_accepted(self, jobs: Sequence[JobFuture], timeout_s: float) -> None:
+        """Wait until the dispatcher has accepted each of these jobs (or it is done), at most timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            waiting = [j for j in jobs if not j._accepted and not j.done()]
+            self._accept_waiters += 1
+            try:
+                while waiting and not self._closing and self._fatal is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._acceptance.wait(remaining)
+                    waiting = [j for j in waiting if not j._accepted and not j.done()]
+            finally:
+                self._accept_waiters -= 1
+
+    def on_io_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def dispatcher_reachable(self) -> bool:
+        """Heard from the dispatcher recently (within ALIVE_BEATS heartbeat intervals)."""
+        return (
+            self._fatal is None and not self._closing and self._last_heard > 0
+            and time.monotonic() - self._last_heard < ALIVE_BEATS * self.heartbeat_interval_s
+        )
 
     def pending_futures(self) -> list[JobFuture]:
+        """Futures without an outcome (a cancelled one waits for the dispatcher's word, but is done)."""
         with self._lock:
-            return list(self._pending.values())
+            jobs = list(self._pending.values())
+        return [job for job in jobs if not job.done()]
 
-    def close(self) -> None:
+    def begin_close(self) -> None:
+        """Ask the I/O thread to stop; `closed` is set once it has."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
             self._wake_locked()
             self._space.notify_all()
+            self._acceptance.notify_all()
+
+    def close(self) -> None:
+        self.begin_close()
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
@@ -226,7 +311,13 @@ class Connection:
         if self._fatal is not None:
             raise self._fatal
         if self._closing:
-            raise RuntimeError("the client is closed")
+            raise RuntimeError(f"the client of {self.address} is closed")
+
+    def _drop_unsent(self, job: JobFuture) -> None:
+        """A job that never left (called with the lock held): it will not be sent, nor waited for."""
+        job._opts = job._frames = None  # _send_submit skips it
+        if self._pending.pop(job.job_id, None) is not None:
+            self._space.notify()
 
     def _wake_locked(self) -> None:
         if not self._woken:
@@ -242,22 +333,36 @@ class Connection:
             self._serve()
         finally:
             self._sock_lock.release()
+            self.closed.set_result(None)
 
-    def _serve(self) -> None:
+    def _open_socket(self) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.DEALER)
         # Random and not the job-id prefix: another peer that learned it could take the route over.
         sock.setsockopt(zmq.ROUTING_ID, f"c-{uuid.uuid4().hex[:20]}".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        # ZMTP heartbeats, answered by libzmq's own threads: a connection that carries nothing (a peer
+        # gone without a reset) is torn down here, and by the dispatcher (TTL), and then re-established.
+        interval_ms = max(100, int(self.heartbeat_interval_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LINK_TIMEOUT_BEATS * interval_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, LINK_TIMEOUT_BEATS * interval_ms)
         configure_socket(sock, self.credentials, self.max_message_size)
+        return sock
+
+    def _serve(self) -> None:
+        sock = self._open_socket()
         try:
             sock.connect(self.address)
         except zmq.ZMQError as exc:
-            self._welcome.set_exception(DispatcherUnavailable(f"bad dispatcher address {self.address!r}: {exc}"))
+            self._fatal = DispatcherUnavailable(f"bad dispatcher address {self.address!r}: {exc}")
+            self.welcome.set_exception(self._fatal)
             sock.close(linger=0)
             if self._own_context:
                 self._ctx.term()
+            self._wake_r.close()
+            self._wake_w.close()
             return
         self._sock = sock
         # Poll the socket's file descriptor, not the socket: zmq_poll on the socket would use it while a
@@ -268,44 +373,52 @@ class Connection:
         poller.register(sock_fd, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         watch = watch_handshakes(sock, self.address, self.credentials, "client")
-        if watch is not None:  # a refused key or a keys mismatch: fail at once, not at the connect timeout
+        if watch is not None:  # refused keys fail at once; a second handshake means a new TCP connection
             poller.register(watch.socket, zmq.POLLIN)
+        handshakes = 0
         self._send(Cmd.HELLO, {"client": self.client_id, "pid": os.getpid()})
-        last_heard = time.monotonic()
-        next_ping = last_heard + self.heartbeat_interval
+        next_ping = time.monotonic() + self.heartbeat_interval_s
         try:
             while True:
                 wake_at = min(next_ping, self._busy_at) if self._busy else next_ping
-                timeout = max(0.0, wake_at - time.monotonic())
+                timeout_s = max(0.0, wake_at - time.monotonic())
                 readable = _readable(sock)
                 self._sock_lock.release()
                 try:
                     if self._settling:
                         self._settle_outcomes()
-                    events = dict(poller.poll(0 if readable else int(timeout * 1000) + 1))
+                    events = dict(poller.poll(0 if readable else int(timeout_s * 1000) + 1))
                 finally:
                     self._sock_lock.acquire()
                 if self._wake_r.fileno() in events:
                     self._drain_wakeups()
                 if readable or sock_fd in events:
-                    last_heard = self._receive(sock, last_heard)
-                    if self._done_seq != self._acked_seq:  # one ACK for every JOB_DONE of this turn
-                        self._acked_seq = self._done_seq
-                        self._send(Cmd.ACK, c.Ack(self._done_seq))
-                if watch is not None and watch.socket in events and (refused := watch.failure()) is not None:
-                    self._fail_all(refused)
+                    self._receive(sock)
+                if watch is not None and watch.socket in events:
+                    refused = watch.failure()
+                    if refused is not None:
+                        self._fail_all(refused)
+                    if watch.handshakes > max(1, handshakes):  # the first is the first connection
+                        self._resync_why = "the connection to the dispatcher was re-established"
+                        self._resend_requests = True
+                    handshakes = watch.handshakes
                 if self._closing:
                     break
+                if self._resync_why is not None:
+                    self._resync()  # before the ACK below, so that it never acknowledges past a loss unasked
                 self._send_queued()
+                if self._done_seq != self._acked_seq:  # one ACK for every JOB_DONE of this turn
+                    self._acked_seq = self._done_seq
+                    self._send(Cmd.ACK, c.Ack(self._done_seq))
                 now = time.monotonic()
                 if self._busy and now >= self._busy_at:
                     self._resend_busy()
                 if now >= next_ping:
                     self._send(Cmd.HEARTBEAT, c.Heartbeat("client", ack=self._done_seq))
-                    next_ping = now + self.heartbeat_interval
-                    if self._instance is not None and now - last_heard > self.reconnect_timeout:
+                    next_ping = now + self.heartbeat_interval_s
+                    if self._instance is not None and now - self._last_heard > self.reconnect_timeout_s:
                         self._fail_all(DispatcherUnavailable(
-                            f"lost the dispatcher at {self.address}: no answer for {self.reconnect_timeout:g} s"
+                            f"lost the dispatcher at {self.address}: no answer for {self.reconnect_timeout_s:g} s"
                         ))
                         break
         except Exception as exc:  # never leave futures hanging because of a bug here
@@ -321,7 +434,7 @@ class Connection:
                 self._ctx.term()
             self._wake_r.close()
             self._wake_w.close()
-            self._fail_all(RuntimeError("the client is closed"), only_if_unset=True)
+            self._fail_all(RuntimeError(f"the client of {self.address} is closed"), only_if_unset=True)
 
     def _drain_wakeups(self) -> None:
         # Bytes first, flag second: clearing the flag first let a wake-up byte written in between be
@@ -338,7 +451,7 @@ class Connection:
     def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
         sock = self._sock
         if sock is None:
-            raise RuntimeError("the client is closed")
+            raise RuntimeError(f"the client of {self.address} is closed")
         send_parts(sock, encode(cmd, body, frames or ()))
 
     def _send_queued(self) -> None:
@@ -348,7 +461,10 @@ class Connection:
             batches = []
             while self._submits:
                 n = min(len(self._submits), SUBMIT_BATCH)
-                batches.append([self._submits.popleft() for _ in range(n)])
+                batch = [self._submits.popleft() for _ in range(n)]
+                for future in batch:
+                    future._sent = True
+                batches.append(batch)
         for batch in batches:  # submissions first: a command may name a job submitted just before it
             self._send_submit(batch)
         for cmd, body in commands:
@@ -359,14 +475,14 @@ class Connection:
         frames: list[Any] = []
         for future in batch:
             data = future._frames
-            if data is None:  # resolved meanwhile (the client failed or closed)
+            if data is None:  # resolved meanwhile, or cancelled before it left
                 continue
             entries.append(c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data)))
             frames.extend(data)
         if entries:
             self._send(Cmd.SUBMIT, entries, frames)
 
-    def _receive(self, sock: zmq.Socket[Any], last_heard: float) -> float:
+    def _receive(self, sock: zmq.Socket[Any]) -> None:
         # recv_multipart without its RCVMORE getsockopt per part, and ZMQ_EVENTS rather than a raised
         # zmq.Again to find the end: a third of the cost per message.
         recv = sock.recv
@@ -376,16 +492,21 @@ class Connection:
             while frame.more:  # the rest of a multipart message is always there
                 frame = recv(_NOBLOCK, copy=False)
                 parts.append(frame)
-            last_heard = time.monotonic()
+            self._last_heard = time.monotonic()
             try:
                 cmd, raw, frames = split(parts)
                 body = c.decode_body(cmd, raw)
                 if cmd in _REPLIES:  # checked against its type; the caller gets every key as a plain map
                     body = unpack(raw)
-                self._handle(cmd, body, frames)
             except ProtocolError as exc:  # one odd message must not fail every pending future
                 log.warning("ignoring a malformed message from the dispatcher: %s", exc)
-        return last_heard
+                continue
+            try:
+                self._handle(cmd, body, frames)
+            except ProtocolError as exc:  # what a type cannot say (frame counts that do not add up)
+                log.warning("ignoring a malformed %s from the dispatcher: %s", cmd.name, exc)
+            except Exception:  # a bug of ours: loud, and the other futures carry on
+                log.exception("handling %s from the dispatcher failed", cmd.name)
 
     def _handle(self, cmd: Cmd, body: Any, frames: list[Any]) -> None:
         if cmd == Cmd.JOB_DONE:
@@ -395,24 +516,18 @@ class Connection:
             if self._instance is not None and instance != self._instance:
                 log.warning("dispatcher restarted; re-sending %d unfinished job(s)", len(self._pending))
                 self._done_seq = self._acked_seq = 0  # the new instance numbers its JOB_DONE from 1
-                self._resend_unfinished()
+                self._resync_why = "the dispatcher restarted"
+                self._resend_requests = True
             self._instance = instance
-            if not self._welcome.done():
-                self._welcome.set_result({"instance": body.instance, "heartbeat_interval": body.heartbeat_interval})
+            if not self.welcome.done():
+                self.welcome.set_result({"instance": body.instance, "heartbeat_interval": body.heartbeat_interval})
         elif cmd == Cmd.ACCEPTED:
-            if body.busy:
-                self._busy.extend(body.busy)
-                self._busy_at = time.monotonic() + 0.2
-            for job_id, reason, *kind in body.rejected:  # [id, reason] or [id, reason, kind]
-                error = perr.error_info(kind[0] if kind else perr.REJECTED, "ValueError", reason)
-                self._resolve(job_id, "failed", {"error": error}, [])
-            for job_id, reason in body.refused:
-                self._resolve(job_id, "failed", {"error": perr.error_info(perr.REFUSED, "JournalFull", reason)}, [])
+            self._on_accepted(body)
         elif cmd in _REPLIES:
             with self._lock:
-                future = self._requests.get(body.get("req"))
-            if future is not None and not future.done():
-                future.set_result(body)
+                entry = self._requests.pop(body.get("req"), None)
+            if entry is not None and not entry[2].done():
+                entry[2].set_result(body)
         elif cmd == Cmd.SHUTDOWN:
             log.info("the dispatcher is shutting down")
         elif cmd == Cmd.ERROR:
@@ -424,27 +539,67 @@ class Connection:
             else:
                 exc = DispatcherUnavailable(f"the dispatcher refused this client: {body.message}")
             self._fatal = exc
-            if not self._welcome.done():
-                self._welcome.set_exception(exc)
+            if not self.welcome.done():
+                self.welcome.set_exception(exc)
             self._fail_all(exc)
+
+    def _on_accepted(self, body: c.Accepted) -> None:
+        pending = self._pending
+        for job_id in body.accepted:
+            job = pending.get(job_id)
+            if job is not None:
+                job._accepted = True
+        if self._accept_waiters:
+            with self._lock:
+                self._acceptance.notify_all()
+        if body.busy:
+            self._busy.extend(body.busy)
+            self._busy_at = time.monotonic() + BUSY_RETRY_S
+        for job_id, reason, *kind in body.rejected:  # [id, reason] or [id, reason, kind]
+            error = perr.error_info(kind[0] if kind else perr.REJECTED, "ValueError", reason)
+            self._resolve(job_id, "failed", {"error": error}, [])
+        for job_id, reason in body.refused:  # its journal's disk is full: JournalFull
+            self._resolve(job_id, "failed", {"error": perr.error_info(perr.REFUSED, "JournalFull", reason)}, [])
 
     def _resend_busy(self) -> None:
         with self._lock:
             entries = [self._pending[i] for i in self._busy if i in self._pending]
+            for job in entries:
+                if job.cancelled():  # never stored (busy) and no longer wanted: not sent again
+                    self._drop_unsent(job)
         self._busy = []
         for i in range(0, len(entries), SUBMIT_BATCH):
             self._send_submit(entries[i : i + SUBMIT_BATCH])
 
-    def _resend_unfinished(self) -> None:
+    def _resync(self) -> None:
+        """Ask again for everything that may have been lost: every pending job (SUBMIT, same ids), the
+        cancellation of cancelled ones, one WATCH of every watched id, and after a new connection or a
+        new dispatcher, every request not answered yet. Job ids make every answer idempotent."""
+        why, self._resync_why = self._resync_why, None
         with self._lock:
-            entries = [f for f in self._pending.values() if not f.cancelled()]
+            self._submits.clear()  # they are pending too: sent below, once
+            jobs = list(self._pending.values())
+            for job in jobs:
+                job._sent = True
             watched = list(self._watchers)
-        for i in range(0, len(entries), SUBMIT_BATCH):
-            self._send_submit(entries[i : i + SUBMIT_BATCH])
+            requests = [(cmd, body) for cmd, body, _ in self._requests.values()] if self._resend_requests else []
+            self._resend_requests = False
+        self._busy = []
+        self.resyncs += 1
+        log.info("%s: asking again for %d pending job(s) and %d watched one(s)", why, len(jobs), len(watched))
+        for i in range(0, len(jobs), SUBMIT_BATCH):
+            self._send_submit(jobs[i : i + SUBMIT_BATCH])
+        cancelled = [job.job_id for job in jobs if job.cancelled()]
+        if cancelled:  # sent again too, so that they end (cancelled) and leave _pending
+            self._send(Cmd.CANCEL_JOBS, {"ids": cancelled, "req": None})
         if watched:
             self._send(Cmd.WATCH, {"ids": watched})
+        for cmd, body in requests:
+            self._send(cmd, body)
 
     def _on_done(self, done: c.JobDone, frames: list[Any]) -> None:
+        if done.seq > self._done_seq + 1:
+            self._resync_why = f"JOB_DONE {self._done_seq + 1} to {done.seq - 1} never arrived"
         self._done_seq = max(self._done_seq, done.seq)
         entries = done.jobs
         per_entry = split_frames([e.n_frames for e in entries], frames)
@@ -482,7 +637,7 @@ class Connection:
             if future is not None:
                 future.info = record
                 future._opts = future._frames = None
-                if future.set_running_or_notify_cancel():
+                if future._begin_settle():
                     _settle(future, state, info, data)
             for w in watchers or ():
                 if w.set_running_or_notify_cancel():
@@ -496,21 +651,29 @@ class Connection:
                 job._opts = job._frames = None
             watchers = [f for fs in self._watchers.values() for f in fs]
             self._watchers.clear()
-            requests = list(self._requests.values())
+            requests = [entry[2] for entry in self._requests.values()]
             if self._fatal is None and not only_if_unset:
                 self._fatal = exc
             self._space.notify_all()
-        futures: list[Future[Any]] = [*pending, *watchers, *requests]
-        for f in futures:
+            self._acceptance.notify_all()
+        for job in pending:
+            if job._begin_settle():
+                job.set_exception(exc)
+        for f in [*watchers, *requests]:
             if not f.done() and f.set_running_or_notify_cancel():
                 f.set_exception(exc)
-        if not self._welcome.done():
-            self._welcome.set_exception(exc)
+        if not self.welcome.done():
+            self.welcome.set_exception(exc)
 
 
 def _readable(sock: zmq.Socket[Any]) -> bool:
     """Whether a message is waiting (ZMQ_EVENTS; this also takes in the socket's pending commands)."""
     return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
+
+
+def outcome_error(info: dict[str, Any], data: list[Any]) -> BaseException:
+    """The exception of a job that did not succeed, from its JOB_DONE info and frames."""
+    return perr.rebuild_exception(info.get("error") or {}, data)
 
 
 def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:
@@ -520,4 +683,4 @@ def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[An
         except Exception as exc:  # e.g. the result's class is not importable here
             future.set_exception(exc)
     else:
-        future.set_exception(perr.rebuild_exception(info.get("error") or {}, data))
+        future.set_exception(outcome_error(info, data))

@@ -6,6 +6,12 @@ the client's CPU per task. JobFuture sets Future's fields itself with a lighter 
 depends on Future's private fields: `LIGHT_INIT` says whether this Python's Future has exactly the
 fields expected, and tests/test_client_future.py fails if the fallback (the standard __init__) is
 ever taken, so a Python upgrade that changes them is noticed rather than silently slower.
+
+What "running" means for a job (concurrent.futures' contract, in Conveyor's terms): a job is
+*started* once the dispatcher has assigned it to a worker, as a future in a process pool's call queue
+counts as running. `running()` and `cancel()` ask the dispatcher (states.py), so they agree with each
+other and with `Executor.shutdown(cancel_futures=True)`: only jobs not assigned yet are cancelled;
+assigned ones run to completion.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+from conveyor.client import states
 
 if TYPE_CHECKING:
     from conveyor.client.connection import Connection
@@ -69,7 +78,11 @@ LIGHT_INIT = set(vars(Future())) == {"_condition", "_state", "_result", "_except
 
 
 class JobFuture(Future[Any]):
-    """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran."""
+    """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran.
+
+    `cancel()` cancels the job only if no worker was assigned it yet, and `running()` is true once one
+    was (both ask the dispatcher); `Client.cancel(future)` cancels a job wherever it is.
+    """
 
     def __init__(
         self, job_id: str, connection: Connection | None, opts: msgspec.Raw | None = None,
@@ -90,15 +103,57 @@ class JobFuture(Future[Any]):
         # What the connection (re-)sends while the job is pending; dropped once it is resolved.
         self._opts = opts
         self._frames = frames
+        self._sent = False  # a SUBMIT for it may have left (set by the connection, under its lock)
+        self._accepted = False  # the dispatcher's ACCEPTED named it
 
     def cancel(self) -> bool:
-        """Cancel the job, queued or running (it keeps running only in threads mode; see docs)."""
-        cancelled = super().cancel()
-        if cancelled and self._connection is not None:
-            self._connection.send_cancel([self.job_id])
-        return cancelled
+        """Cancel the job if it has not started (no worker was assigned it); False if it has, or is done.
+
+        Asks the dispatcher, once it has accepted the job (a round trip). Called from a done-callback,
+        which runs on the client's I/O thread and cannot wait for an answer, or while the dispatcher is
+        unreachable, it cancels the job wherever it is, as Client.cancel does."""
+        connection = self._connection
+        if connection is None or self.done():
+            return super().cancel()
+        return self in states.cancel_unstarted(connection, [self])
+
+    def running(self) -> bool:
+        """True once a worker was assigned the job (asks the dispatcher while the job is pending)."""
+        connection = self._connection
+        if connection is not None and self._state == PENDING:
+            states.job_states(connection, [self])
+        return super().running()
 
     def __repr__(self) -> str:
         return f"<JobFuture {self.job_id} {self._state.lower()}>"
 
+    # --- for the connection ---------------------------------------------------------------------------
 
+    def _mark_running(self) -> None:
+        """The dispatcher assigned the job: running from now on (it cannot be cancelled any more)."""
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+
+    def _begin_settle(self) -> bool:
+        """Before setting the outcome: True if it may be set; False if the future was cancelled (whose
+        waiters are then told, as set_running_or_notify_cancel does) or is already done."""
+        with self._condition:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING  # from here on cancel() cannot slip in before the outcome
+                return True
+            if state == RUNNING:
+                return True
+            if state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            return False
+
+    def _cancel_locally(self) -> bool:
+        """Cancel the future (not the job) if it is pending, and tell wait() and as_completed() at once."""
+        if not Future.cancel(self):
+            return False
+        self._begin_settle()
+        return True

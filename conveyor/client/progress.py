@@ -1,4 +1,5 @@
-"""Progress bars on the client side: `Client.map(progress=True)`, `conveyor map` and `conveyor submit --wait`.
+"""Progress bars on the client side: `Client.map(progress=True)`, AsyncClient.map, `conveyor map` and
+`conveyor submit --wait`.
 
 A bar is drawn on stderr only when stderr is a terminal; otherwise nothing is printed, so piped output
 stays machine-readable. Bars show the rate and an ETA.
@@ -7,7 +8,7 @@ stays machine-readable. Bars show the rate and an ETA.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -84,6 +85,25 @@ def track(results: Iterator[Any], total: int | None, description: str) -> Iterat
         close = getattr(results, "close", None)
         if close is not None:
             close()  # stop the map: cancels what is still in flight
+
+
+async def atrack(results: AsyncIterator[Any], total: int | None, description: str) -> AsyncIterator[Any]:
+    """track() for an async iterator (AsyncClient.map)."""
+    console = stderr_console()
+    try:
+        if not bar_wanted(console):
+            async for value in results:
+                yield value
+            return
+        with _map_progress(console, total is not None) as bar:
+            task = bar.add_task(description, total=total)
+            async for value in results:
+                yield value
+                bar.advance(task)
+    finally:
+        aclose = getattr(results, "aclose", None)
+        if aclose is not None:
+            await aclose()  # stop the map: cancels what is still in flight
 
 
 def wait_with_progress(

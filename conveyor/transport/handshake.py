@@ -26,7 +26,9 @@ VAGUE_FAILURES = 3  # a handshake that fails without a reason this many times in
 
 
 class HandshakeWatch:
-    """A monitor on one DEALER that turns handshake failures into an AccessDenied with a clear message.
+    """A monitor on one DEALER that turns handshake failures into an AccessDenied with a clear message,
+    and counts the handshakes that succeeded: one after the first means a new TCP connection (the old
+    one broke, and whatever ZeroMQ had queued on it may be lost; the client then asks again).
 
     The monitor's PAIR socket is a plain (synchronous) socket even for an asyncio DEALER, so that
     `failure()` can be called anywhere without awaiting. Call `close()` before closing the DEALER.
@@ -54,7 +56,8 @@ class HandshakeWatch:
 
         A refused key (ZAP) and a keys/no-keys mismatch count at once; a failure without a reason (a
         wrong dispatcher public key looks like that) only after VAGUE_FAILURES in a row, since a
-        dispatcher that stops in the middle of a handshake causes one too.
+        dispatcher that stops in the middle of a handshake causes one too. Every successful handshake
+        read here adds one to `handshakes`.
         """
         from zmq.utils.monitor import parse_monitor_message
 

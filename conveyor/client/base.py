@@ -1,0 +1,238 @@
+"""What Client and AsyncClient share: configuration, task options, encoding, the connection, its lifecycle.
+
+Both classes have the same public methods (tests/test_async_client.py checks it); only how they wait
+differs: Client blocks on the connection's futures, AsyncClient awaits them.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, Self
+
+import msgspec
+
+from conveyor.client.connection import Connection
+from conveyor.client.future import JobFuture
+from conveyor.client.local import LocalCluster
+from conveyor.client.mapping import SLOTS_REFRESH_S, Call, MapRun, slots_for
+from conveyor.protocol import Cmd
+from conveyor.protocol import commands as c
+from conveyor.protocol import failures as perr
+from conveyor.protocol.commands import MODE_NAMES
+from conveyor.protocol.limits import check_frames
+from conveyor.protocol.payload import encode_call, encode_function
+from conveyor.security.keys import ENV_KEYS, PeerCredentials, load_peer_credentials
+
+ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
+OPTION_NAMES = ("mode", "tags", "retries", "retry_backoff", "timeout", "retry_on", "keep")
+REQUEST_TIMEOUT_S = 10.0  # default wait for the dispatcher's answer to status, job_info, jobs, logs, cancel
+
+
+class ClientState(enum.Enum):
+    """Where a client is in its life. Calls other than close() are refused unless it is OPEN."""
+
+    UNOPENED = "unopened"  # an AsyncClient before `async with` (a Client opens in its constructor)
+    OPEN = "open"
+    BROKEN = "broken"  # the dispatcher was lost or refused this client: every call raises that error
+    CLOSED = "closed"  # close() was called
+
+
+def wire_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Task options as SUBMIT carries them, checked: TypeError for an unknown name, ValueError for a bad mode."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in OPTION_NAMES:
+            raise TypeError(f"unknown task option {key!r}; known: {', '.join(OPTION_NAMES)}")
+        if value is None:
+            continue
+        if key == "tags":
+            value = [value] if isinstance(value, str) else list(value)
+        elif key == "retry_on":
+            names = value if isinstance(value, list | tuple) else [value]
+            value = [v if isinstance(v, str) else perr.type_name(v) for v in names]
+        elif key == "mode" and value not in MODE_NAMES:
+            raise ValueError(f"unknown mode {value!r}: choose one of {', '.join(MODE_NAMES)}")
+        out[key] = value
+    return out
+
+
+class ClientBase:
+    """Configuration and the connection; subclasses add the methods, blocking or async."""
+
+    _conn: Connection | None
+
+    def __init__(
+        self,
+        address: str | None,
+        *,
+        connect_timeout: float,
+        max_pending: int,
+        reconnect_timeout: float,
+        local_workers: int,
+        local_mode: str,
+        local_concurrency: int | None,
+        context: Any,
+        keys: str | os.PathLike[str] | None,
+        max_message_size: int,
+        options: dict[str, Any],
+    ):
+        self.address: str | None = address or os.environ.get(ENV_DISPATCHER) or None
+        keys = keys or os.environ.get(ENV_KEYS) or None  # a key directory (docs/security.md)
+        self._keys = None if keys is None else str(keys)
+        self._credentials: PeerCredentials | None = load_peer_credentials(keys, "client") if keys is not None else None
+        self._connect_timeout_s = connect_timeout
+        self._max_pending = max_pending
+        self._reconnect_timeout_s = reconnect_timeout
+        self._local = (local_workers, local_mode, local_concurrency)
+        self._context = context
+        self._max_message_size = max_message_size  # bytes
+        self._options = wire_options(options)
+        self._task_opts: dict[str, msgspec.Raw] = {}  # per function name: its options, checked and encoded once
+        self._slots: dict[tuple[str | None, frozenset[str]], tuple[float, Future[int]]] = {}  # shared by views
+        self._owner = True
+        self._cluster: LocalCluster | None = None
+        self._conn = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def _start_cluster(self) -> str:
+        """With no address: start a private local cluster (blocking; AsyncClient runs it in a thread)."""
+        workers, mode, concurrency = self._local
+        self._cluster = LocalCluster(workers=workers, mode=mode, concurrency=concurrency, keys=self._keys)
+        self.address = self._cluster.start()
+        return self.address
+
+    def _new_connection(self) -> Connection:
+        assert self.address is not None
+        self._conn = Connection(
+            self.address, max_pending=self._max_pending, reconnect_timeout_s=self._reconnect_timeout_s,
+            context=self._context, credentials=self._credentials, max_message_size=self._max_message_size,
+        )
+        return self._conn
+
+    @property
+    def state(self) -> ClientState:
+        conn = self._conn
+        if conn is None:
+            return ClientState.UNOPENED
+        if conn.closing:
+            return ClientState.CLOSED
+        if conn.fatal is not None:
+            return ClientState.BROKEN
+        return ClientState.OPEN
+
+    def _open_conn(self) -> Connection:
+        """The connection, if the client may be used; otherwise a clear error, raised here at the API."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"{type(self).__name__} is not open yet: use `async with {type(self).__name__}(...)`")
+        if conn.closing:
+            raise RuntimeError(f"this {type(self).__name__} of {self.address} is closed")
+        if conn.fatal is not None:
+            raise conn.fatal.with_traceback(None)
+        return conn
+
+    def _view(self, options: dict[str, Any]) -> Self:
+        """A view of this client whose tasks carry these options; it shares the connection."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._options = {**self._options, **wire_options(options)}
+        view._task_opts = {}
+        view._owner = False
+        return view
+
+    @property
+    def duplicate_results(self) -> int:
+        """Outcomes that arrived for jobs already resolved (after a re-send) and were dropped."""
+        return self._conn.duplicate_results if self._conn is not None else 0
+
+    # --- submitting ---------------------------------------------------------------------------------
+
+    def _submit_frames(self, name: str, frames: list[Any]) -> JobFuture:
+        conn = self._open_conn()
+        check_frames(frames, self._max_message_size)  # a larger frame would cut the connection
+        # One options map per function, shared by its tasks (nothing changes it once built).
+        opts = self._task_opts.get(name)
+        if opts is None:
+            if len(self._task_opts) >= 1024:
+                self._task_opts.clear()
+            opts = self._task_opts[name] = c.raw_options(c.options(**self._options, fn=name))
+        return conn.submit(conn.new_job_id(), opts, frames)
+
+    def _submit_call(self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobFuture:
+        name, blob = encode_function(fn)
+        return self._submit_frames(name, encode_call(name, blob, args, kwargs))
+
+    def _map_run(
+        self, fn: Callable[..., Any] | str, calls: Iterable[Iterable[Any]], chunksize: int | None, window: int | None
+    ) -> tuple[str, MapRun]:
+        self._open_conn()
+        name, blob = encode_function(fn)
+        args: Iterator[Call] = ((tuple(a), {}) for a in calls)
+        run = MapRun(lambda frames: self._submit_frames(name, frames), name, blob, args, chunksize, window,
+                     self._ask_slots)
+        return name, run
+
+    def _ask_slots(self) -> Future[int] | None:
+        """A future of how many worker slots can run this client's tasks (STATUS, shared for a while)."""
+        tags = self._options.get("tags") or ()
+        key = (self._options.get("mode"), frozenset(tags))
+        now = time.monotonic()
+        cached = self._slots.get(key)
+        if cached is not None and now - cached[0] < SLOTS_REFRESH_S:
+            return cached[1]
+        conn = self._conn
+        if conn is None:
+            return None
+        try:
+            req, reply = conn.start_request(Cmd.STATUS, {})
+        except Exception:
+            return None
+        slots: Future[int] = Future()
+
+        def answered(f: Future[Any]) -> None:
+            conn.end_request(req)
+            try:
+                slots.set_result(slots_for(f.result(), key[0], key[1]))
+            except BaseException as exc:
+                slots.set_exception(exc)
+
+        reply.add_done_callback(answered)
+        self._slots[key] = (now, slots)
+        return slots
+
+    # --- request bodies -----------------------------------------------------------------------------
+
+    def _cancel_ids(self, jobs: tuple[JobFuture | str, ...]) -> list[str]:
+        """Ids to cancel; futures among them are cancelled locally at once (no second CANCEL_JOBS)."""
+        ids = []
+        for job in jobs:
+            if isinstance(job, JobFuture):
+                job._cancel_locally()
+                ids.append(job.job_id)
+            else:
+                ids.append(str(getattr(job, "job_id", job)))
+        return ids
+
+    @staticmethod
+    def _jobs_body(states: Iterable[str] | None, since: float | None, fn: str | None, limit: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"limit": limit}
+        if states is not None:
+            body["states"] = list(states)
+        if since is not None:
+            body["since"] = since
+        if fn is not None:
+            body["fn"] = fn
+        return body
+
+
+def common_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls zip(*iterables) makes, if every iterable knows its length."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
