@@ -84,7 +84,8 @@ def connect(dispatcher: str | None, keys: str | None = None) -> Client:
     from conveyor.client import Client
 
     timeout = float(os.environ.get("CONVEYOR_CONNECT_TIMEOUT", "5"))
-    return Client(address(dispatcher), connect_timeout=timeout, reconnect_timeout=max(timeout, 10.0), keys=keys)
+    # Once connected, a dispatcher restarting on its journal (a loaded machine: many seconds) is waited for.
+    return Client(address(dispatcher), connect_timeout=timeout, reconnect_timeout=max(timeout, 30.0), keys=keys)
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
