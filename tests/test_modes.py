@@ -1,18 +1,26 @@
-"""Mode executors on their own, with real threads and no sockets: which submitted tasks a mode gives back.
+"""Mode executors on their own, with real threads, processes and loops and no sockets: the Mode contract.
 
 A draining worker (and a stalled one, with auto prefetch) hands back the jobs that wait for a slot.
-A job that an idle thread is about to take is not waiting: it is finished like a running one.
+A job that an idle thread is about to take is not waiting: it is finished like a running one. In every
+mode, a stopped task is never reported, one stopped before it started never runs, and the slot of a
+stopped task comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import pytest
+
+from conveyor.errors import JobCancelled, TaskTimeout
 from conveyor.protocol.payload import encode_call
 from conveyor.worker.execution import Outcome, Task
-from conveyor.worker.modes import ModeSettings, ThreadsMode
+from conveyor.worker.modes import MODES, Mode, ModeSettings, ThreadsMode
+from conveyor.worker.reports import TaskReports
 from tests import tasks
 
 
@@ -81,5 +89,88 @@ async def test_threads_mode_keeps_a_job_an_idle_thread_is_about_to_take() -> Non
         await _until(lambda: ran <= outcomes.keys(), "the kept jobs to run")
         await asyncio.sleep(0)
         assert outcomes.keys() == ran and all(o.ok for o in outcomes.values())
+    finally:
+        await mode.shutdown()
+
+
+# --- the Mode contract, in every mode ----------------------------------------------------------------
+
+MODE_NAMES = ("threads", "asyncio")  # processes: the multiprocessing fork server outlives an in-process test;
+# its contract runs end to end (test_end_to_end: cancels and timeouts per mode; test_worker_faults)
+
+
+def _mode(name: str, concurrency: int = 1) -> Mode:
+    return MODES[name](ModeSettings(concurrency=concurrency, prefetch=2), TaskReports())
+
+
+async def hold(marker: str, release: str) -> str:
+    """Create `marker`, then wait until `release` exists (an async task: asyncio mode awaits it on its loop)."""
+    Path(marker).touch()
+    while not Path(release).exists():
+        await asyncio.sleep(0.005)
+    return marker
+
+
+def hold_sync(marker: str, release: str) -> str:
+    """The same in a plain function, interruptible at any bytecode (threads, processes)."""
+    Path(marker).touch()
+    while not Path(release).exists():
+        time.sleep(0.005)
+    return marker
+
+
+def _hold(mode: str, n: int, marker: Path, release: Path) -> Task:
+    fn = "tests.test_modes:hold" if mode == "asyncio" else "tests.test_modes:hold_sync"
+    return _task(n, fn, str(marker), str(release))
+
+
+async def hold_the_loop(marker: str, release: str) -> str:
+    """Create `marker`, then block the whole event loop it runs on until `release` exists."""
+    return hold_sync(marker, release)
+
+
+@pytest.mark.parametrize("mode_name", MODE_NAMES)
+async def test_a_task_stopped_before_it_starts_never_runs_and_is_never_reported(
+    mode_name: str, tmp_path: Path
+) -> None:
+    mode = _mode(mode_name)
+    outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
+    try:
+        # The one thread (threads), or the task loop itself (asyncio), is busy until `go` exists.
+        fn = "tests.test_modes:hold_the_loop" if mode_name == "asyncio" else "tests.test_modes:hold_sync"
+        first = _task(0, fn, str(tmp_path / "first"), str(tmp_path / "go"))
+        mode.submit([first])
+        await _until(lambda: (tmp_path / "first").exists(), "the first task to start")
+        never = _hold(mode_name, 1, tmp_path / "never", tmp_path / "go")
+        mode.submit([never])  # it cannot start before `first` ends
+        mode.stop(never.key, JobCancelled("the job was cancelled"))
+        (tmp_path / "go").touch()
+        after = _task(2, "tests.tasks:noop", 2)
+        mode.submit([after])
+        await _until(lambda: "job-2" in outcomes, "the task after it to be reported")
+        assert outcomes["job-0"].ok and outcomes["job-2"].ok
+        assert "job-1" not in outcomes and not (tmp_path / "never").exists()
+    finally:
+        (tmp_path / "go").touch()
+        await mode.shutdown()
+
+
+@pytest.mark.parametrize("mode_name", MODE_NAMES)
+async def test_a_stopped_running_task_is_never_reported_and_its_slot_comes_back(
+    mode_name: str, tmp_path: Path
+) -> None:
+    mode = _mode(mode_name)
+    outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
+    try:
+        stuck = _hold(mode_name, 0, tmp_path / "started", tmp_path / "never-created")
+        mode.submit([stuck])
+        await _until(lambda: (tmp_path / "started").exists(), "the task to start")
+        mode.stop(stuck.key, TaskTimeout("the task ran longer than its 1 s timeout"))
+        nxt = _task(1, "tests.tasks:add", 2, 3)
+        mode.submit([nxt])  # the one slot: freed (a thread replaced, a child replaced, a coroutine cancelled)
+        await _until(lambda: "job-1" in outcomes, "a task to run in the slot that came back", timeout=20)
+        assert outcomes["job-1"].ok and "job-0" not in outcomes
     finally:
         await mode.shutdown()

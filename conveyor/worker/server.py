@@ -178,6 +178,7 @@ class Worker:
         self._stop_wanted = asyncio.Event()  # a stop request: it ends a backoff wait (connect, then drain)
         self._started = False  # the mode runs: events may flow
         self._early_stops = 0  # stop requests before that
+        self._warned_parents = False
         self._heard = False
         self._heard_beat = False  # a dispatcher HEARTBEAT on this socket (logged once)
         self._last_heard = 0.0
@@ -363,10 +364,13 @@ class Worker:
         cmd, b = msg.cmd, msg.body
         if cmd == Cmd.ASSIGN:
             entries: list[c.AssignEntry] = b.tasks
-            per_entry = split_frames([e.n_frames for e in entries], msg.frames)
-            tasks = [
-                Task(e.job_id, e.attempt, e.timeout, e.retry_on, f) for e, f in zip(entries, per_entry, strict=True)
-            ]
+            per_entry = split_frames([e.total_frames for e in entries], msg.frames)  # the call, then parents'
+            tasks = []
+            for e, frames in zip(entries, per_entry, strict=True):
+                if e.parents and not self._warned_parents:
+                    self._warned_parents = True  # the spec does not say yet how a call refers to them
+                    log.warning("ASSIGN carries parents' results; this worker does not pass them to calls")
+                tasks.append(Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames[: e.n_frames]))
             return Assigned(tasks, b.ack)
         if cmd == Cmd.CANCEL:
             return CancelRequested((b.job, b.attempt))

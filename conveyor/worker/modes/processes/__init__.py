@@ -215,7 +215,10 @@ class ProcessesMode(Mode):
             return
         child.dead = True
         child.detach()
-        child.process.join(1)
+        try:
+            child.process.join(1)  # reaps it: its sentinel says it has exited
+        except OSError as exc:  # (poll can fail when the process is out of descriptors) the exit code is then unknown
+            log.warning("processes mode: cannot reap child %d: %s", child.pid, exc)
         code = child.process.exitcode
         child.close()  # what the task printed before the child died stays its output
         self._children.discard(child)
