@@ -191,7 +191,7 @@ def done_entries(peer: RawPeer, ids: set[str], timeout: float = 30.0) -> dict[st
         msg = peer.expect(Cmd.JOB_DONE, timeout=max(0.1, deadline - time.monotonic()))
         jobs = msg.body["jobs"]
         per_entry = split_frames([e[3] for e in jobs], msg.frames)
-        for (job_id, state, info, _), data in zip(jobs, per_entry, strict=True):
+        for (job_id, state, info, *_), data in zip(jobs, per_entry, strict=True):
             got[job_id].append((state, info, decode_value(data) if state == "succeeded" else None))
     return got
 
@@ -511,7 +511,7 @@ def _assigned(peer: RawPeer, want: set[tuple[str, int]]) -> dict[tuple[str, int]
     while not want <= set(got):
         msg = peer.expect(Cmd.ASSIGN)
         tasks_ = msg.body["tasks"]
-        for (job_id, attempt, _timeout, _retry_on, _n), frames in zip(
+        for (job_id, attempt, _timeout, _retry_on, _n, *_), frames in zip(
             tasks_, split_frames([e[4] for e in tasks_], msg.frames), strict=True
         ):
             got[(job_id, attempt)] = frames

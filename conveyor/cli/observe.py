@@ -24,7 +24,7 @@ from conveyor.client.progress import format_progress
 from conveyor.protocol.durations import parse_duration
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATES = ("waiting", "scheduled", "limited", "queued", "running", "succeeded", "failed", "cancelled", "expired")
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -147,8 +147,11 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
     line.append(" queued, ")
     line.append(f"{st.get('running', 0):,}", style="bold cyan")
     line.append(" running")
-    if st.get("delayed"):
-        line.append(f" ({st['delayed']:,} waiting to retry)", style="dim")
+    waiting = [(st.get(k, 0), label) for k, label in (
+        ("scheduled", "scheduled"), ("limited", "limited"), ("waiting", "waiting for parents"),
+        ("delayed", "waiting to retry"))]
+    if any(n for n, _ in waiting):
+        line.append(" (" + ", ".join(f"{n:,} {label}" for n, label in waiting if n) + ")", style="dim")
     if thr:
         line.append("  throughput ")
         line.append(f"{thr.get('last_10s', 0):,.1f}/s", style="bold green")
@@ -361,7 +364,8 @@ def logs_command(
 
 def jobs_command(
     state: Annotated[
-        list[str] | None, typer.Option("--state", help="queued, running, succeeded, failed or cancelled (repeatable).")
+        list[str] | None, typer.Option("--state", help="waiting, scheduled, limited, queued, running, succeeded, "
+                                       "failed, cancelled or expired (repeatable).")
     ] = None,
     since: Annotated[
         str | None, typer.Option(help="Only jobs submitted or finished this long ago: 30s, 10m, 2h.")
@@ -372,7 +376,7 @@ def jobs_command(
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List jobs: running, queued, then recently finished (the dispatcher remembers the last 10,000)."""
+    """List jobs: running, not started (oldest first), then recently finished (the last 10,000)."""
     for s in state or []:
         if s not in STATES:
             raise CliError(f"unknown state {s!r}: choose from {', '.join(STATES)}", 2)
@@ -398,9 +402,10 @@ def jobs_command(
     for col, justify in (("function", "left"), ("state", "left"), ("worker", "left"),
                          ("tries", "right"), ("submitted", "right"), ("duration", "right"), ("", "left")):
         table.add_column(col, justify=justify, overflow="fold" if col == "" else "ellipsis")  # type: ignore[arg-type]
-    colors = {"succeeded": "green", "failed": "red", "cancelled": "dim", "running": "cyan", "queued": "yellow"}
+    colors = {"succeeded": "green", "failed": "red", "cancelled": "dim", "expired": "dim", "running": "cyan",
+              "queued": "yellow", "scheduled": "blue", "limited": "magenta", "waiting": "blue"}
     for j in jobs:
-        note = j.get("error") or format_progress(j.get("progress"))
+        note = j.get("error") or format_progress(j.get("progress")) or _waiting_note(j)
         table.add_row(
             j["id"], j["fn"], Text(j["state"], style=colors.get(j["state"], "")), j.get("worker") or "-",
             str(j["attempts"]), fmt_ago(j.get("submitted_at")), fmt_duration(j.get("duration")),
@@ -409,6 +414,18 @@ def jobs_command(
     console.print(table)
     if truncated:
         console.print(f"(more jobs match: showing {len(jobs)}; use --limit)", style="dim")
+
+
+def _waiting_note(job: dict[str, Any]) -> str:
+    """Why a job has not started: due later, held by limit keys, waiting for parents."""
+    if job["state"] == "scheduled" and job.get("due_at"):
+        return f"due in {fmt_duration(max(0.0, job['due_at'] - time.time()))}"
+    if job["state"] == "limited" and job.get("limits"):
+        return "limits: " + ", ".join(job["limits"])
+    if job["state"] == "waiting" and job.get("parents"):
+        n = len(job["parents"])
+        return f"after {n} job(s)" if n > 1 else f"after {job['parents'][0]}"
+    return ""
 
 
 def top_command(

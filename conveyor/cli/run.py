@@ -55,6 +55,9 @@ def dispatcher(
     priority_aging: Annotated[
         float | None, typer.Option(help="Seconds of waiting worth one priority point (default: strict priority).")
     ] = None,
+    schedules: Annotated[
+        str | None, typer.Option(help="A TOML file of schedules ([schedules.NAME]: cron or every, task...).")
+    ] = None,
     keys: KeysOpt = None,
     insecure: InsecureOpt = False,
     max_message_mib: MaxMessageOpt = 512,
@@ -83,6 +86,7 @@ def dispatcher(
     declared = _limits(limit or [], limits_file)
     if priority_aging is not None and not priority_aging > 0:
         raise CliError("--priority-aging must be a positive number of seconds", EXIT_USAGE)
+    declared_schedules = _schedules(schedules)
     store = None
     if not no_journal:
         path = journal or str(default_journal_path())
@@ -95,7 +99,7 @@ def dispatcher(
             bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
             journal=store, max_queued=max_queued, max_queued_bytes=max_queued_mib << 20, keys=keys,
             insecure=insecure, max_message_size=max_message_mib << 20, limits=declared,
-            priority_aging_s=priority_aging,
+            priority_aging_s=priority_aging, schedules=declared_schedules,
         )
     except ConveyorError:
         if store is not None:
@@ -113,6 +117,18 @@ def dispatcher(
     start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.run()
+
+
+def _schedules(path: str | None) -> list[Any]:
+    """The --schedules file, checked: one line and exit 2 if wrong."""
+    if path is None:
+        return []
+    from conveyor.dispatcher.schedule_file import load
+
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def _limits(declarations: list[str], path: str | None) -> list[tuple[str, Any]]:

@@ -54,12 +54,14 @@ class Durability:
 
     # --- start and stop -----------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Load the journal: finished jobs keep their results, unfinished ones are queued to run again."""
+    def recover(self) -> list[Job]:
+        """Load the journal: finished jobs keep their results, unfinished ones are queued to run again.
+        Returns the finished ones (for the listings)."""
         now, now_wall = time.monotonic(), time.time()
         journal = self.journal
         expired = journal.expire(now_wall)
-        n_done = n_again = 0
+        n_again = 0
+        restored: list[Job] = []
 
         def frames_wanted(opts: bytes) -> bool:  # a call due far ahead stays on disk until it is due
             try:
@@ -77,12 +79,11 @@ class Durability:
                 continue
             if stored.state in FINISHED_STATES:
                 remaining = (stored.expires_at or now_wall) - now_wall
-                self.scheduler.restore_finished(
+                restored.append(self.scheduler.restore_finished(
                     stored.id, opts, stored.owner, stored.state, stored.attempts,
                     shift_history(stored.history, now - now_wall),  # the journal keeps wall-clock times
                     stored.result_info, list(stored.result_frames), finished_at=now - (self.result_ttl - remaining),
-                )
-                n_done += 1
+                ))
             else:
                 due, expires = due_and_expiry(opts, now, now_wall)
                 frames = OFFLOADED if stored.frames is None else list(stored.frames)
@@ -93,9 +94,10 @@ class Durability:
         self.scheduler.take_actions()  # nobody to deliver to yet: owners re-attach when they reconnect
         log.info(
             "journal %s: %d finished job(s) restored, %d unfinished job(s) queued again, %d expired",
-            journal.path, n_done, n_again, expired,
+            journal.path, len(restored), n_again, expired,
         )
         self.committer.start()
+        return restored
 
     def close(self) -> None:
         """Let the commit in flight end, commit the rest here and acknowledge it; close the journal.
@@ -130,7 +132,9 @@ class Durability:
     def reason(self) -> str:
         return self.committer.reason
 
-    def submitted(self, job: Job, owner: bytes, opts: bytes, frames: list[Any], deps: bytes | None = None) -> None:
+    def submitted(
+        self, job: Job, owner: bytes | None, opts: bytes, frames: list[Any], deps: bytes | None = None
+    ) -> None:
         self.journal.submitted(job.id, job.seq, owner, opts, frames, deps)
 
     def reply(self, peer: bytes, reply: c.Accepted) -> None:

@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     deps BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, blob BLOB NOT NULL);
 """
 
 
@@ -79,9 +80,10 @@ class Batch:
     inserts: dict[str, tuple[Any, ...]]  # job id -> (id, seq, owner, opts, frames, deps)
     finishes: dict[str, tuple[Any, ...]]  # job id -> (state, attempts, history, info, frames, expires_at, id)
     deletes: set[str]
+    schedules: dict[str, bytes | None] = field(default_factory=dict)  # name -> schedule (None: deleted)
 
     def __bool__(self) -> bool:
-        return bool(self.inserts or self.finishes or self.deletes)
+        return bool(self.inserts or self.finishes or self.deletes or self.schedules)
 
     @property
     def jobs(self) -> int:
@@ -162,6 +164,7 @@ class Journal:
         self._inserts: dict[str, tuple[Any, ...]] = {}
         self._finishes: dict[str, tuple[Any, ...]] = {}
         self._deletes: set[str] = set()
+        self._schedules: dict[str, bytes | None] = {}
         self.commits = 0
         self.last_commit_seconds = 0.0
         self._reader: sqlite3.Connection | None = None  # for read_frames, on the loop thread
@@ -202,16 +205,27 @@ class Journal:
         self._finishes.pop(job_id, None)
         self._deletes.add(job_id)
 
+    def schedule_saved(self, name: str, blob: bytes) -> None:
+        """A schedule was created or changed (it fired, was paused...): written with this batch's jobs, so a
+        slot's job and the schedule's last slot are committed together."""
+        self._schedules[name] = blob
+
+    def schedule_deleted(self, name: str) -> None:
+        self._schedules[name] = None
+
+    def load_schedules(self) -> list[tuple[str, bytes]]:
+        return [(row[0], bytes(row[1])) for row in self._db.execute("SELECT name, blob FROM schedules ORDER BY name")]
+
     @property
     def dirty(self) -> bool:
-        return bool(self._inserts or self._finishes or self._deletes)
+        return bool(self._inserts or self._finishes or self._deletes or self._schedules)
 
     # --- committing: a batch at a time, from the writer thread (committer.py) or here ------------------
 
     def take_batch(self) -> Batch:
         """Everything recorded since the last batch (loop thread); recording goes on into a new one."""
-        batch = Batch(self._inserts, self._finishes, self._deletes)
-        self._inserts, self._finishes, self._deletes = {}, {}, set()
+        batch = Batch(self._inserts, self._finishes, self._deletes, self._schedules)
+        self._inserts, self._finishes, self._deletes, self._schedules = {}, {}, set(), {}
         return batch
 
     def restore(self, batch: Batch, dropped: AbstractSet[str] = frozenset()) -> None:
@@ -224,6 +238,7 @@ class Journal:
             if i not in self._finishes and i not in self._deletes and i not in dropped:
                 self._finishes[i] = row
         self._deletes |= batch.deletes  # deletes are written before inserts: a re-submitted id survives
+        self._schedules = {**batch.schedules, **self._schedules}
 
     def commit(self) -> None:
         """Write everything recorded so far, now, in this thread (start-up, shutdown, tests)."""
@@ -273,6 +288,13 @@ class Journal:
                     "expires_at=?, frames=NULL WHERE id=?",
                     finishes,
                 )
+            if batch.schedules:
+                saved = [(n, b) for n, b in batch.schedules.items() if b is not None]
+                if saved:
+                    db.executemany("INSERT OR REPLACE INTO schedules (name, blob) VALUES (?, ?)", saved)
+                gone = [(n,) for n, b in batch.schedules.items() if b is None]
+                if gone:
+                    db.executemany("DELETE FROM schedules WHERE name=?", gone)
             db.execute("COMMIT")
         except BaseException:
             self._abandon()

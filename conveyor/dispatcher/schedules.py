@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
 from cronsim import CronSim, CronSimError
 
 NICKNAMES = {
@@ -41,7 +42,7 @@ NICKNAMES = {
 MISFIRE = ("skip", "once", "all")
 OVERLAP = ("skip", "queue_one", "allow", "cancel_previous")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
-ON_TIME_S = 10.0  # a slot fired later than this after it was due counts as missed (misfire applies)
+ON_TIME_S = 10.0  # a slot fired later than this after it was due, or after its successor came, is missed
 MAX_SLOTS_PER_TURN = 10_000  # slots of one schedule looked at in one evaluation, at most
 
 
@@ -198,8 +199,9 @@ def plan(spec: Spec, state: State, now: float) -> Plan:
     if not window:
         return Plan([], skipped, max(state.last_slot, horizon) if skipped else state.last_slot)
     last = window[-1]
-    on_time = [t for t in window if now - t <= ON_TIME_S]
-    missed = [t for t in window if t not in on_time]
+    # Only the latest slot can be on time: any other one's successor has come too (so it was missed).
+    on_time = [last] if now - last <= ON_TIME_S else []
+    missed = window[:-1] if on_time else window
     if not missed:
         fire = on_time
     elif spec.misfire == "skip":
@@ -241,6 +243,7 @@ class Entry:
     call: list[bytes]  # the task's call frames, as the client encoded them
     options: bytes  # its TaskOptions (wire form)
     generation: int = 0  # heap entries of older generations are stale
+    origin: str = "api"  # "file": declared in the dispatcher's --schedules file (which owns it)
 
 
 class Schedules:
@@ -260,12 +263,12 @@ class Schedules:
 
     # --- changes -----------------------------------------------------------------------------------
 
-    def upsert(self, spec: Spec, call: list[bytes], options: bytes, now: float) -> Entry:
+    def upsert(self, spec: Spec, call: list[bytes], options: bytes, now: float, origin: str = "api") -> Entry:
         """Create or change a schedule. A change keeps its last slot: it never fires at once."""
         spec.check()
         old = self.entries.get(spec.name)
         state = old.state if old is not None else State(last_slot=now)
-        entry = Entry(spec, state, call, options, old.generation + 1 if old is not None else 0)
+        entry = Entry(spec, state, call, options, old.generation + 1 if old is not None else 0, origin)
         self.entries[spec.name] = entry
         self._deleted.discard(spec.name)
         self._changed(entry)
@@ -380,7 +383,7 @@ class Schedules:
             "pause_on_failure": spec.pause_on_failure, "paused": state.paused, "paused_until": state.paused_until,
             "next_run": nxt, "last_slot": state.last_slot, "last_job": state.last_job,
             "last_outcome": state.last_outcome, "fired": state.fired, "skipped": state.skipped,
-            "explain": _explain(spec),
+            "explain": _explain(spec), "origin": entry.origin,
         }
 
     def preview(self, name: str, count: int, now: float) -> list[float]:
@@ -430,6 +433,29 @@ class Schedules:
         entry.state.last_outcome = None
         entry.state.fired += 1
         return [Fire(entry.spec.name, slot, job, slot + jitter(entry.spec, slot))]
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """A schedule as the journal keeps it."""
+    return msgspec.msgpack.encode({"spec": entry.spec, "state": entry.state, "call": entry.call,
+                                   "options": entry.options, "origin": entry.origin})
+
+
+class _Stored(msgspec.Struct):
+    spec: Spec
+    state: State
+    call: list[bytes]
+    options: bytes
+    origin: str = "api"
+
+
+def decode_entry(blob: bytes) -> Entry:
+    """The inverse of encode_entry; ValueError if it cannot be read."""
+    try:
+        stored = msgspec.msgpack.decode(blob, type=_Stored)
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"unreadable schedule: {exc}") from None
+    return Entry(stored.spec, stored.state, stored.call, stored.options, origin=stored.origin)
 
 
 def _schedule_of(job_id: str) -> str | None:

@@ -35,7 +35,9 @@ from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.limits import Rule
 from conveyor.dispatcher.model import Resend
 from conveyor.dispatcher.observe.observer import Observer
+from conveyor.dispatcher.schedule_file import Declared
 from conveyor.dispatcher.scheduler import OFFLOADED, Assign, CancelRunning, Deliver, Job, Scheduler
+from conveyor.dispatcher.timetable import Timetable
 from conveyor.protocol import Cmd, ProtocolError, VersionMismatch, encode, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
@@ -70,6 +72,7 @@ class Dispatcher:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         limits: Iterable[tuple[str, Rule]] = (),
         priority_aging_s: float | None = None,
+        schedules: Iterable[Declared] = (),
     ):
         self.bind_address = bind
         self.journal = journal
@@ -104,6 +107,10 @@ class Dispatcher:
         if self.durability is not None:
             self.durability.on_commit = lambda seconds: self.observer.journal_committed(
                 journal.commits if journal is not None else 0, seconds)
+        # Cron and interval schedules: the jobs they create go through the scheduler like any other.
+        self.timetable = Timetable(self.scheduler, self.durability, self._send)
+        self._declared = list(schedules)
+        self._fired = False  # the timetable created jobs this turn: the next poll does not wait
         self.clients = ClientSide(
             self.scheduler, self.observer, self.durability, self._send, instance=self.instance,
             heartbeat_interval=heartbeat_interval, max_queued=max_queued, max_queued_bytes=max_queued_bytes,
@@ -121,6 +128,7 @@ class Dispatcher:
             Cmd.OUTPUT: self.observer.on_output,
             # clients: HELLO, SUBMIT, WATCH, CANCEL_JOBS, STATUS, JOB_INFO, JOBS, LOGS, ACK
             **self.clients.handlers(),
+            Cmd.SCHEDULE: self.timetable.on_schedule,
             # both
             Cmd.HEARTBEAT: self._on_heartbeat,
         }
@@ -181,7 +189,9 @@ class Dispatcher:
                 stack.callback(close)
             if self.durability is not None:
                 stack.callback(self.durability.close)
-                self.durability.recover()
+                self.observer.stats.remember(self.durability.recover(), time.monotonic())
+            self.timetable.recover()  # after the jobs: a slot's job is found again by its id
+            self.timetable.apply_file(self._declared)
             log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
             self._loop(router)
             self._goodbye()
@@ -206,7 +216,11 @@ class Dispatcher:
                 deadline = min(deadline, timer)
             if durability is not None and durability.deadline is not None:
                 deadline = min(deadline, durability.deadline)
-            timeout_ms = 0 if self._saturated else max(0, int((deadline - now) * 1000) + 1)
+            wake = self.timetable.wake_at(now, time.time())  # a wall clock jump is seen within a heartbeat
+            if wake is not None:
+                deadline = min(deadline, wake)
+            busy = self._saturated or self._fired
+            timeout_ms = 0 if busy else max(0, int((deadline - now) * 1000) + 1)
             events = dict(poller.poll(timeout_ms))
             turn_started = time.monotonic()
             if self._wake_r.fileno() in events:
@@ -417,6 +431,8 @@ class Dispatcher:
                 self._send(action.worker, Cmd.RESEND, c.Resend(action.seq))
         finished, forgotten = self.scheduler.drain_finished(), self.scheduler.drain_forgotten()
         self.observer.turn(finished, forgotten)  # drained every turn, journal or not (they would pile up)
+        # Schedules fire and note their jobs' ends; their jobs and changes join this turn's journal batch.
+        self._fired = self.timetable.turn(time.monotonic(), time.time(), finished)
         if self.durability is not None:
             self.durability.turn(finished, forgotten, time.monotonic(), self._stopping)
 

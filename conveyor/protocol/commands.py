@@ -294,6 +294,36 @@ class LimitsRequest(Body, frozen=True):
     req: Any = None
 
 
+class ScheduleSpec(Body, frozen=True, forbid_unknown_fields=False):
+    """When a schedule fires and what it does about missed runs and overlaps (docs/schedules.md)."""
+
+    cron: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    every_s: float | None = None
+    offset_s: float = 0.0
+    tz: Annotated[str, msgspec.Meta(max_length=100)] = "UTC"
+    misfire: Annotated[str, msgspec.Meta(max_length=20)] = "once"
+    catchup_window_s: float = 86400.0
+    max_catchup: int = 100
+    overlap: Annotated[str, msgspec.Meta(max_length=20)] = "skip"
+    jitter_s: float = 0.0
+    pause_on_failure: bool = False
+
+
+class ScheduleRequest(Body, frozen=True):
+    """SCHEDULE: `op` is upsert (spec and options; the data frames are the task's call), list, show,
+    preview (count), pause (until), resume, trigger, backfill (start, end) or delete."""
+
+    op: Annotated[str, msgspec.Meta(max_length=20)]
+    name: Annotated[str, msgspec.Meta(max_length=100)] = ""
+    spec: ScheduleSpec | None = None
+    options: msgspec.Raw = msgspec.Raw(b"\xc0")
+    until: float | None = None
+    start: float | None = None
+    end: float | None = None
+    count: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    req: Any = None
+
+
 # --- dispatcher -> client ---------------------------------------------------------------------------
 
 
@@ -374,6 +404,16 @@ class LimitsReply(Body, frozen=True):
     req: Any = None
 
 
+class ScheduleReply(Body, frozen=True):
+    """SCHEDULE_REPLY: the schedules concerned, the jobs a trigger or backfill created, a preview's slots."""
+
+    schedules: list[dict[str, Any]] = []
+    jobs: list[str] = []
+    preview: list[float] = []
+    error: str | None = None
+    req: Any = None
+
+
 class LogsReply(Body, frozen=True):
     id: str
     state: str | None = None
@@ -430,6 +470,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.LOGS: LogsQuery,
     Cmd.ACK: Ack,
     Cmd.LIMITS: LimitsRequest,
+    Cmd.SCHEDULE: ScheduleRequest,
     Cmd.WELCOME: Welcome,
     Cmd.ACCEPTED: Accepted,
     Cmd.JOB_DONE: JobDone,
@@ -439,6 +480,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.JOBS_REPLY: JobsReply,
     Cmd.LOGS_REPLY: LogsReply,
     Cmd.LIMITS_REPLY: LimitsReply,
+    Cmd.SCHEDULE_REPLY: ScheduleReply,
     Cmd.HEARTBEAT: Heartbeat,
     Cmd.ERROR: Error,
     Cmd.SHUTDOWN: Shutdown,

@@ -70,6 +70,7 @@ class Cmd(enum.IntEnum):
     LOGS = 0x27  # a job's captured output from given offsets
     ACK = 0x28  # JOB_DONE messages received, up to this sequence number
     LIMITS = 0x29  # list the limit keys, and set or remove some
+    SCHEDULE = 0x2A  # create, change, pause, resume, trigger, backfill, delete, list, show, preview schedules
     # dispatcher -> client
     WELCOME = 0x30  # answer to HELLO
     ACCEPTED = 0x31  # these job ids are accepted (sent after the journal commit), rejected, or busy
@@ -80,6 +81,7 @@ class Cmd(enum.IntEnum):
     JOBS_REPLY = 0x36
     LOGS_REPLY = 0x37
     LIMITS_REPLY = 0x38
+    SCHEDULE_REPLY = 0x39
     # both directions, any peer
     HEARTBEAT = 0x40
     ERROR = 0x41  # fatal for the session: another protocol version, or a key not allowed this command

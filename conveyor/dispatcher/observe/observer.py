@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
-from conveyor.dispatcher.model import wall_clock_view
+from conveyor.dispatcher.model import WAITING_STATES, wall_clock_view
 from conveyor.dispatcher.observe.outputs import OUTPUT_BUDGET, OUTPUT_LIMIT, OutputStore
 from conveyor.dispatcher.observe.stats import (
     FAILURE_OUTPUT,
@@ -40,7 +40,7 @@ from conveyor.dispatcher.observe.stats import (
     ThroughputSeries,
     summary_dict,
 )
-from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, QUEUED, RUNNING, Job, Scheduler
+from conveyor.dispatcher.scheduler import FAILED, FINISHED_STATES, RUNNING, Job, Scheduler
 from conveyor.protocol import Cmd
 from conveyor.protocol.commands import JobsQuery, JobsReply, LogsQuery, OutputEntry, ProgressEntry
 
@@ -204,10 +204,11 @@ class Observer:
     def list_jobs(
         self, states: Iterable[str] | None, since: float | None, fn: str | None, limit: int, now: float
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Jobs, newest first within each group: running, queued, then recently finished."""
+        """Jobs, by group: running, then not started (waiting for parents, scheduled, limited, queued;
+        oldest first), then recently finished (newest first)."""
         self.stats.fold(now)
         limit = max(1, min(limit, JOBS_LIMIT))
-        wanted = set(states) if states is not None else {QUEUED, RUNNING, *FINISHED_STATES}
+        wanted = set(states) if states is not None else {*WAITING_STATES, RUNNING, *FINISHED_STATES}
         offset = time.time() - now  # monotonic -> wall clock
         cutoff = None if since is None else now - float(since)
         out: list[dict[str, Any]] = []
@@ -230,12 +231,13 @@ class Observer:
                 if full():
                     break
         over_budget = False
-        if QUEUED in wanted and not full():
+        waiting = wanted & WAITING_STATES
+        if waiting and not full():
             for scanned, job in enumerate(jobs.values()):  # insertion order: oldest first
                 if scanned >= SCAN_BUDGET:  # a filter that matches nothing must not walk a million jobs
                     over_budget = True
                     break
-                if job.state != QUEUED or (fn is not None and job.opts.fn != fn):
+                if job.state not in waiting or (fn is not None and job.opts.fn != fn):
                     continue
                 if cutoff is not None and job.submitted_at < cutoff:
                     continue
@@ -273,6 +275,16 @@ class Observer:
         p = self.progress.get(job.id)
         if p is not None and job.state == RUNNING:
             d["progress"] = {"fraction": p[1], "message": p[2]}
+        if job.opts.priority:
+            d["priority"] = job.opts.priority
+        if job.due is not None and job.state != RUNNING:
+            d["due_at"] = job.due + offset
+        if job.expires is not None and job.state != RUNNING:
+            d["expires_at"] = job.expires + offset
+        if job.opts.limit_keys and job.state != RUNNING:
+            d["limits"] = list(job.opts.limit_keys)
+        if job.node is not None and job.node.all_parents:
+            d["parents"] = list(job.node.all_parents)
         return d
 
     def logs(self, job_id: str, offsets: dict[str, Any], now: float) -> dict[str, Any]:

@@ -114,37 +114,15 @@ class JobStats:
                 st.failed += 1
             elif state == CANCELLED:
                 st.cancelled += 1
-            started = finished_at = None
             if history:
-                first, last = history[0], history[-1]
-                started = last["started"]
-                finished_at = last.get("finished")
-                st.wait.observe(max(0.0, first["started"] - job.submitted_at))
+                st.wait.observe(max(0.0, history[0]["started"] - job.submitted_at))
                 if len(history) > 1:
                     st.retried += sum(1 for h in history[:-1] if "error" in h)
-            duration = None
-            if state == SUCCEEDED and isinstance(job.result_info.get("duration"), float):
-                duration = job.result_info["duration"]
-            elif started is not None and finished_at is not None:
-                duration = finished_at - started
+            summary = _summary(job, offset, now)
+            duration = summary[8]
             if duration is not None and state != CANCELLED:
                 st.duration.observe(duration)
-            error = None if state == SUCCEEDED else perr.describe(job.result_info or {})
-            end = job.finished_at if job.finished_at is not None else now
-            self.recent.append(
-                (
-                    job.id,
-                    job.opts.fn,
-                    state,
-                    history[-1]["worker"] if history else None,
-                    job.attempt,
-                    job.submitted_at + offset,
-                    None if started is None else started + offset,
-                    end + offset,
-                    duration,
-                    error,
-                )
-            )
+            self.recent.append(summary)
             if state == FAILED:
                 info = job.result_info or {}
                 tb = str(info.get("traceback") or "")
@@ -155,8 +133,8 @@ class JobStats:
                         "worker": history[-1]["worker"] if history else None,
                         "attempts": job.attempt,
                         "submitted_at": job.submitted_at + offset,
-                        "started_at": None if started is None else started + offset,
-                        "finished_at": end + offset,
+                        "started_at": summary[6],
+                        "finished_at": summary[7],
                         "duration": duration,
                         "error": {
                             "kind": info.get("kind"),
@@ -169,6 +147,12 @@ class JobStats:
                 )
         if failure_output and len(failure_output) > 4 * FAILURES:
             failure_output.clear()  # outputs of failures already folded elsewhere; never grows without bound
+
+    def remember(self, jobs: list[Job], now: float) -> None:
+        """Finished jobs restored from the journal: listed again (`conveyor jobs`), not counted again."""
+        offset = time.time() - now
+        for job in sorted(jobs, key=lambda j: j.finished_at or 0.0):
+            self.recent.append(_summary(job, offset, now))
 
     def export_functions(self) -> dict[str, dict[str, Any]]:
         """The statistics by function, as the snapshot carries them."""
@@ -236,6 +220,26 @@ class ThroughputSeries:
         """The points as the snapshot carries them: one list per column."""
         points = list(self.points)
         return {name: [p[i] for p in points] for i, name in enumerate(self.COLUMNS)}
+
+
+def _summary(job: Job, offset: float, now: float) -> tuple[Any, ...]:
+    """A finished job's summary in `JobStats.recent` (wall-clock times); fields as in summary_dict."""
+    history = job.history
+    started = finished_at = None
+    if history:
+        started = history[-1]["started"]
+        finished_at = history[-1].get("finished")
+    duration = None
+    if job.state == SUCCEEDED and isinstance(job.result_info.get("duration"), float):
+        duration = job.result_info["duration"]
+    elif started is not None and finished_at is not None:
+        duration = finished_at - started
+    error = None if job.state == SUCCEEDED else perr.describe(job.result_info or {})
+    end = job.finished_at if job.finished_at is not None else now
+    return (
+        job.id, job.opts.fn, job.state, history[-1]["worker"] if history else None, job.attempt,
+        job.submitted_at + offset, None if started is None else started + offset, end + offset, duration, error,
+    )
 
 
 def summary_dict(s: tuple[Any, ...]) -> dict[str, Any]:
