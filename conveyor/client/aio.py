@@ -15,6 +15,7 @@ iterating a map, raises CancelledError there and cancels the jobs still in fligh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -26,7 +27,7 @@ from conveyor.client import states
 from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
 from conveyor.client.connection import Connection, outcome_error
 from conveyor.client.future import JobFuture
-from conveyor.client.mapping import MapRun
+from conveyor.client.mapping import SLOTS_WAIT_S, MapRun
 from conveyor.client.sync import WORKERS_POLL_S
 from conveyor.errors import ConveyorError
 from conveyor.protocol import Cmd
@@ -154,6 +155,11 @@ class AsyncClient(ClientBase):
     async def _map_results(self, run: MapRun, deadline: float | None) -> AsyncIterator[Any]:
         try:
             run.fill()
+            slots = run.awaiting_slots()
+            if slots is not None:
+                with contextlib.suppress(Exception):  # the STATUS is shared: shielded from the timeout
+                    await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(slots)), SLOTS_WAIT_S)
+                run.fill()
             while run.in_flight:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await _done(run.head(), remaining)

@@ -56,6 +56,9 @@ _REPLIES = frozenset({Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.J
 _NO_OPTIONS = msgspec.Raw(b"\xc0")  # nil: the dispatcher's defaults
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
+# ... and about this many bytes of call frames (a larger job goes alone): a dispatcher reads a message
+# whole, so this bounds what one SUBMIT costs it in memory, and what a busy one costs to send again.
+SUBMIT_BATCH_BYTES = 8 << 20
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # ZMTP heartbeats: a connection silent for this many intervals is torn down
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
@@ -458,27 +461,30 @@ class Connection:
         with self._lock:
             commands = list(self._commands)
             self._commands.clear()
-            batches = []
-            while self._submits:
-                n = min(len(self._submits), SUBMIT_BATCH)
-                batch = [self._submits.popleft() for _ in range(n)]
-                for future in batch:
-                    future._sent = True
-                batches.append(batch)
-        for batch in batches:  # submissions first: a command may name a job submitted just before it
-            self._send_submit(batch)
+            batch = list(self._submits)
+            self._submits.clear()
+            for future in batch:
+                future._sent = True
+        self._send_submit(batch)  # submissions first: a command may name a job submitted just before it
         for cmd, body in commands:
             self._send(cmd, body)
 
-    def _send_submit(self, batch: list[JobFuture]) -> None:
-        entries = []
+    def _send_submit(self, jobs: Iterable[JobFuture]) -> None:
+        """SUBMIT messages for these jobs, of at most SUBMIT_BATCH entries and about SUBMIT_BATCH_BYTES each."""
+        entries: list[c.SubmitEntry] = []
         frames: list[Any] = []
-        for future in batch:
+        size = 0
+        for future in jobs:
             data = future._frames
             if data is None:  # resolved meanwhile, or cancelled before it left
                 continue
+            n_bytes = sum(map(len, data))
+            if entries and (len(entries) >= SUBMIT_BATCH or size + n_bytes > SUBMIT_BATCH_BYTES):
+                self._send(Cmd.SUBMIT, entries, frames)
+                entries, frames, size = [], [], 0
             entries.append(c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data)))
             frames.extend(data)
+            size += n_bytes
         if entries:
             self._send(Cmd.SUBMIT, entries, frames)
 
@@ -568,8 +574,7 @@ class Connection:
                 if job.cancelled():  # never stored (busy) and no longer wanted: not sent again
                     self._drop_unsent(job)
         self._busy = []
-        for i in range(0, len(entries), SUBMIT_BATCH):
-            self._send_submit(entries[i : i + SUBMIT_BATCH])
+        self._send_submit(entries)
 
     def _resync(self) -> None:
         """Ask again for everything that may have been lost: every pending job (SUBMIT, same ids), the
@@ -587,8 +592,7 @@ class Connection:
         self._busy = []
         self.resyncs += 1
         log.info("%s: asking again for %d pending job(s) and %d watched one(s)", why, len(jobs), len(watched))
-        for i in range(0, len(jobs), SUBMIT_BATCH):
-            self._send_submit(jobs[i : i + SUBMIT_BATCH])
+        self._send_submit(jobs)
         cancelled = [job.job_id for job in jobs if job.cancelled()]
         if cancelled:  # sent again too, so that they end (cancelled) and leave _pending
             self._send(Cmd.CANCEL_JOBS, {"ids": cancelled, "req": None})

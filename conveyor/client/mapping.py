@@ -43,6 +43,7 @@ MAX_CHUNK_BYTES = 1 << 20  # an automatic chunk's encoded call stays about this 
 WINDOW_ITEMS = 65536  # items in flight at most (memory), unless `window` says otherwise
 RATE_WINDOW_S = 0.02  # completion rate over this long (at least TARGET_CHUNK_S: see ChunkPlanner.rate)
 SLOTS_REFRESH_S = 2.0  # how old the slot count may be
+SLOTS_WAIT_S = 1.0  # how long a map's start waits for the slot count at most
 # Failures a single item may not share with the rest of its chunk: its items then run one by one.
 SPLIT_KINDS = frozenset({perr.EXCEPTION, perr.TIMEOUT, perr.CRASHED, perr.LOST})
 
@@ -224,6 +225,15 @@ class MapRun:
         if self._slots_future is None and now - self._slots_at >= SLOTS_REFRESH_S:
             self._slots_at = now
             self._slots_future = self._ask_slots()
+
+    def awaiting_slots(self) -> Future[int] | None:
+        """The slot count on its way, if filling stopped for want of it (a map's first jobs): wait for it
+        (SLOTS_WAIT_S at most), then fill() again, so that slow tasks on many slots all start at once."""
+        planner = self._planner
+        if planner is None or planner.slots is not None or self._exhausted or self._window is not None:
+            return None
+        asked = self._slots_future
+        return asked if asked is not None and not asked.done() else None
 
     def head(self) -> JobFuture:
         """The future of the first job in flight (while there is one)."""

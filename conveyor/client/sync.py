@@ -12,6 +12,7 @@ when it closes. Timeouts are in seconds, `max_message_size` in bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +23,7 @@ from conveyor.client import states
 from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
 from conveyor.client.connection import outcome_error
 from conveyor.client.future import JobFuture
-from conveyor.client.mapping import MapRun
+from conveyor.client.mapping import SLOTS_WAIT_S, MapRun
 from conveyor.errors import ConveyorError
 from conveyor.protocol import Cmd
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
@@ -127,6 +128,11 @@ class Client(ClientBase):
     def _map_results(self, run: MapRun, deadline: float | None) -> Iterator[Any]:
         try:
             run.fill()
+            slots = run.awaiting_slots()
+            if slots is not None:
+                with contextlib.suppress(Exception):
+                    slots.result(SLOTS_WAIT_S)
+                run.fill()
             while run.in_flight:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 run.head().exception(remaining)  # wait (TimeoutError past the deadline)
