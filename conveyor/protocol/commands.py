@@ -26,7 +26,7 @@ import msgspec
 from conveyor.errors import ProtocolError
 from conveyor.protocol.frames import Cmd, Message, split
 
-MODE_NAMES = ("threads", "processes", "asyncio")  # worker execution modes; tasks are routed on them
+MODE_NAMES = ("threads", "processes", "asyncio", "interpreters")  # worker execution modes; tasks are routed on them
 
 MAX_ID = 1024  # characters of a job id, a name, a host, a tag, a session
 MAX_BATCH = 1 << 20  # entries of one batch (SUBMIT, RESULTS, WATCH ids, ...)

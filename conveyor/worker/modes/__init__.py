@@ -2,9 +2,10 @@
 
 from conveyor.worker.modes.asyncio_mode import AsyncioMode
 from conveyor.worker.modes.base import Mode, ModeSettings, Report
+from conveyor.worker.modes.interpreters import InterpretersMode
 from conveyor.worker.modes.processes import ProcessesMode
 from conveyor.worker.modes.threads import ThreadsMode
 
-MODES: dict[str, type[Mode]] = {m.name: m for m in (ThreadsMode, ProcessesMode, AsyncioMode)}
+MODES: dict[str, type[Mode]] = {m.name: m for m in (ThreadsMode, ProcessesMode, AsyncioMode, InterpretersMode)}
 
-__all__ = ["MODES", "AsyncioMode", "Mode", "ModeSettings", "ProcessesMode", "Report", "ThreadsMode"]
+__all__ = ["MODES", "AsyncioMode", "InterpretersMode", "Mode", "ModeSettings", "ProcessesMode", "Report", "ThreadsMode"]
