@@ -158,7 +158,7 @@ def worker(
     connect: Annotated[
         str | None, typer.Option("--connect", "-c", help=f"Dispatcher address [env {ENV_DISPATCHER}]")
     ] = None,
-    mode: Annotated[str, typer.Option(help="threads, processes, asyncio or interpreters (Python >= 3.12).")] = "processes",
+    mode: Annotated[str, typer.Option(help="threads, processes, asyncio or interpreters (3.12+).")] = "processes",
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", "-n", help="Tasks at once [CPUs; asyncio 1000].")
     ] = None,

@@ -71,7 +71,7 @@ def missing_reason() -> str | None:
 def _call_entry(blob: bytes) -> bytes:
     """Sent to Interpreter.call, which runs its code with the subinterpreter's __main__ as globals, where
     BOOTSTRAP left `_entry` (so this function must name nothing else)."""
-    return _entry.run(blob)  # type: ignore[name-defined]  # noqa: F821
+    return bytes(_entry.run(blob))  # type: ignore[name-defined]  # noqa: F821
 
 
 @dataclass(slots=True, eq=False)  # compared and hashed by identity

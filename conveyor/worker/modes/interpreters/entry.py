@@ -91,8 +91,8 @@ def install(events: Any, capture: bool) -> None:
     _events, _capture = events, capture
     task_api.process_reporter = _Reporter()
     if capture:
-        sys.stdout = _Stream("stdout", sys.stdout)  # type: ignore[assignment]
-        sys.stderr = _Stream("stderr", sys.stderr)  # type: ignore[assignment]
+        sys.stdout = _Stream("stdout", sys.stdout)  # type: ignore[assignment,unused-ignore]
+        sys.stderr = _Stream("stderr", sys.stderr)  # type: ignore[assignment,unused-ignore]
         handler = _LogHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(handler)
@@ -113,8 +113,7 @@ def run(blob: bytes) -> bytes:
 
 def interpreter_id() -> int:
     """This subinterpreter's id (for tests and the demo: which interpreter ran a task)."""
-    try:
-        from concurrent import interpreters  # type: ignore[attr-defined]
-    except ImportError:
-        from backports import interpreters  # type: ignore[no-redef]
-    return int(interpreters.get_current().id)
+    from conveyor.worker.modes.interpreters import load_api
+
+    api = load_api()
+    return -1 if api is None else int(api.get_current().id)
