@@ -113,7 +113,8 @@ def run(blob: bytes) -> bytes:
 
 def interpreter_id() -> int:
     """This subinterpreter's id (for tests and the demo: which interpreter ran a task)."""
-    from conveyor.worker.modes.interpreters import load_api
-
-    api = load_api()
-    return -1 if api is None else int(api.get_current().id)
+    try:
+        from concurrent import interpreters as api  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        from backports import interpreters as api  # type: ignore[import-not-found,no-redef,unused-ignore]
+    return int(api.get_current().id)
