@@ -13,8 +13,10 @@ from conveyor.worker.modes.interpreters import missing_reason
 from tests.conftest import ROOT, conveyor_cmd
 
 REASON = missing_reason()
+# .ci/run runs this module a second time in a Python >= 3.12 venv with CONVEYOR_REQUIRE_INTERPRETERS=1:
+# there a missing API fails; anywhere else (the 3.11 suite) it skips, naming what is missing.
 needs_api = pytest.mark.skipif(
-    REASON is not None and os.environ.get("CI") != "true", reason=REASON or ""
+    REASON is not None and os.environ.get("CONVEYOR_REQUIRE_INTERPRETERS") != "1", reason=REASON or ""
 )
 
 
