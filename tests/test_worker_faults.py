@@ -97,7 +97,8 @@ def test_children_are_the_oom_killers_first_choice(cluster: Cluster) -> None:
         return {c.pid: int(Path(f"/proc/{c.pid}/oom_score_adj").read_text()) for c in children}
 
     # a child raises its own score as its first step after the fork server forks it: wait for that step
-    wait_until(lambda: min(adjustments().values()) >= wanted, timeout=20, what=f"oom_score_adj >= {wanted} in each child")
+    raised = f"oom_score_adj >= {wanted} in each child"
+    wait_until(lambda: min(adjustments().values()) >= wanted, timeout=20, what=raised)
 
 
 def _memory_cgroup_missing() -> str | None:
