@@ -21,27 +21,20 @@ from conveyor.client import Client, LocalCluster
 MODES = ("threads", "processes", "interpreters")
 
 
-def spin(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
-
-
 def measure(mode: str, concurrency: int, loops: int) -> dict[str, Any]:
     with LocalCluster(workers=1, mode=mode, concurrency=concurrency) as cluster:
         assert cluster.address is not None
         client = Client(cluster.address)
-        client.options(mode=mode).submit("benchmarks.interpreters:spin", 1000).result(timeout=120)  # warm up
+        client.options(mode=mode).submit("benchmarks.spin:spin", 1000).result(timeout=120)  # warm up
         time.sleep(1.0)
         worker = psutil.Process(cluster.workers[0].pid)
         tree = [worker, *worker.children(recursive=True)]
         idle_rss_mib = sum(p.memory_info().rss for p in tree) / 2**20
         t0 = time.perf_counter()
-        client.options(mode=mode).submit("benchmarks.interpreters:spin", loops).result(timeout=600)
+        client.options(mode=mode).submit("benchmarks.spin:spin", loops).result(timeout=600)
         one_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        futures = [client.options(mode=mode).submit("benchmarks.interpreters:spin", loops) for _ in range(concurrency)]
+        futures = [client.options(mode=mode).submit("benchmarks.spin:spin", loops) for _ in range(concurrency)]
         for f in futures:
             f.result(timeout=600)
         many_s = time.perf_counter() - t0
