@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from conveyor.client import states
-from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
+from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length, limit_list, limit_of, limits_body
 from conveyor.client.connection import Connection, outcome_error
 from conveyor.client.future import JobFuture
 from conveyor.client.mapping import SLOTS_WAIT_S, MapRun
@@ -225,6 +225,18 @@ class AsyncClient(ClientBase):
         reply = await self._request(Cmd.STATUS, {}, timeout)
         reply.pop("req", None)
         return reply  # type: ignore[no-any-return]
+
+    # --- limits (rate and concurrency keys, enforced by the dispatcher) -----------------------------
+
+    async def set_limit(self, key: str, rule: str | None, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any] | None:
+        """Declare (or, with rule=None, remove) limit `key` at run time; see Client.set_limit."""
+        reply = await self._request(Cmd.LIMITS, limits_body({key: rule}), timeout)
+        return limit_of(reply, key)
+
+    async def limits(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Every limit key: its rule, tokens (rate) or running (concurrency), waiting jobs, oldest wait."""
+        reply = await self._request(Cmd.LIMITS, limits_body({}), timeout)
+        return limit_list(reply)
 
     async def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
         """Wait until at least n workers are registered."""

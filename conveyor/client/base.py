@@ -6,8 +6,11 @@ differs: Client blocks on the connection's futures, AsyncClient awaits them.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -28,7 +31,13 @@ from conveyor.protocol.payload import encode_call, encode_function
 from conveyor.security.keys import ENV_KEYS, PeerCredentials, load_peer_credentials
 
 ENV_DISPATCHER = "CONVEYOR_DISPATCHER"
-OPTION_NAMES = ("mode", "tags", "retries", "retry_backoff", "timeout", "retry_on", "keep")
+OPTION_NAMES = (
+    "mode", "tags", "retries", "retry_backoff", "timeout", "retry_on", "keep",
+    "priority", "countdown", "eta", "expires", "limits", "rate_limit",
+)
+# The dispatcher parses rates fully (conveyor/dispatcher/limits.py); the client only refuses malformed ones early.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-/{}]{1,200}$")  # as the dispatcher's (conveyor/dispatcher/limits.py)
+_RATE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*/\s*\d*\s*[smhd]\s*(,\s*burst\s*=\s*[1-9]\d*\s*)?$", re.IGNORECASE)
 REQUEST_TIMEOUT_S = 10.0  # default wait for the dispatcher's answer to status, job_info, jobs, logs, cancel
 
 
@@ -42,7 +51,7 @@ class ClientState(enum.Enum):
 
 
 def wire_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Task options as SUBMIT carries them, checked: TypeError for an unknown name, ValueError for a bad mode."""
+    """Task options as SUBMIT carries them, checked: TypeError for an unknown name, ValueError for a bad value."""
     out: dict[str, Any] = {}
     for key, value in options.items():
         if key not in OPTION_NAMES:
@@ -56,8 +65,66 @@ def wire_options(options: dict[str, Any]) -> dict[str, Any]:
             value = [v if isinstance(v, str) else perr.type_name(v) for v in names]
         elif key == "mode" and value not in MODE_NAMES:
             raise ValueError(f"unknown mode {value!r}: choose one of {', '.join(MODE_NAMES)}")
+        elif key in ("priority", "countdown", "eta", "expires", "limits", "rate_limit"):
+            out.update(_wait_option(key, value))
+            continue
         out[key] = value
-    return out
+    if options.get("eta") is not None and options.get("countdown") is not None:
+        raise ValueError("give eta or countdown, not both")
+    _check_eta_before_expiry(out)
+    return out  # None values (from eta, countdown, expires) clear an inherited option; see ClientBase._view
+
+
+def _wait_option(key: str, value: Any) -> dict[str, Any]:
+    """One option of work that waits (priority, countdown, eta, expires, limits, rate_limit) in wire names."""
+    if key == "priority":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"priority must be an integer (higher runs first), not {value!r}")
+        return {"priority": value}
+    if key == "countdown":
+        return {"countdown": _seconds("countdown", value, allow_zero=True), "eta": None}
+    if key == "eta":
+        return {"eta": _unix_time("eta", value), "countdown": None}
+    if key == "expires":
+        if isinstance(value, dt.datetime):
+            return {"expires_at": _unix_time("expires", value), "expires_in": None}
+        return {"expires_in": _seconds("expires", value, allow_zero=False), "expires_at": None}
+    if key == "limits":
+        keys = [value] if isinstance(value, str) else list(value)
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"limits must be a list of limit key names, not {value!r}")
+        return {"limits": keys}
+    if not isinstance(value, str) or not _RATE_RE.match(value):
+        raise ValueError(f"bad rate_limit {value!r}: use e.g. '10/s', '100/m' or '5/10s,burst=3'")
+    return {"rate_limit": value.strip()}
+
+
+def _seconds(name: str, value: Any, *, allow_zero: bool) -> float:
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'more than zero'} seconds, not {value!r}")
+    return float(value)
+
+
+def _unix_time(name: str, value: Any) -> float:
+    """A time zone aware datetime as Unix time; a naive one is refused (whose clock would it be?)."""
+    if not isinstance(value, dt.datetime):
+        raise ValueError(f"{name} must be a datetime with a time zone, not {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} {value.isoformat()} has no time zone: use e.g. datetime.now(timezone.utc)")
+    return value.timestamp()
+
+
+def _check_eta_before_expiry(out: dict[str, Any]) -> None:
+    eta, countdown = out.get("eta"), out.get("countdown")
+    expires_at, expires_in = out.get("expires_at"), out.get("expires_in")
+    if eta is not None and expires_at is not None and eta >= expires_at:
+        raise ValueError("eta is not before expires: the job would expire before it is due")
+    if countdown is not None and expires_in is not None and countdown >= expires_in:
+        raise ValueError("countdown is not shorter than expires: the job would expire before it is due")
 
 
 class ClientBase:
@@ -90,7 +157,7 @@ class ClientBase:
         self._local = (local_workers, local_mode, local_concurrency)
         self._context = context
         self._max_message_size = max_message_size  # bytes
-        self._options = wire_options(options)
+        self._options = {k: v for k, v in wire_options(options).items() if v is not None}
         self._task_opts: dict[str, msgspec.Raw] = {}  # per function name: its options, checked and encoded once
         self._slots: dict[tuple[str | None, frozenset[str]], tuple[float, Future[int]]] = {}  # shared by views
         self._owner = True
@@ -140,7 +207,9 @@ class ClientBase:
         """A view of this client whose tasks carry these options; it shares the connection."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
-        view._options = {**self._options, **wire_options(options)}
+        merged = {**self._options, **wire_options(options)}
+        view._options = {k: v for k, v in merged.items() if v is not None}
+        _check_eta_before_expiry(view._options)
         view._task_opts = {}
         view._owner = False
         return view
@@ -228,6 +297,27 @@ class ClientBase:
         if fn is not None:
             body["fn"] = fn
         return body
+
+
+def limits_body(rules: dict[str, str | None]) -> dict[str, Any]:
+    """A LIMITS request body; the key is checked here so a bad one is a ValueError, not a dropped message."""
+    for key, rule in rules.items():
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise ValueError(f"bad limit key {key!r}: letters, digits and _ . : - / {{ }}, at most 200")
+        if rule is not None and (not isinstance(rule, str) or len(rule) > 64):
+            raise ValueError(f"bad limit rule {rule!r}: use e.g. '100/s,burst=20' or 'concurrency:4'")
+    return {"set": rules}
+
+
+def limit_list(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """The keys of a LIMITS_REPLY; the dispatcher's refusal of a rule as a ValueError."""
+    if reply.get("error"):
+        raise ValueError(reply["error"])
+    return list(reply.get("limits") or [])
+
+
+def limit_of(reply: dict[str, Any], key: str) -> dict[str, Any] | None:
+    return next((k for k in limit_list(reply) if k.get("key") == key), None)
 
 
 def common_length(iterables: tuple[Iterable[Any], ...]) -> int | None:

@@ -52,7 +52,10 @@ from conveyor.transport.sockets import configure_socket, send_parts
 
 log = logging.getLogger("conveyor.client")
 
-_REPLIES = frozenset({Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.JOBS_REPLY, Cmd.LOGS_REPLY})
+_REPLIES = frozenset({
+    Cmd.STATUS_REPLY, Cmd.JOB_INFO_REPLY, Cmd.CANCELLED, Cmd.JOBS_REPLY, Cmd.LOGS_REPLY,
+    Cmd.LIMITS_REPLY, Cmd.SCHEDULE_REPLY,
+})
 _NO_OPTIONS = msgspec.Raw(b"\xc0")  # nil: the dispatcher's defaults
 
 SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from conveyor.client import states
-from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length
+from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length, limit_list, limit_of, limits_body
 from conveyor.client.connection import outcome_error
 from conveyor.client.future import JobFuture
 from conveyor.client.mapping import SLOTS_WAIT_S, MapRun
@@ -199,6 +199,20 @@ class Client(ClientBase):
         reply = self._open_conn().request(Cmd.STATUS, {}, timeout)
         reply.pop("req", None)
         return reply  # type: ignore[no-any-return]
+
+    # --- limits (rate and concurrency keys, enforced by the dispatcher) -----------------------------
+
+    def set_limit(self, key: str, rule: str | None, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any] | None:
+        """Declare (or, with rule=None, remove) limit `key` at run time: '100/s,burst=20', 'concurrency:4'.
+
+        Returns the key as the dispatcher now shows it (None once removed); ValueError if it refused the rule."""
+        reply = self._open_conn().request(Cmd.LIMITS, limits_body({key: rule}), timeout)
+        return limit_of(reply, key)
+
+    def limits(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Every limit key: its rule, tokens (rate) or running (concurrency), waiting jobs, oldest wait."""
+        reply = self._open_conn().request(Cmd.LIMITS, limits_body({}), timeout)
+        return limit_list(reply)
 
     def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
         """Block until at least n workers are registered (useful right after starting a cluster)."""
