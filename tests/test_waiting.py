@@ -146,6 +146,90 @@ def test_expiry_ends_a_job_not_started_in_its_own_state() -> None:
     assert s.jobs["never-ran"].result_info["kind"] == "expired"
 
 
+def windowed(s: Scheduler, wid: bytes, window: int, concurrency: int = 1) -> Any:
+    """A worker with a fixed prefetch window beyond its slots."""
+    w = ready(s, wid, concurrency=concurrency)
+    w.prefetch, w.window = window, window
+    w.credit = w.capacity
+    return w
+
+
+def test_a_job_with_an_expiry_goes_only_into_a_free_slot_and_nothing_of_its_class_is_prefetched_past_it() -> None:
+    """Assignment is start for a job with an expiry: it never waits in a worker's window past its expiry."""
+    s = make()
+    windowed(s, b"w", window=4)
+    add(s, "busy")
+    assert started(run(s)) == ["busy"]
+    add(s, "exp", now=0.1, expires=1.0)
+    add(s, "after", now=0.1)  # same class, behind it: not prefetched past it
+    assert started(run(s, 0.1)) == [] and s.jobs["exp"].state == QUEUED
+    ok(s, b"w", "busy", 1, now=0.5)
+    got = started(run(s, 0.5))
+    assert got == ["exp", "after"]  # into the free slot, and the next one behind it
+    s.tick(2.0)
+    assert s.jobs["exp"].state == RUNNING  # started in time: never expires
+    check_counters(s)
+
+
+def test_a_job_held_past_its_expiry_expires_and_a_slow_slot_makes_it_expire_in_the_dispatcher() -> None:
+    s = make()
+    windowed(s, b"w", window=4)
+    add(s, "busy")
+    run(s)
+    add(s, "exp", now=0.1, expires=0.3)
+    assert started(run(s, 0.2)) == []  # the slot is busy: it waits here ...
+    s.tick(0.3)
+    assert s.jobs["exp"].state == EXPIRED  # ... and ends expired, not run late
+    assert s.jobs["exp"].result_info["type"] == "JobExpired"
+
+
+def test_a_handed_back_job_never_started_so_its_expiry_still_applies() -> None:
+    s = make()
+    ready(s, b"w", concurrency=1)
+    add(s, "exp", expires=5.0)
+    assert started(run(s)) == ["exp"]
+    s.worker_leaving(b"w")
+    s.tick(6.0)  # past its expiry while the worker held it (it had not started it)
+    assert s.jobs["exp"].state == RUNNING
+    s.give_back(b"w", "exp", 1, 6.5)  # the drain hands it back unstarted
+    assert s.jobs["exp"].history[-1]["handed_back"] is True
+    s.tick(6.5)
+    assert s.jobs["exp"].state == EXPIRED and s.counts[EXPIRED] == 1
+    check_counters(s)
+
+
+def test_hand_backs_keep_acceptance_order() -> None:
+    """A window handed back (a stalled slot) goes back in its acceptance order, not reversed."""
+    s = make()
+    windowed(s, b"w", window=3)
+    for i in range(5):
+        add(s, f"j{i}")
+    assert started(run(s)) == ["j0", "j1", "j2", "j3"]
+    for i in (1, 2, 3):
+        s.give_back(b"w", f"j{i}", 1, 1.0)
+    s.workers[b"w"].window = 0  # the stalled slot closed the window
+    ok(s, b"w", "j0", 1, now=2.0)
+    order = []
+    for k in range(4):
+        got = started(run(s, 3.0 + k))
+        order += got
+        for j in got:
+            ok(s, b"w", j, s.jobs[j].attempt, now=3.0 + k)
+    assert order == ["j1", "j2", "j3", "j4"]
+
+
+def test_a_limited_job_is_not_assigned_behind_a_better_job_in_one_assignment() -> None:
+    """Into free slots only: one slot free, a better unlimited job takes it, the limited one waits."""
+    s = make()
+    s.limits.declare("db", Rule(concurrency=5), 0.0)
+    windowed(s, b"w", window=4)
+    add(s, "best", priority=5)
+    add(s, "lim", limits=("db",))
+    assert started(run(s)) == ["best"] and s.jobs["lim"].state == LIMITED
+    ok(s, b"w", "best", 1)
+    assert started(run(s, 1.0)) == ["lim"]
+
+
 def test_cancelling_a_delayed_job_needs_no_worker() -> None:
     s = make()
     add(s, "d", due=100.0)

@@ -1,0 +1,15 @@
+"""Task functions of the work-that-waits end-to-end tests (tests/test_client_waiting.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def stamp(seconds: float, value: Any) -> dict[str, Any]:
+    """When it started and ended (wall clock), where it ran, and which job it was."""
+    started = time.time()
+    if seconds:
+        time.sleep(seconds)
+    return {"value": value, "started": started, "ended": time.time(), "pid": os.getpid()}
