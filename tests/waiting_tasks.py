@@ -13,3 +13,10 @@ def stamp(seconds: float, value: Any) -> dict[str, Any]:
     if seconds:
         time.sleep(seconds)
     return {"value": value, "started": started, "ended": time.time(), "pid": os.getpid()}
+
+
+def stamp_once(marker: str, seconds: float, value: Any) -> dict[str, Any]:
+    """stamp(), and a line in the file `marker` per run (how many times it ran, across restarts)."""
+    with open(marker, "a") as f:
+        f.write(f"{value} {time.time()}\n")
+    return stamp(seconds, value)

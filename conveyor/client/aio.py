@@ -230,7 +230,8 @@ class AsyncClient(ClientBase):
 
     async def set_limit(self, key: str, rule: str | None, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any] | None:
         """Declare (or, with rule=None, remove) limit `key` at run time; see Client.set_limit."""
-        reply = await self._request(Cmd.LIMITS, limits_body({key: rule}), timeout)
+        body = limits_body({key: rule})  # a bad key is refused before any connection is made
+        reply = await self._request(Cmd.LIMITS, body, timeout)
         return limit_of(reply, key)
 
     async def limits(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:

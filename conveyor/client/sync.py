@@ -206,7 +206,8 @@ class Client(ClientBase):
         """Declare (or, with rule=None, remove) limit `key` at run time: '100/s,burst=20', 'concurrency:4'.
 
         Returns the key as the dispatcher now shows it (None once removed); ValueError if it refused the rule."""
-        reply = self._open_conn().request(Cmd.LIMITS, limits_body({key: rule}), timeout)
+        body = limits_body({key: rule})  # a bad key is refused before any connection is made
+        reply = self._open_conn().request(Cmd.LIMITS, body, timeout)
         return limit_of(reply, key)
 
     def limits(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
