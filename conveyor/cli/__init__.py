@@ -5,6 +5,7 @@ traceback. This module only assembles the app; each command lives in its own mod
 
     run.py      dispatcher, worker, up
     jobs.py     submit, result, status, cancel
+    limits.py   limits (rate and concurrency keys)
     observe.py  map, logs, jobs, top (and the status view)
     keys.py     keys init|add-worker|add-client|list|revoke
     cluster.py  cluster up|status|down
@@ -26,6 +27,7 @@ from conveyor.cli import demo, jobs, observe, run
 from conveyor.cli.cluster import app as cluster_app
 from conveyor.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, new_app
 from conveyor.cli.keys import app as keys_app
+from conveyor.cli.limits import limits_command
 from conveyor.errors import ConveyorError
 
 app = new_app("conveyor", "Conveyor: a distributed task runner for Python on ZeroMQ.")
@@ -41,6 +43,7 @@ app.command("map")(observe.map_command)
 app.command("logs")(observe.logs_command)
 app.command("jobs")(observe.jobs_command)
 app.command("top")(observe.top_command)
+app.command("limits")(limits_command)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(keys_app, name="keys")
 app.command()(demo.demo)
