@@ -8,11 +8,13 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import Cluster, wait_until
 from tests.test_cli import assert_ok, assert_one_error_line, free_port, run_cli, run_many, show
+from tests.test_observe import scrape
 
 IN_AN_HOUR = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
 
@@ -69,7 +71,8 @@ def test_bad_limits_are_one_usage_error(args: tuple[str, ...], says: str) -> Non
 def test_waiting_jobs_from_the_cli(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path)
     try:
-        cluster.start_dispatcher("--limit", "db=concurrency:1")
+        port = free_port()
+        cluster.start_dispatcher("--limit", "db=concurrency:1", "--metrics-port", str(port))
         cluster.wait_for_workers(cluster.start_worker("threads", 4))
         address = cluster.address
         client = cluster.client()
@@ -117,6 +120,16 @@ def test_waiting_jobs_from_the_cli(tmp_path: Path) -> None:
         assert record["state"] == "expired" and record["error"]["kind"] == "expired" and record["attempts"] == 0
         assert [j["id"] for j in json.loads(assert_ok(listed))["jobs"]] == [behind]
         assert "expired" in assert_one_error_line(text, 1)
+
+        def counted() -> dict[str, Any] | None:  # the metrics say it too (a snapshot a second)
+            m = scrape(port)
+            expired = m.get("conveyor_jobs_total", {}).get((("function", "tests.tasks:add"), ("state", "expired")))
+            return m if expired == 1 else None
+
+        m = wait_until(counted, what="the expired job in the metrics")
+        assert m["conveyor_jobs_scheduled"][()] == 2 and m["conveyor_jobs_limited"][()] >= 1
+        assert m["conveyor_limit_running"][(("key", "db"),)] == 1 and m["conveyor_limit_waiting"][(("key", "db"),)] >= 1
+        assert m["conveyor_limit_starts_total"][(("key", "db"),)] == 1 and m["conveyor_limited_starts_total"][()] == 1
 
         # An unknown key is refused (exit 2), a key set at run time is used at once, and a rate limit works.
         unknown = run_cli("submit", "tests.tasks:add", "1", "--limit", "nobody", address=address)
