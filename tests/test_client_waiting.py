@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import AsyncClient, Client
+from conveyor import AsyncClient, Client, Executor
 from conveyor.client.base import wire_options
 from conveyor.errors import JobExpired, JobRejected
 from tests import waiting_tasks as wt
@@ -71,6 +71,8 @@ def test_every_client_refuses_bad_values_before_sending(cluster: Cluster) -> Non
     assert later.options(countdown=5)._options == {"countdown": 5.0}  # a countdown replaces the eta
     with pytest.raises(ValueError, match="bad limit key"):
         client.set_limit("no spaces", "10/s")
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        Executor(cluster.address, priority="high")  # options given to the constructor are checked alike
 
     async def from_async() -> None:
         async with AsyncClient(cluster.address) as ac:
