@@ -364,9 +364,11 @@ def test_a_rate_limit_holds_over_every_window(rate: float, burst: int, workers: 
 
 
 class WaitingMachine(RuleBasedStateMachine):
-    """Random jobs with priorities, due times, expiries and limit keys on workers that come and go:
-    no job is lost, none starts before it is due, none starts over a limit, and no job is assigned while a
-    strictly better one that the same worker could take stays queued."""
+    """Random jobs with priorities, due times, expiries and limit keys on workers that come and go (one with
+    a prefetch window) and hand jobs back: no job is lost, none starts before it is due, none starts over a
+    limit, none that never started is assigned at or after its expiry, jobs with an expiry or limit keys go
+    only into free slots, and no job is assigned while a strictly better one that the same worker could take
+    stays queued (but for a job with an expiry while the worker has no free slot)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -378,10 +380,18 @@ class WaitingMachine(RuleBasedStateMachine):
         self.due: dict[str, float] = {}
         self.starts: list[float] = []  # start times under "r"
         self.held: dict[bytes, set[tuple[str, int]]] = {}
+        self.started_attempts: dict[str, set[int]] = {}  # attempts assigned and not handed back
         for i in range(2):
             wid = f"w{i}".encode()
-            ready(self.s, wid, concurrency=3)
+            self._ready(wid)
             self.held[wid] = set()
+
+    def _ready(self, wid: bytes) -> None:
+        w = ready(self.s, wid, concurrency=3 if wid == b"w0" else 2, now=self.now)
+        if wid == b"w1":  # a fixed window of 2 beyond its 2 slots
+            w.prefetch = w.window = 2
+            w.credit = w.capacity
+            self.s._free[wid] = None
 
     @rule(priority=st.integers(-2, 2), delay=st.none() | st.floats(0.0, 5.0), expiry=st.none() | st.floats(0.1, 8.0),
           keys=st.sampled_from([(), ("c2",), ("r",), ("c2", "r")]))
@@ -415,7 +425,18 @@ class WaitingMachine(RuleBasedStateMachine):
         wid = data.draw(st.sampled_from(sorted(self.held)))
         self.s.worker_gone(wid, self.now)
         self.held[wid] = set()
-        ready(self.s, wid, concurrency=3, now=self.now)
+        self._ready(wid)
+        self.turn()
+
+    @rule(data=st.data())
+    def hand_one_back(self, data: st.DataObject) -> None:
+        busy = [(wid, k) for wid, ks in self.held.items() for k in ks]
+        if not busy:
+            return
+        wid, key = data.draw(st.sampled_from(sorted(busy)))
+        self.held[wid].discard(key)
+        self.started_attempts[key[0]].discard(key[1])
+        self.s.give_back(wid, key[0], key[1], self.now)
         self.turn()
 
     def turn(self) -> None:
@@ -426,16 +447,24 @@ class WaitingMachine(RuleBasedStateMachine):
             if not isinstance(a, Assign):
                 continue
             w = s.workers[a.worker]
-            for job in a.jobs:
+            before = len(self.held[a.worker])
+            for i, job in enumerate(a.jobs):
                 assert self.now >= self.due.get(job.id, 0.0) - 1e-9, f"{job.id} started before it was due"
+                if job.expires is not None and not self.started_attempts.get(job.id):
+                    assert self.now < job.expires, f"{job.id} assigned after its expiry, never started before"
+                if job.expires is not None or job.opts.limits:
+                    assert before + i < w.concurrency, f"{job.id} went into a window, not a free slot"
+                self.started_attempts.setdefault(job.id, set()).add(job.attempt)
                 if "r" in job.opts.limits:
                     self.starts.append(self.now)
                 self.held[a.worker].add((job.id, job.attempt))
                 # nothing strictly better that this worker serves stays queued (strict priority, no aging)
                 for cls in w.classes:
                     head = s.ready.by_class[cls].head() if cls in s.ready.by_class else None
-                    if head is not None and not job.opts.limits:
-                        assert head[2].opts.priority <= job.opts.priority or w.credit == 0
+                    if head is None or job.opts.limits:
+                        continue
+                    slot_bound = head[2].expires is not None and len(w.running) >= w.concurrency
+                    assert head[2].opts.priority <= job.opts.priority or w.credit == 0 or slot_bound
 
     @invariant()
     def limits_hold(self) -> None:
