@@ -112,9 +112,10 @@ def test_waiting_jobs_from_the_cli(tmp_path: Path) -> None:
 
         # Expired: its own state, not failed; `result --json` says so (exit 1, as for any job that did not succeed).
         wait_until(lambda: client.job_info(behind)[0]["state"] == "expired", what="the limited job to expire")
-        expired, listed, text = run_many([
-            ("result", behind, "--json"), ("jobs", "--state", "expired", "--json"), ("result", behind),
+        expired, listed, text, status_text = run_many([
+            ("result", behind, "--json"), ("jobs", "--state", "expired", "--json"), ("result", behind), ("status",),
         ], address=address)
+        assert "1 expired" in assert_ok(status_text) and "2 scheduled" in status_text.stdout, show(status_text)
         assert expired.returncode == 1, show(expired)
         record = json.loads(expired.stdout)
         assert record["state"] == "expired" and record["error"]["kind"] == "expired" and record["attempts"] == 0
