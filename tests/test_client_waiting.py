@@ -51,6 +51,10 @@ BAD = [
         ({"rate_limit": 10}, "bad rate_limit"),
         ({"limits": [""]}, "limit key names"),
         ({"limits": ["db", 3]}, "limit key names"),
+    ({"limits": ["no spaces"]}, "bad limit key 'no spaces'"),
+    ({"limits": [f"k{i}" for i in range(17)]}, "at most 16 limit keys"),
+    ({"priority": 2**40}, "within"),
+    ({"countdown": 20 * 365 * 86400}, "at most ten years"),
 ]
 
 
@@ -133,7 +137,7 @@ def test_a_priority_job_overtakes_a_backlog_behind_at_most_the_prefetch_window(
     print(f"prefetch {prefetch}: priority-5 job started {latency_s * 1000:.1f} ms after submit, "
           f"behind {len(overtaken_by)} of {len(lows)} priority-0 jobs")
     assert len(overtaken_by) <= bound, overtaken_by
-    assert sum(r["started"] > urgent["started"] for r in lows) >= 60 - 10 - bound  # it overtook the backlog
+    assert sum(r["started"] > urgent["started"] for r in lows) >= 20  # there was a backlog, and it overtook it
 
 
 # --- delayed jobs and expiry -------------------------------------------------------------------------------
@@ -168,7 +172,8 @@ def test_a_job_not_started_by_its_expiry_ends_expired_not_run_late(cluster: Clus
     """Even on a worker whose auto window would have prefetched it (warmed up with tiny tasks)."""
     cluster.wait_for_workers(cluster.start_worker("threads", 1, None, "solo"))
     client = cluster.client()
-    list(client.map(wt.stamp, [0] * 300, range(300)))  # short tasks: the worker's window opens
+    for f in [client.submit(wt.stamp, 0, i) for i in range(300)]:  # short tasks: the worker's window opens
+        f.result(30)
     assert client.status()["workers"][0]["window"] > 4
     blocker = client.submit(wt.stamp, 0.6, "blocker")
     wait_until(lambda: client.status()["running"] >= 1, what="the blocker to start")
