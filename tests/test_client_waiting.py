@@ -149,6 +149,8 @@ def test_a_delayed_job_survives_a_dispatcher_kill_9_and_runs_once_when_due(clust
     marker = tmp_path / "runs"
     accepted = time.time()
     fut = client.options(countdown=3.0).submit(wt.stamp_once, str(marker), 0, "delayed")
+    gone = client.options(countdown=3.0, keep=True).submit(wt.stamp_once, str(marker), 0, "cancelled")
+    assert client.cancel(gone) == [gone.job_id]  # no worker needed; journaled
     [info] = wait_until(lambda: [v for v in client.job_info(fut.job_id) if v and v["state"] == "scheduled"],
                         what="the job to be scheduled")
     assert accepted + 3.0 <= info["due_at"] <= time.time() + 3.0  # wall clock, fixed at acceptance
@@ -165,6 +167,8 @@ def test_a_delayed_job_survives_a_dispatcher_kill_9_and_runs_once_when_due(clust
     assert marker.read_text().count("delayed") == 1  # ran once
     assert result["started"] - info["due_at"] < 1.0  # and soon after it was due
     assert again.result(30)["value"] == "offloaded"
+    [cancelled] = client.job_info(gone.job_id)
+    assert cancelled is not None and cancelled["state"] == "cancelled"  # still, after the restart
     assert sorted(line.split()[0] for line in marker.read_text().splitlines()) == ["delayed", "offloaded"]
 
 
