@@ -130,10 +130,11 @@ class ClientSide:
         scheduler = self.scheduler
         durability = self.durability
         checked: list[tuple[c.SubmitEntry, list[Any], _Checked]] = []
+        earlier: set[str] = set()  # ids checked so far: a dependant may name a parent earlier in its batch
         new_data = 0
         for e, data in zip(entries, per_entry, strict=True):
             try:
-                ok = checker.check(e, data, [x.job_id for x, _, _ in checked])
+                ok = checker.check(e, data, earlier)
             except ValueError as exc:
                 kind = (perr.UNKNOWN_DEPENDENCY,) if isinstance(exc, UnknownParent) else ()
                 if not atomic:
@@ -143,6 +144,7 @@ class ClientSide:
                 reply.rejected += [(x.job_id, why, *kind) for x in entries]
                 return
             checked.append((e, data, ok))
+            earlier.add(e.job_id)
             if e.job_id not in scheduler.jobs:
                 new_data += _nbytes(data)
         new = [x for x in checked if x[0].job_id not in scheduler.jobs]
@@ -316,7 +318,7 @@ class _Checker:
         self._last: _Checked | None = None
         self._last_dependant = False
 
-    def check(self, e: c.SubmitEntry, data: list[Any], earlier: list[str]) -> _Checked:
+    def check(self, e: c.SubmitEntry, data: list[Any], earlier: set[str]) -> _Checked:
         """ValueError with the reason this entry cannot be accepted (its parents may be earlier entries)."""
         if not data:
             raise ValueError("a task needs its call frames")
@@ -350,7 +352,7 @@ def _deps(e: c.SubmitEntry) -> bytes | None:
 
 
 def _nbytes(frames: list[Any]) -> int:
-    return sum(len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames)
+    return sum(map(len, frames))  # bytes or zmq.Frame: len is the size in bytes
 
 
 def _unknown_job(job_id: str) -> dict[str, str]:
