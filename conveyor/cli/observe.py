@@ -358,7 +358,7 @@ def logs_command(
                 if s["text"]:
                     emit(name, s["text"])
                 offsets[name] = s["end"]
-            if reply["state"] not in ("queued", "running"):
+            if reply["state"] not in ("waiting", "scheduled", "limited", "queued", "running"):  # finished
                 return
             time.sleep(interval)
             reply = client.logs(job_id, offsets)
