@@ -5,7 +5,7 @@ worst window. Real dispatcher and worker processes on 127.0.0.1; the figures of 
     python -m benchmarks.waiting_live --delayed 200  # fewer delayed jobs
 
 - overtaking: one threads worker with one slot runs a backlog of 5 ms priority-0 jobs; every 0.1 s a
-  priority-5 job is submitted. Reported per prefetch setting (auto, and a fixed 8): the latency from
+  priority-5 job is submitted (50 of them). Reported per prefetch setting (auto, and a fixed 8): the latency from
   submit to its start (p50, p99, max) and how many priority-0 jobs started in between (the window).
 - delayed: N jobs with an eta at spread instants over a few seconds, on an idle cluster (4 workers x 4
   threads). Reported: due-to-start latency at the dispatcher (its assignment time) and in the task
@@ -160,10 +160,11 @@ def case_rate(n: int = 300, rate: float = 50.0, burst: int = 5) -> dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.waiting_live", description=__doc__.split("\n")[0])
     parser.add_argument("--delayed", type=int, default=1000, help="delayed jobs (default 1000)")
+    parser.add_argument("--samples", type=int, default=50, help="priority-5 jobs per overtaking case (default 50)")
     args = parser.parse_args(argv)
     results = []
     for prefetch in ("auto", "8"):
-        r = case_overtaking(prefetch)
+        r = case_overtaking(prefetch, args.samples)
         lat = r["latency"]
         print(f"overtaking, prefetch {prefetch}: submit to start p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, "
               f"max {lat['max_ms']} ms; at most {r['low_jobs_started_in_between_max']} priority-0 jobs in between")

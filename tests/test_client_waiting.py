@@ -87,6 +87,10 @@ def test_every_client_refuses_bad_values_before_sending(cluster: Cluster) -> Non
                 await ac.set_limit("no spaces", "10/s")
             assert await ac.set_limit("api", "5/s,burst=2") is not None
             assert [k["key"] for k in await ac.limits()] == ["api"]
+            accepted = time.time()  # and the options work from asyncio too (no worker: it ends expired)
+            with pytest.raises(JobExpired):
+                await ac.options(countdown=0.2, expires=0.5, limits=["api"], priority=2).submit(wt.stamp, 0, "a")
+            assert time.time() - accepted >= 0.5
 
     asyncio.run(from_async())
     assert client.set_limit("api", None) is None
