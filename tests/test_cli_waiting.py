@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def test_waiting_jobs_from_the_cli(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path)
     follow: subprocess.Popen[str] | None = None
     try:
-        port = free_port()
-        cluster.start_dispatcher("--limit", "db=concurrency:1", "--metrics-port", str(port))
+        port, board = free_port(), free_port()
+        cluster.start_dispatcher("--limit", "db=concurrency:1", "--metrics-port", str(port), "--dashboard-port",
+                                 str(board))
         cluster.wait_for_workers(cluster.start_worker("threads", 4))
         address = cluster.address
         client = cluster.client()
@@ -138,6 +140,10 @@ def test_waiting_jobs_from_the_cli(tmp_path: Path) -> None:
         assert m["conveyor_jobs_scheduled"][()] == 2 and m["conveyor_jobs_limited"][()] >= 1
         assert m["conveyor_limit_running"][(("key", "db"),)] == 1 and m["conveyor_limit_waiting"][(("key", "db"),)] >= 1
         assert m["conveyor_limit_starts_total"][(("key", "db"),)] == 1 and m["conveyor_limited_starts_total"][()] == 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{board}/api/snapshot", timeout=10) as r:  # the dashboard
+            snap = json.loads(r.read())
+        assert (snap["scheduled"], snap["totals"]["expired"]) == (2, 1) and snap["limited"] >= 1
+        assert {k["key"]: k["running"] for k in snap["limits"]} == {"db": 1}
 
         # An unknown key is refused (exit 2), a key set at run time is used at once, and a rate limit works.
         unknown = run_cli("submit", "tests.tasks:add", "1", "--limit", "nobody", address=address)
