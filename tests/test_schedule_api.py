@@ -5,6 +5,7 @@ conveyor.current_job() in every mode."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ def test_an_every_second_schedule_fires_and_its_jobs_run_with_their_slot(client:
     assert listed["tick"]["fired"] >= 2 and listed["tick"]["next_run"] > slot
     assert client.schedule_info("tick")["last_job"].startswith("sched:tick:")
     slots = client.preview("tick", 3)
-    assert [b - a for a, b in zip(slots, slots[1:], strict=False)] == [timedelta(seconds=1)] * 2
+    assert [b - a for a, b in itertools.pairwise(slots)] == [timedelta(seconds=1)] * 2
     client.unschedule("tick")
 
 

@@ -204,3 +204,21 @@ def test_ten_thousand_schedules_share_one_heap() -> None:
     assert s.due(t0 + 59) == []
     assert len(s.due(t0 + 60)) == 10_000
     assert s.next_wake() == t0 + 120
+
+
+@pytest.mark.parametrize(("overlap", "expect_fired", "expect_queued"), [("skip", 1, False), ("queue_one", 1, True),
+                                                                       ("allow", 4, False)])
+def test_a_catch_up_and_a_backfill_go_through_the_overlap_policy(
+    overlap: str, expect_fired: int, expect_queued: bool
+) -> None:
+    """The slots of one batch overlap one another: with skip only the oldest runs (no storm after downtime)."""
+    s = make()
+    t0 = ts("2026-01-01T00:00:00")
+    s.upsert(Spec("c", every_s=60.0, misfire="all", overlap=overlap), [b"c"], b"\x80", t0)
+    fires = s.due(t0 + 240 + 30)  # down for 4 slots
+    assert len(fires) == expect_fired and fires[0].slot == t0 + 60
+    assert (s.entries["c"].state.queued_slot is not None) == expect_queued
+    s2 = make()
+    s2.upsert(Spec("b", cron="0 3 * * *", overlap=overlap), [b"c"], b"\x80", t0 + 10 * 86400)
+    filled = s2.backfill("b", t0, t0 + 4 * 86400, t0 + 10 * 86400)
+    assert len(filled) == expect_fired

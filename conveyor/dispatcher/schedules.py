@@ -412,7 +412,9 @@ class Schedules:
         fires: list[Fire] = []
         for slot in slots:
             previous = entry.state.last_job
-            busy = previous is not None and self._unfinished(previous)
+            # A slot fired earlier in this batch (a catch-up, a backfill) has no job yet, but will not have
+            # finished by the time the next one starts: it counts as running, so the policy holds (no storm).
+            busy = previous is not None and (any(f.job_id == previous for f in fires) or self._unfinished(previous))
             overlap = entry.spec.overlap
             if busy and overlap == "skip":
                 entry.state.skipped += 1
