@@ -131,6 +131,7 @@ def test_delete_and_every_bad_value_is_one_clear_value_error(client: Client) -> 
         (lambda: client.schedule("a b", schedule_tasks.job_context, every=60), "bad schedule name"),
         (lambda: client.options(countdown=5).schedule("x", schedule_tasks.job_context, every=60), "its slot"),
         (lambda: client.pause("x", until=datetime(2030, 1, 1)), "no time zone"),
+        (lambda: client.pause("x", until=time.time() + 60), "for a time, pass a datetime"),
         (lambda: client.backfill("x", datetime.now(UTC), datetime.now(UTC) - timedelta(1)), "before start"),
         (lambda: client.preview("x", 0), "count"),
     ]:

@@ -126,9 +126,9 @@ def add(
     if clash:
         raise CliError(f"--kwargs cannot name {', '.join(clash)}: they are the schedule's own settings", EXIT_USAGE)
     with connect(dispatcher, keys) as client:
-        view = client.options(mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout,
-                              tags=tag or None, priority=priority)
         try:
+            view = client.options(mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout,
+                                  tags=tag or None, priority=priority)
             shown = view.schedule(name, function, *(_arg(a) for a in args or []), **when, **call_kwargs)
         except ValueError as exc:
             raise _refused(exc) from None

@@ -151,7 +151,10 @@ def pause_until(until: dt.datetime | dt.timedelta | float | int | str | None) ->
         return None
     if isinstance(until, dt.datetime):
         return unix_time("until", until)
-    return time.time() + seconds("until", until)
+    duration_s = seconds("until", until)
+    if duration_s > 10 * 365 * 86400:  # time.time() + 3600 passed as a duration: surely meant as a time
+        raise ValueError(f"until={until!r} is a duration from now (over ten years?): for a time, pass a datetime")
+    return time.time() + duration_s
 
 
 def unix_time(what: str, value: Any) -> float:
