@@ -71,6 +71,7 @@ def test_bad_schedule_input_is_one_line(cluster: Cluster, capsys: pytest.Capture
         (("add", "x", "nocolon", "--every", "1m"), "bad function"),
         (("add", "a b", fn, "--every", "1m"), "bad schedule name"),
         (("add", "x", fn, "--every", "1m", "--retries", "-1"), "retries"),
+        (("add", "x", fn, "-1", "--evry", "1m"), "no such option: --evry"),
         (("add", "x", fn, "--every", "1m", "--kwargs", '{"tz": 1}'), "cannot name tz"),
         (("preview", "x", "--cron", "@daily"), "not both"),
         (("preview", "--cron", "@daily", "--count", "0"), "count must be"),

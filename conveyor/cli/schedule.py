@@ -64,7 +64,7 @@ def _time_arg(option: str, text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True})  # -1 is an argument, as for submit
 def add(
     name: NameArg,
     function: Annotated[str, typer.Argument(help="module:function to run, importable on the workers.")],
@@ -109,6 +109,11 @@ def add(
             raise CliError(f"--kwargs is not valid JSON: {exc}", EXIT_USAGE) from None
         if not isinstance(call_kwargs, dict):
             raise CliError("--kwargs must be a JSON object", EXIT_USAGE)
+    call_args = [_arg(a) for a in args or []]
+    for raw, value in zip(args or [], call_args, strict=True):
+        if raw.startswith("-") and isinstance(value, str):  # -1 is an argument; --evry is a typo
+            raise CliError(f"no such option: {raw} (pass a string starting with '-' as JSON: '\"{raw}\"')",
+                           EXIT_USAGE)
     if mode is not None:
         check_mode(mode)
     from conveyor.client import schedules as sched
@@ -129,7 +134,7 @@ def add(
         try:
             view = client.options(mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout,
                                   tags=tag or None, priority=priority)
-            shown = view.schedule(name, function, *(_arg(a) for a in args or []), **when, **call_kwargs)
+            shown = view.schedule(name, function, *call_args, **when, **call_kwargs)
         except ValueError as exc:
             raise _refused(exc) from None
     if as_json:
