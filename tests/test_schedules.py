@@ -222,3 +222,27 @@ def test_a_catch_up_and_a_backfill_go_through_the_overlap_policy(
     s2.upsert(Spec("b", cron="0 3 * * *", overlap=overlap), [b"c"], b"\x80", t0 + 10 * 86400)
     filled = s2.backfill("b", t0, t0 + 4 * 86400, t0 + 10 * 86400)
     assert len(filled) == expect_fired
+
+
+def test_a_fire_walks_only_the_slots_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each due cron schedule is walked two or three slots, not a batch ahead (10,000 fire every minute)."""
+    from cronsim import CronSim
+
+    from conveyor.dispatcher import schedules
+
+    walked = 0
+
+    class Counting(CronSim):
+        def __next__(self) -> datetime:
+            nonlocal walked
+            walked += 1
+            return super().__next__()
+
+    monkeypatch.setattr(schedules, "CronSim", Counting)
+    s = make()
+    t0 = ts("2026-01-01T00:00:00")
+    for i in range(100):
+        s.upsert(Spec(f"c{i}", cron="* * * * *"), [b"c"], b"\x80", t0)
+    walked = 0
+    assert len(s.due(t0 + 60)) == 100
+    assert walked <= 100 * 3, f"{walked} cron steps for 100 schedules"
