@@ -23,7 +23,7 @@ from conveyor.errors import (
     WorkerCrashed,
     WorkerLost,
 )
-from conveyor.task import progress  # conveyor.progress(fraction, message) inside a task
+from conveyor.task import current_job, progress  # inside a task: conveyor.progress(...), conveyor.current_job()
 
 if TYPE_CHECKING:
     from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster
@@ -61,5 +61,6 @@ __all__ = [
     "WorkerCrashed",
     "WorkerLost",
     "__version__",
+    "current_job",
     "progress",
 ]

@@ -9,6 +9,7 @@ traceback. This module only assembles the app; each command lives in its own mod
     observe.py  map, logs, jobs, top (and the status view)
     keys.py     keys init|add-worker|add-client|list|revoke
     cluster.py  cluster up|status|down
+    schedule.py schedule add|list|show|preview|pause|resume|trigger|backfill|delete
     demo.py     demo
 """
 
@@ -28,6 +29,7 @@ from conveyor.cli.cluster import app as cluster_app
 from conveyor.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, new_app
 from conveyor.cli.keys import app as keys_app
 from conveyor.cli.limits import limits_command
+from conveyor.cli.schedule import app as schedule_app
 from conveyor.errors import ConveyorError
 
 app = new_app("conveyor", "Conveyor: a distributed task runner for Python on ZeroMQ.")
@@ -46,6 +48,7 @@ app.command("top")(observe.top_command)
 app.command("limits")(limits_command)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(keys_app, name="keys")
+app.add_typer(schedule_app, name="schedule")
 app.command()(demo.demo)
 
 
