@@ -27,3 +27,36 @@ def single_phase() -> None:
 def chatty() -> str:
     print("to stdout")
     return "ok"
+
+
+def spin(seconds: float) -> int:
+    """A busy pure-Python loop: a subinterpreter cannot be interrupted in it, only abandoned."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def report_then_wait(path: str, timeout_s: float = 30.0) -> str:
+    """Print to both streams and log, report progress, then wait for `path` (a test looks at it running)."""
+    import logging
+    import sys
+
+    import conveyor
+
+    print("waiting for", path)
+    print("on stderr", file=sys.stderr)
+    logging.getLogger("tests.interp_tasks").warning("logged")
+    conveyor.progress(0.5, "half way")
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.02)
+    print("done waiting")
+    return path
+
+
+def uses_msgspec() -> None:
+    import msgspec  # noqa: F401 - its extension refuses subinterpreters: the task fails naming it

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import psutil
 import pytest
 
+from conveyor import FunctionNotFound, JobCancelled, TaskTimeout
+from conveyor.errors import RemoteTraceback
 from conveyor.worker.modes.interpreters import missing_reason
-from tests.conftest import ROOT, conveyor_cmd
+from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
+from tests.test_cli import assert_ok, run_cli, show
 
 REASON = missing_reason()
 # .ci/run runs this module a second time in a Python >= 3.12 venv with CONVEYOR_REQUIRE_INTERPRETERS=1:
@@ -52,3 +59,84 @@ def test_tasks_run_in_subinterpreters_of_the_worker(cluster) -> None:  # type: i
     assert c.options(mode="interpreters").submit(lambda x: x * 2, 21).result(timeout=60) == 42  # by value
     assert psutil.Process(pid).is_running()
     assert sys.version_info >= (3, 12)
+
+
+@needs_api
+def test_a_stopped_task_abandons_its_slot_and_a_fresh_one_serves(cluster: Cluster) -> None:
+    """Timeout and cancel of a spinning task: the outcome comes at once, a new subinterpreter takes the
+    one slot, the abandoned one spins on in its thread, and SIGTERM still ends the worker promptly."""
+    name = cluster.start_worker("interpreters", 1)
+    cluster.wait_for_workers(name)
+    c = cluster.client().options(mode="interpreters")
+    first = c.submit("tests.interp_tasks:where", 0.0).result(timeout=30)[1]
+
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout):
+        c.options(timeout=0.5).submit("tests.interp_tasks:spin", 60).result(timeout=20)
+    assert time.monotonic() - started < 10
+    second = c.submit("tests.interp_tasks:where", 0.0).result(timeout=20)[1]
+    assert second != first  # the one slot now has a fresh subinterpreter
+
+    running = c.options(keep=True).submit("tests.interp_tasks:spin", 60)
+    wait_until(lambda: c.status()["running"] == 1, what="the spinning task to start")
+    assert c.cancel(running.job_id) == [running.job_id]
+    with pytest.raises(JobCancelled):
+        running.result(timeout=10)
+    third = c.submit("tests.interp_tasks:where", 0.0).result(timeout=20)[1]
+    assert third not in (first, second)
+    wait_until(lambda: c.status()["workers"][0]["running"] == 0, what="the slot to be free")
+    log = (cluster.tmp / f"worker-{name}.log").read_text()
+    assert log.count("cannot be interrupted: abandoned") == 2, log
+
+    # two abandoned subinterpreters still spin (60 s each): the worker exits anyway, and soon
+    started = time.monotonic()
+    assert stop_process(cluster.workers[name], signal.SIGTERM, timeout=20) == 0
+    assert time.monotonic() - started < 15
+
+
+@needs_api
+def test_output_and_progress_reach_the_dispatcher(cluster: Cluster, tmp_path: Path) -> None:
+    name = cluster.start_worker("interpreters", 2)
+    cluster.wait_for_workers(name)
+    c = cluster.client()
+    marker = tmp_path / "go"
+    job_id = assert_ok(run_cli("submit", "tests.interp_tasks:report_then_wait", str(marker), "--mode",
+                               "interpreters", address=cluster.address)).strip()
+    view = wait_until(lambda: (v := c.job_info(job_id)[0]) and v.get("progress") and v, what="progress")
+    assert view["state"] == "running" and view["progress"]["fraction"] == 0.5
+    assert view["progress"]["message"] == "half way"
+    wait_until(lambda: "waiting for" in c.logs(job_id)["streams"].get("stdout", {}).get("text", ""),
+               what="output while it runs")
+    marker.write_text("go")
+    record = json.loads(assert_ok(run_cli("result", job_id, "--wait", "--json", address=cluster.address)))
+    assert record["state"] == "succeeded", record
+    assert record["output"]["stdout"] == f"waiting for {marker}\ndone waiting\n"
+    assert record["output"]["stderr"] == "on stderr\n"
+    assert record["output"]["log"].rstrip().endswith("WARNING tests.interp_tasks: logged")
+    logs = run_cli("logs", job_id, "--stream", "stderr", address=cluster.address)
+    assert assert_ok(logs) == "on stderr\n", show(logs)
+
+    fut = c.options(mode="interpreters").submit("tests.interp_tasks:report_then_wait", str(marker))
+    assert fut.result(timeout=20) == str(marker)
+    assert fut.info["output"]["stdout"] == f"waiting for {marker}\ndone waiting\n"
+
+
+@needs_api
+def test_errors_come_back_with_their_types_and_tracebacks(cluster: Cluster) -> None:
+    name = cluster.start_worker("interpreters", 1)
+    cluster.wait_for_workers(name)
+    c = cluster.client().options(mode="interpreters")
+    with pytest.raises(KeyError, match="missing") as info:
+        c.submit("tests.interp_tasks:fail").result(timeout=20)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "tests/interp_tasks.py" in info.value.__cause__.tb and "raise KeyError" in info.value.__cause__.tb
+    with pytest.raises(FunctionNotFound, match="nosuch"):
+        c.submit("nosuch.module:fn").result(timeout=20)
+    # an extension module that refuses subinterpreters: the task fails naming it, quickly, and the worker
+    # (whose own interpreter has msgspec loaded) carries on
+    started = time.monotonic()
+    with pytest.raises(ImportError, match="msgspec") as refused:
+        c.submit("tests.interp_tasks:uses_msgspec").result(timeout=20)
+    assert "subinterpreter" in str(refused.value), str(refused.value)
+    assert time.monotonic() - started < 10
+    assert c.submit("tests.interp_tasks:where", 0.0).result(timeout=20)[0] == cluster.worker_pid(name)
