@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -17,7 +18,7 @@ from conveyor import FunctionNotFound, JobCancelled, TaskTimeout
 from conveyor.errors import RemoteTraceback
 from conveyor.worker.modes.interpreters import missing_reason
 from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
-from tests.test_cli import assert_ok, run_cli, show
+from tests.test_cli import assert_ok, free_port, run_cli, show
 
 REASON = missing_reason()
 # .ci/run runs this module a second time in a Python >= 3.12 venv with CONVEYOR_REQUIRE_INTERPRETERS=1:
@@ -140,3 +141,36 @@ def test_errors_come_back_with_their_types_and_tracebacks(cluster: Cluster) -> N
     assert "subinterpreter" in str(refused.value), str(refused.value)
     assert time.monotonic() - started < 10
     assert c.submit("tests.interp_tasks:where", 0.0).result(timeout=20)[0] == cluster.worker_pid(name)
+
+
+@needs_api
+def test_routed_by_mode_and_shown_by_status_and_the_dashboard(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    port = free_port()
+    cluster.start_dispatcher("--dashboard-port", str(port))
+    try:
+        names = [cluster.start_worker("interpreters", 2, name="subs"), cluster.start_worker("threads", 2, name="th")]
+        cluster.wait_for_workers(*names)
+        c = cluster.client()
+        futures = [c.options(mode="interpreters").submit("tests.interp_tasks:where", 0.0) for _ in range(4)]
+        assert {f.result(timeout=20)[0] for f in futures} == {cluster.worker_pid("subs")}
+        assert {f.info["worker"] for f in futures} == {"subs"}
+
+        text = assert_ok(run_cli("status", address=cluster.address))
+        assert "2 worker(s) (1 interpreters, 1 threads)" in text, text
+        assert any(line.split()[:1] == ["subs"] and "interpreters" in line.split() for line in text.splitlines()), text
+        status = json.loads(assert_ok(run_cli("status", "--json", address=cluster.address)))
+        assert {w["name"]: w["mode"] for w in status["workers"]} == {"subs": "interpreters", "th": "threads"}
+
+        def get(path: str) -> dict:  # type: ignore[type-arg]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return json.loads(r.read())  # type: ignore[no-any-return]
+
+        snap = wait_until(lambda: (s := get("/api/snapshot")) and "interpreters" in s["modes"] and s, what="snapshot")
+        assert snap["modes"]["interpreters"]["workers"] == 1 and snap["modes"]["interpreters"]["slots"] == 2
+        page = get("/api/workers?q=interpreters")
+        assert [w["name"] for w in page["workers"]] == ["subs"], page
+        style = urllib.request.urlopen(f"http://127.0.0.1:{port}/static/style.css", timeout=10).read().decode()
+        assert ".pill.interpreters" in style  # the mode's pill has its own colour, as the other three
+    finally:
+        cluster.stop()
