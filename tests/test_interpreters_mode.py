@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -174,3 +175,32 @@ def test_routed_by_mode_and_shown_by_status_and_the_dashboard(tmp_path: Path) ->
         assert ".pill.interpreters" in style  # the mode's pill has its own colour, as the other three
     finally:
         cluster.stop()
+
+
+@needs_api
+def test_the_demo_measures_interpreters_mode_beside_threads_and_processes(tmp_path: Path) -> None:
+    """Experiment 11 on a tiny sweep: real workers of each mode, the report section, the plot if it can."""
+    from conveyor.demo import performance, plots
+    from conveyor.demo.harness import Progress, Sizes
+    from conveyor.demo.report import make_plots
+    from conveyor.demo.subinterpreters import exp11_interpreters, section11
+
+    assert "interpreters" in performance.sweep_modes()
+    sizes = dataclasses.replace(Sizes.for_machine(quick=True), levels=(1, 2), passes=1, retries=0,
+                                cpu_seconds=0.2, sha_seconds=0.1, sha_mib=1)
+    cal = {"spin_per_s": 5e6, "sha_rounds_per_s": 500.0}  # sizes the batch only; nothing is asserted on time
+    sweep = performance.sweep(sizes, cal, Progress(), ("threads", "processes", "interpreters"))
+    e = exp11_interpreters(sweep, sizes, gil=True)
+    assert e["available"] and set(e["by_mode"]) == {"threads", "processes", "interpreters"}
+    assert all(v["speedup"] > 0 and v["idle_rss_mib"] > 0 for v in e["by_mode"].values()), e
+    idle = {(c["mode"], c["concurrency"]): c["idle"] for c in sweep["costs"]}
+    assert idle[("interpreters", 2)]["processes"] == 1  # one process: its slots are subinterpreters
+    assert idle[("processes", 2)]["processes"] > 1
+    assert e["finding"].startswith("at concurrency 2: threads ") and "interpreters" in e["finding"]
+
+    made = make_plots({"meta": {"cores_used_for_sizes": 2, "gil_enabled": True},
+                       "experiments": {"11": e}}, tmp_path) if plots.available() else {}
+    text = section11(e, {}, made)
+    assert "| interpreters |" in text and "**What it means.**" in text
+    if plots.available():
+        assert (tmp_path / made["11"]).read_bytes()[:4] == b"\x89PNG"
