@@ -60,3 +60,13 @@ def report_then_wait(path: str, timeout_s: float = 30.0) -> str:
 
 def uses_msgspec() -> None:
     import msgspec  # noqa: F401 - its extension refuses subinterpreters: the task fails naming it
+
+
+async def async_where() -> tuple[int, int]:
+    """An `async def` task: run with asyncio.run() inside the subinterpreter."""
+    import asyncio
+
+    from conveyor.worker.modes.interpreters.entry import interpreter_id
+
+    await asyncio.sleep(0.01)
+    return os.getpid(), interpreter_id()

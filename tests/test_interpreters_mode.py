@@ -141,7 +141,8 @@ def test_errors_come_back_with_their_types_and_tracebacks(cluster: Cluster) -> N
         c.submit("tests.interp_tasks:uses_msgspec").result(timeout=20)
     assert "subinterpreter" in str(refused.value), str(refused.value)
     assert time.monotonic() - started < 10
-    assert c.submit("tests.interp_tasks:where", 0.0).result(timeout=20)[0] == cluster.worker_pid(name)
+    pid, interp = c.submit("tests.interp_tasks:async_where").result(timeout=20)  # async def: asyncio.run there
+    assert pid == cluster.worker_pid(name) and interp != 0
 
 
 @needs_api
