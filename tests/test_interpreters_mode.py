@@ -64,6 +64,17 @@ def test_tasks_run_in_subinterpreters_of_the_worker(cluster) -> None:  # type: i
 
 
 @needs_api
+def test_the_python_api_starts_an_interpreters_cluster() -> None:
+    from conveyor import Client
+
+    with Client(local_mode="interpreters", local_concurrency=2) as c:
+        (worker,) = c.status()["workers"]
+        assert worker["mode"] == "interpreters" and worker["concurrency"] == 2
+        pid, interp = c.submit("tests.interp_tasks:where", 0.0).result(timeout=30)
+        assert pid == worker["pid"] and interp != 0
+
+
+@needs_api
 def test_a_stopped_task_abandons_its_slot_and_a_fresh_one_serves(cluster: Cluster) -> None:
     """Timeout and cancel of a spinning task: the outcome comes at once, a new subinterpreter takes the
     one slot, the abandoned one spins on in its thread, and SIGTERM still ends the worker promptly."""
