@@ -70,3 +70,13 @@ async def async_where() -> tuple[int, int]:
 
     await asyncio.sleep(0.01)
     return os.getpid(), interpreter_id()
+
+
+def hold(marker: str, release: str) -> str:
+    """Create `marker`, then wait until `release` exists (the Mode contract tests look at a running task)."""
+    from pathlib import Path
+
+    Path(marker).touch()
+    while not Path(release).exists():
+        time.sleep(0.005)
+    return marker

@@ -17,6 +17,8 @@ import pytest
 
 from conveyor import FunctionNotFound, JobCancelled, TaskTimeout
 from conveyor.errors import RemoteTraceback
+from conveyor.protocol.payload import encode_call
+from conveyor.worker.execution import Outcome, Task
 from conveyor.worker.modes.interpreters import missing_reason
 from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
 from tests.test_cli import assert_ok, free_port, run_cli, show
@@ -216,3 +218,53 @@ def test_the_demo_measures_interpreters_mode_beside_threads_and_processes(tmp_pa
     assert "| interpreters |" in text and "**What it means.**" in text
     if plots.available():
         assert (tmp_path / made["11"]).read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the Mode contract (tests/test_modes.py), in process: its helpers cannot be imported in a subinterpreter
+
+
+def _hold(n: int, marker: Path, release: Path) -> Task:
+    return Task(f"job-{n}", 1, None, (), encode_call("tests.interp_tasks:hold", None, (str(marker), str(release)), {}))
+
+
+@needs_api
+async def test_mode_contract_stopped_before_start_withdrawn_and_stopped_while_running(tmp_path: Path) -> None:
+    from conveyor.worker.modes import ModeSettings
+    from conveyor.worker.modes.interpreters import InterpretersMode
+    from conveyor.worker.reports import TaskReports
+    from tests.test_modes import _into, _until
+
+    mode = InterpretersMode(ModeSettings(concurrency=1), TaskReports())
+    outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
+    go = tmp_path / "go"
+    try:
+        first = _hold(0, tmp_path / "first", go)
+        mode.submit([first])
+        await _until(lambda: (tmp_path / "first").exists(), "the first task to start")
+        never, queued = _hold(1, tmp_path / "never", go), _hold(2, tmp_path / "queued", go)
+        mode.submit([never, queued])  # the one slot is busy: both wait in the mode's queue
+        mode.stop(never.key, JobCancelled("the job was cancelled"))
+        assert mode.withdraw(queued.key)  # not started, and no idle slot: taken back
+        go.touch()
+        after = Task("job-3", 1, None, (), encode_call("tests.tasks:noop", None, (3,), {}))
+        mode.submit([after])
+        await _until(lambda: "job-3" in outcomes, "the task after them to be reported")
+        assert outcomes["job-0"].ok and outcomes["job-3"].ok
+        assert {"job-1", "job-2"}.isdisjoint(outcomes) and not (tmp_path / "never").exists()
+        assert not (tmp_path / "queued").exists()
+        assert not mode.withdraw(after.key)  # reported: nothing to take back
+
+        release = tmp_path / "release"
+        stuck = _hold(4, tmp_path / "started", release)
+        mode.submit([stuck])
+        await _until(lambda: (tmp_path / "started").exists(), "the task to start")
+        mode.stop(stuck.key, TaskTimeout("the task ran longer than its 1 s timeout"))
+        assert mode.abandoned == 1
+        mode.submit([Task("job-5", 1, None, (), encode_call("tests.tasks:add", None, (2, 3), {}))])
+        await _until(lambda: "job-5" in outcomes, "a task to run in the fresh slot", timeout=20)
+        assert outcomes["job-5"].ok and "job-4" not in outcomes
+    finally:
+        go.touch()
+        (tmp_path / "release").touch()  # the abandoned call returns, and its thread closes its interpreter
+        await mode.shutdown()
