@@ -206,7 +206,7 @@ def test_the_demo_measures_interpreters_mode_beside_threads_and_processes(tmp_pa
     sweep = performance.sweep(sizes, cal, Progress(), ("threads", "processes", "interpreters"))
     e = exp11_interpreters(sweep, sizes, gil=True)
     assert e["available"] and set(e["by_mode"]) == {"threads", "processes", "interpreters"}
-    assert all(v["speedup"] > 0 and v["idle_rss_mib"] > 0 for v in e["by_mode"].values()), e
+    assert all(v["speedup"] > 0 and v["idle_rss_mib"] > 0 and v["startup_s"] > 0 for v in e["by_mode"].values()), e
     idle = {(c["mode"], c["concurrency"]): c["idle"] for c in sweep["costs"]}
     assert idle[("interpreters", 2)]["processes"] == 1  # one process: its slots are subinterpreters
     assert idle[("processes", 2)]["processes"] > 1

@@ -299,9 +299,10 @@ def _interp_cost(e: dict[str, Any]) -> str:
     if v is None:
         return ""
     return (
-        f" An interpreters-mode slot is a subinterpreter in the worker's own process: "
-        f"{per_slot(v['rss_mib_per_slot'], 'MiB')} each here, between a thread and a child process, with no "
-        "process to start (experiment 11)."
+        f" An interpreters-mode slot is a subinterpreter in the worker's own process, which imports its own "
+        f"copy of the task-side modules: {per_slot(v['rss_mib_per_slot'], 'MiB')} each here, between a thread "
+        f"and a child process, and {per_slot(v['startup_ms_per_slot'], 'ms', 1)} of start-up each, since the "
+        "worker creates every subinterpreter before it takes work (experiment 11)."
     )
 
 

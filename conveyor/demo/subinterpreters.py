@@ -48,11 +48,13 @@ def _nearest(points: dict[int, Any], c: int) -> Any:
     return points[min(points, key=lambda k: abs(k - c))] if points else None
 
 
-def _idle_rss(costs: list[dict[str, Any]], mode: str, c: int) -> float | None:
-    """Idle RSS (MiB) of the sweep's worker of `mode` nearest concurrency c."""
+def _cost(costs: list[dict[str, Any]], mode: str, c: int) -> dict[str, Any]:
+    """Idle RSS (MiB) and start-up time (s) of the sweep's worker of `mode` nearest concurrency c."""
     mine = {int(x["concurrency"]): x for x in costs if x["mode"] == mode and x.get("idle")}
     point = _nearest(mine, c)
-    return None if point is None else float(point["idle"]["rss_mib"])
+    if point is None:
+        return {"rss_mib": None, "startup_s": None}
+    return {"rss_mib": float(point["idle"]["rss_mib"]), "startup_s": round(float(point["worker_s"]), 3)}
 
 
 def exp11_interpreters(sweep: dict[str, Any] | None, sizes: Sizes, gil: bool) -> dict[str, Any]:
@@ -84,8 +86,9 @@ def exp11_interpreters(sweep: dict[str, Any] | None, sizes: Sizes, gil: bool) ->
             "speedup": point.get("speedup"),
             "cores_busy": point.get("cores_busy"),
             "other_cores_busy": point.get("other_cores_busy"),
-            "idle_rss_mib": _idle_rss(sweep.get("costs", []), mode, c),
-            "idle_rss_mib_at_1": _idle_rss(sweep.get("costs", []), mode, 1),
+            "idle_rss_mib": _cost(sweep.get("costs", []), mode, c)["rss_mib"],
+            "idle_rss_mib_at_1": _cost(sweep.get("costs", []), mode, 1)["rss_mib"],
+            "startup_s": _cost(sweep.get("costs", []), mode, c)["startup_s"],
         }
     sub, procs = at["interpreters"], at["processes"]
     holds = None
@@ -144,7 +147,8 @@ share no objects (as in processes mode, unlike threads mode).
     c = e["concurrency"]
     rows = [
         [m, f"{fmt(v['speedup'], 2)}x", fmt(v["cores_busy"], 2), fmt(v["other_cores_busy"], 2),
-         f"{fmt(v['idle_rss_mib_at_1'], 1)} MiB", f"{fmt(v['idle_rss_mib'], 1)} MiB"]
+         f"{fmt(v['idle_rss_mib_at_1'], 1)} MiB", f"{fmt(v['idle_rss_mib'], 1)} MiB",
+         f"{fmt(v.get('startup_s'), 2)} s"]
         for m, v in e["by_mode"].items()
     ]
     sub, procs, threads = (e["by_mode"][m] for m in ("interpreters", "processes", "threads"))
@@ -173,12 +177,13 @@ share no objects (as in processes mode, unlike threads mode).
 **What we ran.** The batch of experiments 3-5 on the sweep's interpreters-mode workers, on Python
 {e['python']} (GIL {'enabled' if e['gil_enabled'] else 'disabled'}). Below, each mode at concurrency {c}
 (the nearest level to the cores), and the idle memory (RSS of the worker's whole process tree) of the
-sweep's workers at concurrency 1 and {c}.
+sweep's workers at concurrency 1 and {c}, and the start-up time (spawning the worker to its first result;
+one sample, so noisier) of the worker at {c}: interpreters mode creates all its subinterpreters first.
 
 **What we measured.**
 
-{table(["mode", f"speedup at {c}", "cores busy", "cores busy elsewhere", "idle RSS at 1", f"idle RSS at {c}"],
-       rows)}
+{table(["mode", f"speedup at {c}", "cores busy", "cores busy elsewhere", "idle RSS at 1", f"idle RSS at {c}",
+        f"start-up at {c}"], rows)}
 {image(made, "11", "Interpreters mode beside threads and processes")}
 **What it means.** {verdict} What differs from processes mode: a task that never returns cannot be killed
 (a subinterpreter cannot be interrupted), so a timeout or cancel abandons its slot and starts a fresh one;
