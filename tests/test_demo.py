@@ -203,3 +203,23 @@ def test_an_unreachable_dispatcher_is_one_line_of_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_pythons_able_to_run_interpreters_mode_or_free_threaded_are_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor.demo.subinterpreters import free_threaded_pythons, subinterpreter_pythons
+
+    bin_dir, versions = tmp_path / "bin", tmp_path / "pyenv" / "versions" / "3.14.0t" / "bin"
+    for d, names in ((bin_dir, ["python3.11", "python3.12", "python3.13t", "python3.13-config"]),
+                     (versions, ["python3.14t"])):
+        d.mkdir(parents=True)
+        for name in names:
+            (d / name).write_text("#!/bin/sh\n")
+            (d / name).chmod(0o755)
+    (bin_dir / "python3.14").write_text("not executable")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    assert free_threaded_pythons() == [str(bin_dir / "python3.13t"), str(versions / "python3.14t")]
+    assert subinterpreter_pythons() == [str(bin_dir / n) for n in ("python3.12", "python3.13t")] + [
+        str(versions / "python3.14t")]

@@ -19,6 +19,7 @@ from conveyor.demo.text import fmt, image, table
 
 COMPARED = ("threads", "processes", "interpreters")
 _FREE_THREADED_NAME = re.compile(r"^python3\.\d+t$")
+_SUBINTERPRETER_NAME = re.compile(r"^python3\.(1[2-9]|[2-9]\d)t?$")  # 3.12 and later
 
 
 def missing() -> str | None:
@@ -28,20 +29,30 @@ def missing() -> str | None:
     return missing_reason()
 
 
-def free_threaded_pythons() -> list[str]:
-    """Free-threaded CPython executables on this machine (PATH and pyenv): `python3.13t` and the like."""
+def _pythons(name: re.Pattern[str]) -> list[str]:
+    """Executables on PATH or under pyenv's versions whose name matches, resolved (shims excluded)."""
     found: set[str] = set()
-    dirs = [Path(d) for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    dirs = [Path(d) for d in os.environ.get("PATH", "").split(os.pathsep) if d and "shims" not in Path(d).parts]
     pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
     if pyenv.is_dir():
-        dirs += [v / "bin" for v in sorted(pyenv.iterdir()) if v.name.endswith("t")]
+        dirs += [v / "bin" for v in sorted(pyenv.iterdir())]
     for d in dirs:
         try:
-            names = [p for p in d.iterdir() if _FREE_THREADED_NAME.match(p.name)]
+            names = [p for p in d.iterdir() if name.match(p.name)]
         except OSError:
             continue
         found.update(str(p.resolve()) for p in names if os.access(p, os.X_OK))
     return sorted(found)
+
+
+def free_threaded_pythons() -> list[str]:
+    """Free-threaded CPython executables on this machine (PATH and pyenv): `python3.13t` and the like."""
+    return _pythons(_FREE_THREADED_NAME)
+
+
+def subinterpreter_pythons() -> list[str]:
+    """Python 3.12+ executables on this machine (PATH and pyenv), which could run interpreters mode."""
+    return _pythons(_SUBINTERPRETER_NAME)
 
 
 def _nearest(points: dict[int, Any], c: int) -> Any:
@@ -72,6 +83,7 @@ def exp11_interpreters(sweep: dict[str, Any] | None, sizes: Sizes, gil: bool) ->
         return base | {
             "cluster": f"none: interpreters mode cannot run on this Python ({base['python']})",
             "reason": reason,
+            "pythons_3_12_found": subinterpreter_pythons(),
             "holds": None,
             "finding": f"not measured: {reason}",
         }
@@ -137,6 +149,12 @@ without a child process per slot. Arguments and results cross between interprete
 share no objects (as in processes mode, unlike threads mode).
 """
     if not e["available"]:
+        newer = e.get("pythons_3_12_found") or []
+        if newer:
+            free += (
+                " This machine has Python 3.12 or later at " + ", ".join(f"`{p}`" for p in newer)
+                + ": with Conveyor and the extra installed there, `conveyor demo` run by it measures the mode."
+            )
         return f"""{idea}
 **What we ran.** Nothing: this is Python {e['python']}, where interpreters mode is refused with this line:
 `{e['reason']}`. The sweep of experiments 3-5 left the mode out.
