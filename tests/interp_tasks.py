@@ -29,8 +29,11 @@ def chatty() -> str:
     return "ok"
 
 
-def spin(seconds: float) -> int:
-    """A busy pure-Python loop: a subinterpreter cannot be interrupted in it, only abandoned."""
+def spin(seconds: float, marker: str = "") -> int:
+    """A busy pure-Python loop (after creating `marker`, if given, to say it started): a subinterpreter
+    cannot be interrupted in it, only abandoned."""
+    if marker:
+        open(marker, "w").close()
     end = time.monotonic() + seconds
     n = 0
     while time.monotonic() < end:

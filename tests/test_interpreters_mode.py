@@ -77,7 +77,7 @@ def test_the_python_api_starts_an_interpreters_cluster() -> None:
 
 
 @needs_api
-def test_a_stopped_task_abandons_its_slot_and_a_fresh_one_serves(cluster: Cluster) -> None:
+def test_a_stopped_task_abandons_its_slot_and_a_fresh_one_serves(cluster: Cluster, tmp_path: Path) -> None:
     """Timeout and cancel of a spinning task: the outcome comes at once, a new subinterpreter takes the
     one slot, the abandoned one spins on in its thread, and SIGTERM still ends the worker promptly."""
     name = cluster.start_worker("interpreters", 1)
@@ -87,13 +87,14 @@ def test_a_stopped_task_abandons_its_slot_and_a_fresh_one_serves(cluster: Cluste
 
     started = time.monotonic()
     with pytest.raises(TaskTimeout):
-        c.options(timeout=0.5).submit("tests.interp_tasks:spin", 60).result(timeout=20)
-    assert time.monotonic() - started < 10
+        c.options(timeout=2.0).submit("tests.interp_tasks:spin", 60, str(tmp_path / "timed")).result(timeout=30)
+    assert time.monotonic() - started < 15
+    assert (tmp_path / "timed").exists()  # it was running, not stopped before it started
     second = c.submit("tests.interp_tasks:where", 0.0).result(timeout=20)[1]
     assert second != first  # the one slot now has a fresh subinterpreter
 
-    running = c.options(keep=True).submit("tests.interp_tasks:spin", 60)
-    wait_until(lambda: c.status()["running"] == 1, what="the spinning task to start")
+    running = c.options(keep=True).submit("tests.interp_tasks:spin", 60, str(tmp_path / "cancelled"))
+    wait_until(lambda: (tmp_path / "cancelled").exists(), what="the spinning task to start")
     assert c.cancel(running.job_id) == [running.job_id]
     with pytest.raises(JobCancelled):
         running.result(timeout=10)
