@@ -1,4 +1,5 @@
-"""What a running task can use from Conveyor: `conveyor.progress(fraction, message)`.
+"""What a running task can use from Conveyor: `conveyor.progress(fraction, message)`, and `conveyor.Failed`,
+what it receives for a parent that did not succeed where its edge allows that (`allow_failure`).
 
 This module is all a task imports, and it loads no worker code: the worker plugs in where reports go
 (conveyor/worker/capture.py sets the current task's reporter), so `import conveyor` in a client stays
@@ -38,3 +39,22 @@ def progress(fraction: float | None = None, message: str | None = None) -> None:
     reporter = current.get() or process_reporter
     if reporter is not None:
         reporter.progress(fraction, message)
+
+
+class Failed:
+    """A parent's failure, passed to a dependant in place of its result where the edge allows it
+    (`options(allow_failure=[fut])`). `error` is the parent's exception as its own future raises it,
+    `job_id` the parent's id and `state` how it ended (failed, cancelled or expired)."""
+
+    __slots__ = ("error", "job_id", "state")
+
+    def __init__(self, error: BaseException, job_id: str = "", state: str = "failed"):
+        self.error = error
+        self.job_id = job_id
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"Failed({type(self.error).__name__}: {self.error}, job_id={self.job_id!r}, state={self.state!r})"
+
+    def __bool__(self) -> bool:
+        return False  # `if value:` tells a failed parent from a result (most results are truthy)

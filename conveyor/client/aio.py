@@ -51,6 +51,10 @@ class AsyncJobFuture(asyncio.Future[Any]):
     def info(self) -> dict[str, Any]:
         return self.job.info
 
+    def then(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> AsyncJobFuture:
+        """Run fn(this job's result, *args, **kwargs) once it has succeeded: a new job (JobFuture.then)."""
+        return self.job.then(fn, *args, **kwargs)  # type: ignore[no-any-return]
+
 
 class AsyncClient(ClientBase):
     """The Client's API for asyncio programs: `await c.submit(fn, x)` gives the result."""

@@ -106,6 +106,20 @@ class JobFuture(Future[Any]):
         self._sent = False  # a SUBMIT for it may have left (set by the connection, under its lock)
         self._accepted = False  # the dispatcher's ACCEPTED named it
 
+    # Set only on the futures that need them (most jobs have no parents and are in no batch).
+    _deps: Any = None  # its parents (deps.Deps), until it is resolved
+    _batch = ""  # the id of the batch (one SUBMIT, all or none) it belongs to
+
+    def then(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run fn(this job's result, *args, **kwargs) once this job has succeeded: a new job, its future.
+
+        It is submitted by the client that submitted this one, with that client's default options."""
+        connection = self._connection
+        submitter = getattr(connection, "submitter", None)
+        if submitter is None:
+            raise RuntimeError(f"{self.job_id} has no client to chain with: use client.submit(fn, future)")
+        return submitter.submit(fn, self, *args, **kwargs)
+
     def cancel(self) -> bool:
         """Cancel the job if it has not started (no worker was assigned it); False if it has, or is done.
 

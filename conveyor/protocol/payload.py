@@ -15,11 +15,20 @@ A *call* is encoded as frames:
     frame 0   msgpack [fn_ref, by_value, chunk]   fn_ref "module:qualname" (also the display name)
     frame 1   cloudpickle of the function          only when by_value
     then      the value frames of [args, kwargs]   or, for a chunk, of [[args, kwargs], ...]
+
+A call may refer to the results of other jobs (its *parents*, docs/workflows.md): where the client
+had a JobFuture, the value holds `ParentRef(i)`, the i-th parent of the SUBMIT entry (msgpack:
+ExtType 2 = parent index; pickle: a persistent id). The worker decodes the call with the parents'
+values (`decode_call(frames, parents)`), so the task receives them in place; only ids crossed the
+client's link. On the worker, a task with parents travels as one header frame (b"P" + msgpack
+[n_call_frames, [[job_id, state, n_frames, error], ...]]) then its call frames then each parent's result
+frames (`pack_task`, `unpack_task`).
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import pickle
 import sys
 from collections.abc import Callable
@@ -34,6 +43,9 @@ CODEC_MSGPACK = ord("m")
 CODEC_PICKLE = ord("p")
 OOB_THRESHOLD = 64 * 1024
 _EXT_FRAME = 1
+_EXT_PARENT = 2
+_PARENT_PID = "conveyor.parent"  # pickle persistent ids of parent references: (this, index)
+TASK_WITH_PARENTS = ord("P")  # first byte of a worker task's header frame (a call header is a msgpack array)
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 Frames = list[Any]  # bytes, memoryview or zmq.Frame: anything with the buffer protocol
@@ -41,6 +53,33 @@ Frames = list[Any]  # bytes, memoryview or zmq.Frame: anything with the buffer p
 
 class _NotPlain(Exception):
     pass
+
+
+class ParentRef:
+    """Where a call refers to its i-th parent's result (the client puts it where a JobFuture was)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"ParentRef({self.index})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is ParentRef and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash((ParentRef, self.index))
+
+
+class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """Pickles ParentRef as a persistent id, so the worker's unpickler puts the parent's value there."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is ParentRef:
+            return (_PARENT_PID, obj.index)
+        return None
 
 
 def _plain(obj: Any, buffers: list[Any]) -> Any:
@@ -57,6 +96,8 @@ def _plain(obj: Any, buffers: list[Any]) -> Any:
             buffers.append(obj)
             return msgpack.ExtType(_EXT_FRAME, (len(buffers)).to_bytes(4, "little"))
         return obj
+    if t is ParentRef:
+        return msgpack.ExtType(_EXT_PARENT, obj.index.to_bytes(4, "little"))
     if t is list:
         return [_plain(x, buffers) for x in obj]
     if t is dict:
@@ -69,7 +110,8 @@ def _plain(obj: Any, buffers: list[Any]) -> Any:
     raise _NotPlain
 
 
-def encode_value(obj: Any) -> Frames:
+def encode_value(obj: Any, refs: bool = False) -> Frames:
+    """The frames of a value; `refs`: it may hold ParentRef (slower pickling, for calls with parents)."""
     buffers: list[Any] = []
     try:
         plain = _plain(obj, buffers)
@@ -79,11 +121,28 @@ def encode_value(obj: Any) -> Frames:
     else:
         return [bytes((CODEC_MSGPACK,)) + body, *buffers]
     oob: list[pickle.PickleBuffer] = []
-    body = cloudpickle.dumps(obj, protocol=5, buffer_callback=oob.append)
+    if refs:
+        out = io.BytesIO()
+        _RefPickler(out, protocol=5, buffer_callback=oob.append).dump(obj)
+        body = out.getvalue()
+    else:
+        body = cloudpickle.dumps(obj, protocol=5, buffer_callback=oob.append)
     return [bytes((CODEC_PICKLE,)) + body, *(b.raw() for b in oob)]
 
 
-def decode_value(frames: Frames) -> Any:
+class _ParentUnpickler(pickle.Unpickler):
+    def __init__(self, body: Any, buffers: Frames, parents: list[Any]):
+        super().__init__(io.BytesIO(body), buffers=buffers)
+        self._parents = parents
+
+    def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 2 and pid[0] == _PARENT_PID and 0 <= pid[1] < len(self._parents):
+            return self._parents[pid[1]]
+        raise pickle.UnpicklingError(f"a reference to parent {pid!r}, which this task does not have")
+
+
+def decode_value(frames: Frames, parents: list[Any] | None = None) -> Any:
+    """The value of these frames; `parents`: the values its ParentRefs stand for (a call with parents)."""
     if not frames:
         raise ProtocolError("empty value")
     head = memoryview(frames[0])
@@ -94,9 +153,13 @@ def decode_value(frames: Frames) -> Any:
     if codec == CODEC_MSGPACK:
 
         def ext_hook(code: int, data: bytes) -> Any:
+            index = int.from_bytes(data, "little")
+            if code == _EXT_PARENT and parents is not None:
+                if not 0 <= index < len(parents):
+                    raise ProtocolError("parent reference out of range")
+                return parents[index]
             if code != _EXT_FRAME:
                 raise ProtocolError(f"unknown msgpack extension {code}")
-            index = int.from_bytes(data, "little")
             if not 1 <= index <= len(rest):
                 raise ProtocolError("frame reference out of range")
             return bytes(rest[index - 1])
@@ -108,6 +171,8 @@ def decode_value(frames: Frames) -> Any:
         except Exception as exc:  # msgpack raises several types for bad input
             raise ProtocolError(f"bad msgpack value: {type(exc).__name__}") from None
     if codec == CODEC_PICKLE:
+        if parents is not None:
+            return _ParentUnpickler(body, rest, parents).load()
         return pickle.loads(body, buffers=rest)
     raise ProtocolError(f"unknown codec {codec!r}")
 
@@ -175,6 +240,7 @@ def encode_call(
     fn_bytes: bytes | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    refs: bool = False,
 ) -> Frames:
     key = (fn_name, fn_bytes is not None)
     header = _call_headers.get(key)
@@ -185,7 +251,7 @@ def encode_call(
     frames: Frames = [header]
     if fn_bytes is not None:
         frames.append(fn_bytes)
-    frames.extend(encode_value([list(args), kwargs]))
+    frames.extend(encode_value([list(args), kwargs], refs))
     return frames
 
 
@@ -215,9 +281,10 @@ class Call:
 _function_cache: dict[Any, Callable[..., Any]] = {}
 
 
-def decode_call(frames: Frames) -> Call:
+def decode_call(frames: Frames, parents: list[Any] | None = None) -> Call:
     """Inverse of encode_call/encode_chunk. Raises FunctionNotFound or ProtocolError, and for a function
-    or arguments sent as pickles, whatever unpickling them raises."""
+    or arguments sent as pickles, whatever unpickling them raises. `parents`: the values of the
+    parents the call refers to (ParentRef i becomes parents[i])."""
     if not frames:
         raise ProtocolError("empty call")
     try:
@@ -243,7 +310,7 @@ def decode_call(frames: Frames) -> Call:
         if fn is None:
             fn = resolve_function(fn_name)
             _function_cache[fn_name] = fn
-    value = decode_value(frames[pos:])
+    value = decode_value(frames[pos:], parents)
     calls = value if chunk else [value]
     if not isinstance(calls, list) or not all(
         isinstance(c, list | tuple) and len(c) == 2 and isinstance(c[0], list | tuple) and isinstance(c[1], dict)
@@ -254,3 +321,37 @@ def decode_call(frames: Frames) -> Call:
         return Call(fn_name, fn, True, [(tuple(a), k) for a, k in calls], {})
     args, kwargs = value
     return Call(fn_name, fn, False, tuple(args), kwargs)
+
+
+# --- a worker's task with parents --------------------------------------------------------------
+
+
+def pack_task(
+    n_call_frames: int, parents: list[tuple[str, str, int, dict[str, Any] | None]], frames: Frames
+) -> Frames:
+    """A task's frames with its parents' results: a header frame, the call's frames, each parent's frames."""
+    header = bytes((TASK_WITH_PARENTS,)) + msgpack.packb([n_call_frames, [list(p) for p in parents]],
+                                                         use_bin_type=True)
+    return [header, *frames]
+
+
+ParentOutcome = tuple[str, str, dict[str, Any] | None, Frames]  # job id, state, error record, result frames
+
+
+def unpack_task(frames: Frames) -> tuple[Frames, list[ParentOutcome]] | None:
+    """(call frames, [(job id, state, error, result frames)] per parent) of a packed task; None for a plain call."""
+    if not frames or not len(frames[0]) or memoryview(frames[0])[0] != TASK_WITH_PARENTS:
+        return None
+    try:
+        n_call, parents = msgpack.unpackb(bytes(memoryview(frames[0])[1:]), raw=False)
+        pos = 1 + int(n_call)
+        out: list[ParentOutcome] = []
+        for job_id, state, n, error in parents:
+            out.append((str(job_id), str(state), error if isinstance(error, dict) else None,
+                        list(frames[pos : pos + n])))
+            pos += n
+    except Exception:
+        raise ProtocolError("bad task header") from None
+    if pos != len(frames):
+        raise ProtocolError("a task's frame counts do not add up")
+    return list(frames[1 : 1 + int(n_call)]), out

@@ -1,0 +1,57 @@
+"""Task functions of the dependency tests (tests/test_workflows.py); workers import them by reference."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from conveyor import Failed
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def total(values: Any) -> int:
+    """The sum of a list (or a dict's values) of results."""
+    return sum(values.values()) if isinstance(values, dict) else sum(values)
+
+
+def describe(value: Any) -> str:
+    """What a dependant received: 'Failed:<type>:<root job>' for a failed parent, else repr."""
+    if isinstance(value, Failed):
+        return f"Failed:{type(value.error).__name__}:{value.job_id}:{value.state}"
+    return repr(value)
+
+
+def fail(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+def slow(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def mark(path: str, value: Any = None) -> Any:
+    """Append one line to `path` (how many times did it run?) and return value."""
+    with Path(path).open("a") as f:
+        f.write(f"{value}\n")
+    return value
+
+
+def blob(n_bytes: int) -> bytes:
+    return b"x" * n_bytes
+
+
+def length(data: bytes) -> int:
+    return len(data)
+
+
+def structure(*args: Any, **kwargs: Any) -> Any:
+    return [list(args), kwargs]
