@@ -47,6 +47,10 @@ def submit(
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Fail the task after this many seconds.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Only run on workers with this tag.")] = None,
+    after: Annotated[list[str] | None, typer.Option("--after", help="Run only after this job (repeatable).")] = None,
+    arg_from: Annotated[
+        list[str] | None, typer.Option("--arg-from", help="Pass this job's result as the next argument (repeatable).")
+    ] = None,
     dispatcher: DispatcherOpt = None,
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
@@ -79,6 +83,12 @@ def submit(
         job = client.options(
             mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True
         )
+        if after or arg_from:  # dependencies (docs/workflows.md): by id, the dispatcher checks them
+            from conveyor.client import ref
+
+            results: list[Any] = [ref(j) for j in arg_from or []]  # each the next positional argument
+            call_args = [*call_args, *results]
+            job = job.options(after=[ref(j) for j in after or []])
         fut = job.submit(target, *call_args, **call_kwargs)
         if not wait:
             fut.add_done_callback(lambda _: None)
@@ -137,7 +147,7 @@ def result(
             view = client.job_info(job_id)[0]
             if view is None:
                 raise CliError(f"no job {job_id} (never submitted, or expired)")
-            if view["state"] in ("queued", "running"):
+            if view["state"] in ("waiting", "scheduled", "limited", "queued", "running"):
                 if as_json:
                     keys_ = ("id", "state", "worker", "attempts", "history", "progress", "output")
                     print(dump({k: view[k] for k in keys_ if k in view}))
