@@ -4,6 +4,8 @@ after=, allow_failure, failure and cancellation propagating, unknown parents, ba
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import conveyor
 from conveyor import AsyncClient, DependencyCancelled, DependencyFailed, Failed, UnknownDependency
 from conveyor.protocol.payload import ParentRef, decode_call, encode_call
 from tests import graph_tasks as g
-from tests.conftest import Cluster, wait_until
+from tests.conftest import ROOT, Cluster, wait_until
 
 
 @pytest.fixture
@@ -157,3 +159,14 @@ def test_parent_references_in_both_codecs() -> None:
         first = call.args[0]
         assert list(first) == ["zero", {"k": {"one": 1}}] if isinstance(first, list) else first == ("zero", {"one": 1})
         assert call.kwargs == {"x": {"one": 1}}
+
+
+def test_the_worked_example_of_docs_workflows(client: conveyor.Client) -> None:
+    """examples/workflow.py, as docs/workflows.md shows it: fan-out, fan-in, chain, then a failure."""
+    out = subprocess.run([sys.executable, "examples/workflow.py", client.address or ""], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.splitlines() == [
+        "top words: the=6, dog=3, fox=3",
+        "failed as expected: root is the empty text's job: True; cause: RemoteError('ValueError: an empty text')",
+    ]
+    assert out.splitlines()[0] in (ROOT / "docs" / "workflows.md").read_text()
