@@ -55,3 +55,20 @@ def length(data: bytes) -> int:
 
 def structure(*args: Any, **kwargs: Any) -> Any:
     return [list(args), kwargs]
+
+
+def node(path: str, name: str, *inputs: str) -> str:
+    """A node of a test graph: records that it ran (one line in `path`) and returns name(inputs)."""
+    with Path(path).open("a") as f:
+        f.write(f"{name}\n")
+    return f"{name}({','.join(inputs)})"
+
+
+def wait_file(path: str, value: Any = None, timeout_s: float = 60.0) -> Any:
+    """Return value once `path` exists (a gate the test opens)."""
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.02)
+    return value
