@@ -70,25 +70,29 @@ class Deps:
 
     def entry(self, conn: Connection, future: JobFuture) -> c.SubmitEntry | dict[str, Any]:
         """The SUBMIT entry (I/O thread, right before it leaves), or the error record of a job that
-        cannot run: a parent whose outcome arrived here meanwhile failed."""
-        arrived = [p for p in (*self.parents, *self.after) if _arrived(conn, p)]
-        if arrived:
-            conn._settle_outcomes()  # their futures get the outcomes now: below needs them
+        cannot run: a parent whose outcome arrived here meanwhile ended badly."""
+        maybe = [p for p in (*self.parents, *self.after) if p._connection is conn and p.job_id not in conn._pending]
+        if maybe:
+            conn._settle_outcomes()  # outcomes taken off _pending this turn reach their futures now
+            arrived = [p for p in maybe if p.done()]  # (not done: a batch of another thread, not sent yet)
+            index = {p.job_id: i for i, p in enumerate(self.parents)}
             values: dict[int, Any] = {}
             for p in arrived:
                 value = _value(p, p.job_id in self.allow)
-                if type(value) is dict and value.get("kind") in (perr.DEPENDENCY_FAILED, perr.DEPENDENCY_CANCELLED):
-                    return value
-                if p in self.parents:
-                    values[self.parents.index(p)] = value
+                if _is_blocked(value):
+                    return value.record  # type: ignore[no-any-return]
+                if p.job_id in index:
+                    values[index[p.job_id]] = value
             if values:
                 self._inline(values)
                 future._frames = tuple(encode_call(self.name, self.blob, self.args, self.kwargs, refs=True))
-            self.after = [p for p in self.after if p not in arrived]
+            gone = {p.job_id for p in arrived}
+            self.after = [p for p in self.after if p.job_id not in gone]
         data = future._frames or ()
+        ids = {p.job_id for p in (*self.parents, *self.after)}
         return c.SubmitEntry(
             future.job_id, future._opts or _NIL, len(data), tuple(p.job_id for p in self.parents),
-            tuple(p.job_id for p in self.after), tuple(i for i in self.allow), future._batch,
+            tuple(p.job_id for p in self.after), tuple(i for i in self.allow if i in ids), future._batch,
         )
 
     def _inline(self, values: dict[int, Any]) -> None:
@@ -102,8 +106,6 @@ class Deps:
         self.args = _map_refs(self.args, swap)
         self.kwargs = _map_refs(self.kwargs, swap)
         self.parents = [self.parents[i] for i in keep]
-        kept_ids = {p.job_id for p in (*self.parents, *self.after)}
-        self.allow = frozenset(i for i in self.allow if i in kept_ids)
 
 
 _NIL = c.raw_options(c.DEFAULT_OPTIONS)
@@ -123,8 +125,8 @@ def find(
     def swap(job: JobFuture) -> Any:
         if job.done() and not isinstance(job, JobRef):  # its outcome is here: passed by value
             value = _value(job, allowed is True or job.job_id in allowed)
-            if type(value) is dict and value.get("kind") in (perr.DEPENDENCY_FAILED, perr.DEPENDENCY_CANCELLED):
-                blocked.append(value)
+            if _is_blocked(value):
+                blocked.append(value.record)
             return value
         i = index.get(job.job_id)
         if i is None:
@@ -135,16 +137,18 @@ def find(
     new_args = _map_futures(list(args), swap)
     new_kwargs = _map_futures(kwargs, swap)
     after_jobs: list[JobFuture] = []
+    after_ids: set[str] = set()
     for a in after:
-        job = as_job(a)
+        job = as_job(a) or (ref(a) if isinstance(a, str) else None)
         if job is None:
-            raise TypeError(f"after= takes futures of jobs (or conveyor.ref(job_id)), not {a!r}")
+            raise TypeError(f"after= takes futures of jobs (or job ids), not {a!r}")
         if job.done() and not isinstance(job, JobRef):
             value = _value(job, allowed is True or job.job_id in allowed)
-            if type(value) is dict and value.get("kind") in (perr.DEPENDENCY_FAILED, perr.DEPENDENCY_CANCELLED):
-                blocked.append(value)
-        elif job.job_id not in index and all(job.job_id != x.job_id for x in after_jobs):
+            if _is_blocked(value):
+                blocked.append(value.record)
+        elif job.job_id not in index and job.job_id not in after_ids:
             after_jobs.append(job)
+            after_ids.add(job.job_id)
     if blocked:
         return [], None, blocked[0]
     if not parents and not after_jobs:
@@ -157,7 +161,28 @@ def find(
 
 def has_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a call's arguments hold a future anywhere (the common case, none, is checked fast)."""
-    return _holds((args, kwargs))
+    scalars = _SCALARS
+    for a in args:
+        if type(a) not in scalars and _holds(a):
+            return True
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) not in scalars and _holds(v):
+                return True
+    return False
+
+
+class _Blocked:
+    """In place of a parent's value: it ended badly, and `record` is its dependant's error record."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+
+
+def _is_blocked(value: Any) -> bool:
+    return type(value) is _Blocked
 
 
 def _holds(obj: Any) -> bool:
@@ -220,14 +245,9 @@ def _allowed(allow: Any) -> Any:
     return frozenset(out)
 
 
-def _arrived(conn: Connection, p: JobFuture) -> bool:
-    """This client has p's outcome (or is about to settle it): the dispatcher may forget p."""
-    return p._connection is conn and p.job_id not in conn._pending
-
-
 def _value(job: JobFuture, allowed: bool) -> Any:
     """A finished parent's value for its dependant: its result, Failed(error), or (not allowed) the
-    dependant's own error record (a dict: DependencyFailed or DependencyCancelled)."""
+    dependant's own error record (DependencyFailed or DependencyCancelled), wrapped in _Blocked."""
     try:
         exc = job.exception(0)
     except CancelledError:
@@ -240,7 +260,7 @@ def _value(job: JobFuture, allowed: bool) -> Any:
         "expired" if isinstance(exc, JobExpired) else "failed")
     if allowed:
         return Failed(exc, job.job_id, state)
-    return blocked_record(job, exc, state)
+    return _Blocked(blocked_record(job, exc, state))
 
 
 def blocked_record(job: JobFuture, exc: BaseException, state: str) -> dict[str, Any]:
