@@ -13,7 +13,17 @@ import pytest
 
 import conveyor
 from conveyor import AsyncClient, DependencyCancelled, DependencyFailed, Failed, UnknownDependency
-from conveyor.protocol.payload import ParentRef, decode_call, encode_call
+from conveyor.client.deps import Deps
+from conveyor.client.future import JobFuture
+from conveyor.protocol.payload import (
+    ParentRange,
+    ParentRef,
+    decode_call,
+    encode_call,
+    encode_value,
+    pack_task,
+    unpack_task,
+)
 from tests import graph_tasks as g
 from tests.conftest import ROOT, Cluster, wait_until
 
@@ -170,3 +180,27 @@ def test_the_worked_example_of_docs_workflows(client: conveyor.Client) -> None:
         "failed as expected: root is the empty text's job: True; cause: RemoteError('ValueError: an empty text')",
     ]
     assert out.splitlines()[0] in (ROOT / "docs" / "workflows.md").read_text()
+
+
+def test_a_list_of_futures_is_one_reference_and_many_results_decode_at_once() -> None:
+    """A fan-in's list of futures travels as ParentRange; its values, one msgpack frame each, are decoded
+    in one call; a pickled or failed parent among them takes the slow path, with the same values."""
+    for refs, expected in (((ParentRange(0, 3),), ["a", "b", "c"]), (((ParentRange(0, 3), ParentRef(2)),),
+                                                                        (["a", "b", "c"], "c"))):
+        call = decode_call(encode_call("tests.graph_tasks:structure", None, refs, {}, refs=True), ["a", "b", "c"])
+        assert call.args[0] == expected
+    values: list[object] = [float(i) for i in range(200)]
+    values[7] = (1, 2)  # a tuple: pickled, so the one-call path falls back
+    for vals in (values[:7] + values[8:], values):
+        frames = [f for v in vals for f in encode_value(v)]
+        call_frames = encode_call("tests.graph_tasks:structure", None, (ParentRange(0, len(vals)),), {}, refs=True)
+        packed = unpack_task(pack_task(len(call_frames), [1] * len(vals), [], [*call_frames, *frames]))
+        assert packed is not None
+        got = decode_call(packed[0], packed[1].values(lambda *a: None))
+        assert got.args[0] == vals
+    # Some parents of a range finished here before the SUBMIT left: they are inlined, the rest renumbered.
+    futures = [JobFuture(f"j{i}", None) for i in range(3)]
+    deps = Deps("m:f", None, [ParentRange(0, 3)], {"k": ParentRef(2)}, futures, [], frozenset())
+    deps._inline({1: "one"})
+    assert deps.args == [[ParentRef(0), "one", ParentRef(1)]] and deps.kwargs == {"k": ParentRef(1)}
+    assert [f.job_id for f in deps.parents] == ["j0", "j2"]

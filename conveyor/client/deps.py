@@ -25,7 +25,7 @@ from conveyor.client.future import JobFuture
 from conveyor.errors import DependencyCancelled, DependencyFailed, JobCancelled, JobExpired
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
-from conveyor.protocol.payload import ParentRef, encode_call
+from conveyor.protocol.payload import ParentRange, ParentRef, encode_call
 from conveyor.task import Failed
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 DEP_OPTIONS = ("after", "allow_failure")  # options of a view that are edges, not TaskOptions
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+RANGE_MIN = 16  # a list of at least this many futures goes as one reference (ParentRange)
 
 
 class JobRef(JobFuture):
@@ -134,8 +135,26 @@ def find(
             parents.append(job)
         return ParentRef(i)
 
-    new_args = _map_futures(list(args), swap)
-    new_kwargs = _map_futures(kwargs, swap)
+    def swap_list(items: list[Any]) -> Any:
+        """A list of nothing but new, distinct, pending futures: one reference to all their results."""
+        if len(items) < RANGE_MIN:
+            return None
+        jobs: list[JobFuture] = []
+        seen: set[str] = set()
+        for x in items:
+            job = as_job(x)
+            if job is None or job.job_id in index or job.job_id in seen or (job.done() and not isinstance(job, JobRef)):
+                return None
+            seen.add(job.job_id)
+            jobs.append(job)
+        start = len(parents)
+        for job in jobs:
+            index[job.job_id] = len(parents)
+            parents.append(job)
+        return ParentRange(start, len(parents))
+
+    new_args = _map_futures(list(args), swap, swap_list)
+    new_kwargs = _map_futures(kwargs, swap, swap_list)
     after_jobs: list[JobFuture] = []
     after_ids: set[str] = set()
     for a in after:
@@ -206,16 +225,17 @@ def as_job(obj: Any) -> JobFuture | None:
     return None
 
 
-def _map_futures(obj: Any, swap: Any) -> Any:
+def _map_futures(obj: Any, swap: Any, swap_list: Any) -> Any:
     t = type(obj)
     if t in _SCALARS:
         return obj
     if t is list:
-        return [_map_futures(x, swap) for x in obj]
+        whole = swap_list(obj)
+        return whole if whole is not None else [_map_futures(x, swap, swap_list) for x in obj]
     if t is tuple:
-        return tuple(_map_futures(x, swap) for x in obj)
+        return tuple(_map_futures(x, swap, swap_list) for x in obj)
     if t is dict:
-        return {k: _map_futures(v, swap) for k, v in obj.items()}
+        return {k: _map_futures(v, swap, swap_list) for k, v in obj.items()}
     job = as_job(obj)
     return obj if job is None else swap(job)
 
@@ -228,6 +248,8 @@ def _map_refs(obj: Any, swap: Any) -> Any:
         return tuple(_map_refs(x, swap) for x in obj)
     if t is dict:
         return {k: _map_refs(v, swap) for k, v in obj.items()}
+    if t is ParentRange:  # some of them are inlined now: one reference each
+        return [swap(ParentRef(i)) for i in range(obj.start, obj.stop)]
     return swap(obj) if t is ParentRef else obj
 
 

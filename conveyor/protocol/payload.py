@@ -18,11 +18,13 @@ A *call* is encoded as frames:
 
 A call may refer to the results of other jobs (its *parents*, docs/workflows.md): where the client
 had a JobFuture, the value holds `ParentRef(i)`, the i-th parent of the SUBMIT entry (msgpack:
-ExtType 2 = parent index; pickle: a persistent id). The worker decodes the call with the parents'
+ExtType 2 = parent index; pickle: a persistent id), and where it had a list of nothing but futures
+of parents i..j-1, `ParentRange(i, j)`: the list of their values (ExtType 3, one reference for a
+fan-in over 100,000). The worker decodes the call with the parents'
 values (`decode_call(frames, parents)`), so the task receives them in place; only ids crossed the
-client's link. On the worker, a task with parents travels as one header frame (b"P" + msgpack
-[n_call_frames, [[job_id, state, n_frames, error], ...]]) then its call frames then each parent's result
-frames (`pack_task`, `unpack_task`).
+client's link. On the worker, a task with parents travels as one header frame, b"P" + msgpack
+[n_call_frames, [n_frames per parent], [[index, job_id, state, error] per parent that did not
+succeed]], then its call frames, then each parent's result frames (`pack_task`, `unpack_task`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ CODEC_PICKLE = ord("p")
 OOB_THRESHOLD = 64 * 1024
 _EXT_FRAME = 1
 _EXT_PARENT = 2
+_EXT_PARENTS = 3
 _PARENT_PID = "conveyor.parent"  # pickle persistent ids of parent references: (this, index)
+_PARENTS_PID = "conveyor.parents"  # ...and of ranges: (this, start, stop)
 TASK_WITH_PARENTS = ord("P")  # first byte of a worker task's header frame (a call header is a msgpack array)
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
@@ -73,12 +77,32 @@ class ParentRef:
         return hash((ParentRef, self.index))
 
 
+class ParentRange:
+    """Where a call has the list of the results of parents start..stop-1 (a list of futures, a fan-in)."""
+
+    __slots__ = ("start", "stop")
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __repr__(self) -> str:
+        return f"ParentRange({self.start}, {self.stop})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is ParentRange and (other.start, other.stop) == (self.start, self.stop)
+
+    def __hash__(self) -> int:
+        return hash((ParentRange, self.start, self.stop))
+
+
 class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """Pickles ParentRef as a persistent id, so the worker's unpickler puts the parent's value there."""
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is ParentRef:
             return (_PARENT_PID, obj.index)
+        if type(obj) is ParentRange:
+            return (_PARENTS_PID, obj.start, obj.stop)
         return None
 
 
@@ -98,6 +122,8 @@ def _plain(obj: Any, buffers: list[Any]) -> Any:
         return obj
     if t is ParentRef:
         return msgpack.ExtType(_EXT_PARENT, obj.index.to_bytes(4, "little"))
+    if t is ParentRange:
+        return msgpack.ExtType(_EXT_PARENTS, obj.start.to_bytes(4, "little") + obj.stop.to_bytes(4, "little"))
     if t is list:
         return [_plain(x, buffers) for x in obj]
     if t is dict:
@@ -136,9 +162,31 @@ class _ParentUnpickler(pickle.Unpickler):
         self._parents = parents
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is tuple and len(pid) == 2 and pid[0] == _PARENT_PID and 0 <= pid[1] < len(self._parents):
+        n = len(self._parents)
+        if type(pid) is tuple and len(pid) == 2 and pid[0] == _PARENT_PID and 0 <= pid[1] < n:
             return self._parents[pid[1]]
+        if type(pid) is tuple and len(pid) == 3 and pid[0] == _PARENTS_PID and 0 <= pid[1] <= pid[2] <= n:
+            return self._parents[pid[1] : pid[2]]
         raise pickle.UnpicklingError(f"a reference to parent {pid!r}, which this task does not have")
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    if code == _EXT_FRAME:
+        raise ProtocolError("frame reference out of range")
+    raise ProtocolError(f"unknown msgpack extension {code}")
+
+
+def decode_single(frame: Any) -> Any:
+    """decode_value([frame]), faster for a value of one frame (a parent's result, most often)."""
+    head = memoryview(frame)
+    if head.nbytes and head[0] == CODEC_MSGPACK:
+        try:
+            return msgpack.unpackb(head[1:], raw=False, ext_hook=_no_ext, strict_map_key=False)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"bad msgpack value: {type(exc).__name__}") from None
+    return decode_value([frame])
 
 
 def decode_value(frames: Frames, parents: list[Any] | None = None) -> Any:
@@ -151,8 +199,20 @@ def decode_value(frames: Frames, parents: list[Any] | None = None) -> Any:
     codec, body = head[0], head[1:]
     rest = frames[1:]
     if codec == CODEC_MSGPACK:
+        if not rest and parents is None:  # the usual value: no frames to refer to (no closure to build)
+            try:
+                return msgpack.unpackb(body, raw=False, ext_hook=_no_ext, strict_map_key=False)
+            except ProtocolError:
+                raise
+            except Exception as exc:
+                raise ProtocolError(f"bad msgpack value: {type(exc).__name__}") from None
 
         def ext_hook(code: int, data: bytes) -> Any:
+            if code == _EXT_PARENTS and parents is not None and len(data) == 8:
+                start, stop = int.from_bytes(data[:4], "little"), int.from_bytes(data[4:], "little")
+                if not 0 <= start <= stop <= len(parents):
+                    raise ProtocolError("parent reference out of range")
+                return parents[start:stop]
             index = int.from_bytes(data, "little")
             if code == _EXT_PARENT and parents is not None:
                 if not 0 <= index < len(parents):
@@ -327,31 +387,80 @@ def decode_call(frames: Frames, parents: list[Any] | None = None) -> Call:
 
 
 def pack_task(
-    n_call_frames: int, parents: list[tuple[str, str, int, dict[str, Any] | None]], frames: Frames
+    n_call_frames: int, n_frames: list[int], others: list[tuple[int, str, str, dict[str, Any] | None]], frames: Frames
 ) -> Frames:
-    """A task's frames with its parents' results: a header frame, the call's frames, each parent's frames."""
-    header = bytes((TASK_WITH_PARENTS,)) + msgpack.packb([n_call_frames, [list(p) for p in parents]],
-                                                         use_bin_type=True)
-    return [header, *frames]
+    """A task's frames with its parents' results: a header frame, the call's frames, each parent's frames.
+
+    `n_frames` counts each parent's result frames; `others` are the parents that did not succeed, as
+    (index, job id, state, error record). Arrays of plain ints pack fast: a fan-in has 100,000 parents."""
+    header = msgpack.packb([n_call_frames, n_frames, [list(o) for o in others]], use_bin_type=True)
+    return [bytes((TASK_WITH_PARENTS,)) + header, *frames]
 
 
-ParentOutcome = tuple[str, str, dict[str, Any] | None, Frames]  # job id, state, error record, result frames
+class PackedParents:
+    """The parents' results of a packed task, read lazily: `values(decode_failed)` builds them in order."""
+
+    __slots__ = ("frames", "n_frames", "others", "start")
+
+    def __init__(self, frames: Frames, start: int, n_frames: list[int], others: dict[int, tuple[str, str, Any]]):
+        self.frames, self.start, self.n_frames, self.others = frames, start, n_frames, others
+
+    def values(self, failed: Callable[[str, str, dict[str, Any] | None, Frames], Any]) -> list[Any]:
+        """Each parent's value: its decoded result, or failed(job_id, state, error, frames) for the others.
+
+        One pass without a tuple or list per parent: with 100,000 parents, allocating those made the
+        garbage collector the main cost."""
+        frames, others, pos = self.frames, self.others, self.start
+        if not others:
+            fast = _msgpack_singles(frames, pos, self.n_frames)
+            if fast is not None:
+                return fast
+        out: list[Any] = []
+        append = out.append
+        for i, n in enumerate(self.n_frames):
+            if others and i in others:
+                job_id, state, error = others[i]
+                append(failed(job_id, state, error, list(frames[pos : pos + n])))
+            elif n == 1:
+                append(decode_single(frames[pos]))
+            else:
+                append(decode_value(frames[pos : pos + n]))
+            pos += n
+        return out
 
 
-def unpack_task(frames: Frames) -> tuple[Frames, list[ParentOutcome]] | None:
-    """(call frames, [(job id, state, error, result frames)] per parent) of a packed task; None for a plain call."""
-    if not frames or not len(frames[0]) or memoryview(frames[0])[0] != TASK_WITH_PARENTS:
+_ARRAY32 = 0xDD
+
+
+def _msgpack_singles(frames: Frames, start: int, n_frames: list[int]) -> list[Any] | None:
+    """The values, if each is one msgpack frame (most results), decoded in one call; else None (then
+    each is decoded on its own). The codec byte b"m" is itself msgpack (the integer 109), so the frames
+    joined are one msgpack array [109, value, 109, value, ...] once given its header."""
+    n = len(n_frames)
+    if n < 64 or len(frames) - start != n:  # few parents, or one has several frames
+        return None
+    blob = b"".join([bytes((_ARRAY32,)) + (2 * n).to_bytes(4, "big"), *frames[start:]])
+    try:
+        value = msgpack.unpackb(blob, raw=False, ext_hook=_no_ext, strict_map_key=False)
+    except Exception:
+        return None  # a pickled one, or a bad one: decoded one by one (the error names the right one)
+    if type(value) is not list or len(value) != 2 * n or value[0::2].count(CODEC_MSGPACK) != n:
+        return None
+    return value[1::2]
+
+
+def unpack_task(frames: Frames) -> tuple[Frames, PackedParents] | None:
+    """(call frames, the parents' results) of a packed task; None for a plain call."""
+    head = memoryview(frames[0]) if frames else memoryview(b"")
+    if not head.nbytes or head[0] != TASK_WITH_PARENTS:
         return None
     try:
-        n_call, parents = msgpack.unpackb(bytes(memoryview(frames[0])[1:]), raw=False)
-        pos = 1 + int(n_call)
-        out: list[ParentOutcome] = []
-        for job_id, state, n, error in parents:
-            out.append((str(job_id), str(state), error if isinstance(error, dict) else None,
-                        list(frames[pos : pos + n])))
-            pos += n
+        n_call, n_frames, raw_others = msgpack.unpackb(bytes(head[1:]), raw=False)
+        n_call = int(n_call)
+        others = {int(i): (str(j), str(st), e if isinstance(e, dict) else None) for i, j, st, e in raw_others}
+        total = 1 + n_call + sum(n_frames)
     except Exception:
         raise ProtocolError("bad task header") from None
-    if pos != len(frames):
+    if total != len(frames) or any(type(n) is not int or n < 0 for n in n_frames):
         raise ProtocolError("a task's frame counts do not add up")
-    return list(frames[1 : 1 + int(n_call)]), out
+    return list(frames[1 : 1 + n_call]), PackedParents(frames, 1 + n_call, n_frames, others)

@@ -76,7 +76,7 @@ def load(task: Task) -> Call | Outcome:
         packed = unpack_task(task.frames)
         if packed is None:
             return decode_call(task.frames)
-        return decode_call(packed[0], [_parent_value(*p) for p in packed[1]])
+        return decode_call(packed[0], packed[1].values(_parent_value))
     except FunctionNotFound as exc:
         out = failure(task, exc, perr.NOT_FOUND)
         out.info["traceback"] = ""
@@ -88,8 +88,8 @@ def load(task: Task) -> Call | Outcome:
 
 
 def _parent_value(job_id: str, state: str, error: dict[str, Any] | None, frames: list[Any]) -> Any:
-    """What the call receives for one parent: its result, or (allow_failure) Failed(its error)."""
-    if state == "succeeded":
+    """What the call receives for a parent that did not succeed (allow_failure): Failed(its error)."""
+    if state == "succeeded":  # not sent as one of these; decoded all the same
         return decode_value(frames)
     if state == "unknown":  # only after a dispatcher restart that lost it: nothing to pass
         raise RuntimeError(f"a parent's result is gone: {(error or {}).get('message', '')}")

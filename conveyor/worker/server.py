@@ -368,8 +368,9 @@ class Worker:
             tasks = []
             for e, frames in zip(entries, per_entry, strict=True):
                 if e.parents:  # one header frame says which frames are whose (execution.load reads it)
-                    parents = [(p.job_id, p.state, p.n_frames, p.error) for p in e.parents]
-                    frames = pack_task(e.n_frames, parents, frames)
+                    ps = e.parents
+                    others = [(i, p.job_id, p.state, p.error) for i, p in enumerate(ps) if p.state != "succeeded"]
+                    frames = pack_task(e.n_frames, [p.n_frames for p in e.parents], others, frames)
                 tasks.append(Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames))
             return Assigned(tasks, b.ack)
         if cmd == Cmd.CANCEL:
