@@ -158,6 +158,29 @@ def test_a_large_result_its_dependants_use_is_withheld_from_its_client() -> None
     assert d.withhold == frozenset({"big"})  # "small" has no dependant: sent as usual
 
 
+def test_a_withheld_result_stays_for_its_client_after_its_dependants_ran() -> None:
+    """Acknowledging a JOB_DONE sent without the result is not a delivery: once its dependants have run,
+    the job stays (until the result TTL) so that its client can still ask for it (WATCH)."""
+    s = make()
+    ready(s, b"w", concurrency=2)
+    add(s, "big")
+    add(s, "use", parents=("big",))
+    run(s)
+    succeed(s, "big", result=b"x" * 200_000)
+    [d] = [a for a in s.take_actions() if isinstance(a, Deliver)]
+    s.acked(CLIENT, d.seq)
+    run(s, 1.0)
+    succeed(s, "use", now=2.0)
+    [d2] = [a for a in s.take_actions() if isinstance(a, Deliver)]
+    s.acked(CLIENT, d2.seq)
+    assert "use" not in s.jobs and "big" in s.jobs  # the dependant is forgotten; the withheld one stays
+    s.watch(CLIENT, ["big"])
+    [d3] = [a for a in s.take_actions() if isinstance(a, Deliver)]
+    assert [j.id for j in d3.jobs] == ["big"] and not d3.withhold  # now with its result
+    s.acked(CLIENT, d3.seq)
+    assert "big" not in s.jobs
+
+
 def test_expiry_of_a_parent_cancels_the_dependants() -> None:
     s = make()
     s.submit("p", TaskOptions(fn="t:p"), list(FRAMES), CLIENT, 0.0, expires=5.0)

@@ -39,7 +39,7 @@ import msgspec
 import zmq
 
 from conveyor.client.deps import Batching, Deps
-from conveyor.client.future import JobFuture
+from conveyor.client.future import WITHHELD, JobFuture
 from conveyor.errors import AccessDenied, DispatcherUnavailable, VersionMismatch
 from conveyor.protocol import Cmd, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
@@ -642,13 +642,27 @@ class Connection:
         self._done_seq = max(self._done_seq, done.seq)
         entries = done.jobs
         per_entry = split_frames([e.n_frames for e in entries], frames)
-        withheld = [e.job_id for e in entries if e.withheld]
-        if withheld:  # a large result its dependants use, sent without it: asked for (before the ACK below)
-            self._commands.append((Cmd.WATCH, {"ids": withheld}))
+        if any(e.withheld for e in entries):  # a large result its dependants use, sent without it
+            self._on_withheld([e for e in entries if e.withheld])
             entries_data = [(e, d) for e, d in zip(entries, per_entry, strict=True) if not e.withheld]
             self._resolve_many([(e.job_id, e.state, e.info, d) for e, d in entries_data])
             return
         self._resolve_many([(e.job_id, e.state, e.info, data) for e, data in zip(entries, per_entry, strict=True)])
+
+    def _on_withheld(self, entries: list[c.JobDoneEntry]) -> None:
+        """Jobs done whose result stayed in the dispatcher (it keeps them until its result TTL): their
+        futures are done, and fetch the result when result() is called; watchers (result by id) ask
+        for it now."""
+        with self._lock:
+            rewatch = {e.job_id for e in entries if e.job_id in self._watchers}
+            lazy = [e for e in entries if e.job_id not in rewatch]
+            found: list[tuple[JobFuture | None, list[Future[Any]] | None]] = [
+                (self._pending.pop(e.job_id, None), None) for e in lazy
+            ]
+            self._space.notify(len(lazy))
+        if rewatch:  # the WATCH answer (with the result) settles their future too
+            self._commands.append((Cmd.WATCH, {"ids": sorted(rewatch)}))
+        self._settling.append(([(e.job_id, e.state, e.info, WITHHELD) for e in lazy], found))
 
     def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:
         self._resolve_many([(job_id, state, info, data)])
@@ -721,8 +735,10 @@ def outcome_error(info: dict[str, Any], data: list[Any]) -> BaseException:
     return perr.rebuild_exception(info.get("error") or {}, data)
 
 
-def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:
-    if state == "succeeded":
+def _settle(future: Future[Any], state: str, info: dict[str, Any], data: Any) -> None:
+    if data is WITHHELD:
+        future.set_result(WITHHELD)  # JobFuture.result() fetches it
+    elif state == "succeeded":
         try:
             future.set_result(decode_value(data))
         except Exception as exc:  # e.g. the result's class is not importable here

@@ -75,7 +75,8 @@ class Deps:
         maybe = [p for p in (*self.parents, *self.after) if p._connection is conn and p.job_id not in conn._pending]
         if maybe:
             conn._settle_outcomes()  # outcomes taken off _pending this turn reach their futures now
-            arrived = [p for p in maybe if p.done()]  # (not done: a batch of another thread, not sent yet)
+            # Not done: a batch of another thread, not sent yet. Withheld: the dispatcher keeps it (result TTL).
+            arrived = [p for p in maybe if p.done() and not p.withheld]
             index = {p.job_id: i for i, p in enumerate(self.parents)}
             values: dict[int, Any] = {}
             for p in arrived:
@@ -124,7 +125,7 @@ def find(
     allowed = _allowed(allow)
 
     def swap(job: JobFuture) -> Any:
-        if job.done() and not isinstance(job, JobRef):  # its outcome is here: passed by value
+        if job.done() and not isinstance(job, JobRef) and not job.withheld:  # its outcome is here: by value
             value = _value(job, allowed is True or job.job_id in allowed)
             if _is_blocked(value):
                 blocked.append(value.record)
@@ -143,7 +144,9 @@ def find(
         seen: set[str] = set()
         for x in items:
             job = as_job(x)
-            if job is None or job.job_id in index or job.job_id in seen or (job.done() and not isinstance(job, JobRef)):
+            if job is None or job.job_id in index or job.job_id in seen or (
+                job.done() and not isinstance(job, JobRef) and not job.withheld
+            ):
                 return None
             seen.add(job.job_id)
             jobs.append(job)
@@ -161,7 +164,7 @@ def find(
         job = as_job(a) or (ref(a) if isinstance(a, str) else None)
         if job is None:
             raise TypeError(f"after= takes futures of jobs (or job ids), not {a!r}")
-        if job.done() and not isinstance(job, JobRef):
+        if job.done() and not isinstance(job, JobRef) and not job.withheld:
             value = _value(job, allowed is True or job.job_id in allowed)
             if _is_blocked(value):
                 blocked.append(value.record)

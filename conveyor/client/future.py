@@ -71,6 +71,16 @@ class _FutureCondition(threading.Condition):
         self._waiters = ()
 
 
+class _Withheld:
+    """The result of a job whose JOB_DONE came without it (a large result its dependants use)."""
+
+    def __repr__(self) -> str:
+        return "WITHHELD"
+
+
+WITHHELD = _Withheld()  # fetched from the dispatcher (WATCH) when result() is first called
+
+
 # Future.__init__'s fields, set directly below (with the lighter condition); if a Python version has
 # other fields, JobFuture falls back to Future.__init__ with the standard condition.
 _PENDING_STATE = Future()._state
@@ -119,6 +129,33 @@ class JobFuture(Future[Any]):
         if submitter is None:
             raise RuntimeError(f"{self.job_id} has no client to chain with: use client.submit(fn, future)")
         return submitter.submit(fn, self, *args, **kwargs)
+
+    @property
+    def withheld(self) -> bool:
+        """Done, and its result still in the dispatcher: result() fetches it (docs/workflows.md)."""
+        return self._result is WITHHELD
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        if value is WITHHELD:
+            return self._fetch(timeout)
+        return value
+
+    def _fetch(self, timeout: float | None) -> Any:
+        """The withheld result, asked for now (a round trip; not from the client's I/O thread)."""
+        connection = self._connection
+        if connection is None or connection.on_io_thread():
+            raise RuntimeError(f"the result of {self.job_id} is in the dispatcher: call result() from another thread")
+        from conveyor.protocol import failures as perr
+        from conveyor.protocol.payload import decode_value
+
+        record, data = connection.watch(self.job_id).result(timeout)
+        if record.get("state") != "succeeded":
+            raise perr.rebuild_exception(record.get("error") or {}, data)
+        value = decode_value(data)
+        with self._condition:
+            self._result = value
+        return value
 
     def cancel(self) -> bool:
         """Cancel the job if it has not started (no worker was assigned it); False if it has, or is done.
