@@ -24,6 +24,9 @@ it grows (submit) and shrinks (drain) within one run.
 Writes benchmarks/results/scale-<UTC timestamp>.json (with the machine's description) and, with
 matplotlib (`pip install '.[demo]'`), docs/scaling.png (`--plot PATH`, `--no-plot`).
 Every process started here is stopped at the end, also on Ctrl-C or an error.
+
+Over 500 lines on purpose: a benchmark script read top to bottom (simulated workers, the run, the
+sweeps, the plot); splitting it would scatter one experiment over files.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from conveyor.client import deps
 from conveyor.client.connection import Connection
 from conveyor.client.future import JobFuture
 from conveyor.client.local import LocalCluster
-from conveyor.client.mapping import SLOTS_REFRESH_S, Call, MapRun, slots_for
+from conveyor.client.mapping import SLOTS_REFRESH_S, Args, MapRun, slots_for
 from conveyor.protocol import Cmd
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
@@ -261,7 +261,7 @@ class ClientBase:
     ) -> tuple[str, MapRun]:
         self._open_conn()
         name, blob = encode_function(fn)
-        args: Iterator[Call] = ((tuple(a), {}) for a in calls)
+        args: Iterator[Args] = (tuple(a) for a in calls)
         run = MapRun(lambda frames: self._submit_frames(name, frames), name, blob, args, chunksize, window,
                      self._ask_slots)
         return name, run

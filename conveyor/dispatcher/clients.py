@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from typing import Any
 
 from conveyor.dispatcher.durability import Durability
@@ -130,7 +130,7 @@ class ClientSide:
         scheduler = self.scheduler
         durability = self.durability
         checked: list[tuple[c.SubmitEntry, list[Any], _Checked]] = []
-        earlier: set[str] = set()  # a set, not a list built per entry: a batch of 100,000 was quadratic
+        earlier: set[str] = set()  # ids checked so far: a dependant may name a parent earlier in its batch
         new_data = 0
         for e, data in zip(entries, per_entry, strict=True):
             try:
@@ -318,7 +318,7 @@ class _Checker:
         self._last: _Checked | None = None
         self._last_dependant = False
 
-    def check(self, e: c.SubmitEntry, data: list[Any], earlier: Container[str]) -> _Checked:
+    def check(self, e: c.SubmitEntry, data: list[Any], earlier: set[str]) -> _Checked:
         """ValueError with the reason this entry cannot be accepted (its parents may be earlier entries)."""
         if not data:
             raise ValueError("a task needs its call frames")
@@ -353,7 +353,7 @@ def _deps(e: c.SubmitEntry) -> bytes | None:
 
 
 def _nbytes(frames: list[Any]) -> int:
-    return sum(len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames)
+    return sum(map(len, frames))  # bytes or zmq.Frame: len is the size in bytes
 
 
 def _unknown_job(job_id: str) -> dict[str, str]:

@@ -11,6 +11,8 @@ Liveness is judged on evidence only: a worker is lost when nothing came from it 
 window *before the last moment the socket was found empty*, so a slow turn (a burst, a big query)
 never expires workers whose heartbeats wait unread; after a turn that hit the read cap, nobody is
 expired at all. The journal's commits run on their own thread, so a slow disk cannot stall the loop.
+
+A little over 500 lines: the loop, its liveness judgement and the worker handlers read best together.
 """
 
 from __future__ import annotations

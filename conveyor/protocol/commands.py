@@ -14,6 +14,8 @@ more trailing fields than a reader knows and a map more keys; both are ignored.
 Only what peers send the dispatcher is typed tightly (bounded strings, lists and integers, no free
 nesting): any bytes a peer sends must fail here, cheaply, or come out as values the dispatcher can
 keep and re-encode. Replies to clients carry nested status maps, typed loosely.
+
+Over ~500 lines on purpose: it is the one catalogue of message bodies, read by looking a command up.
 """
 
 from __future__ import annotations
