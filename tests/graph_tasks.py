@@ -72,3 +72,9 @@ def wait_file(path: str, value: Any = None, timeout_s: float = 60.0) -> Any:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.02)
     return value
+
+
+def combine(seed: int, *inputs: int) -> int:
+    """A node of a random test graph: a value from its seed and its parents' values (after a short wait)."""
+    time.sleep(0.005)
+    return (seed * 7919 + sum(inputs) * 31) % 1_000_003
