@@ -48,6 +48,9 @@ def test_futures_as_arguments_fan_in_chain_nesting_then_and_after(client: convey
     assert nested.result(10) == [[[5, (5, {"k": 5})]], {"key": {"v": [5]}}]
     chain = client.submit(g.slow, 0.1, 1).then(g.add, 10).then(g.inc)  # fn(result, *args)
     assert chain.result(10) == 12
+    tagged = client.options(keep=True, priority=3).submit(g.inc, 1).then(g.inc)  # as its parent was submitted
+    assert tagged.result(10) == 3
+    assert (client.job_info(tagged.job_id)[0] or {}).get("priority") == 3
     log = tmp_path / "order"
     first = client.submit(g.mark, str(log), "first")
     then_second = client.options(after=[client.submit(g.slow, 0.3, None), first]).submit(g.mark, str(log), "second")

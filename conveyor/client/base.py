@@ -245,7 +245,10 @@ class ClientBase:
             if len(self._task_opts) >= 1024:
                 self._task_opts.clear()
             opts = self._task_opts[name] = c.raw_options(c.options(**self._options, fn=name))
-        return conn.submit(conn.new_job_id(), opts, frames, dep)
+        future = conn.submit(conn.new_job_id(), opts, frames, dep)
+        if not self._owner:  # a view: then() submits with its options too
+            future._submitter = self
+        return future
 
     def _submit_call(self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobFuture:
         name, blob = encode_function(fn)

@@ -119,13 +119,14 @@ class JobFuture(Future[Any]):
     # Set only on the futures that need them (most jobs have no parents and are in no batch).
     _deps: Any = None  # its parents (deps.Deps), until it is resolved
     _batch = ""  # the id of the batch (one SUBMIT, all or none) it belongs to
+    _submitter: Any = None  # the view of a client (options(...)) that submitted it, if not the client itself
 
     def then(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """Run fn(this job's result, *args, **kwargs) once this job has succeeded: a new job, its future.
 
-        It is submitted by the client that submitted this one, with that client's default options."""
-        connection = self._connection
-        submitter = getattr(connection, "submitter", None)
+        It is submitted as this one was: by the same client, or view of it (`options(...)`), so with the
+        same options (priority, mode, tags...)."""
+        submitter = self._submitter or getattr(self._connection, "submitter", None)
         if submitter is None:
             raise RuntimeError(f"{self.job_id} has no client to chain with: use client.submit(fn, future)")
         return submitter.submit(fn, self, *args, **kwargs)
