@@ -223,3 +223,14 @@ def test_a_100_mb_parent_feeds_its_dependant_without_passing_through_the_client(
     assert out["length"] == 100 << 20 and out["withheld"] and out["fetched"] == 100 << 20
     assert out["peak_growth_kib"] < 10 * 1024, out  # well under the 100 MB: it never came here
     assert out["peak_growth_after_fetch_kib"] > 100 * 1024, out  # the check can fail: fetching shows
+
+
+def test_a_dependants_countdown_counts_from_when_its_parents_are_done(client: conveyor.Client) -> None:
+    keep = client.options(keep=True)
+    parent = keep.submit(g.slow, 0.5, 1)
+    child = keep.options(countdown=0.3).submit(g.inc, parent)  # due 0.3 s after the parent ends, not after now
+    assert child.result(10) == 2
+    parent_view, child_view = client.job_info(parent.job_id, child.job_id)
+    assert parent_view is not None and child_view is not None
+    gap_s = child_view["history"][0]["started"] - parent_view["history"][-1]["finished"]
+    assert gap_s >= 0.25, gap_s  # counted from submission it would have been due before the parent ended
