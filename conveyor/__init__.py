@@ -29,9 +29,9 @@ from conveyor.errors import (
 from conveyor.task import Failed, progress  # inside a task: progress(fraction, message); Failed (allow_failure)
 
 if TYPE_CHECKING:
-    from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster, ref
+    from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster, current_client, ref
 
-_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "Executor", "JobFuture", "LocalCluster", "ref"})
+_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "Executor", "JobFuture", "LocalCluster", "current_client", "ref"})
 
 
 def __getattr__(name: str) -> Any:
@@ -68,6 +68,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerLost",
     "__version__",
+    "current_client",
     "progress",
     "ref",
 ]

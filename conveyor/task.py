@@ -18,6 +18,16 @@ class Reporter(Protocol):
     def progress(self, fraction: float | None, message: str | None) -> None: ...
 
 
+# Where a worker's tasks reach its dispatcher as clients (conveyor.current_client()): set by the worker
+# for itself and its children; not set on a worker with keys (its keys are a worker's, not a client's).
+TASK_DISPATCHER_ENV = "CONVEYOR_TASK_DISPATCHER"
+
+
+def in_task() -> bool:
+    """True in code a worker runs as a task (any mode)."""
+    return current.get() is not None or process_reporter is not None
+
+
 # The task this thread or asyncio task runs (threads and asyncio modes)...
 current: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("conveyor_task", default=None)
 # ...or, in a processes-mode child, the reporter of the one task the child runs at a time.

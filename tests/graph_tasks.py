@@ -78,3 +78,10 @@ def combine(seed: int, *inputs: int) -> int:
     """A node of a random test graph: a value from its seed and its parents' values (after a short wait)."""
     time.sleep(0.005)
     return (seed * 7919 + sum(inputs) * 31) % 1_000_003
+
+
+def with_child(x: int) -> int:
+    """A task that submits a child through the worker's client and waits for it."""
+    import conveyor
+
+    return conveyor.current_client().submit(inc, x).result(timeout=30) + 100

@@ -234,3 +234,12 @@ def test_a_dependants_countdown_counts_from_when_its_parents_are_done(client: co
     assert parent_view is not None and child_view is not None
     gap_s = child_view["history"][0]["started"] - parent_view["history"][-1]["finished"]
     assert gap_s >= 0.25, gap_s  # counted from submission it would have been due before the parent ended
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_a_task_submits_a_child_through_current_client(cluster: Cluster, mode: str) -> None:
+    cluster.wait_for_workers(cluster.start_worker(mode, concurrency=2, name="w"))  # a slot for the child
+    client = cluster.clients[0]
+    assert client.submit(g.with_child, 1).result(30) == 102
+    with pytest.raises(RuntimeError, match="running as a task"):
+        conveyor.current_client()  # not in a task

@@ -15,12 +15,13 @@ local cluster.
 
 from conveyor.client.aio import AsyncClient, AsyncJobFuture
 from conveyor.client.base import ClientState
-from conveyor.client.deps import JobRef, ref
+from conveyor.client.deps import JobRef, current_client, ref
 from conveyor.client.executor import Executor
 from conveyor.client.future import JobFuture
 from conveyor.client.local import LocalCluster
 from conveyor.client.sync import Client
 
 __all__ = [
-    "AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "JobRef", "LocalCluster", "ref",
+    "AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "JobRef", "LocalCluster",
+    "current_client", "ref",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
@@ -364,3 +365,31 @@ def batch(conn: Connection) -> Iterator[Batch]:
         raise
     local.batch = None
     conn.submit_batch(b.futures)
+
+
+# --- children of a task -------------------------------------------------------------------------------
+
+_current: tuple[int, Any] | None = None  # (pid, Client): one per process, made on first use
+_current_lock = threading.Lock()
+
+
+def current_client() -> Any:
+    """Inside a task: a Client of the dispatcher this worker serves, to submit children and wait for
+    them (`conveyor.current_client().submit(f, x).result()`), one per worker process.
+
+    A task that waits for a child keeps its slot while it waits: give the worker slots to spare (a
+    one-slot worker waiting on its own child waits forever). Not on a worker with keys: its keys are a
+    worker's, and a client needs a client's."""
+    global _current
+    from conveyor import task
+    from conveyor.client.sync import Client
+
+    if not task.in_task():
+        raise RuntimeError("conveyor.current_client() is for code running as a task on a worker")
+    address = os.environ.get(task.TASK_DISPATCHER_ENV)
+    if not address:
+        raise RuntimeError("this worker gives its tasks no client (a worker with keys does not)")
+    with _current_lock:
+        if _current is None or _current[0] != os.getpid() or _current[1].address != address:
+            _current = (os.getpid(), Client(address))
+        return _current[1]

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import zmq
 import zmq.asyncio
 
+from conveyor import task as task_api
 from conveyor.errors import DispatcherRefused
 from conveyor.protocol import Cmd, Message, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
@@ -123,6 +124,8 @@ class Worker:
         if liveness_beats < 1:
             raise ValueError("liveness must be at least 1 heartbeat")
         self.connect_address = connect
+        if keys is None:  # tasks may submit children (conveyor.current_client()); inherited by its children
+            os.environ[task_api.TASK_DISPATCHER_ENV] = connect
         self.mode_name = mode
         self.concurrency = concurrency
         # Jobs held beyond the slots: tiny tasks then never wait a dispatcher round trip, at the price of
