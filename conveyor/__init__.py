@@ -26,7 +26,7 @@ from conveyor.errors import (
     WorkerCrashed,
     WorkerLost,
 )
-from conveyor.task import Failed, progress  # inside a task: progress(fraction, message); Failed (allow_failure)
+from conveyor.task import Failed, current_job, progress  # inside a task: progress(...), current_job(); Failed
 
 if TYPE_CHECKING:
     from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster, current_client, ref
@@ -69,6 +69,7 @@ __all__ = [
     "WorkerLost",
     "__version__",
     "current_client",
+    "current_job",
     "progress",
     "ref",
 ]

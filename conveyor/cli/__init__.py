@@ -5,10 +5,12 @@ traceback. This module only assembles the app; each command lives in its own mod
 
     run.py      dispatcher, worker, up
     jobs.py     submit, result, status, cancel
+    limits.py   limits (rate and concurrency keys)
     observe.py  map, logs, jobs, top (and the status view)
     graph.py    graph (the jobs connected by dependencies)
     keys.py     keys init|add-worker|add-client|list|revoke
     cluster.py  cluster up|status|down
+    schedule.py schedule add|list|show|preview|pause|resume|trigger|backfill|delete
     demo.py     demo
 """
 
@@ -27,6 +29,8 @@ from conveyor.cli import demo, graph, jobs, observe, run
 from conveyor.cli.cluster import app as cluster_app
 from conveyor.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, new_app
 from conveyor.cli.keys import app as keys_app
+from conveyor.cli.limits import limits_command
+from conveyor.cli.schedule import app as schedule_app
 from conveyor.errors import ConveyorError
 
 app = new_app("conveyor", "Conveyor: a distributed task runner for Python on ZeroMQ.")
@@ -43,8 +47,10 @@ app.command("logs")(observe.logs_command)
 app.command("jobs")(observe.jobs_command)
 app.command("top")(observe.top_command)
 app.command("graph")(graph.graph_command)
+app.command("limits")(limits_command)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(keys_app, name="keys")
+app.add_typer(schedule_app, name="schedule")
 app.command()(demo.demo)
 
 

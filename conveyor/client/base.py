@@ -40,6 +40,7 @@ OPTION_NAMES = (
 # The dispatcher parses rates fully (conveyor/dispatcher/limits.py); the client only refuses malformed ones early.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-/{}]{1,200}$")  # as the dispatcher's (conveyor/dispatcher/limits.py)
 _RATE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*/\s*\d*\s*[smhd]\s*(,\s*burst\s*=\s*[1-9]\d*\s*)?$", re.IGNORECASE)
+_TEN_YEARS_S = 10.0 * 365 * 86400
 REQUEST_TIMEOUT_S = 10.0  # default wait for the dispatcher's answer to status, job_info, jobs, logs, cancel
 
 
@@ -82,6 +83,8 @@ def _wait_option(key: str, value: Any) -> dict[str, Any]:
     if key == "priority":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"priority must be an integer (higher runs first), not {value!r}")
+        if not -(2**31) <= value <= 2**31:  # the protocol's range (TaskOptions)
+            raise ValueError(f"priority must be within ±2**31, not {value!r}")
         return {"priority": value}
     if key == "countdown":
         return {"countdown": _seconds("countdown", value, allow_zero=True), "eta": None}
@@ -95,6 +98,10 @@ def _wait_option(key: str, value: Any) -> dict[str, Any]:
         keys = [value] if isinstance(value, str) else list(value)
         if not all(isinstance(k, str) and k for k in keys):
             raise ValueError(f"limits must be a list of limit key names, not {value!r}")
+        bad = next((k for k in keys if not _KEY_RE.match(k)), None)
+        if bad is not None or len(keys) > 16:
+            raise ValueError(f"bad limit key {bad!r}: letters, digits and _ . : - / {{ }}, at most 200" if bad
+                             else f"at most 16 limit keys per task, not {len(keys)}")
         return {"limits": keys}
     if not isinstance(value, str) or not _RATE_RE.match(value):
         raise ValueError(f"bad rate_limit {value!r}: use e.g. '10/s', '100/m' or '5/10s,burst=3'")
@@ -108,6 +115,8 @@ def _seconds(name: str, value: Any, *, allow_zero: bool) -> float:
         raise ValueError(f"{name} must be a number of seconds, not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'more than zero'} seconds, not {value!r}")
+    if value > _TEN_YEARS_S:  # the protocol's range (TaskOptions)
+        raise ValueError(f"{name} must be at most ten years, not {value!r} seconds")
     return float(value)
 
 

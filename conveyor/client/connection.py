@@ -100,10 +100,11 @@ class Connection:
         self._accept_waiters = 0
         self._woken = False
         self._submits: deque[JobFuture] = deque()  # submitted, not sent yet
-        self._commands: deque[tuple[Cmd, Any]] = deque()
+        self._commands: deque[tuple[Cmd, Any, Sequence[Any]]] = deque()  # (cmd, body, data frames)
         self._pending: dict[str, JobFuture] = {}  # until JOB_DONE (or a rejection) resolves them
         self._watchers: dict[str, list[Future[Any]]] = {}
-        self._requests: dict[int, tuple[Cmd, dict[str, Any], Future[Any]]] = {}  # unanswered, by req
+        # Unanswered requests, by req: (cmd, body, future, data frames).
+        self._requests: dict[int, tuple[Cmd, dict[str, Any], Future[Any], Sequence[Any]]] = {}
         self._instance: str | None = None
         self._done_seq = 0  # the highest JOB_DONE number received (acknowledged with ACK)
         self._acked_seq = 0
@@ -235,19 +236,21 @@ class Connection:
         with self._lock:
             self._raise_if_broken()
             self._watchers.setdefault(job_id, []).append(future)
-            self._commands.append((Cmd.WATCH, {"ids": [job_id]}))
+            self._commands.append((Cmd.WATCH, {"ids": [job_id]}, ()))
             self._wake_locked()
         return future
 
-    def start_request(self, cmd: Cmd, body: dict[str, Any]) -> tuple[int, Future[Any]]:
-        """Send a request; its reply (a plain map) will be the future's result. end_request(req) when done."""
+    def start_request(self, cmd: Cmd, body: dict[str, Any], frames: Sequence[Any] = ()) -> tuple[int, Future[Any]]:
+        """Send a request (with data frames, e.g. a schedule's call); its reply (a plain map) will be the
+        future's result. end_request(req) when done."""
         future: Future[Any] = Future()
         req = next(self._ids)
         body = {**body, "req": req}
+        frames = tuple(frames)
         with self._lock:
             self._raise_if_broken()
-            self._requests[req] = (cmd, body, future)
-            self._commands.append((cmd, body))
+            self._requests[req] = (cmd, body, future, frames)
+            self._commands.append((cmd, body, frames))
             self._wake_locked()
         return req, future
 
@@ -255,8 +258,8 @@ class Connection:
         with self._lock:
             self._requests.pop(req, None)
 
-    def request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float) -> Any:
-        req, future = self.start_request(cmd, body)
+    def request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float, frames: Sequence[Any] = ()) -> Any:
+        req, future = self.start_request(cmd, body, frames)
         try:
             return future.result(timeout_s)
         except TimeoutError:
@@ -272,7 +275,7 @@ class Connection:
         with self._lock:
             if self._closing or self._fatal is not None:
                 return False
-            self._commands.append((cmd, body))
+            self._commands.append((cmd, body, ()))
             self._wake_locked()
             return True
 
@@ -474,7 +477,7 @@ class Connection:
         with self._lock:
             self._woken = False
 
-    def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
+    def _send(self, cmd: Cmd, body: Any, frames: Sequence[Any] | None = None) -> None:
         sock = self._sock
         if sock is None:
             raise RuntimeError(f"the client of {self.address} is closed")
@@ -489,8 +492,8 @@ class Connection:
             for future in batch:
                 future._sent = True
         self._send_submit(batch)  # submissions first: a command may name a job submitted just before it
-        for cmd, body in commands:
-            self._send(cmd, body)
+        for cmd, body, data in commands:
+            self._send(cmd, body, data)
 
     def _send_submit(self, jobs: Iterable[JobFuture]) -> None:
         """SUBMIT messages for these jobs, of at most SUBMIT_BATCH entries and about SUBMIT_BATCH_BYTES each."""
@@ -622,7 +625,7 @@ class Connection:
             for job in jobs:
                 job._sent = True
             watched = list(self._watchers)
-            requests = [(cmd, body) for cmd, body, _ in self._requests.values()] if self._resend_requests else []
+            requests = [(e[0], e[1], e[3]) for e in self._requests.values()] if self._resend_requests else []
             self._resend_requests = False
         self._busy = []
         self.resyncs += 1
@@ -633,8 +636,8 @@ class Connection:
             self._send(Cmd.CANCEL_JOBS, {"ids": cancelled, "req": None})
         if watched:
             self._send(Cmd.WATCH, {"ids": watched})
-        for cmd, body in requests:
-            self._send(cmd, body)
+        for cmd, body, data in requests:
+            self._send(cmd, body, data)
 
     def _on_done(self, done: c.JobDone, frames: list[Any]) -> None:
         if done.seq > self._done_seq + 1:
@@ -661,7 +664,7 @@ class Connection:
             ]
             self._space.notify(len(lazy))
         if rewatch:  # the WATCH answer (with the result) settles their future too
-            self._commands.append((Cmd.WATCH, {"ids": sorted(rewatch)}))
+            self._commands.append((Cmd.WATCH, {"ids": sorted(rewatch)}, ()))
         self._settling.append(([(e.job_id, e.state, e.info, WITHHELD) for e in lazy], found))
 
     def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:

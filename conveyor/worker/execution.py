@@ -13,7 +13,7 @@ from conveyor.protocol import ProtocolError
 from conveyor.protocol import failures as perr
 from conveyor.protocol.limits import oversized
 from conveyor.protocol.payload import Call, decode_call, decode_value, encode_value, unpack_task
-from conveyor.task import Failed
+from conveyor.task import Failed, running
 
 Key: TypeAlias = tuple[str, int]  # (job id, attempt): a job can come back to the same worker under a newer attempt
 
@@ -98,6 +98,14 @@ def _parent_value(job_id: str, state: str, error: dict[str, Any] | None, frames:
 
 def run_sync(task: Task) -> Outcome:
     """Run a task to completion in the calling thread (threads mode, process children)."""
+    token = running.set((task.job_id, task.attempt))  # conveyor.current_job()
+    try:
+        return _run_sync(task)
+    finally:
+        running.reset(token)
+
+
+def _run_sync(task: Task) -> Outcome:
     call = load(task)
     if isinstance(call, Outcome):
         return call
@@ -127,8 +135,17 @@ async def run_async(task: Task) -> Outcome:
     """Run a task on the current event loop (asyncio mode).
 
     Coroutine functions are awaited here, so thousands can wait at once on one thread. A plain
-    function would block every other task on the loop, so it runs in the loop's default thread pool.
+    function would block every other task on the loop, so it runs in the loop's default thread pool
+    (asyncio.to_thread copies the context: current_job() works there too).
     """
+    token = running.set((task.job_id, task.attempt))  # this asyncio task's own context
+    try:
+        return await _run_async(task)
+    finally:
+        running.reset(token)
+
+
+async def _run_async(task: Task) -> Outcome:
     call = load(task)
     if isinstance(call, Outcome):
         return call

@@ -173,7 +173,9 @@
     k.slots.foot.textContent = total ? `${Math.round((100 * busy) / total)}% in use` : "no slots";
     k.slots.fill.style.width = total ? `${(100 * busy) / total}%` : "0";
     k.queued.value.textContent = fmtCompact(snap.queued);
-    k.queued.foot.textContent = snap.delayed ? `${fmtInt(snap.delayed)} waiting to retry` : `${fmtInt(snap.queues_total)} queue(s)`;
+    const waits = [[snap.scheduled, "scheduled"], [snap.limited, "limited"], [snap.delayed, "waiting to retry"]]
+      .filter(([n]) => n).map(([n, what]) => `${fmtInt(n)} ${what}`);  // work that waits in the dispatcher
+    k.queued.foot.textContent = waits.length ? waits.join(" · ") : `${fmtInt(snap.queues_total)} queue(s)`;
     k.running.value.textContent = fmtCompact(snap.running);
     k.running.foot.textContent = `${fmtInt(snap.running_jobs.length)} reporting progress`;
     k.rate.value.replaceChildren(fmtRate(snap.throughput.last_10s), h("small", { text: " /s" }));
@@ -181,7 +183,7 @@
     k.ok.value.textContent = fmtCompact(t.succeeded);
     k.ok.foot.textContent = `${fmtCompact(t.submitted)} submitted · ${fmtCompact(t.retried)} retried`;
     k.bad.value.textContent = fmtCompact(t.failed);
-    k.bad.foot.textContent = `${fmtCompact(t.cancelled)} cancelled`;
+    k.bad.foot.textContent = `${fmtCompact(t.cancelled)} cancelled` + (t.expired ? ` · ${fmtCompact(t.expired)} expired` : "");
     k.bad.card.classList.toggle("alert", (t.failed || 0) > 0);
     k.lost.value.textContent = fmtInt(snap.heartbeat_misses);
     k.lost.foot.textContent = "workers declared lost";
