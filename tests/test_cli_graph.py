@@ -39,6 +39,6 @@ def test_failures_and_bad_parents_are_one_line(cluster: Cluster) -> None:
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
     assert f"DependencyFailed: job {root} (tests.graph_tasks:fail) failed: ValueError: no good" in failed.stderr
     unknown = run_cli("submit", "tests.graph_tasks:inc", "1", "--after", "no-such-job", address=addr)
-    assert "no-such-job" in assert_one_error_line(unknown, 1)
+    assert "no-such-job" in assert_one_error_line(unknown, 2)  # bad input: an unknown parent (JobRejected)
     missing = run_cli("graph", "no-such-job", address=addr)
     assert "no job no-such-job" in assert_one_error_line(missing, 1)
