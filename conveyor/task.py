@@ -1,5 +1,6 @@
-"""What a running task can use from Conveyor: `conveyor.progress(fraction, message)` and
-`conveyor.current_job()`.
+"""What a running task can use from Conveyor: `conveyor.progress(fraction, message)`,
+`conveyor.current_job()`, and `conveyor.Failed`, what it receives for a parent that did not succeed
+where its edge allows that (`allow_failure`).
 
 This module is all a task imports, and it loads no worker code: the worker plugs in where reports go
 (conveyor/worker/capture.py sets the current task's reporter), so `import conveyor` in a client stays
@@ -18,6 +19,16 @@ class Reporter(Protocol):
     """Where the current task's reports go (the worker's side)."""
 
     def progress(self, fraction: float | None, message: str | None) -> None: ...
+
+
+# Where a worker's tasks reach its dispatcher as clients (conveyor.current_client()): set by the worker
+# for itself and its children; not set on a worker with keys (its keys are a worker's, not a client's).
+TASK_DISPATCHER_ENV = "CONVEYOR_TASK_DISPATCHER"
+
+
+def in_task() -> bool:
+    """True in code a worker runs as a task (any mode)."""
+    return running.get() is not None or current.get() is not None or process_reporter is not None
 
 
 # The task this thread or asyncio task runs (threads and asyncio modes)...
@@ -73,3 +84,22 @@ def progress(fraction: float | None = None, message: str | None = None) -> None:
     reporter = current.get() or process_reporter
     if reporter is not None:
         reporter.progress(fraction, message)
+
+
+class Failed:
+    """A parent's failure, passed to a dependant in place of its result where the edge allows it
+    (`options(allow_failure=[fut])`). `error` is the parent's exception as its own future raises it,
+    `job_id` the parent's id and `state` how it ended (failed, cancelled or expired)."""
+
+    __slots__ = ("error", "job_id", "state")
+
+    def __init__(self, error: BaseException, job_id: str = "", state: str = "failed"):
+        self.error = error
+        self.job_id = job_id
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"Failed({type(self.error).__name__}: {self.error}, job_id={self.job_id!r}, state={self.state!r})"
+
+    def __bool__(self) -> bool:
+        return False  # `if value:` tells a failed parent from a result (most results are truthy)

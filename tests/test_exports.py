@@ -13,6 +13,7 @@ PUBLIC = {
     "FunctionNotFound", "JobCancelled", "JobError", "JobFuture", "JournalFull", "LocalCluster", "ProtocolError",
     "ProtocolVersionError", "RemoteError", "TaskTimeout", "VersionMismatch", "WorkerCrashed", "WorkerLost",
     "__version__", "current_job", "progress",
+    "DependencyCancelled", "DependencyFailed", "Failed", "UnknownDependency", "current_client", "ref",
 }
 
 

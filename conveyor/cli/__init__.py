@@ -7,6 +7,7 @@ traceback. This module only assembles the app; each command lives in its own mod
     jobs.py     submit, result, status, cancel
     limits.py   limits (rate and concurrency keys)
     observe.py  map, logs, jobs, top (and the status view)
+    graph.py    graph (the jobs connected by dependencies)
     keys.py     keys init|add-worker|add-client|list|revoke
     cluster.py  cluster up|status|down
     schedule.py schedule add|list|show|preview|pause|resume|trigger|backfill|delete
@@ -24,7 +25,7 @@ try:  # typer >= 0.29 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from conveyor.cli import demo, jobs, observe, run
+from conveyor.cli import demo, graph, jobs, observe, run
 from conveyor.cli.cluster import app as cluster_app
 from conveyor.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, new_app
 from conveyor.cli.keys import app as keys_app
@@ -45,6 +46,7 @@ app.command("map")(observe.map_command)
 app.command("logs")(observe.logs_command)
 app.command("jobs")(observe.jobs_command)
 app.command("top")(observe.top_command)
+app.command("graph")(graph.graph_command)
 app.command("limits")(limits_command)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(keys_app, name="keys")

@@ -76,6 +76,10 @@ def submit(
     rate_limit: Annotated[
         str | None, typer.Option("--rate-limit", help="Starts of this function at most: 10/s, 100/m, 5/10s,burst=3.")
     ] = None,
+    after: Annotated[list[str] | None, typer.Option("--after", help="Run only after this job (repeatable).")] = None,
+    arg_from: Annotated[
+        list[str] | None, typer.Option("--arg-from", help="Pass this job's result as the next argument (repeatable).")
+    ] = None,
     dispatcher: DispatcherOpt = None,
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
@@ -110,6 +114,12 @@ def submit(
             mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True,
             **waits,
         )
+        if after or arg_from:  # dependencies (docs/workflows.md): by id, the dispatcher checks them
+            from conveyor.client import ref
+
+            results: list[Any] = [ref(j) for j in arg_from or []]  # each the next positional argument
+            call_args = [*call_args, *results]
+            job = job.options(after=[ref(j) for j in after or []])
         fut = job.submit(target, *call_args, **call_kwargs)
         if not wait:
             fut.add_done_callback(lambda _: None)

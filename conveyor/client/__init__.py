@@ -7,6 +7,7 @@ local cluster.
     base.py        what both clients share: options, encoding, the connection's lifecycle (ClientState)
     mapping.py     map's jobs in flight and its automatic chunk sizes
     future.py      JobFuture, the future of one job
+    deps.py        futures as arguments (parents), after, allow_failure, batches; ref(job_id)
     connection.py  the DEALER socket and its I/O thread
     local.py       LocalCluster: a dispatcher and workers as child processes
     progress.py    progress bars on the terminal
@@ -14,9 +15,13 @@ local cluster.
 
 from conveyor.client.aio import AsyncClient, AsyncJobFuture
 from conveyor.client.base import ClientState
+from conveyor.client.deps import JobRef, current_client, ref
 from conveyor.client.executor import Executor
 from conveyor.client.future import JobFuture
 from conveyor.client.local import LocalCluster
 from conveyor.client.sync import Client
 
-__all__ = ["AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "LocalCluster"]
+__all__ = [
+    "AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "JobRef", "LocalCluster",
+    "current_client", "ref",
+]

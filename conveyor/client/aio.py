@@ -53,6 +53,10 @@ class AsyncJobFuture(asyncio.Future[Any]):
     def info(self) -> dict[str, Any]:
         return self.job.info
 
+    def then(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> AsyncJobFuture:
+        """Run fn(this job's result, *args, **kwargs) once it has succeeded: a new job (JobFuture.then)."""
+        return self.job.then(fn, *args, **kwargs)  # type: ignore[no-any-return]
+
 
 class AsyncClient(ClientBase):
     """The Client's API for asyncio programs: `await c.submit(fn, x)` gives the result."""
@@ -370,8 +374,23 @@ def _copy_outcome(job: JobFuture, future: asyncio.Future[Any]) -> None:
     exc = job.exception()
     if exc is not None:
         future.set_exception(exc)
+    elif job.withheld:  # its result is in the dispatcher: fetched in a thread (result() waits for it)
+        fetch = asyncio.get_running_loop().run_in_executor(None, job.result)
+        fetch.add_done_callback(lambda f: _copy_fetched(f, future))
     else:
         future.set_result(job.result())
+
+
+def _copy_fetched(fetch: asyncio.Future[Any], future: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    exc = None if fetch.cancelled() else fetch.exception()
+    if fetch.cancelled():
+        future.cancel()
+    elif exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(fetch.result())
 
 
 async def _done(job: JobFuture, timeout_s: float | None) -> None:

@@ -38,7 +38,8 @@ from typing import Any, cast
 import msgspec
 import zmq
 
-from conveyor.client.future import JobFuture
+from conveyor.client.deps import Batching, Deps
+from conveyor.client.future import WITHHELD, JobFuture
 from conveyor.errors import AccessDenied, DispatcherUnavailable, VersionMismatch
 from conveyor.protocol import Cmd, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
@@ -122,6 +123,8 @@ class Connection:
         # so that a submission to an idle connection can be sent from the calling thread (see submit).
         self._sock: zmq.Socket[Any] | None = None
         self._sock_lock = threading.Lock()
+        self.batching = Batching()  # the batch each thread fills, if any (deps.batch)
+        self.submitter: Any = None  # the client that owns this connection (JobFuture.then submits through it)
         self.welcome: Future[dict[str, Any]] = Future()  # WELCOME (or a first HEARTBEAT) arrived
         self.closed: Future[None] = Future()  # the I/O thread has ended and released everything
         self._thread = threading.Thread(target=self._run, name="conveyor-client-io", daemon=True)
@@ -156,9 +159,16 @@ class Connection:
     def no_answer(self, timeout_s: float) -> DispatcherUnavailable:
         return DispatcherUnavailable(f"no Conveyor dispatcher answered at {self.address} within {timeout_s:g} s")
 
-    def submit(self, job_id: str, opts: msgspec.Raw, frames: Sequence[Any]) -> JobFuture:
+    def submit(self, job_id: str, opts: msgspec.Raw, frames: Sequence[Any], deps: Deps | None = None) -> JobFuture:
         # A tuple of bytes, unlike a list, drops out of the garbage collector's sight at its first pass.
         future = JobFuture(job_id, self, opts, tuple(frames))
+        batch = self.batching.batch
+        if deps is not None:
+            future._deps = deps
+        if batch is not None:  # sent with the rest of its batch when the block ends (submit_batch)
+            future._batch = batch.id
+            batch.futures.append(future)
+            return future
         with self._lock:
             while len(self._pending) >= self.max_pending and self._fatal is None and not self._closing:
                 self._space.wait(1.0)
@@ -166,7 +176,8 @@ class Connection:
             self._pending[job_id] = future
             # The only job in flight (one call at a time): send it from this thread, saving the hop
             # to the I/O thread. Otherwise queue it, so that a burst still goes out in batches.
-            if self._submits or len(self._pending) > 1:
+            # A job with parents goes from the I/O thread: its entry is built there, just before it leaves.
+            if self._submits or len(self._pending) > 1 or deps is not None:
                 self._submits.append(future)
                 if not self._woken:
                     self._wake_locked()
@@ -178,6 +189,15 @@ class Connection:
                 if not self._woken:
                     self._wake_locked()
         return future
+
+    def submit_batch(self, futures: list[JobFuture]) -> None:
+        """Send these jobs in one SUBMIT (their entries share a batch id: accepted all or none)."""
+        with self._lock:
+            self._raise_if_broken()
+            for future in futures:
+                self._pending[future.job_id] = future
+            self._submits.extend(futures)
+            self._wake_locked()
 
     def _send_now(self, future: JobFuture) -> bool:
         """Send one submission from the calling thread if the I/O thread is waiting in poll."""
@@ -484,11 +504,23 @@ class Connection:
             data = future._frames
             if data is None:  # resolved meanwhile, or cancelled before it left
                 continue
+            entry = None
+            if future._deps is not None:
+                entry = future._deps.entry(self, future)
+                if type(entry) is dict:  # a parent whose outcome arrived meanwhile ended badly
+                    self._resolve(future.job_id, "failed", {"error": entry}, [])
+                    continue
+                data = future._frames or ()
             n_bytes = sum(map(len, data))
-            if entries and (len(entries) >= SUBMIT_BATCH or size + n_bytes > SUBMIT_BATCH_BYTES):
+            # The entries of a batch go in one message whatever its size: the dispatcher accepts all or none.
+            if entries and (len(entries) >= SUBMIT_BATCH or size + n_bytes > SUBMIT_BATCH_BYTES) and (
+                not future._batch or future._batch != entries[-1].batch
+            ):
                 self._send(Cmd.SUBMIT, entries, frames)
                 entries, frames, size = [], [], 0
-            entries.append(c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data)))
+            if entry is None:
+                entry = c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data), batch=future._batch)
+            entries.append(entry)
             frames.extend(data)
             size += n_bytes
         if entries:
@@ -613,7 +645,27 @@ class Connection:
         self._done_seq = max(self._done_seq, done.seq)
         entries = done.jobs
         per_entry = split_frames([e.n_frames for e in entries], frames)
+        if any(e.withheld for e in entries):  # a large result its dependants use, sent without it
+            self._on_withheld([e for e in entries if e.withheld])
+            entries_data = [(e, d) for e, d in zip(entries, per_entry, strict=True) if not e.withheld]
+            self._resolve_many([(e.job_id, e.state, e.info, d) for e, d in entries_data])
+            return
         self._resolve_many([(e.job_id, e.state, e.info, data) for e, data in zip(entries, per_entry, strict=True)])
+
+    def _on_withheld(self, entries: list[c.JobDoneEntry]) -> None:
+        """Jobs done whose result stayed in the dispatcher (it keeps them until its result TTL): their
+        futures are done, and fetch the result when result() is called; watchers (result by id) ask
+        for it now."""
+        with self._lock:
+            rewatch = {e.job_id for e in entries if e.job_id in self._watchers}
+            lazy = [e for e in entries if e.job_id not in rewatch]
+            found: list[tuple[JobFuture | None, list[Future[Any]] | None]] = [
+                (self._pending.pop(e.job_id, None), None) for e in lazy
+            ]
+            self._space.notify(len(lazy))
+        if rewatch:  # the WATCH answer (with the result) settles their future too
+            self._commands.append((Cmd.WATCH, {"ids": sorted(rewatch)}, ()))
+        self._settling.append(([(e.job_id, e.state, e.info, WITHHELD) for e in lazy], found))
 
     def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:
         self._resolve_many([(job_id, state, info, data)])
@@ -686,8 +738,10 @@ def outcome_error(info: dict[str, Any], data: list[Any]) -> BaseException:
     return perr.rebuild_exception(info.get("error") or {}, data)
 
 
-def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:
-    if state == "succeeded":
+def _settle(future: Future[Any], state: str, info: dict[str, Any], data: Any) -> None:
+    if data is WITHHELD:
+        future.set_result(WITHHELD)  # JobFuture.result() fetches it
+    elif state == "succeeded":
         try:
             future.set_result(decode_value(data))
         except Exception as exc:  # e.g. the result's class is not importable here

@@ -217,11 +217,12 @@ class Scheduler:
     def _link(self, job: Job, node: Node, now: float) -> bool:
         """Attach a new job to its parents; True if it waits for them (or ended: a parent ended badly)."""
         blocked: Job | None = None
+        uses_result = frozenset(node.parents)  # not the tuple: a fan-in over 100,000 was quadratic
         for parent_id in node.all_parents:
             parent = self.jobs.get(parent_id)
             if parent is None:
                 continue  # restoring: it finished and was forgotten, so it succeeded
-            if parent_id in node.parents:
+            if parent_id in uses_result:
                 if parent.node is None:
                     parent.node = Node()
                 parent.node.pins += 1  # its result stays until this job has run

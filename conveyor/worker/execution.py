@@ -12,8 +12,8 @@ from conveyor.errors import FunctionNotFound
 from conveyor.protocol import ProtocolError
 from conveyor.protocol import failures as perr
 from conveyor.protocol.limits import oversized
-from conveyor.protocol.payload import Call, decode_call, encode_value
-from conveyor.task import running
+from conveyor.protocol.payload import Call, decode_call, decode_value, encode_value, unpack_task
+from conveyor.task import Failed, running
 
 Key: TypeAlias = tuple[str, int]  # (job id, attempt): a job can come back to the same worker under a newer attempt
 
@@ -73,7 +73,10 @@ def success(task: Task, value: Any, started: float) -> Outcome:
 def load(task: Task) -> Call | Outcome:
     """Decode the task's call, or the outcome explaining why it cannot run."""
     try:
-        return decode_call(task.frames)
+        packed = unpack_task(task.frames)
+        if packed is None:
+            return decode_call(task.frames)
+        return decode_call(packed[0], packed[1].values(_parent_value))
     except FunctionNotFound as exc:
         out = failure(task, exc, perr.NOT_FOUND)
         out.info["traceback"] = ""
@@ -82,6 +85,15 @@ def load(task: Task) -> Call | Outcome:
         return failure(task, exc)
     except Exception as exc:  # unpickling a function or arguments raised (missing module, ...)
         return failure(task, exc)
+
+
+def _parent_value(job_id: str, state: str, error: dict[str, Any] | None, frames: list[Any]) -> Any:
+    """What the call receives for a parent that did not succeed (allow_failure): Failed(its error)."""
+    if state == "succeeded":  # not sent as one of these; decoded all the same
+        return decode_value(frames)
+    if state == "unknown":  # only after a dispatcher restart that lost it: nothing to pass
+        raise RuntimeError(f"a parent's result is gone: {(error or {}).get('message', '')}")
+    return Failed(perr.rebuild_exception(error or {}, frames), job_id, state)
 
 
 def run_sync(task: Task) -> Outcome:

@@ -619,7 +619,7 @@
       .then((job) => {
         if (state.drawerId !== id) return;
         showJob(job);
-        if (job.state === "running" || job.state === "queued") state.drawerTimer = setTimeout(() => loadJob(id), 1000);
+        if (["running", "queued", "waiting"].includes(job.state)) state.drawerTimer = setTimeout(() => loadJob(id), 1000);
       })
       .catch((err) => {
         if (state.drawerId !== id) return;
@@ -659,6 +659,8 @@
     } else if (typeof job.error === "string" && job.error) {
       body.push(h("div", { class: "errbox" }, h("span", { class: "etype", text: job.error })));
     }
+    const graph = graphSection(job);
+    if (graph) body.push(graph);
     if (job.history && job.history.length) {
       body.push(h("div", {}, h("div", { class: "section-title", text: "Attempts" }),
         h("table", { class: "table" },
@@ -685,6 +687,29 @@
     }
     body.push(section);
     $("#job-body").replaceChildren(...body);
+  }
+
+  // A job's place in a graph (docs/workflows.md): its parents, its dependants, the root it blames.
+  function graphSection(job) {
+    const err = typeof job.error === "object" && job.error ? job.error : {};
+    const root = job.root || err.root;
+    const parents = job.parents || [];
+    const children = job.children || [];
+    if (!parents.length && !children.length && !root) return null;
+    const links = (ids) => h("div", { class: "v" }, ids.length ? ids.slice(0, 50).map((id) =>
+      h("button", { class: "job", text: shortId(id), title: id, dataset: { job: id }, onclick: () => openJob(id) }))
+      : "–", ids.length > 50 ? ` and ${ids.length - 50} more` : "");
+    const facts = [
+      h("div", { class: "fact graph-parents" }, h("div", { class: "k", text: "Parents" }), links(parents)),
+      h("div", { class: "fact graph-children" }, h("div", { class: "k", text: "Dependants" }), links(children)),
+    ];
+    if (job.state === "waiting" && job.waiting_for) facts.push(fact("Waiting for", `${job.waiting_for} parent(s)`));
+    if (root) {
+      facts.push(h("div", { class: "fact graph-root" }, h("div", { class: "k", text: "Blamed on" }), h("div", { class: "v" },
+        h("button", { class: "job", text: shortId(root), title: root, dataset: { job: root }, onclick: () => openJob(root) }),
+        err.root_fn ? ` (${err.root_fn})` : "")));
+    }
+    return h("div", {}, h("div", { class: "section-title", text: "Graph" }), h("div", { class: "facts" }, facts));
   }
 
   function jobDuration(job) {
