@@ -9,7 +9,9 @@ light. Outside a task every function here does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -19,6 +21,14 @@ class Reporter(Protocol):
     """Where the current task's reports go (the worker's side)."""
 
     def progress(self, fraction: float | None, message: str | None) -> None: ...
+
+
+class Lender(Protocol):
+    """A mode that lends a task's slot while the task waits for a child (conveyor.current_client())."""
+
+    def lend(self, job: tuple[str, int]) -> None: ...
+
+    def back(self, job: tuple[str, int]) -> None: ...
 
 
 # Where a worker's tasks reach its dispatcher as clients (conveyor.current_client()): set by the worker
@@ -38,6 +48,23 @@ process_reporter: Reporter | None = None
 # (job id, attempt) of the job this thread, asyncio task or child runs: set by the worker around each
 # call (conveyor/worker/execution.py), in every mode; parsed only when current_job() asks.
 running: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("conveyor_job", default=None)
+# The mode that runs this thread's task, if it can lend the task's slot while it waits (threads mode).
+lender: contextvars.ContextVar[Lender | None] = contextvars.ContextVar("conveyor_lender", default=None)
+
+
+@contextlib.contextmanager
+def slot_lent() -> Iterator[None]:
+    """Around a task's blocking wait for a child: its worker may start one more task meanwhile (Ray's
+    rule), so a one-slot worker whose task waits on its own child does not deadlock. Elsewhere: nothing."""
+    mode, job = lender.get(), running.get()
+    if mode is None or job is None:
+        yield
+        return
+    mode.lend(job)
+    try:
+        yield
+    finally:
+        mode.back(job)
 
 
 @dataclass(frozen=True, slots=True)

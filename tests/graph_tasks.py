@@ -85,3 +85,18 @@ def with_child(x: int) -> int:
     import conveyor
 
     return conveyor.current_client().submit(inc, x).result(timeout=30) + 100
+
+
+def with_grandchild(x: int) -> int:
+    """Two levels of waiting: a child that itself waits on a child (with_child)."""
+    import conveyor
+
+    return conveyor.current_client().submit(with_child, x).result(timeout=30) + 1000
+
+
+def with_children(xs: list[int], seconds: float = 0.0) -> list[Any]:
+    """A fan-out waited on child by child: each child sleeps, then returns its x."""
+    import conveyor
+
+    client = conveyor.current_client()
+    return [f.result(timeout=30) for f in [client.submit(slow, seconds, x) for x in xs]]

@@ -50,6 +50,7 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     Cmd.PROGRESS: st.lists(st.builds(c.ProgressEntry, ids, ints, st.none() | st.floats(0.0, 1.0),
                                      st.none() | st.text(max_size=20))),
     Cmd.OUTPUT: st.lists(st.builds(c.OutputEntry, ids, ints, st.sampled_from(["stdout", "stderr", "log"]), st.text())),
+    Cmd.LENT: st.builds(c.Lent, counts),
     Cmd.ASSIGN: st.builds(c.Assign, seqs, st.lists(st.builds(
         c.AssignEntry, ids, ints, st.none() | st.floats(0.001, 1e6), st.tuples(ids) | st.just(()), counts))),
     Cmd.RESEND: st.builds(c.Resend, seqs),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,3 +244,21 @@ def test_a_task_submits_a_child_through_current_client(cluster: Cluster, mode: s
     assert client.submit(g.with_child, 1).result(30) == 102
     with pytest.raises(RuntimeError, match="running as a task"):
         conveyor.current_client()  # not in a task
+
+
+def test_a_one_slot_worker_lends_the_slot_of_a_task_waiting_on_its_child(cluster: Cluster) -> None:
+    """Ray's rule: a task blocked on its child lends its slot, so one slot runs a whole tree of waits."""
+    cluster.wait_for_workers(cluster.start_worker("threads", concurrency=1, name="one"))
+    client = cluster.clients[0]
+    assert client.submit(g.with_grandchild, 1).result(20) == 1102  # two levels of waiting on one slot
+    fan = client.submit(g.with_children, [1, 2, 3], 0.3)  # waited on child by child
+
+    def worker() -> dict[str, Any]:
+        return client.status()["workers"][0]  # type: ignore[no-any-return]
+
+    lent = wait_until(lambda: worker()["lent"] == 1 and worker(), 10, what="the slot to be lent")
+    assert lent["concurrency"] == 1 and lent["running"] == 2  # the waiting task and its child
+    assert fan.result(20) == [1, 2, 3]
+    back = wait_until(lambda: (w := worker())["running"] == 0 and w["lent"] == 0 and w, 10, what="the slot back")
+    assert back["done"] >= 7
+    assert client.submit(g.inc, 1).result(10) == 2  # and the worker takes work as before

@@ -142,6 +142,8 @@ class ClientBase:
     """Configuration and the connection; subclasses add the methods, blocking or async."""
 
     _conn: Connection | None
+    # Made by conveyor.current_client(): a task blocked on one of its futures lends its worker slot.
+    lends_slot = False
 
     def __init__(
         self,

@@ -377,9 +377,9 @@ def current_client() -> Any:
     """Inside a task: a Client of the dispatcher this worker serves, to submit children and wait for
     them (`conveyor.current_client().submit(f, x).result()`), one per worker process.
 
-    A task that waits for a child keeps its slot while it waits: give the worker slots to spare (a
-    one-slot worker waiting on its own child waits forever). Not on a worker with keys: its keys are a
-    worker's, and a client needs a client's."""
+    A task blocked in result() or exception() on one of its futures lends its slot meanwhile (threads
+    mode; docs/workflows.md), so a one-slot worker can run the child it waits for. Not on a worker with
+    keys: its keys are a worker's, and a client needs a client's."""
     global _current
     from conveyor import task
     from conveyor.client.sync import Client
@@ -391,5 +391,7 @@ def current_client() -> Any:
         raise RuntimeError("this worker gives its tasks no client (a worker with keys does not)")
     with _current_lock:
         if _current is None or _current[0] != os.getpid() or _current[1].address != address:
-            _current = (os.getpid(), Client(address))
+            client = Client(address)
+            client.lends_slot = True
+            _current = (os.getpid(), client)
         return _current[1]

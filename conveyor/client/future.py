@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from conveyor import task
 from conveyor.client import states
 
 if TYPE_CHECKING:
@@ -137,10 +138,26 @@ class JobFuture(Future[Any]):
         return self._result is WITHHELD
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state in (PENDING, RUNNING) and self._lends_slot():
+            with task.slot_lent():  # a task waiting on its child: its worker slot is lent meanwhile
+                return self._result_now(timeout)
+        return self._result_now(timeout)
+
+    def _result_now(self, timeout: float | None) -> Any:
         value = super().result(timeout)
         if value is WITHHELD:
             return self._fetch(timeout)
         return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state in (PENDING, RUNNING) and self._lends_slot():
+            with task.slot_lent():
+                return super().exception(timeout)
+        return super().exception(timeout)
+
+    def _lends_slot(self) -> bool:
+        """Submitted through conveyor.current_client(), so possibly waited on by a task of a worker."""
+        return getattr(getattr(self._connection, "submitter", None), "lends_slot", False) is True
 
     def _fetch(self, timeout: float | None) -> Any:
         """The withheld result, asked for now (a round trip; not from the client's I/O thread)."""

@@ -114,6 +114,7 @@ class WorkerInfo:
     mean_duration: float | None = None  # moving average of its tasks' run time (seconds), once known
     results_next: int = 1  # the RESULTS number it applies next: RESULTS are applied in order (§5)
     resend_asked: int = 0  # the number a RESEND last asked for (asked once per gap)
+    lent: int = 0  # slots its tasks lend while they wait on their children (LENT): that many more jobs
 
     @property
     def results_acked(self) -> int:
@@ -122,8 +123,8 @@ class WorkerInfo:
 
     @property
     def capacity(self) -> int:
-        """Most jobs the worker may hold at once: its slots plus its prefetch window."""
-        return self.concurrency + self.window
+        """Most jobs the worker may hold at once: its slots, those lent, and its prefetch window."""
+        return self.concurrency + self.lent + self.window
 
     def serves(self, key: ClassKey) -> bool:
         mode, tags = key

@@ -465,6 +465,22 @@ class Scheduler:
         w.last_seen = now
         return True
 
+    def worker_lent(self, wid: bytes, slots: int) -> None:
+        """LENT: `slots` of the worker's tasks wait on their children now; each may let one more job start
+        there (a one-slot worker can run the child its task waits for). A slot coming back takes its
+        credit back; a job started on it meanwhile runs on, and no credit returns until it ends."""
+        w = self.workers.get(wid)
+        if w is None:
+            return
+        delta, w.lent = slots - w.lent, slots
+        if w.draining:
+            return
+        w.credit = max(0, min(w.credit + delta, w.capacity - len(w.running)))
+        if w.credit:
+            self._free.setdefault(wid, None)
+        else:
+            self._free.pop(wid, None)
+
     def worker_leaving(self, wid: bytes) -> None:
         w = self.workers.get(wid)
         if w is not None:
@@ -730,6 +746,7 @@ class Scheduler:
                 "window": w.window,  # what it may hold beyond its slots right now
                 "tags": sorted(w.tags),
                 "running": len(w.running),
+                "lent": w.lent,  # slots its tasks lend while they wait on children (LENT)
                 "done": w.done,
                 "draining": w.draining,
                 "last_seen_ago": round(now - w.last_seen, 3),

@@ -125,6 +125,7 @@ class Dispatcher:
             Cmd.RESULTS: self._on_results,
             Cmd.GIVEBACK: self._on_giveback,
             Cmd.LEAVING: self._on_leaving,
+            Cmd.LENT: self._on_lent,
             Cmd.GOODBYE: self._on_goodbye,
             Cmd.PROGRESS: self.observer.on_progress,
             Cmd.OUTPUT: self.observer.on_output,
@@ -383,6 +384,10 @@ class Dispatcher:
         self.scheduler.heard_from(peer, now)
         for e in entries:
             self.scheduler.give_back(peer, e.job_id, e.attempt, now)
+
+    def _on_lent(self, peer: bytes, b: c.Lent, frames: list[Any], now: float) -> None:
+        self.scheduler.heard_from(peer, now)
+        self.scheduler.worker_lent(peer, b.slots)
 
     def _on_leaving(self, peer: bytes, b: c.Empty, frames: list[Any], now: float) -> None:
         self.scheduler.heard_from(peer, now)

@@ -158,6 +158,12 @@ class Assign(Body, frozen=True):
     tasks: list[AssignEntry]
 
 
+class Lent(Body, frozen=True):
+    """LENT: how many of the worker's slots are lent right now (tasks blocked on their children, §10.3)."""
+
+    slots: Count
+
+
 class Resend(Body, frozen=True):
     """RESEND: RESULTS from `seq` on never arrived: re-send every unacknowledged batch from there."""
 
@@ -458,6 +464,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.GOODBYE: Empty,
     Cmd.PROGRESS: Annotated[list[ProgressEntry], msgspec.Meta(max_length=MAX_BATCH)],
     Cmd.OUTPUT: Annotated[list[OutputEntry], msgspec.Meta(max_length=MAX_BATCH)],
+    Cmd.LENT: Lent,
     Cmd.ASSIGN: Assign,
     Cmd.RESEND: Resend,
     Cmd.CANCEL: Cancel,

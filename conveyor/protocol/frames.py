@@ -54,6 +54,7 @@ class Cmd(enum.IntEnum):
     GOODBYE = 0x05  # the worker is exiting now
     PROGRESS = 0x06  # batch of the latest progress reports of running tasks
     OUTPUT = 0x07  # batch of output chunks (stdout, stderr, log) of running tasks
+    LENT = 0x08  # how many of its slots tasks waiting on their children lend now: each is one more slot
     # dispatcher -> worker
     ASSIGN = 0x10  # batch of tasks, each with its data frames
     CANCEL = 0x11  # stop running a job attempt

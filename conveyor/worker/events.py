@@ -81,6 +81,20 @@ class Withdrawn:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotLent:
+    """A running task blocks waiting on a child (conveyor.current_client()): its slot is lent meanwhile."""
+
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class SlotBack:
+    """That wait is over: the task holds its slot again."""
+
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
 class StopRequested:
     """SIGTERM or SIGINT: drain; a second one moves the drain deadline to now."""
 
@@ -100,6 +114,8 @@ Event: TypeAlias = (
     | ResendRequested
     | TasksEnded
     | Withdrawn
+    | SlotLent
+    | SlotBack
     | StopRequested
     | Tick
 )

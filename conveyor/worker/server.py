@@ -55,6 +55,8 @@ from conveyor.worker.events import (
     ResendRequested,
     Send,
     SendReports,
+    SlotBack,
+    SlotLent,
     Start,
     Stop,
     StopRequested,
@@ -155,6 +157,7 @@ class Worker:
             max_child_memory_bytes=max_child_memory_mib << 20 if max_child_memory_mib else None,
         )
         self.mode: Mode = mode_type(settings, self.reports)
+        self.mode.on_lend = self._on_lend
         self.state = WorkerState(
             WorkerConfig(
                 name=self.name,
@@ -401,6 +404,10 @@ class Worker:
     def _on_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         """The mode's report callback, on this loop."""
         self._feed(TasksEnded(outcomes))
+
+    def _on_lend(self, key: tuple[str, int], lent: bool) -> None:
+        """The mode's on_lend callback, on this loop: a task blocks on a child, or its wait is over."""
+        self._feed(SlotLent(key) if lent else SlotBack(key))
 
     def _feed(self, event: Event) -> None:
         assert self._loop is not None

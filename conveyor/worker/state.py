@@ -12,6 +12,10 @@ Rules worth knowing before reading:
   take them from one queue, so they go from task to task without waiting for the loop). The tasks in
   the mode keep the order they were handed in: the first `concurrency` of them hold a slot (running, or
   about to be taken by an idle thread); the others wait in the mode's queue and can be withdrawn.
+- Lent slots. A task blocked on its own child (conveyor.current_client(), threads mode) lends its slot
+  while it waits (SlotLent, SlotBack): one more task may run meanwhile, and LENT tells the dispatcher
+  so, which then assigns one more job. When the wait ends, no task starts until the tasks in the mode
+  are within the slots again. `slots` is concurrency plus the lent ones.
 - Timeouts and cancels are decided here, for every mode alike. A task with a timeout goes to the mode
   only when a slot is free for it (the tasks behind it wait with it), so its clock starts when it can
   run. At its deadline, or on CANCEL, its outcome is decided at once and the mode is told to stop it;
@@ -60,6 +64,8 @@ from conveyor.worker.events import (
     ResendRequested,
     Send,
     SendReports,
+    SlotBack,
+    SlotLent,
     Start,
     Stop,
     StopRequested,
@@ -131,6 +137,7 @@ class WorkerState:
         self._last_progress = 0.0  # when a task last went to the mode or ended (stall detection)
         self._giveback: list[Key] | None = None  # a hand-back waiting for the mode's Withdrawn answer
         self._closed: list[Key] = []  # stopped or handed back: their reports close with the next send
+        self._lent: dict[Key, int] = {}  # tasks in the mode blocked on children: how many waits (nesting)
         self._handlers: dict[type[Any], Callable[[Any, float, list[Action]], None]] = {
             Connected: self._on_connected,
             Disconnected: self._on_disconnected,
@@ -141,6 +148,8 @@ class WorkerState:
             ResendRequested: self._on_resend,
             TasksEnded: self._on_ended,
             Withdrawn: self._on_withdrawn,
+            SlotLent: self._on_lent,
+            SlotBack: self._on_back,
             StopRequested: self._on_stop,
             Tick: self._on_tick,
         }
@@ -158,10 +167,15 @@ class WorkerState:
         return out
 
     @property
+    def slots(self) -> int:
+        """Tasks that may run at once now: concurrency, plus the slots lent by tasks waiting on children."""
+        return self.concurrency + len(self._lent)
+
+    @property
     def credit(self) -> int:
-        """What READY announces: concurrency + prefetch minus every assignment still held, outcomes not
+        """What READY announces: slots + prefetch minus every assignment still held, outcomes not
         acknowledged included (protocol §5 READY; never below 0)."""
-        return max(0, self.concurrency + self.config.prefetch - len(self.running()))
+        return max(0, self.slots + self.config.prefetch - len(self.running()))
 
     def running(self) -> list[Key]:
         """READY's `running`: held, or ended with an outcome not acknowledged; a job's newest attempt last."""
@@ -202,22 +216,23 @@ class WorkerState:
     def _register(self, out: list[Action]) -> None:
         """READY, then every unacknowledged RESULTS in order (the dispatcher applies them from results_seq)."""
         cfg = self.config
-        running = self.running()
         body = c.Ready(
             name=cfg.name,
             host=cfg.host,
             pid=cfg.pid,
             mode=cfg.mode,
             concurrency=cfg.concurrency,
-            credit=max(0, cfg.concurrency + cfg.prefetch - len(running)),
+            credit=self.credit,
             prefetch=cfg.prefetch,
             prefetch_auto=cfg.prefetch_auto,
             tags=list(cfg.tags),
             session=self.session,
-            running=[c.AttemptRef(job_id, attempt) for job_id, attempt in running],
+            running=[c.AttemptRef(job_id, attempt) for job_id, attempt in self.running()],
             results_seq=self.next_seq(),
         )
         out.append(Send(Cmd.READY, body))
+        if self._lent:
+            out.append(Send(Cmd.LENT, c.Lent(len(self._lent))))
         self._resend(0, out)
 
     def _resend(self, seq: int, out: list[Action]) -> None:
@@ -267,7 +282,7 @@ class WorkerState:
             held[task.key] = task
             self._waiting.append(task)
         self._fill(now, out)
-        if len(held) > self.concurrency and self.config.prefetch_auto and self._stall_at is None:
+        if len(held) > self.slots and self.config.prefetch_auto and self._stall_at is None:
             self._stall_at = now + STALL_AFTER
         self._settle(now, out)
 
@@ -277,7 +292,7 @@ class WorkerState:
         if not waiting or self.finished or (self._drain_at is not None and now >= self._drain_at):
             return  # (at the drain deadline nothing starts: what waits is handed back)
         in_mode = self.in_mode
-        room = self._mode_room - len(in_mode)
+        room = self._mode_room + len(self._lent) - len(in_mode)
         held = self.held
         batch: list[Task] = []
         while room > 0 and waiting:
@@ -287,7 +302,7 @@ class WorkerState:
                 waiting.popleft()  # cancelled or handed back while it waited
                 continue
             if task.timeout is not None:
-                if len(in_mode) >= self.concurrency:
+                if len(in_mode) >= self.slots:
                     break  # its clock starts when it can run: only once a slot is free for it
                 deadline = now + task.timeout
                 self._deadlines[key] = deadline
@@ -312,6 +327,8 @@ class WorkerState:
             del held[key]
             if self._deadlines:
                 self._deadlines.pop(key, None)
+            if self._lent:
+                self._unlend(key, out)
             self._outbox.append(fit_outcome(o, limit))  # a frame over ZMQ_MAXMSGSIZE would cut us off
             ended += 1
         if ended:
@@ -332,6 +349,7 @@ class WorkerState:
         """Decide a held task's outcome here (timeout, cancel): stop it in the mode if it got there."""
         if self.in_mode.pop(task.key, None) is not None:
             self._deadlines.pop(task.key, None)
+            self._unlend(task.key, out)
             out.append(Stop(task.key, reason))
         self._outbox.append(outcome)
         self._last_progress = now
@@ -351,12 +369,38 @@ class WorkerState:
             self._timeouts = [(d, k) for k, d in self._deadlines.items()]
             heapq.heapify(self._timeouts)
 
+    # --- lent slots ---------------------------------------------------------------------------------
+
+    def _on_lent(self, ev: SlotLent, now: float, out: list[Action]) -> None:
+        if ev.key not in self.in_mode or self.draining:
+            return  # ended or stopped already; a drain starts nothing new anyway
+        n = self._lent.get(ev.key, 0)
+        self._lent[ev.key] = n + 1
+        if n == 0:
+            self._tell_lent(out)
+            self._fill(now, out)  # a task already here may take the lent slot at once
+
+    def _on_back(self, ev: SlotBack, now: float, out: list[Action]) -> None:
+        n = self._lent.get(ev.key, 0)
+        if n > 1:
+            self._lent[ev.key] = n - 1
+        elif n == 1:
+            self._unlend(ev.key, out)
+
+    def _unlend(self, key: Key, out: list[Action]) -> None:
+        if self._lent.pop(key, None) is not None:
+            self._tell_lent(out)
+
+    def _tell_lent(self, out: list[Action]) -> None:
+        if self.connected and not self.draining:
+            out.append(Send(Cmd.LENT, c.Lent(len(self._lent))))
+
     # --- outcomes out ------------------------------------------------------------------------------
 
     def _settle(self, now: float, out: list[Action]) -> None:
         """After a change: when to send the outcomes gathered, and whether the drain is over."""
         if self._outbox and self.connected:
-            if len(self.held) <= self.concurrency or len(self._outbox) >= FLUSH_BATCH:
+            if len(self.held) <= self.slots or len(self._outbox) >= FLUSH_BATCH:
                 if self._flush_at is None or self._flush_at > now:
                     self._flush_at = now  # at the end of this loop turn, with whatever else ends in it
             elif self._flush_at is None:
@@ -396,7 +440,7 @@ class WorkerState:
                 del held[task.key]
                 back.append(task.key)
         self._waiting.clear()
-        queued = list(islice(self.in_mode, self.concurrency, None))  # the first `concurrency` hold a slot
+        queued = list(islice(self.in_mode, self.slots, None))  # the first `slots` hold a slot
         if queued:
             self._giveback = back
             out.append(Withdraw(queued))
@@ -475,6 +519,7 @@ class WorkerState:
         self.in_mode.clear()
         self._waiting.clear()
         self._deadlines.clear()
+        self._lent.clear()
 
     # --- time ---------------------------------------------------------------------------------------
 
@@ -494,7 +539,7 @@ class WorkerState:
     def _check_stall(self, now: float, out: list[Action]) -> None:
         """Auto prefetch: no task went to the mode or ended for STALL_AFTER: hand the jobs not started back."""
         self._stall_at = None
-        if len(self.held) <= self.concurrency or self.draining or not self.connected:
+        if len(self.held) <= self.slots or self.draining or not self.connected:
             return  # (disconnected: nobody to hand them to; the next ASSIGN looks again)
         if now - self._last_progress < STALL_AFTER:
             self._stall_at = self._last_progress + STALL_AFTER  # tasks keep moving: look again then

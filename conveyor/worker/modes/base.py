@@ -33,6 +33,7 @@ from conveyor.worker.execution import Key, Outcome, Task
 from conveyor.worker.reports import TaskReports
 
 Report = Callable[[Sequence[Outcome]], None]  # how a mode reports ended tasks, on the worker's loop
+Lending = Callable[[Key, bool], None]  # a task lends its slot (True) or takes it back (False), on the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,9 @@ class Mode(abc.ABC):
         self.concurrency = settings.concurrency
         self.reports = reports  # where tasks' output and progress go (None: nowhere)
         self.capture_output = reports is not None and settings.capture_output
+        # Set by the worker. A mode able to run one more task while one of its tasks blocks on a child
+        # (conveyor.current_client()) calls it on the worker's loop; the others never do (docs/workflows.md).
+        self.on_lend: Lending | None = None
 
     @classmethod
     def default_concurrency(cls) -> int:

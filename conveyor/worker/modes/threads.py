@@ -9,6 +9,10 @@ A task that is stopped (timeout, cancel) gets an exception raised asynchronously
 (PyThreadState_SetAsyncExc): it lands at the next Python bytecode, so pure-Python code stops promptly,
 but a thread blocked in C (a socket read, time.sleep) only stops when that call returns. A replacement
 thread starts at once, so capacity stays.
+
+A task blocked on its own child (conveyor.current_client()) lends its slot: one more thread starts for
+the wait, and the worker is told (on_lend) so one more task may come. When the wait ends, one thread
+exits: an idle one, or the next to finish its task.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from conveyor import task as task_api
 from conveyor.errors import JobCancelled, TaskTimeout
 from conveyor.worker.execution import Key, Outcome, Task, run_sync
 from conveyor.worker.modes import inproc_capture
@@ -44,7 +49,9 @@ class ThreadsMode(Mode):
         self._items: dict[Key, _Item] = {}  # submitted and not yet reported, stopped or withdrawn; queue order
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
-        self._target = self.concurrency
+        self._target = self.concurrency  # threads that take tasks: the slots, plus those lent
+        self._abandoned: set[int] = set()  # threads left running a stopped task: they exit when it returns
+        self._retire = 0  # lent slots come back: that many threads exit once idle
         self._busy: set[_Item] = set()  # the items threads are running (an abandoned one leaves it)
         self._finished: list[tuple[_Item, Outcome]] = []  # handed to the loop in batches
         self._wake_pending = False
@@ -71,6 +78,7 @@ class ThreadsMode(Mode):
 
     def _serve(self) -> None:
         me = threading.current_thread()
+        task_api.lender.set(self)  # this thread's tasks may lend their slot (conveyor.task.slot_lent)
         while True:
             try:
                 if not self._serve_one():
@@ -82,6 +90,10 @@ class ThreadsMode(Mode):
 
     def _serve_one(self) -> bool:
         """Run one queued task; False when this thread should exit."""
+        with self._lock:
+            if self._retire:
+                self._retire -= 1
+                return False  # a lent slot came back: one thread too many
         item = self._queue.get()
         if item is None:
             return False
@@ -106,13 +118,45 @@ class ThreadsMode(Mode):
             self._finished.append((item, outcome))
             wake = not self._wake_pending
             self._wake_pending = True
-            more = len(self._threads) <= self._target  # False: a replacement took this thread's place
+            me = threading.get_ident()
+            if me in self._abandoned:  # a replacement took this thread's place
+                self._abandoned.discard(me)
+                more = False
+            elif self._retire:  # a lent slot came back
+                self._retire -= 1
+                more = False
+            else:
+                more = True
         if wake and self._loop is not None:  # one wake-up of the loop for however many tasks finish before it runs
             try:
                 self._loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:
                 pass  # the worker's loop has closed (an abandoned task outlived the worker): nobody waits
         return more
+
+    def lend(self, job: Key) -> None:
+        """On the task's thread, as it blocks on a child: one more thread, and the worker is told."""
+        with self._lock:
+            self._target += 1
+        self._spawn()
+        self._tell(job, True)
+
+    def back(self, job: Key) -> None:
+        """On the task's thread, as its wait ends: one thread fewer, once one is idle."""
+        with self._lock:
+            self._target -= 1
+            if self._queue.empty():
+                self._queue.put(None)  # an idle thread exits now (or, if none is, the next to go idle)
+            else:
+                self._retire += 1  # every thread is busy (else it would take from the queue): the next to finish
+        self._tell(job, False)
+
+    def _tell(self, job: Key, lent: bool) -> None:
+        if self._loop is not None and self.on_lend is not None:
+            try:
+                self._loop.call_soon_threadsafe(self.on_lend, job, lent)
+            except RuntimeError:
+                pass  # the worker's loop has closed
 
     def _deliver(self) -> None:
         """On the worker's loop: report every task finished since the last wake-up."""
@@ -144,6 +188,7 @@ class ThreadsMode(Mode):
                 hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(type(reason)))
                 if hit == 1:
                     self._busy.discard(item)  # its thread is abandoned; a new one takes its place
+                    self._abandoned.add(thread)
         if hit == 1:
             self._spawn()  # keep `concurrency` threads free to take new tasks meanwhile
 
