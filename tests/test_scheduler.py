@@ -177,6 +177,26 @@ def test_credit_never_exceeded_with_concurrency_one() -> None:
     assert assigns(run(s)) == {b"w": [("j2", 1)]}
 
 
+def test_a_lent_slot_lets_one_more_job_start_and_takes_its_credit_back() -> None:
+    s = make()
+    ready(s, b"w", concurrency=1)
+    for i in range(4):
+        submit(s, f"j{i}")
+    assert assigns(run(s)) == {b"w": [("j0", 1)]}
+    s.worker_lent(b"w", 1)  # j0 waits on a child: one more job may start there
+    assert assigns(run(s)) == {b"w": [("j1", 1)]} and run(s) == []  # one, not more
+    s.worker_lent(b"w", 0)  # the wait is over: j0 and j1 run on one slot
+    ok(s, b"w", "j1", 1)
+    assert assigns(run(s)) == {}  # j0 still holds the one slot
+    ok(s, b"w", "j0", 1)
+    assert assigns(run(s)) == {b"w": [("j2", 1)]}
+    w = s.workers[b"w"]
+    assert w.credit == 0 and w.lent == 0 and len(w.running) == 1
+    s.worker_leaving(b"w")
+    s.worker_lent(b"w", 1)  # a draining worker is sent nothing, lent slot or not
+    assert run(s) == [] and w.credit == 0
+
+
 def test_worker_credit_below_concurrency_is_respected() -> None:
     s = make()
     ready(s, b"w", concurrency=4, credit=2)

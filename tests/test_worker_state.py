@@ -36,6 +36,8 @@ from conveyor.worker.events import (
     ResendRequested,
     Send,
     SendReports,
+    SlotBack,
+    SlotLent,
     Start,
     Stop,
     StopRequested,
@@ -397,6 +399,55 @@ def test_lost_while_draining_finishes_without_the_dispatcher_at_the_deadline() -
     assert cmds(actions) == [] and isinstance(actions[-1], Finished)
 
 
+# --- lent slots: a task waiting on its child -----------------------------------------------------------
+
+
+def lent(actions: Iterable[Action]) -> list[int]:
+    return [a.body.slots for a in sent(actions, Cmd.LENT)]
+
+
+def test_a_task_waiting_on_its_child_lends_its_slot_until_the_wait_ends() -> None:
+    s = make(concurrency=1, prefetch=0)
+    connect(s)
+    t0, t1, t2 = task(0), task(1), task(2)
+    assert started(assign(s, [t0])) == [t0.key] and s.credit == 0
+    actions = s.handle(SlotLent(t0.key), 0.0)
+    assert lent(actions) == [1] and s.slots == 2 and s.credit == 1  # the dispatcher may send one more job
+    assert started(assign(s, [t1])) == [t1.key]  # the child runs on the lent slot
+    assert lent(s.handle(SlotBack(t0.key), 0.0)) == [0] and s.slots == 1 and s.credit == 0
+    assert started(assign(s, [t2])) == []  # the slot is back: nothing new while two tasks run on one slot
+    assert started(end(s, [ok(t1)])) == []  # t0 still holds the one slot
+    assert started(end(s, [ok(t0)])) == [t2.key]
+
+
+def test_a_lent_slot_comes_back_when_its_task_ends_or_is_stopped() -> None:
+    s = make(concurrency=1, prefetch=0)
+    connect(s)
+    t0, t1 = task(0), task(1)
+    assign(s, [t0, t1])
+    s.handle(SlotLent(t0.key), 0.0)
+    s.handle(SlotLent(t0.key), 0.0)  # a second wait of the same task (another thread of it): still one slot
+    assert s.slots == 2 and list(s.in_mode) == [t0.key, t1.key]
+    assert lent(end(s, [ok(t0)])) == [0] and s.slots == 1  # it ended while waiting: its slot is back
+    assert lent(s.handle(SlotBack(t0.key), 0.0)) == [] and s.slots == 1  # a late SlotBack changes nothing
+    s.handle(SlotLent(t1.key), 0.0)
+    actions = s.handle(CancelRequested(t1.key), 0.0)
+    assert stopped(actions) == [t1.key] and lent(actions) == [0] and s.slots == 1
+    assert lent(s.handle(SlotLent(("gone", 1)), 0.0)) == [] and s.slots == 1  # not in the mode: ignored
+
+
+def test_a_new_connection_tells_the_lent_slots_again_after_ready() -> None:
+    s = make(concurrency=1, prefetch=0)
+    connect(s)
+    t0 = task(0)
+    assign(s, [t0])
+    s.handle(SlotLent(t0.key), 0.0)
+    s.handle(Disconnected(), 0.0)
+    actions = connect(s, session="s2")
+    assert cmds(actions)[:2] == ["READY", "LENT"] and lent(actions) == [1]
+    assert sent(actions, Cmd.READY)[0].body.credit == 1  # concurrency + lent - held
+
+
 # --- the state machine -------------------------------------------------------------------------------
 
 
@@ -415,16 +466,19 @@ class SimMode:
     def live(self) -> list[Key]:
         return list(self.order)
 
+    lent: set[Key] = field(default_factory=set)  # running tasks blocked on a child: one more thread each
+
     def remove(self, key: Key) -> None:
         self.order.remove(key)
         if key in self.waiting:
             self.waiting.remove(key)
         self.running.discard(key)
         self.finished.pop(key, None)
+        self.lent.discard(key)
 
     def take(self) -> None:
         """Free threads take queued tasks (a finished-but-unreported task no longer holds its thread)."""
-        while self.waiting and len(self.running) < self.concurrency:
+        while self.waiting and len(self.running) < self.concurrency + len(self.lent):
             self.running.add(self.waiting.pop(0))
 
 
@@ -445,6 +499,7 @@ class WorkerMachine(RuleBasedStateMachine):
         self.instance = "inst-1"
         self.armed: float | None = None
         self.finished = False
+        self.lent_told: int | None = None  # the last LENT on this connection (None: none since READY)
 
     @initialize(
         concurrency=st.integers(1, 3),
@@ -504,6 +559,10 @@ class WorkerMachine(RuleBasedStateMachine):
                 assert self.connected, f"{a.cmd.name} sent while disconnected"
                 if a.cmd == Cmd.READY:
                     self.check_ready(a.body, actions[i + 1 :])
+                    self.lent_told = None
+                elif a.cmd == Cmd.LENT:
+                    assert a.body.slots == len(self.mode.lent), f"LENT {a.body.slots}, {len(self.mode.lent)} lent"
+                    self.lent_told = a.body.slots
                 elif a.cmd == Cmd.RESULTS:
                     self.check_results(a, actions[i - 1] if i else None)
                 elif a.cmd == Cmd.GIVEBACK:
@@ -534,7 +593,8 @@ class WorkerMachine(RuleBasedStateMachine):
             assert key in self.held, f"started {key}, which it does not hold"
             assert key not in self.ever_started, f"{key} handed to the mode twice"
             if t.timeout is not None:  # its clock starts now: a slot must be free for it
-                assert len(self.mode.order) < self.config.concurrency, f"timed {key} queued behind busy slots"
+                slots = self.config.concurrency + len(self.mode.lent)
+                assert len(self.mode.order) < slots, f"timed {key} queued behind busy slots"
             self.ever_started.add(key)
             if t.timeout is not None:
                 self.deadline[key] = self.now + t.timeout
@@ -543,13 +603,12 @@ class WorkerMachine(RuleBasedStateMachine):
                 self.mode.waiting.append(key)
             else:
                 self.mode.running.add(key)
-        limit = self.config.concurrency + self.config.mode_queue
+        limit = self.config.concurrency + self.config.mode_queue + len(self.mode.lent)
         assert len(self.mode.order) <= limit, f"{len(self.mode.order)} tasks in a mode that takes {limit}"
         self.mode.take()
-        assert len(self.mode.running) <= self.config.concurrency
 
     def check_withdraw(self, keys: Sequence[Key]) -> None:
-        slots = self.mode.order[: self.config.concurrency]
+        slots = self.mode.order[: self.config.concurrency + len(self.mode.lent)]
         back = []
         for key in keys:
             assert key in self.mode.order, f"withdraw of {key}, which is not in the mode"
@@ -594,8 +653,10 @@ class WorkerMachine(RuleBasedStateMachine):
         unacked = sorted(seq for seq in self.results if seq > self.acked)
         expect = set(self.held) | self.pending | {k for seq in unacked for k in self.results[seq].keys}
         assert running == expect, f"READY lists {running ^ expect} wrongly"
-        cap = self.config.concurrency + self.config.prefetch
+        cap = self.config.concurrency + self.config.prefetch + len(self.mode.lent)
         assert body.credit == max(0, cap - len(expect)) and body.credit >= 0
+        told = [x.body.slots for x in after if isinstance(x, Send) and x.cmd == Cmd.LENT][:1]
+        assert told == ([len(self.mode.lent)] if self.mode.lent else []), "READY not followed by the lent slots"
         assert body.results_seq == (unacked[0] if unacked else max(self.results, default=0) + 1)
         resent = [x.body.seq for x in after if isinstance(x, Send) and x.cmd == Cmd.RESULTS]
         assert resent[: len(unacked)] == unacked, "READY not followed by every unacknowledged RESULTS, in order"
@@ -654,6 +715,22 @@ class WorkerMachine(RuleBasedStateMachine):
         if key in self.held and key not in self.pending:  # still held: it ends as cancelled, now
             self.ended_in_state(key)
         self.feed(CancelRequested(key))
+
+    @precondition(lambda self: bool(self.mode.running - self.mode.lent) and not self.finished)
+    @rule(data=st.data())
+    def a_task_blocks_on_its_child(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.mode.running - self.mode.lent)))
+        if not self.draining:  # (a drain lends nothing: no new work comes)
+            self.mode.lent.add(key)
+        self.feed(SlotLent(key))
+        self.mode.take()
+
+    @precondition(lambda self: bool(self.mode.lent) and not self.finished)
+    @rule(data=st.data())
+    def its_wait_ends(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.mode.lent)))
+        self.mode.lent.discard(key)
+        self.feed(SlotBack(key))
 
     @rule(dt=st.sampled_from([0.0005, 0.001, 0.05, 0.1, 0.3, 1.0]))
     def time_passes(self, dt: float) -> None:
@@ -730,7 +807,10 @@ class WorkerMachine(RuleBasedStateMachine):
             return
         assert set(self.s.held) == self.held - self.pending - self.given_back
         assert list(self.s.in_mode) == self.mode.order
-        assert len(self.mode.running) <= self.config.concurrency
+        assert set(self.s._lent) == self.mode.lent  # lent slots come back as their wait or their task ends
+        assert self.s.slots == self.config.concurrency + len(self.mode.lent)
+        if self.connected and not self.draining and self.lent_told is not None:
+            assert self.lent_told == len(self.mode.lent), "the dispatcher was not told of a lent slot"
 
     @invariant()
     def every_unacknowledged_result_is_kept(self) -> None:
@@ -738,7 +818,7 @@ class WorkerMachine(RuleBasedStateMachine):
             return
         unacked = [seq for seq in sorted(self.results) if seq > self.acked]
         assert [b.seq for b in self.s.retained] == unacked
-        assert 0 <= self.s.credit <= self.config.concurrency + self.config.prefetch
+        assert 0 <= self.s.credit <= self.config.concurrency + self.config.prefetch + len(self.s._lent)
 
     @invariant()
     def a_timer_is_armed_for_every_deadline(self) -> None:

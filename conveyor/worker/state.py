@@ -349,8 +349,8 @@ class WorkerState:
         """Decide a held task's outcome here (timeout, cancel): stop it in the mode if it got there."""
         if self.in_mode.pop(task.key, None) is not None:
             self._deadlines.pop(task.key, None)
-            self._unlend(task.key, out)
             out.append(Stop(task.key, reason))
+            self._unlend(task.key, out)
         self._outbox.append(outcome)
         self._last_progress = now
 
