@@ -158,3 +158,11 @@ def leak(mb_per_step: int = 20, steps: int = 100) -> int:
 def square_after(x: int, seconds: float) -> int:
     time.sleep(seconds)
     return x * x
+
+
+def wait_gate_lending(name: str, timeout: float = 30.0) -> str:
+    """wait_gate, as a task blocked on a child waits: lending its slot (conveyor.task.slot_lent)."""
+    from conveyor.task import slot_lent
+
+    with slot_lent():
+        return wait_gate(name, timeout)

@@ -93,6 +93,46 @@ async def test_threads_mode_keeps_a_job_an_idle_thread_is_about_to_take() -> Non
         await mode.shutdown()
 
 
+async def test_threads_mode_lends_the_slot_of_a_blocked_task_and_takes_it_back() -> None:
+    mode = ThreadsMode(ModeSettings(concurrency=1, prefetch=4))
+    outcomes: dict[str, Outcome] = {}
+    told: list[tuple[tuple[str, int], bool]] = []
+    mode.on_lend = lambda key, lent: told.append((key, lent))
+    await mode.start(_into(outcomes))
+    gates = [f"lend-{n}-{uuid.uuid4().hex}" for n in range(4)]
+    try:
+        waiter = _task(0, "tests.tasks:wait_gate_lending", gates[0])
+        mode.submit([waiter])
+        await _until(lambda: told == [(waiter.key, True)], "the slot to be lent")
+        mode.submit([_task(1, "tests.tasks:noop", 1)])
+        await _until(lambda: "job-1" in outcomes, "a task to run on the lent slot")
+        assert len(mode._threads) == 2
+        tasks.open_gate(gates[0])  # the wait ends with every thread idle but the waiter's own
+        await _until(lambda: "job-0" in outcomes and len(mode._threads) == 1, "the extra thread to exit")
+        assert told == [(waiter.key, True), (waiter.key, False)]
+
+        # Again, with both threads busy and a task queued when the slot comes back: the next to finish exits.
+        waiter = _task(2, "tests.tasks:wait_gate_lending", gates[1])
+        mode.submit([waiter])
+        await _until(lambda: len(told) == 3, "the slot to be lent again")
+        mode.submit([_task(3, "tests.tasks:wait_gate", gates[2]), _task(4, "tests.tasks:noop", 4)])
+        await _until(lambda: len(mode._busy) == 2, "the child to take the lent thread")
+        tasks.open_gate(gates[1])
+        await _until(lambda: "job-2" in outcomes and len(mode._threads) == 1, "the waiter's thread to exit")
+        await asyncio.sleep(0.05)
+        assert "job-4" not in outcomes  # the one slot is job-3's now: job-4 waits for it
+        tasks.open_gate(gates[2])
+        await _until(lambda: {"job-3", "job-4"} <= outcomes.keys(), "the child, then the queued task")
+        mode.submit([_task(5, "tests.tasks:noop", 5)])
+        await _until(lambda: "job-5" in outcomes, "the one thread to go on")
+        assert len(mode._threads) == 1 and all(o.ok for o in outcomes.values())
+    finally:
+        for gate in gates:
+            tasks.open_gate(gate)
+            tasks._gates.pop(gate, None)
+        await mode.shutdown()
+
+
 # --- the Mode contract, in every mode ----------------------------------------------------------------
 
 MODE_NAMES = ("threads", "asyncio")  # processes: the multiprocessing fork server outlives an in-process test;
