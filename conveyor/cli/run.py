@@ -112,9 +112,10 @@ def dispatcher(
             store.close()
         raise CliError(f"cannot listen on {bind}: {exc}") from None
     d.install_signal_handlers()  # before anyone can learn our endpoint and signal us
-    from conveyor.cli.observe import start_observers
+    if metrics_port is not None or dashboard_port is not None:  # observe.py loads rich: only when asked for
+        from conveyor.cli.observe import start_observers
 
-    start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
+        start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.run()
 
