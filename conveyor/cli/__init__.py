@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import typer
@@ -117,8 +117,13 @@ def _root() -> None:
 
 
 def main() -> None:
+    guarded(lambda: app(standalone_mode=False))  # without standalone mode, typer.Exit(n) comes back as n
+
+
+def guarded(run: Callable[[], Any]) -> None:
+    """Run a command and exit: every failure as one line on stderr and its exit code, never a traceback."""
     try:
-        code = app(standalone_mode=False)  # without standalone mode, typer.Exit(n) comes back as n
+        code = run()
     except click_exceptions.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "usage: conveyor COMMAND --help", file=sys.stderr)
         sys.exit(EXIT_USAGE)

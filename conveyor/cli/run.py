@@ -256,6 +256,7 @@ def up(
         address = cluster.start()
     except ConveyorError as exc:
         raise CliError(f"{exc} (is {bind} already in use?)") from None
+    _wait_for_a_worker(address, keys)
     print(f"conveyor is up: dispatcher at {address}, {workers} {mode} worker(s). Ctrl-C to stop.", file=sys.stderr)
     print(f"  export {ENV_DISPATCHER}={address}", file=sys.stderr)
     try:
@@ -265,3 +266,15 @@ def up(
     finally:
         print("stopping...", file=sys.stderr)
         cluster.stop()
+
+
+def _wait_for_a_worker(address: str, keys: str | None, timeout_s: float = 30.0) -> None:
+    """`conveyor up` says it is up once the dispatcher has a worker (the workers start with the dispatcher
+    and register as they come); without one by the timeout, a warning, and it stays up."""
+    from conveyor.client import Client
+
+    try:
+        with Client(address, connect_timeout=timeout_s, keys=keys) as client:
+            client.wait_for_workers(1, timeout=timeout_s)
+    except (ConveyorError, OSError, ValueError) as exc:  # a key directory without a client key, too
+        print(f"warning: no worker seen registered yet: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ from conveyor.protocol.payload import decode_value
 
 __all__ = ["Client"]
 
-WORKERS_POLL_S = 0.05  # wait_for_workers asks for STATUS this often
+WORKERS_POLL_S = 0.01  # wait_for_workers asks for STATUS this often (a round trip each: cheap)
 
 
 class Client(ClientBase):
