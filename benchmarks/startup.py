@@ -165,11 +165,12 @@ def case_imports() -> dict[str, Any]:
     for role in ("--help", "dispatcher --help", "worker --help"):
         err, _ = _until_line(role.split(), None)
         out[f"conveyor {role}"] = _parse_imports(err)
-    err, cpu = _until_line(["dispatcher", "--bind", "tcp://127.0.0.1:0", "--no-journal"], "tcp://")
+    err, cpu = _until_line(["dispatcher", "--bind", "tcp://127.0.0.1:0", "--no-journal", "--log-level", "warning"],
+                           "tcp://")
     out["dispatcher (run)"] = {**_parse_imports(err), "cpu_s": cpu}
     # A worker runs until stopped: start a dispatcher to register with, stop the worker once it has.
     disp = subprocess.Popen([sys.executable, "-m", "conveyor", "dispatcher", "--bind", "tcp://127.0.0.1:0",
-                             "--no-journal"], env=_env(), stdout=subprocess.PIPE, text=True)
+                             "--no-journal", "--log-level", "warning"], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert disp.stdout is not None
         address = disp.stdout.readline().strip()
@@ -188,6 +189,14 @@ def case_imports() -> dict[str, Any]:
         disp.terminate()
         disp.wait(30)
     return out
+
+
+def bare_interpreter_mib() -> float:
+    """The RSS of `python -c pass` here: the floor of every process (site hooks of this machine included)."""
+    out = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"], env=_env(),
+                         capture_output=True, text=True, check=True).stdout
+    kib = next(int(line.split()[1]) for line in out.splitlines() if line.startswith("VmRSS:"))
+    return kib / 1024
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "up_ready_s": _median(up_runs, "up_s"),
         "up_first_result_s": _median(up_runs, "first_result_s"),
         "up_cpu_s": _median(up_runs, "cpu_s"),
+        "bare_interpreter_rss_mib": bare_interpreter_mib(),
         "imports": {role: {"import_s": statistics.median(r[role]["import_s"] for r in imports),
                            "modules": imports[0][role]["modules"], "watched": imports[0][role]["watched"],
                            **({"cpu_s": statistics.median(r[role]["cpu_s"] for r in imports)}
@@ -221,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'conveyor up --workers 2 to ready':<34}{summary['up_ready_s']:>9.3f}{'':>9}")
     print(f"{'  ... to first result':<34}{summary['up_first_result_s']:>9.3f}{summary['up_cpu_s']:>9.3f}")
     print(f"\nidle, Client() cluster: RSS {summary['idle_rss_total_mib']:.1f} MiB, "
-          f"PSS {summary['idle_pss_total_mib']:.1f} MiB in all")
+          f"PSS {summary['idle_pss_total_mib']:.1f} MiB in all; a bare `python -c pass` here: "
+          f"{summary['bare_interpreter_rss_mib']:.1f} MiB RSS")
     for p in client_runs[-1]["processes"]:
         print(f"  {p['name'][:40]:<42}RSS {p['rss_mib']:6.1f}  PSS {p['pss_mib']:6.1f}  USS {p['uss_mib']:6.1f} MiB")
     print(f"\n{'imports':<34}{'import s':>9}{'CPU s':>9}{'modules':>9}  loaded, watched")

@@ -232,7 +232,7 @@ def up(
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Start a dispatcher and local workers in one command; Ctrl-C stops all of it."""
-    from conveyor.client.local import LocalCluster
+    from conveyor.client.local import LocalCluster  # alone: the rest of the client loads as the cluster starts
 
     check_bind(bind, keys, insecure, warn=False)  # the dispatcher prints the --insecure warning itself
     if keys is not None:
@@ -256,10 +256,11 @@ def up(
         address = cluster.start()
     except ConveyorError as exc:
         raise CliError(f"{exc} (is {bind} already in use?)") from None
-    _wait_for_a_worker(address, keys)
-    print(f"conveyor is up: dispatcher at {address}, {workers} {mode} worker(s). Ctrl-C to stop.", file=sys.stderr)
-    print(f"  export {ENV_DISPATCHER}={address}", file=sys.stderr)
     try:
+        _wait_for_a_worker(address, keys)
+        print(f"conveyor is up: dispatcher at {address}, {workers} {mode} worker(s). Ctrl-C to stop.",
+              file=sys.stderr)
+        print(f"  export {ENV_DISPATCHER}={address}", file=sys.stderr)
         while not stop.wait(0.5):
             if cluster.dispatcher is not None and cluster.dispatcher.poll() is not None:
                 raise CliError("the dispatcher exited unexpectedly")
