@@ -12,8 +12,9 @@ competes for the cores. Results go to benchmarks/results/startup-<UTC>.json.
 - up: `conveyor up --workers 2` (journal on, in a temporary state directory) to its "conveyor is up"
   line, and to a client's first result.
 - imports: `python -X importtime -m conveyor ROLE --help` and the real start of each role (a dispatcher
-  to its endpoint line, a worker to its registration), with the import seconds and which of the modules
-  a role should not need were loaded.
+  to its endpoint line, a worker to its registration), from the command line and as a local cluster
+  starts it (conveyor/cli/spawn.py): import seconds, modules loaded (sys.modules at exit), and which of
+  the modules a role should not need were among them.
 """
 
 from __future__ import annotations
@@ -129,66 +130,95 @@ def case_up(workers: int) -> dict[str, Any]:
     return {"up_s": t_up, "first_result_s": t_first, "cpu_s": cpu}
 
 
-def _parse_imports(stderr: str) -> dict[str, Any]:
-    names: list[str] = []
+# Runs a module as `python -m` would, and at exit writes the names of every module loaded to a file:
+# -X importtime alone misses the modules loaded through importlib.import_module (the lazy tables do that).
+_WRAP = (
+    "import atexit, os, runpy, sys\n"
+    "atexit.register(lambda: open(os.environ['STARTUP_MODULES'], 'w').write('\\n'.join(sys.modules)))\n"
+    "module = sys.argv.pop(1)\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _imports(stderr: str, modules_file: Path) -> dict[str, Any]:
     total_us = 0
     for line in stderr.splitlines():
         m = IMPORT_LINE.match(line)
-        if m:
-            names.append(m.group(4))
-            if len(m.group(3)) == 1:  # a top-level import: its cumulative time includes its children
-                total_us += int(m.group(2))
-    loaded = set(names)
+        if m and len(m.group(3)) == 1:  # a top-level import: its cumulative time includes its children
+            total_us += int(m.group(2))
+    loaded = set(modules_file.read_text().split())
     watched = [w for w in WATCHED if w in loaded]
-    return {"import_s": total_us / 1e6, "modules": len(names), "watched": watched}
+    return {"import_s": total_us / 1e6, "modules": len(loaded), "watched": watched}
 
 
-def _until_line(cmd: list[str], prefix: str | None, timeout_s: float = 60.0) -> tuple[str, float]:
-    """Run cmd under -X importtime; with a prefix, stop it (SIGTERM) once stdout shows a line with it."""
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "conveyor", *cmd], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    cpu = 0.0
-    if prefix is not None:
-        deadline = time.monotonic() + timeout_s
-        for line in proc.stdout:
-            if line.startswith(prefix) or time.monotonic() > deadline:
-                break
-        cpu = _tree_cpu_s(psutil.Process(proc.pid))
-        proc.terminate()
-    _, err = proc.communicate(timeout=timeout_s)
-    return err, cpu
+def _role(module: str, args: list[str], ready: str | None, timeout_s: float = 60.0) -> dict[str, Any]:
+    """`python -m module args` under -X importtime. With `ready`, stopped (SIGTERM, as a user would) once
+    its stdout has a line starting so, or (ready == "") at once after the callback below is true."""
+    with tempfile.TemporaryDirectory() as tmp:
+        modules_file = Path(tmp) / "modules"
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", _WRAP, module, *args],
+                                env=_env(STARTUP_MODULES=str(modules_file)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        cpu = None
+        if ready is not None:
+            deadline = time.monotonic() + timeout_s
+            for line in proc.stdout:
+                if line.startswith(ready) or time.monotonic() > deadline:
+                    break
+            cpu = _tree_cpu_s(psutil.Process(proc.pid))
+            proc.terminate()
+        _, err = proc.communicate(timeout=timeout_s)
+        out = _imports(err, modules_file)
+    return out if cpu is None else {**out, "cpu_s": cpu}
 
 
 def case_imports() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for role in ("--help", "dispatcher --help", "worker --help"):
-        err, _ = _until_line(role.split(), None)
-        out[f"conveyor {role}"] = _parse_imports(err)
-    err, cpu = _until_line(["dispatcher", "--bind", "tcp://127.0.0.1:0", "--no-journal", "--log-level", "warning"],
-                           "tcp://")
-    out["dispatcher (run)"] = {**_parse_imports(err), "cpu_s": cpu}
-    # A worker runs until stopped: start a dispatcher to register with, stop the worker once it has.
+        out[f"conveyor {role}"] = _role("conveyor", role.split(), None)
+    quiet = ["--log-level", "warning"]
+    out["conveyor dispatcher (run)"] = _role(
+        "conveyor", ["dispatcher", "--bind", "tcp://127.0.0.1:0", "--no-journal", *quiet], "tcp://")
+    spawn = (ROOT / "conveyor" / "cli" / "spawn.py").exists()  # not before issue 19: the command line only
+    options = json.dumps({"bind": "tcp://127.0.0.1:0", "no_journal": True, "log_level": "warning"})
+    if spawn:
+        out["local cluster's dispatcher"] = _role("conveyor.cli.spawn", ["dispatcher", options], "tcp://")
+    # A worker runs until stopped: a dispatcher to register with; the worker is stopped once it has.
     disp = subprocess.Popen([sys.executable, "-m", "conveyor", "dispatcher", "--bind", "tcp://127.0.0.1:0",
-                             "--no-journal", "--log-level", "warning"], env=_env(), stdout=subprocess.PIPE, text=True)
+                             "--no-journal", *quiet], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert disp.stdout is not None
         address = disp.stdout.readline().strip()
         from conveyor import Client
 
         with Client(address) as client:
-            worker = subprocess.Popen(
-                [sys.executable, "-X", "importtime", "-m", "conveyor", "worker", "--connect", address,
-                 "--concurrency", "2"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            client.wait_for_workers(1, timeout=60)
-            cpu = _tree_cpu_s(psutil.Process(worker.pid))
-            worker.terminate()
-            _, err = worker.communicate(timeout=30)
-        out["worker (run)"] = {**_parse_imports(err), "cpu_s": cpu}
+            for name, module, args in (
+                ("conveyor worker (run)", "conveyor", ["worker", "--connect", address, "-n", "2", *quiet]),
+                ("local cluster's worker", "conveyor.cli.spawn",
+                 ["worker", json.dumps({"connect": address, "concurrency": 2, "log_level": "warning"})]),
+            ):
+                if spawn or module == "conveyor":
+                    out[name] = _worker_role(client, module, args)
     finally:
         disp.terminate()
         disp.wait(30)
     return out
+
+
+def _worker_role(client: Any, module: str, args: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        modules_file = Path(tmp) / "modules"
+        before = len(client.status()["workers"])
+        worker = subprocess.Popen([sys.executable, "-X", "importtime", "-c", _WRAP, module, *args],
+                                  env=_env(STARTUP_MODULES=str(modules_file)), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        client.wait_for_workers(before + 1, timeout=60)
+        cpu = _tree_cpu_s(psutil.Process(worker.pid))
+        worker.terminate()
+        _, err = worker.communicate(timeout=30)
+        # A worker's stderr also holds its fork server's imports (the flag is passed on): counted too.
+        return {**_imports(err, modules_file), "cpu_s": cpu}
 
 
 def bare_interpreter_mib() -> float:
