@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import sysconfig
 import time
 from typing import Any
 
 import psutil
 
 from conveyor.client import Client, LocalCluster
+from conveyor.demo.subinterpreters import free_threaded_pythons
 
 MODES = ("threads", "processes", "interpreters")
 
@@ -51,13 +54,19 @@ def main() -> None:
     ap.add_argument("--out", default="interpreters-bench.json")
     args = ap.parse_args()
     gil = getattr(sys, "_is_gil_enabled", None)
-    result = {
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    result: dict[str, Any] = {
         "python": sys.version.split()[0],
         "gil_enabled": True if gil is None else bool(gil()),
-        "free_threaded_build_installed": False,  # none on this machine: threads mode is measured with the GIL
+        "free_threaded_build": bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+        # threads mode is measured with this Python only: any other free-threaded one is listed, not used
+        "free_threaded_pythons_found": free_threaded_pythons(),
         "cpus": psutil.cpu_count(),
         "modes": [measure(m, args.concurrency, args.loops) for m in MODES],
     }
+    # other programs on the machine take cores from the workers: say how busy it was
+    result["load_average_before"] = load_before
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from conveyor.errors import (
     AccessDenied,
     ConveyorError,
+    DependencyCancelled,
+    DependencyFailed,
     DispatcherUnavailable,
     FunctionNotFound,
     JobCancelled,
@@ -19,16 +21,17 @@ from conveyor.errors import (
     ProtocolVersionError,
     RemoteError,
     TaskTimeout,
+    UnknownDependency,
     VersionMismatch,
     WorkerCrashed,
     WorkerLost,
 )
-from conveyor.task import progress  # conveyor.progress(fraction, message) inside a task
+from conveyor.task import Failed, current_job, progress  # inside a task: progress(...), current_job(); Failed
 
 if TYPE_CHECKING:
-    from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster
+    from conveyor.client import AsyncClient, Client, Executor, JobFuture, LocalCluster, current_client, ref
 
-_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "Executor", "JobFuture", "LocalCluster"})
+_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "Executor", "JobFuture", "LocalCluster", "current_client", "ref"})
 
 
 def __getattr__(name: str) -> Any:
@@ -45,8 +48,11 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ConveyorError",
+    "DependencyCancelled",
+    "DependencyFailed",
     "DispatcherUnavailable",
     "Executor",
+    "Failed",
     "FunctionNotFound",
     "JobCancelled",
     "JobError",
@@ -57,9 +63,13 @@ __all__ = [
     "ProtocolVersionError",
     "RemoteError",
     "TaskTimeout",
+    "UnknownDependency",
     "VersionMismatch",
     "WorkerCrashed",
     "WorkerLost",
     "__version__",
+    "current_client",
+    "current_job",
     "progress",
+    "ref",
 ]

@@ -242,3 +242,20 @@ def test_cluster_rejects_a_bad_inventory(tmp_path: Path) -> None:
     missing = subprocess.run([sys.executable, "-m", "conveyor", "cluster", "status", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_an_inventory_may_ask_for_every_mode_and_no_other(tmp_path: Path) -> None:
+    from conveyor.cluster.inventory import load_inventory
+    from conveyor.errors import InventoryError
+
+    hosts = tmp_path / "hosts.toml"
+    modes = ["threads", "processes", "asyncio", "interpreters"]
+    hosts.write_text('[dispatcher]\naddress = "tcp://10.231.9.1:5555"\n' + "".join(
+        f'[[hosts]]\nname = "h{i}"\naddress = "10.231.9.{i + 2}"\nmode = "{m}"\n' for i, m in enumerate(modes)))
+    workers = load_inventory(hosts).workers
+    assert [w.mode for w in workers] == modes
+    assert [w.args[w.args.index("--mode") + 1] for w in workers] == modes
+    hosts.write_text('[dispatcher]\naddress = "tcp://10.231.9.1:5555"\n[[hosts]]\naddress = "10.231.9.2"\n'
+                     'mode = "fibers"\n')
+    with pytest.raises(InventoryError, match="choose threads, processes, asyncio, interpreters"):
+        load_inventory(hosts)

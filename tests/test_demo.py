@@ -22,7 +22,7 @@ from tests.conftest import ROOT, Cluster, wait_until
 
 pytest.importorskip("matplotlib")
 
-EXPERIMENTS = [str(n) for n in range(1, 11)]
+EXPERIMENTS = [str(n) for n in range(1, 12)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,8 +87,12 @@ def test_report_has_a_section_with_numbers_per_claim(demo_run: dict[str, Any]) -
     headings = re.findall(r"^## (\d+)\. (.+)$", report, flags=re.MULTILINE)
     assert [n for n, _ in headings] == EXPERIMENTS
     sections = re.split(r"^## \d+\. .+$", report, flags=re.MULTILINE)[1:]
+    interpreters = json.loads((demo_run["out"] / "results.json").read_text())["experiments"]["11"]
     for (number, title), body in zip(headings, sections, strict=True):
         assert "**What it means.**" in body, f"section {number} ({title}) has no conclusion"
+        if number == "11" and not interpreters["available"]:  # this Python cannot run the mode: it says why
+            assert "Not measured on this Python" in body and interpreters["reason"] in body, body
+            continue
         assert re.search(r"\d+\.\d+", body), f"section {number} ({title}) has no measured number"
         assert "This experiment failed" not in body, f"section {number} failed"
     assert "## Summary" in report and "GIL" in report
@@ -131,6 +135,22 @@ def test_processes_scale_and_threads_do_not(demo_run: dict[str, Any]) -> None:
     assert processes >= 1.4, f"processes mode at concurrency 2 only {processes:.2f}x faster"
     if gil:
         assert threads <= 1.3, f"threads mode at concurrency 2 was {threads:.2f}x faster despite the GIL"
+
+
+def test_interpreters_mode_is_measured_where_this_python_can_run_it(demo_run: dict[str, Any]) -> None:
+    from conveyor.worker.modes.interpreters import missing_reason
+
+    results = json.loads((demo_run["out"] / "results.json").read_text())
+    e, sweep = results["experiments"]["11"], results["experiments"]["5"]["sweep"]
+    reason = missing_reason()
+    assert e["available"] is (reason is None) and e["gil_enabled"] is results["meta"]["gil_enabled"]
+    if reason is not None:  # the 3.11 suite: refused, and the report says what is needed
+        assert e["reason"] == reason and e["finding"] == f"not measured: {reason}" and e["holds"] is None
+        assert "interpreters" not in sweep["modes"]
+        return
+    assert "interpreters" in sweep["modes"] and set(e["by_mode"]) == {"threads", "processes", "interpreters"}
+    assert all(v["speedup"] > 0 and v["idle_rss_mib"] > 0 for v in e["by_mode"].values()), e
+    assert "11_interpreters.png" in (demo_run["out"] / "report.md").read_text()
 
 
 def test_asyncio_overlaps_the_waits(demo_run: dict[str, Any]) -> None:
@@ -183,3 +203,23 @@ def test_an_unreachable_dispatcher_is_one_line_of_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_pythons_able_to_run_interpreters_mode_or_free_threaded_are_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor.demo.subinterpreters import free_threaded_pythons, subinterpreter_pythons
+
+    bin_dir, versions = tmp_path / "bin", tmp_path / "pyenv" / "versions" / "3.14.0t" / "bin"
+    for d, names in ((bin_dir, ["python3.11", "python3.12", "python3.13t", "python3.13-config"]),
+                     (versions, ["python3.14t"])):
+        d.mkdir(parents=True)
+        for name in names:
+            (d / name).write_text("#!/bin/sh\n")
+            (d / name).chmod(0o755)
+    (bin_dir / "python3.14").write_text("not executable")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    assert free_threaded_pythons() == [str(bin_dir / "python3.13t"), str(versions / "python3.14t")]
+    assert subinterpreter_pythons() == [str(bin_dir / n) for n in ("python3.12", "python3.13t")] + [
+        str(versions / "python3.14t")]

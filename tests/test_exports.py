@@ -12,7 +12,8 @@ PUBLIC = {
     "AccessDenied", "AsyncClient", "Client", "ConveyorError", "DispatcherUnavailable", "Executor",
     "FunctionNotFound", "JobCancelled", "JobError", "JobFuture", "JournalFull", "LocalCluster", "ProtocolError",
     "ProtocolVersionError", "RemoteError", "TaskTimeout", "VersionMismatch", "WorkerCrashed", "WorkerLost",
-    "__version__", "progress",
+    "__version__", "current_job", "progress",
+    "DependencyCancelled", "DependencyFailed", "Failed", "UnknownDependency", "current_client", "ref",
 }
 
 

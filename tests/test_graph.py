@@ -158,6 +158,29 @@ def test_a_large_result_its_dependants_use_is_withheld_from_its_client() -> None
     assert d.withhold == frozenset({"big"})  # "small" has no dependant: sent as usual
 
 
+def test_a_withheld_result_stays_for_its_client_after_its_dependants_ran() -> None:
+    """Acknowledging a JOB_DONE sent without the result is not a delivery: once its dependants have run,
+    the job stays (until the result TTL) so that its client can still ask for it (WATCH)."""
+    s = make()
+    ready(s, b"w", concurrency=2)
+    add(s, "big")
+    add(s, "use", parents=("big",))
+    run(s)
+    succeed(s, "big", result=b"x" * 200_000)
+    [d] = [a for a in s.take_actions() if isinstance(a, Deliver)]
+    s.acked(CLIENT, d.seq)
+    run(s, 1.0)
+    succeed(s, "use", now=2.0)
+    [d2] = [a for a in s.take_actions() if isinstance(a, Deliver)]
+    s.acked(CLIENT, d2.seq)
+    assert "use" not in s.jobs and "big" in s.jobs  # the dependant is forgotten; the withheld one stays
+    s.watch(CLIENT, ["big"])
+    [d3] = [a for a in s.take_actions() if isinstance(a, Deliver)]
+    assert [j.id for j in d3.jobs] == ["big"] and not d3.withhold  # now with its result
+    s.acked(CLIENT, d3.seq)
+    assert "big" not in s.jobs
+
+
 def test_expiry_of_a_parent_cancels_the_dependants() -> None:
     s = make()
     s.submit("p", TaskOptions(fn="t:p"), list(FRAMES), CLIENT, 0.0, expires=5.0)
@@ -204,3 +227,31 @@ def test_a_random_dag_matches_a_local_evaluation(data: st.DataObject) -> None:
         info = s.jobs[job_id].result_info
         if state == FAILED and info.get("kind") == perr.DEPENDENCY_FAILED:
             assert info["root"] in fails
+
+
+def test_a_batch_of_thirty_thousand_with_a_fan_in_over_all_is_checked_in_linear_time() -> None:
+    """SUBMIT of one batch: every entry's parents may be earlier entries. The check once rebuilt the list
+    of earlier ids for every entry (quadratic: a 100,001-entry batch stalled the dispatcher for minutes)."""
+    import time
+
+    from conveyor.dispatcher.clients import ClientSide
+    from conveyor.dispatcher.observe.observer import Observer
+    from conveyor.protocol.commands import Accepted, SubmitEntry, raw_options
+
+    s = make()
+    sent: list[Any] = []
+    observer = Observer(s, lambda *a: True, lambda: None, dict)
+    side = ClientSide(s, observer, None, lambda peer, cmd, body, frames: sent.append(body) or True,
+                      instance="i", heartbeat_interval=1.0, max_queued=10**6, max_queued_bytes=1 << 40,
+                      decorate_status=lambda st, now: None)
+    opts = raw_options(TaskOptions(fn="t:f"))
+    n = 30_000
+    entries = [SubmitEntry(f"p{i}", opts, 1, batch="b") for i in range(n)]
+    entries.append(SubmitEntry("fan-in", opts, 1, parents=tuple(f"p{i}" for i in range(n)), batch="b"))
+    started = time.process_time()
+    side.on_submit(CLIENT, entries, [b"call"] * (n + 1), 0.0)
+    assert time.process_time() - started < 2.0  # linear: a fraction of a second here; quadratic: 8 s
+    [reply] = sent
+    assert isinstance(reply, Accepted) and len(reply.accepted) == n + 1 and not reply.rejected
+    assert s.jobs["fan-in"].state == "waiting" and s.jobs["fan-in"].node is not None
+    assert s.jobs["fan-in"].node.waiting == n

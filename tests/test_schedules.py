@@ -204,3 +204,45 @@ def test_ten_thousand_schedules_share_one_heap() -> None:
     assert s.due(t0 + 59) == []
     assert len(s.due(t0 + 60)) == 10_000
     assert s.next_wake() == t0 + 120
+
+
+@pytest.mark.parametrize(("overlap", "expect_fired", "expect_queued"), [("skip", 1, False), ("queue_one", 1, True),
+                                                                       ("allow", 4, False)])
+def test_a_catch_up_and_a_backfill_go_through_the_overlap_policy(
+    overlap: str, expect_fired: int, expect_queued: bool
+) -> None:
+    """The slots of one batch overlap one another: with skip only the oldest runs (no storm after downtime)."""
+    s = make()
+    t0 = ts("2026-01-01T00:00:00")
+    s.upsert(Spec("c", every_s=60.0, misfire="all", overlap=overlap), [b"c"], b"\x80", t0)
+    fires = s.due(t0 + 240 + 30)  # down for 4 slots
+    assert len(fires) == expect_fired and fires[0].slot == t0 + 60
+    assert (s.entries["c"].state.queued_slot is not None) == expect_queued
+    s2 = make()
+    s2.upsert(Spec("b", cron="0 3 * * *", overlap=overlap), [b"c"], b"\x80", t0 + 10 * 86400)
+    filled = s2.backfill("b", t0, t0 + 4 * 86400, t0 + 10 * 86400)
+    assert len(filled) == expect_fired
+
+
+def test_a_fire_walks_only_the_slots_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each due cron schedule is walked two or three slots, not a batch ahead (10,000 fire every minute)."""
+    from cronsim import CronSim
+
+    from conveyor.dispatcher import schedules
+
+    walked = 0
+
+    class Counting(CronSim):
+        def __next__(self) -> datetime:
+            nonlocal walked
+            walked += 1
+            return super().__next__()
+
+    monkeypatch.setattr(schedules, "CronSim", Counting)
+    s = make()
+    t0 = ts("2026-01-01T00:00:00")
+    for i in range(100):
+        s.upsert(Spec(f"c{i}", cron="* * * * *"), [b"c"], b"\x80", t0)
+    walked = 0
+    assert len(s.due(t0 + 60)) == 100
+    assert walked <= 100 * 3, f"{walked} cron steps for 100 schedules"

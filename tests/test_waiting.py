@@ -146,6 +146,90 @@ def test_expiry_ends_a_job_not_started_in_its_own_state() -> None:
     assert s.jobs["never-ran"].result_info["kind"] == "expired"
 
 
+def windowed(s: Scheduler, wid: bytes, window: int, concurrency: int = 1) -> Any:
+    """A worker with a fixed prefetch window beyond its slots."""
+    w = ready(s, wid, concurrency=concurrency)
+    w.prefetch, w.window = window, window
+    w.credit = w.capacity
+    return w
+
+
+def test_a_job_with_an_expiry_goes_only_into_a_free_slot_and_nothing_of_its_class_is_prefetched_past_it() -> None:
+    """Assignment is start for a job with an expiry: it never waits in a worker's window past its expiry."""
+    s = make()
+    windowed(s, b"w", window=4)
+    add(s, "busy")
+    assert started(run(s)) == ["busy"]
+    add(s, "exp", now=0.1, expires=1.0)
+    add(s, "after", now=0.1)  # same class, behind it: not prefetched past it
+    assert started(run(s, 0.1)) == [] and s.jobs["exp"].state == QUEUED
+    ok(s, b"w", "busy", 1, now=0.5)
+    got = started(run(s, 0.5))
+    assert got == ["exp", "after"]  # into the free slot, and the next one behind it
+    s.tick(2.0)
+    assert s.jobs["exp"].state == RUNNING  # started in time: never expires
+    check_counters(s)
+
+
+def test_a_job_held_past_its_expiry_expires_and_a_slow_slot_makes_it_expire_in_the_dispatcher() -> None:
+    s = make()
+    windowed(s, b"w", window=4)
+    add(s, "busy")
+    run(s)
+    add(s, "exp", now=0.1, expires=0.3)
+    assert started(run(s, 0.2)) == []  # the slot is busy: it waits here ...
+    s.tick(0.3)
+    assert s.jobs["exp"].state == EXPIRED  # ... and ends expired, not run late
+    assert s.jobs["exp"].result_info["type"] == "JobExpired"
+
+
+def test_a_handed_back_job_never_started_so_its_expiry_still_applies() -> None:
+    s = make()
+    ready(s, b"w", concurrency=1)
+    add(s, "exp", expires=5.0)
+    assert started(run(s)) == ["exp"]
+    s.worker_leaving(b"w")
+    s.tick(6.0)  # past its expiry while the worker held it (it had not started it)
+    assert s.jobs["exp"].state == RUNNING
+    s.give_back(b"w", "exp", 1, 6.5)  # the drain hands it back unstarted
+    assert s.jobs["exp"].history[-1]["handed_back"] is True
+    s.tick(6.5)
+    assert s.jobs["exp"].state == EXPIRED and s.counts[EXPIRED] == 1
+    check_counters(s)
+
+
+def test_hand_backs_keep_acceptance_order() -> None:
+    """A window handed back (a stalled slot) goes back in its acceptance order, not reversed."""
+    s = make()
+    windowed(s, b"w", window=3)
+    for i in range(5):
+        add(s, f"j{i}")
+    assert started(run(s)) == ["j0", "j1", "j2", "j3"]
+    for i in (1, 2, 3):
+        s.give_back(b"w", f"j{i}", 1, 1.0)
+    s.workers[b"w"].window = 0  # the stalled slot closed the window
+    ok(s, b"w", "j0", 1, now=2.0)
+    order = []
+    for k in range(4):
+        got = started(run(s, 3.0 + k))
+        order += got
+        for j in got:
+            ok(s, b"w", j, s.jobs[j].attempt, now=3.0 + k)
+    assert order == ["j1", "j2", "j3", "j4"]
+
+
+def test_a_limited_job_is_not_assigned_behind_a_better_job_in_one_assignment() -> None:
+    """Into free slots only: one slot free, a better unlimited job takes it, the limited one waits."""
+    s = make()
+    s.limits.declare("db", Rule(concurrency=5), 0.0)
+    windowed(s, b"w", window=4)
+    add(s, "best", priority=5)
+    add(s, "lim", limits=("db",))
+    assert started(run(s)) == ["best"] and s.jobs["lim"].state == LIMITED
+    ok(s, b"w", "best", 1)
+    assert started(run(s, 1.0)) == ["lim"]
+
+
 def test_cancelling_a_delayed_job_needs_no_worker() -> None:
     s = make()
     add(s, "d", due=100.0)
@@ -280,9 +364,11 @@ def test_a_rate_limit_holds_over_every_window(rate: float, burst: int, workers: 
 
 
 class WaitingMachine(RuleBasedStateMachine):
-    """Random jobs with priorities, due times, expiries and limit keys on workers that come and go:
-    no job is lost, none starts before it is due, none starts over a limit, and no job is assigned while a
-    strictly better one that the same worker could take stays queued."""
+    """Random jobs with priorities, due times, expiries and limit keys on workers that come and go (one with
+    a prefetch window) and hand jobs back: no job is lost, none starts before it is due, none starts over a
+    limit, none that never started is assigned at or after its expiry, jobs with an expiry or limit keys go
+    only into free slots, and no job is assigned while a strictly better one that the same worker could take
+    stays queued (but for a job with an expiry while the worker has no free slot)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -294,10 +380,18 @@ class WaitingMachine(RuleBasedStateMachine):
         self.due: dict[str, float] = {}
         self.starts: list[float] = []  # start times under "r"
         self.held: dict[bytes, set[tuple[str, int]]] = {}
+        self.started_attempts: dict[str, set[int]] = {}  # attempts assigned and not handed back
         for i in range(2):
             wid = f"w{i}".encode()
-            ready(self.s, wid, concurrency=3)
+            self._ready(wid)
             self.held[wid] = set()
+
+    def _ready(self, wid: bytes) -> None:
+        w = ready(self.s, wid, concurrency=3 if wid == b"w0" else 2, now=self.now)
+        if wid == b"w1":  # a fixed window of 2 beyond its 2 slots
+            w.prefetch = w.window = 2
+            w.credit = w.capacity
+            self.s._free[wid] = None
 
     @rule(priority=st.integers(-2, 2), delay=st.none() | st.floats(0.0, 5.0), expiry=st.none() | st.floats(0.1, 8.0),
           keys=st.sampled_from([(), ("c2",), ("r",), ("c2", "r")]))
@@ -331,7 +425,18 @@ class WaitingMachine(RuleBasedStateMachine):
         wid = data.draw(st.sampled_from(sorted(self.held)))
         self.s.worker_gone(wid, self.now)
         self.held[wid] = set()
-        ready(self.s, wid, concurrency=3, now=self.now)
+        self._ready(wid)
+        self.turn()
+
+    @rule(data=st.data())
+    def hand_one_back(self, data: st.DataObject) -> None:
+        busy = [(wid, k) for wid, ks in self.held.items() for k in ks]
+        if not busy:
+            return
+        wid, key = data.draw(st.sampled_from(sorted(busy)))
+        self.held[wid].discard(key)
+        self.started_attempts[key[0]].discard(key[1])
+        self.s.give_back(wid, key[0], key[1], self.now)
         self.turn()
 
     def turn(self) -> None:
@@ -342,16 +447,24 @@ class WaitingMachine(RuleBasedStateMachine):
             if not isinstance(a, Assign):
                 continue
             w = s.workers[a.worker]
-            for job in a.jobs:
+            before = len(self.held[a.worker])
+            for i, job in enumerate(a.jobs):
                 assert self.now >= self.due.get(job.id, 0.0) - 1e-9, f"{job.id} started before it was due"
+                if job.expires is not None and not self.started_attempts.get(job.id):
+                    assert self.now < job.expires, f"{job.id} assigned after its expiry, never started before"
+                if job.expires is not None or job.opts.limits:
+                    assert before + i < w.concurrency, f"{job.id} went into a window, not a free slot"
+                self.started_attempts.setdefault(job.id, set()).add(job.attempt)
                 if "r" in job.opts.limits:
                     self.starts.append(self.now)
                 self.held[a.worker].add((job.id, job.attempt))
                 # nothing strictly better that this worker serves stays queued (strict priority, no aging)
                 for cls in w.classes:
                     head = s.ready.by_class[cls].head() if cls in s.ready.by_class else None
-                    if head is not None and not job.opts.limits:
-                        assert head[2].opts.priority <= job.opts.priority or w.credit == 0
+                    if head is None or job.opts.limits:
+                        continue
+                    slot_bound = head[2].expires is not None and len(w.running) >= w.concurrency
+                    assert head[2].opts.priority <= job.opts.priority or w.credit == 0 or slot_bound
 
     @invariant()
     def limits_hold(self) -> None:

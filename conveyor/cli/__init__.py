@@ -1,13 +1,17 @@
 """The `conveyor` command line: run a dispatcher or workers, submit jobs, and look at them.
 
 Every failure ends in one line on stderr (`error: ...`) and a non-zero exit (2 for usage); never a
-traceback. This module only assembles the app, from the COMMANDS table below; each command lives in its own module:
+traceback. This module only assembles the app, from the COMMANDS table below; each command lives in its
+own module:
 
     run.py      dispatcher, worker, up
     jobs.py     submit, result, status, cancel
+    limits.py   limits (rate and concurrency keys)
     observe.py  map, logs, jobs, top (and the status view)
+    graph.py    graph (the jobs connected by dependencies)
     keys.py     keys init|add-worker|add-client|list|revoke
     cluster.py  cluster up|status|down
+    schedule.py schedule add|list|show|preview|pause|resume|trigger|backfill|delete
     demo.py     demo
 """
 
@@ -47,9 +51,12 @@ COMMANDS: dict[str, str] = {
     "logs": "observe:logs_command",
     "jobs": "observe:jobs_command",
     "top": "observe:top_command",
+    "graph": "graph:graph_command",
+    "limits": "limits:limits_command",
     "demo": "demo:demo",
     "cluster": "cluster:app",
     "keys": "keys:app",
+    "schedule": "schedule:app",
 }
 CONTEXT_SETTINGS: dict[str, dict[str, Any]] = {"submit": {"ignore_unknown_options": True}}
 

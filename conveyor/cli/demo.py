@@ -25,7 +25,7 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Measure processes, threads, asyncio and the GIL on Conveyor itself; write a report with plots."""
+    """Measure processes, threads, asyncio, interpreters (3.12+) and the GIL on Conveyor; write a report with plots."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 
-from conveyor.cli.common import EXIT_USAGE, CliError, DispatcherOpt, JsonOpt, KeysOpt, check_mode, connect, dump
+from conveyor.cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliError,
+    DispatcherOpt,
+    JsonOpt,
+    KeysOpt,
+    check_mode,
+    connect,
+    dump,
+)
+from conveyor.errors import JobRejected
 from conveyor.protocol import failures as perr
 from conveyor.protocol.payload import decode_value
 
@@ -47,11 +61,31 @@ def submit(
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Fail the task after this many seconds.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Only run on workers with this tag.")] = None,
+    priority: Annotated[int | None, typer.Option(help="Priority: an integer, higher runs first (default 0).")] = None,
+    in_: Annotated[str | None, typer.Option("--in", help="Run no sooner than this from now: 90s, 10m, 2h.")] = None,
+    at: Annotated[
+        str | None, typer.Option("--at", help="Run no sooner than this time, with a zone: 2026-12-24T18:00+01:00.")
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option(help="Expire the job if it has not started within this (1h) or by this time (ISO, with a zone)."),
+    ] = None,
+    limit: Annotated[
+        list[str] | None, typer.Option("--limit", help="A limit key the dispatcher declares (repeatable).")
+    ] = None,
+    rate_limit: Annotated[
+        str | None, typer.Option("--rate-limit", help="Starts of this function at most: 10/s, 100/m, 5/10s,burst=3.")
+    ] = None,
+    after: Annotated[list[str] | None, typer.Option("--after", help="Run only after this job (repeatable).")] = None,
+    arg_from: Annotated[
+        list[str] | None, typer.Option("--arg-from", help="Pass this job's result as the next argument (repeatable).")
+    ] = None,
     dispatcher: DispatcherOpt = None,
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a job; print its id, or with --wait its result."""
+    waits = _wait_options(priority, in_, at, expires, limit, rate_limit)
     if (function is None) == (shell is None):
         raise CliError("give either module:function [ARGS...] or --shell 'COMMAND'", EXIT_USAGE)
     call_kwargs: dict[str, Any] = {}
@@ -77,8 +111,15 @@ def submit(
         check_mode(mode)
     with connect(dispatcher, keys) as client:
         job = client.options(
-            mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True
+            mode=mode, retries=retries, retry_on=retry_on or None, timeout=timeout, tags=tag or None, keep=True,
+            **waits,
         )
+        if after or arg_from:  # dependencies (docs/workflows.md): by id, the dispatcher checks them
+            from conveyor.client import ref
+
+            results: list[Any] = [ref(j) for j in arg_from or []]  # each the next positional argument
+            call_args = [*call_args, *results]
+            job = job.options(after=[ref(j) for j in after or []])
         fut = job.submit(target, *call_args, **call_kwargs)
         if not wait:
             fut.add_done_callback(lambda _: None)
@@ -89,7 +130,9 @@ def submit(
                     refused = fut.exception(timeout=5)
                 except TimeoutError:
                     refused = None
-                raise CliError(f"the dispatcher did not accept the job{f': {refused}' if refused else ''}")
+                # Rejected for what it asked (an unknown limit key, say) is bad input: exit 2, as for a bad option.
+                code = EXIT_USAGE if isinstance(refused, JobRejected) else EXIT_FAILED
+                raise CliError(f"the dispatcher did not accept the job{f': {refused}' if refused else ''}", code)
             print(dump({"id": fut.job_id}) if as_json else fut.job_id)
             return
         from conveyor.client.progress import wait_with_progress
@@ -98,6 +141,72 @@ def submit(
             client.wait_record(fut.job_id) if as_json else wait_with_progress(client, fut.job_id, target)
         )
         _print_outcome(record, data, as_json, shell=shell is not None)
+
+
+def _wait_options(
+    priority: int | None, in_: str | None, at: str | None, expires: str | None, limits: list[str] | None,
+    rate_limit: str | None,
+) -> dict[str, Any]:
+    """--priority, --in, --at, --expires, --limit, --rate-limit as client options, checked as the client checks
+    them (conveyor/client/base.py): a bad value is one line and exit 2, before anything is sent."""
+    from conveyor.client.base import wire_options
+
+    out: dict[str, Any] = {}
+    if priority is not None:
+        out["priority"] = priority
+    if in_ is not None and at is not None:
+        raise CliError("give --in or --at, not both", EXIT_USAGE)
+    if in_ is not None:
+        out["countdown"] = _duration("--in", in_)
+    if at is not None:
+        out["eta"] = _datetime("--at", at)
+    if expires is not None:
+        out["expires"] = _datetime("--expires", expires) if _looks_like_a_date(expires) else _duration(
+            "--expires", expires)
+    if limits:
+        out["limits"] = limits
+    if rate_limit is not None:
+        out["rate_limit"] = rate_limit
+    try:
+        wire_options(out)
+    except ValueError as exc:
+        raise CliError(_cli_words(str(exc)), EXIT_USAGE) from None
+    return out
+
+
+def _duration(option: str, text: str) -> float:
+    from conveyor.protocol.durations import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise CliError(f"bad {option} {text!r}: use a duration, e.g. 90s, 10m, 2h, 1d", EXIT_USAGE) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise CliError(f"bad {option} {text!r}: use a duration of zero or more, e.g. 90s, 10m, 2h", EXIT_USAGE)
+    return seconds
+
+
+def _looks_like_a_date(text: str) -> bool:
+    return len(text) >= 10 and text[4:5] == "-" and text[:4].isdigit()
+
+
+def _datetime(option: str, text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CliError(f"bad {option} {text!r}: use an ISO time with a zone, e.g. 2026-12-24T18:00+01:00",
+                       EXIT_USAGE) from None
+    if when.tzinfo is None:
+        raise CliError(f"{option} {text} has no time zone: add one, e.g. {text}+01:00 or {text}Z", EXIT_USAGE)
+    return when
+
+
+def _cli_words(message: str) -> str:
+    """The client's words for an option, in the CLI's (countdown is --in, eta is --at)."""
+    for word, option in (("eta", "--at"), ("countdown", "--in"), ("expires", "--expires"),
+                         ("rate_limit", "--rate-limit"), ("priority", "--priority"), ("limits", "--limit")):
+        message = re.sub(rf"\b{word}\b", option, message)
+    return message.replace("----", "--")
 
 
 def _print_outcome(record: dict[str, Any], data: list[Any], as_json: bool, shell: bool = False) -> None:
@@ -137,20 +246,34 @@ def result(
             view = client.job_info(job_id)[0]
             if view is None:
                 raise CliError(f"no job {job_id} (never submitted, or expired)")
-            if view["state"] in ("queued", "running"):
+            if view["state"] in ("waiting", "scheduled", "limited", "queued", "running"):  # not finished
                 if as_json:
-                    keys_ = ("id", "state", "worker", "attempts", "history", "progress", "output")
+                    keys_ = ("id", "state", "worker", "attempts", "history", "progress", "output", "priority",
+                             "due_at", "expires_at", "limits")
                     print(dump({k: view[k] for k in keys_ if k in view}))
                 else:
                     from conveyor.client.progress import format_progress
 
-                    print(" ".join(filter(None, [view["state"], format_progress(view.get("progress"))])))
+                    print(" ".join(filter(None, [view["state"], _when(view), format_progress(view.get("progress"))])))
                 return
         try:
             record, data = client.wait_record(job_id, timeout)
         except TimeoutError:
             raise CliError(f"job {job_id} did not finish within {timeout:g} s") from None
         _print_outcome(record, data, as_json)
+
+
+def _when(view: dict[str, Any]) -> str:
+    """What a waiting job waits for, briefly: 'due 2026-12-24T17:00:00Z', 'for db, stripe'."""
+    if view["state"] == "scheduled" and view.get("due_at"):
+        return f"due {_iso(view['due_at'])}"
+    if view["state"] == "limited" and view.get("limits"):
+        return f"for {', '.join(view['limits'])}"
+    return ""
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def status(dispatcher: DispatcherOpt = None, as_json: JsonOpt = False, keys: KeysOpt = None) -> None:

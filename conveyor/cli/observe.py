@@ -164,6 +164,8 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
     tot.append(", ")
     tot.append(f"{totals.get('failed', 0):,} failed", style="red" if totals.get("failed") else "")
     tot.append(f", {totals.get('cancelled', 0):,} cancelled, {totals.get('retried', 0):,} retried")
+    if totals.get("expired"):
+        tot.append(f", {totals['expired']:,} expired")
 
     table = Table(expand=False, header_style="bold dim", box=None, pad_edge=False, padding=(0, 2, 0, 0))
     for col, justify in (("worker", "left"), ("host", "left"), ("pid", "right"), ("mode", "left"), ("busy", "left"),
@@ -356,7 +358,7 @@ def logs_command(
                 if s["text"]:
                     emit(name, s["text"])
                 offsets[name] = s["end"]
-            if reply["state"] not in ("queued", "running"):
+            if reply["state"] not in ("waiting", "scheduled", "limited", "queued", "running"):  # finished
                 return
             time.sleep(interval)
             reply = client.logs(job_id, offsets)

@@ -224,7 +224,7 @@ def worker(
 
 def up(
     workers: Annotated[int, typer.Option("--workers", "-w", help="Number of worker processes.")] = 2,
-    mode: Annotated[str, typer.Option(help="threads, processes or asyncio.")] = "processes",
+    mode: Annotated[str, typer.Option(help="threads, processes, asyncio or interpreters (3.12+).")] = "processes",
     concurrency: Annotated[int | None, typer.Option("--concurrency", "-n", help="Tasks at once per worker.")] = None,
     bind: Annotated[str, typer.Option("--bind", help="Dispatcher address.")] = DEFAULT_ADDRESS,
     keys: KeysOpt = None,

@@ -7,6 +7,7 @@ local cluster.
     base.py        what both clients share: options, encoding, the connection's lifecycle (ClientState)
     mapping.py     map's jobs in flight and its automatic chunk sizes
     future.py      JobFuture, the future of one job
+    deps.py        futures as arguments (parents), after, allow_failure, batches; ref(job_id)
     connection.py  the DEALER socket and its I/O thread
     local.py       LocalCluster: a dispatcher and workers as child processes
     progress.py    progress bars on the terminal
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from conveyor.client.aio import AsyncClient, AsyncJobFuture
     from conveyor.client.base import ClientState
+    from conveyor.client.deps import JobRef, current_client, ref
     from conveyor.client.executor import Executor
     from conveyor.client.future import JobFuture
     from conveyor.client.local import LocalCluster
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 # Loaded on first use: `conveyor up` imports local.py alone to start its processes, then the rest.
 _WHERE = {
     "AsyncClient": "aio", "AsyncJobFuture": "aio", "ClientState": "base", "Executor": "executor",
-    "JobFuture": "future", "LocalCluster": "local", "Client": "sync",
+    "JobFuture": "future", "LocalCluster": "local", "Client": "sync", "JobRef": "deps",
+    "current_client": "deps", "ref": "deps",
 }
 
 
@@ -37,4 +40,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "LocalCluster"]
+__all__ = [
+    "AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "JobRef", "LocalCluster",
+    "current_client", "ref",
+]

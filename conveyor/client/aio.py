@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
+from conveyor.client import schedules as sched
 from conveyor.client import states
 from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length, limit_list, limit_of, limits_body
 from conveyor.client.connection import Connection, outcome_error
@@ -50,6 +52,10 @@ class AsyncJobFuture(asyncio.Future[Any]):
     @property
     def info(self) -> dict[str, Any]:
         return self.job.info
+
+    def then(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> AsyncJobFuture:
+        """Run fn(this job's result, *args, **kwargs) once it has succeeded: a new job (JobFuture.then)."""
+        return self.job.then(fn, *args, **kwargs)  # type: ignore[no-any-return]
 
 
 class AsyncClient(ClientBase):
@@ -230,7 +236,8 @@ class AsyncClient(ClientBase):
 
     async def set_limit(self, key: str, rule: str | None, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any] | None:
         """Declare (or, with rule=None, remove) limit `key` at run time; see Client.set_limit."""
-        reply = await self._request(Cmd.LIMITS, limits_body({key: rule}), timeout)
+        body = limits_body({key: rule})  # a bad key is refused before any connection is made
+        reply = await self._request(Cmd.LIMITS, body, timeout)
         return limit_of(reply, key)
 
     async def limits(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
@@ -278,6 +285,66 @@ class AsyncClient(ClientBase):
             await asyncio.to_thread(cluster.stop)
 
 
+    # --- schedules (conveyor/client/schedules.py builds the requests; docs/schedules.md) ------------
+
+    async def schedule(
+        self, name: str, fn: Callable[..., Any] | str, /, *args: Any, cron: str | None = None,
+        every: sched.Duration | None = None, offset: sched.Duration | None = None, tz: str = "UTC",
+        misfire: str = "once", overlap: str = "skip", jitter: sched.Duration | None = None,
+        catchup_window: sched.Duration | None = None, max_catchup: int = sched.DEFAULT_MAX_CATCHUP,
+        pause_on_failure: bool = False, **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Create or change schedule `name` (as Client.schedule)."""
+        when = sched.spec(cron=cron, every=every, offset=offset, tz=tz, misfire=misfire, overlap=overlap,
+                          jitter=jitter, catchup_window=catchup_window, max_catchup=max_catchup,
+                          pause_on_failure=pause_on_failure)
+        body, frames = sched.upsert(name, fn, args, kwargs, self._options, when)
+        return sched.one(await self._schedule_request(body, REQUEST_TIMEOUT_S, frames))
+
+    async def schedules(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+        return sched.many(await self._schedule_request({"op": "list"}, timeout))
+
+    async def schedule_info(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        return sched.one(await self._schedule_request(sched.request("show", name), timeout))
+
+    async def preview(
+        self, name_or_spec: str | dict[str, Any], n: int = 10, timeout: float = REQUEST_TIMEOUT_S
+    ) -> list[dt.datetime]:
+        body = sched.preview_request(name_or_spec, n)
+        return sched.slots(await self._schedule_request(body, timeout), name_or_spec)
+
+    async def pause(
+        self, name: str, until: dt.datetime | dt.timedelta | float | str | None = None,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        body = sched.request("pause", name, until=sched.pause_until(until))
+        return sched.one(await self._schedule_request(body, timeout))
+
+    async def resume(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        return sched.one(await self._schedule_request(sched.request("resume", name), timeout))
+
+    async def trigger(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> str:
+        return sched.job_ids(await self._schedule_request(sched.request("trigger", name), timeout))[0]
+
+    async def backfill(
+        self, name: str, start: dt.datetime, end: dt.datetime, timeout: float = REQUEST_TIMEOUT_S
+    ) -> list[str]:
+        body = sched.backfill_request(name, start, end)
+        return sched.job_ids(await self._schedule_request(body, timeout))
+
+    async def unschedule(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        sched.deleted(await self._schedule_request(sched.request("delete", name), timeout))
+
+    async def _schedule_request(self, body: dict[str, Any], timeout_s: float, frames: Sequence[Any] = ()) -> Any:
+        conn = self._open_conn()
+        req, reply = conn.start_request(Cmd.SCHEDULE, body, frames)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(reply), timeout_s)
+        except TimeoutError:
+            raise conn.no_reply(timeout_s) from None
+        finally:
+            conn.end_request(req)
+
 def _bridge(job: JobFuture, conn: Connection, loop: asyncio.AbstractEventLoop) -> AsyncJobFuture:
     """An asyncio future that follows a JobFuture; cancelling it cancels the job wherever it is."""
     future = AsyncJobFuture(loop=loop)
@@ -307,8 +374,23 @@ def _copy_outcome(job: JobFuture, future: asyncio.Future[Any]) -> None:
     exc = job.exception()
     if exc is not None:
         future.set_exception(exc)
+    elif job.withheld:  # its result is in the dispatcher: fetched in a thread (result() waits for it)
+        fetch = asyncio.get_running_loop().run_in_executor(None, job.result)
+        fetch.add_done_callback(lambda f: _copy_fetched(f, future))
     else:
         future.set_result(job.result())
+
+
+def _copy_fetched(fetch: asyncio.Future[Any], future: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    exc = None if fetch.cancelled() else fetch.exception()
+    if fetch.cancelled():
+        future.cancel()
+    elif exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(fetch.result())
 
 
 async def _done(job: JobFuture, timeout_s: float | None) -> None:

@@ -6,6 +6,7 @@ differs: Client blocks on the connection's futures, AsyncClient awaits them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import math
@@ -18,6 +19,7 @@ from typing import Any, Self
 
 import msgspec
 
+from conveyor.client import deps
 from conveyor.client.connection import Connection
 from conveyor.client.future import JobFuture
 from conveyor.client.local import LocalCluster
@@ -38,6 +40,7 @@ OPTION_NAMES = (
 # The dispatcher parses rates fully (conveyor/dispatcher/limits.py); the client only refuses malformed ones early.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-/{}]{1,200}$")  # as the dispatcher's (conveyor/dispatcher/limits.py)
 _RATE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*/\s*\d*\s*[smhd]\s*(,\s*burst\s*=\s*[1-9]\d*\s*)?$", re.IGNORECASE)
+_TEN_YEARS_S = 10.0 * 365 * 86400
 REQUEST_TIMEOUT_S = 10.0  # default wait for the dispatcher's answer to status, job_info, jobs, logs, cancel
 
 
@@ -80,6 +83,8 @@ def _wait_option(key: str, value: Any) -> dict[str, Any]:
     if key == "priority":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"priority must be an integer (higher runs first), not {value!r}")
+        if not -(2**31) <= value <= 2**31:  # the protocol's range (TaskOptions)
+            raise ValueError(f"priority must be within ±2**31, not {value!r}")
         return {"priority": value}
     if key == "countdown":
         return {"countdown": _seconds("countdown", value, allow_zero=True), "eta": None}
@@ -93,6 +98,10 @@ def _wait_option(key: str, value: Any) -> dict[str, Any]:
         keys = [value] if isinstance(value, str) else list(value)
         if not all(isinstance(k, str) and k for k in keys):
             raise ValueError(f"limits must be a list of limit key names, not {value!r}")
+        bad = next((k for k in keys if not _KEY_RE.match(k)), None)
+        if bad is not None or len(keys) > 16:
+            raise ValueError(f"bad limit key {bad!r}: letters, digits and _ . : - / {{ }}, at most 200" if bad
+                             else f"at most 16 limit keys per task, not {len(keys)}")
         return {"limits": keys}
     if not isinstance(value, str) or not _RATE_RE.match(value):
         raise ValueError(f"bad rate_limit {value!r}: use e.g. '10/s', '100/m' or '5/10s,burst=3'")
@@ -106,6 +115,8 @@ def _seconds(name: str, value: Any, *, allow_zero: bool) -> float:
         raise ValueError(f"{name} must be a number of seconds, not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'more than zero'} seconds, not {value!r}")
+    if value > _TEN_YEARS_S:  # the protocol's range (TaskOptions)
+        raise ValueError(f"{name} must be at most ten years, not {value!r} seconds")
     return float(value)
 
 
@@ -158,6 +169,8 @@ class ClientBase:
         self._context = context
         self._max_message_size = max_message_size  # bytes
         self._options = {k: v for k, v in wire_options(options).items() if v is not None}
+        self._after: tuple[Any, ...] = ()  # options(after=..., allow_failure=...): edges, not TaskOptions
+        self._allow: Any = None
         self._task_opts: dict[str, msgspec.Raw] = {}  # per function name: its options, checked and encoded once
         self._slots: dict[tuple[str | None, frozenset[str]], tuple[float, Future[int]]] = {}  # shared by views
         self._owner = True
@@ -179,6 +192,7 @@ class ClientBase:
             self.address, max_pending=self._max_pending, reconnect_timeout_s=self._reconnect_timeout_s,
             context=self._context, credentials=self._credentials, max_message_size=self._max_message_size,
         )
+        self._conn.submitter = self
         return self._conn
 
     @property
@@ -207,6 +221,11 @@ class ClientBase:
         """A view of this client whose tasks carry these options; it shares the connection."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
+        if "after" in options or "allow_failure" in options:
+            options = dict(options)
+            after = options.pop("after", None)
+            view._after = (after,) if deps.as_job(after) is not None else tuple(after or ())
+            view._allow = options.pop("allow_failure", None)
         merged = {**self._options, **wire_options(options)}
         view._options = {k: v for k, v in merged.items() if v is not None}
         _check_eta_before_expiry(view._options)
@@ -221,7 +240,12 @@ class ClientBase:
 
     # --- submitting ---------------------------------------------------------------------------------
 
-    def _submit_frames(self, name: str, frames: list[Any]) -> JobFuture:
+    def batch(self) -> contextlib.AbstractContextManager[deps.Batch]:
+        """`with client.batch() as b:` sends every job submitted inside (by this thread) as one SUBMIT,
+        accepted all or none in one journal commit; `b.futures` are their futures."""
+        return deps.batch(self._open_conn())
+
+    def _submit_frames(self, name: str, frames: list[Any], dep: deps.Deps | None = None) -> JobFuture:
         conn = self._open_conn()
         check_frames(frames, self._max_message_size)  # a larger frame would cut the connection
         # One options map per function, shared by its tasks (nothing changes it once built).
@@ -230,10 +254,18 @@ class ClientBase:
             if len(self._task_opts) >= 1024:
                 self._task_opts.clear()
             opts = self._task_opts[name] = c.raw_options(c.options(**self._options, fn=name))
-        return conn.submit(conn.new_job_id(), opts, frames)
+        future = conn.submit(conn.new_job_id(), opts, frames, dep)
+        if not self._owner:  # a view: then() submits with its options too
+            future._submitter = self
+        return future
 
     def _submit_call(self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobFuture:
         name, blob = encode_function(fn)
+        if self._after or deps.has_futures(args, kwargs):  # a job with parents (deps.py)
+            frames, dep, blocked = deps.find(name, blob, args, kwargs, self._after, self._allow)
+            if blocked is not None:
+                return deps.failed_future(self._open_conn(), blocked)
+            return self._submit_frames(name, frames, dep)
         return self._submit_frames(name, encode_call(name, blob, args, kwargs))
 
     def _map_run(

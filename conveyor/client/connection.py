@@ -38,7 +38,8 @@ from typing import Any, cast
 import msgspec
 import zmq
 
-from conveyor.client.future import JobFuture
+from conveyor.client.deps import Batching, Deps
+from conveyor.client.future import WITHHELD, JobFuture
 from conveyor.errors import AccessDenied, DispatcherUnavailable, VersionMismatch
 from conveyor.protocol import Cmd, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
@@ -99,10 +100,11 @@ class Connection:
         self._accept_waiters = 0
         self._woken = False
         self._submits: deque[JobFuture] = deque()  # submitted, not sent yet
-        self._commands: deque[tuple[Cmd, Any]] = deque()
+        self._commands: deque[tuple[Cmd, Any, Sequence[Any]]] = deque()  # (cmd, body, data frames)
         self._pending: dict[str, JobFuture] = {}  # until JOB_DONE (or a rejection) resolves them
         self._watchers: dict[str, list[Future[Any]]] = {}
-        self._requests: dict[int, tuple[Cmd, dict[str, Any], Future[Any]]] = {}  # unanswered, by req
+        # Unanswered requests, by req: (cmd, body, future, data frames).
+        self._requests: dict[int, tuple[Cmd, dict[str, Any], Future[Any], Sequence[Any]]] = {}
         self._instance: str | None = None
         self._done_seq = 0  # the highest JOB_DONE number received (acknowledged with ACK)
         self._acked_seq = 0
@@ -121,6 +123,8 @@ class Connection:
         # so that a submission to an idle connection can be sent from the calling thread (see submit).
         self._sock: zmq.Socket[Any] | None = None
         self._sock_lock = threading.Lock()
+        self.batching = Batching()  # the batch each thread fills, if any (deps.batch)
+        self.submitter: Any = None  # the client that owns this connection (JobFuture.then submits through it)
         self.welcome: Future[dict[str, Any]] = Future()  # WELCOME (or a first HEARTBEAT) arrived
         self.closed: Future[None] = Future()  # the I/O thread has ended and released everything
         self._thread = threading.Thread(target=self._run, name="conveyor-client-io", daemon=True)
@@ -155,9 +159,16 @@ class Connection:
     def no_answer(self, timeout_s: float) -> DispatcherUnavailable:
         return DispatcherUnavailable(f"no Conveyor dispatcher answered at {self.address} within {timeout_s:g} s")
 
-    def submit(self, job_id: str, opts: msgspec.Raw, frames: Sequence[Any]) -> JobFuture:
+    def submit(self, job_id: str, opts: msgspec.Raw, frames: Sequence[Any], deps: Deps | None = None) -> JobFuture:
         # A tuple of bytes, unlike a list, drops out of the garbage collector's sight at its first pass.
         future = JobFuture(job_id, self, opts, tuple(frames))
+        batch = self.batching.batch
+        if deps is not None:
+            future._deps = deps
+        if batch is not None:  # sent with the rest of its batch when the block ends (submit_batch)
+            future._batch = batch.id
+            batch.futures.append(future)
+            return future
         with self._lock:
             while len(self._pending) >= self.max_pending and self._fatal is None and not self._closing:
                 self._space.wait(1.0)
@@ -165,7 +176,8 @@ class Connection:
             self._pending[job_id] = future
             # The only job in flight (one call at a time): send it from this thread, saving the hop
             # to the I/O thread. Otherwise queue it, so that a burst still goes out in batches.
-            if self._submits or len(self._pending) > 1:
+            # A job with parents goes from the I/O thread: its entry is built there, just before it leaves.
+            if self._submits or len(self._pending) > 1 or deps is not None:
                 self._submits.append(future)
                 if not self._woken:
                     self._wake_locked()
@@ -177,6 +189,15 @@ class Connection:
                 if not self._woken:
                     self._wake_locked()
         return future
+
+    def submit_batch(self, futures: list[JobFuture]) -> None:
+        """Send these jobs in one SUBMIT (their entries share a batch id: accepted all or none)."""
+        with self._lock:
+            self._raise_if_broken()
+            for future in futures:
+                self._pending[future.job_id] = future
+            self._submits.extend(futures)
+            self._wake_locked()
 
     def _send_now(self, future: JobFuture) -> bool:
         """Send one submission from the calling thread if the I/O thread is waiting in poll."""
@@ -215,19 +236,21 @@ class Connection:
         with self._lock:
             self._raise_if_broken()
             self._watchers.setdefault(job_id, []).append(future)
-            self._commands.append((Cmd.WATCH, {"ids": [job_id]}))
+            self._commands.append((Cmd.WATCH, {"ids": [job_id]}, ()))
             self._wake_locked()
         return future
 
-    def start_request(self, cmd: Cmd, body: dict[str, Any]) -> tuple[int, Future[Any]]:
-        """Send a request; its reply (a plain map) will be the future's result. end_request(req) when done."""
+    def start_request(self, cmd: Cmd, body: dict[str, Any], frames: Sequence[Any] = ()) -> tuple[int, Future[Any]]:
+        """Send a request (with data frames, e.g. a schedule's call); its reply (a plain map) will be the
+        future's result. end_request(req) when done."""
         future: Future[Any] = Future()
         req = next(self._ids)
         body = {**body, "req": req}
+        frames = tuple(frames)
         with self._lock:
             self._raise_if_broken()
-            self._requests[req] = (cmd, body, future)
-            self._commands.append((cmd, body))
+            self._requests[req] = (cmd, body, future, frames)
+            self._commands.append((cmd, body, frames))
             self._wake_locked()
         return req, future
 
@@ -235,8 +258,8 @@ class Connection:
         with self._lock:
             self._requests.pop(req, None)
 
-    def request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float) -> Any:
-        req, future = self.start_request(cmd, body)
+    def request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float, frames: Sequence[Any] = ()) -> Any:
+        req, future = self.start_request(cmd, body, frames)
         try:
             return future.result(timeout_s)
         except TimeoutError:
@@ -252,7 +275,7 @@ class Connection:
         with self._lock:
             if self._closing or self._fatal is not None:
                 return False
-            self._commands.append((cmd, body))
+            self._commands.append((cmd, body, ()))
             self._wake_locked()
             return True
 
@@ -454,7 +477,7 @@ class Connection:
         with self._lock:
             self._woken = False
 
-    def _send(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> None:
+    def _send(self, cmd: Cmd, body: Any, frames: Sequence[Any] | None = None) -> None:
         sock = self._sock
         if sock is None:
             raise RuntimeError(f"the client of {self.address} is closed")
@@ -469,8 +492,8 @@ class Connection:
             for future in batch:
                 future._sent = True
         self._send_submit(batch)  # submissions first: a command may name a job submitted just before it
-        for cmd, body in commands:
-            self._send(cmd, body)
+        for cmd, body, data in commands:
+            self._send(cmd, body, data)
 
     def _send_submit(self, jobs: Iterable[JobFuture]) -> None:
         """SUBMIT messages for these jobs, of at most SUBMIT_BATCH entries and about SUBMIT_BATCH_BYTES each."""
@@ -481,11 +504,23 @@ class Connection:
             data = future._frames
             if data is None:  # resolved meanwhile, or cancelled before it left
                 continue
+            entry = None
+            if future._deps is not None:
+                entry = future._deps.entry(self, future)
+                if type(entry) is dict:  # a parent whose outcome arrived meanwhile ended badly
+                    self._resolve(future.job_id, "failed", {"error": entry}, [])
+                    continue
+                data = future._frames or ()
             n_bytes = sum(map(len, data))
-            if entries and (len(entries) >= SUBMIT_BATCH or size + n_bytes > SUBMIT_BATCH_BYTES):
+            # The entries of a batch go in one message whatever its size: the dispatcher accepts all or none.
+            if entries and (len(entries) >= SUBMIT_BATCH or size + n_bytes > SUBMIT_BATCH_BYTES) and (
+                not future._batch or future._batch != entries[-1].batch
+            ):
                 self._send(Cmd.SUBMIT, entries, frames)
                 entries, frames, size = [], [], 0
-            entries.append(c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data)))
+            if entry is None:
+                entry = c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data), batch=future._batch)
+            entries.append(entry)
             frames.extend(data)
             size += n_bytes
         if entries:
@@ -590,7 +625,7 @@ class Connection:
             for job in jobs:
                 job._sent = True
             watched = list(self._watchers)
-            requests = [(cmd, body) for cmd, body, _ in self._requests.values()] if self._resend_requests else []
+            requests = [(e[0], e[1], e[3]) for e in self._requests.values()] if self._resend_requests else []
             self._resend_requests = False
         self._busy = []
         self.resyncs += 1
@@ -601,8 +636,8 @@ class Connection:
             self._send(Cmd.CANCEL_JOBS, {"ids": cancelled, "req": None})
         if watched:
             self._send(Cmd.WATCH, {"ids": watched})
-        for cmd, body in requests:
-            self._send(cmd, body)
+        for cmd, body, data in requests:
+            self._send(cmd, body, data)
 
     def _on_done(self, done: c.JobDone, frames: list[Any]) -> None:
         if done.seq > self._done_seq + 1:
@@ -610,7 +645,27 @@ class Connection:
         self._done_seq = max(self._done_seq, done.seq)
         entries = done.jobs
         per_entry = split_frames([e.n_frames for e in entries], frames)
+        if any(e.withheld for e in entries):  # a large result its dependants use, sent without it
+            self._on_withheld([e for e in entries if e.withheld])
+            entries_data = [(e, d) for e, d in zip(entries, per_entry, strict=True) if not e.withheld]
+            self._resolve_many([(e.job_id, e.state, e.info, d) for e, d in entries_data])
+            return
         self._resolve_many([(e.job_id, e.state, e.info, data) for e, data in zip(entries, per_entry, strict=True)])
+
+    def _on_withheld(self, entries: list[c.JobDoneEntry]) -> None:
+        """Jobs done whose result stayed in the dispatcher (it keeps them until its result TTL): their
+        futures are done, and fetch the result when result() is called; watchers (result by id) ask
+        for it now."""
+        with self._lock:
+            rewatch = {e.job_id for e in entries if e.job_id in self._watchers}
+            lazy = [e for e in entries if e.job_id not in rewatch]
+            found: list[tuple[JobFuture | None, list[Future[Any]] | None]] = [
+                (self._pending.pop(e.job_id, None), None) for e in lazy
+            ]
+            self._space.notify(len(lazy))
+        if rewatch:  # the WATCH answer (with the result) settles their future too
+            self._commands.append((Cmd.WATCH, {"ids": sorted(rewatch)}, ()))
+        self._settling.append(([(e.job_id, e.state, e.info, WITHHELD) for e in lazy], found))
 
     def _resolve(self, job_id: str, state: str, info: dict[str, Any], data: list[Any]) -> None:
         self._resolve_many([(job_id, state, info, data)])
@@ -683,8 +738,10 @@ def outcome_error(info: dict[str, Any], data: list[Any]) -> BaseException:
     return perr.rebuild_exception(info.get("error") or {}, data)
 
 
-def _settle(future: Future[Any], state: str, info: dict[str, Any], data: list[Any]) -> None:
-    if state == "succeeded":
+def _settle(future: Future[Any], state: str, info: dict[str, Any], data: Any) -> None:
+    if data is WITHHELD:
+        future.set_result(WITHHELD)  # JobFuture.result() fetches it
+    elif state == "succeeded":
         try:
             future.set_result(decode_value(data))
         except Exception as exc:  # e.g. the result's class is not importable here

@@ -71,6 +71,16 @@ class _FutureCondition(threading.Condition):
         self._waiters = ()
 
 
+class _Withheld:
+    """The result of a job whose JOB_DONE came without it (a large result its dependants use)."""
+
+    def __repr__(self) -> str:
+        return "WITHHELD"
+
+
+WITHHELD = _Withheld()  # fetched from the dispatcher (WATCH) when result() is first called
+
+
 # Future.__init__'s fields, set directly below (with the lighter condition); if a Python version has
 # other fields, JobFuture falls back to Future.__init__ with the standard condition.
 _PENDING_STATE = Future()._state
@@ -105,6 +115,48 @@ class JobFuture(Future[Any]):
         self._frames = frames
         self._sent = False  # a SUBMIT for it may have left (set by the connection, under its lock)
         self._accepted = False  # the dispatcher's ACCEPTED named it
+
+    # Set only on the futures that need them (most jobs have no parents and are in no batch).
+    _deps: Any = None  # its parents (deps.Deps), until it is resolved
+    _batch = ""  # the id of the batch (one SUBMIT, all or none) it belongs to
+    _submitter: Any = None  # the view of a client (options(...)) that submitted it, if not the client itself
+
+    def then(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run fn(this job's result, *args, **kwargs) once this job has succeeded: a new job, its future.
+
+        It is submitted as this one was: by the same client, or view of it (`options(...)`), so with the
+        same options (priority, mode, tags...)."""
+        submitter = self._submitter or getattr(self._connection, "submitter", None)
+        if submitter is None:
+            raise RuntimeError(f"{self.job_id} has no client to chain with: use client.submit(fn, future)")
+        return submitter.submit(fn, self, *args, **kwargs)
+
+    @property
+    def withheld(self) -> bool:
+        """Done, and its result still in the dispatcher: result() fetches it (docs/workflows.md)."""
+        return self._result is WITHHELD
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        if value is WITHHELD:
+            return self._fetch(timeout)
+        return value
+
+    def _fetch(self, timeout: float | None) -> Any:
+        """The withheld result, asked for now (a round trip; not from the client's I/O thread)."""
+        connection = self._connection
+        if connection is None or connection.on_io_thread():
+            raise RuntimeError(f"the result of {self.job_id} is in the dispatcher: call result() from another thread")
+        from conveyor.protocol import failures as perr
+        from conveyor.protocol.payload import decode_value
+
+        record, data = connection.watch(self.job_id).result(timeout)
+        if record.get("state") != "succeeded":
+            raise perr.rebuild_exception(record.get("error") or {}, data)
+        value = decode_value(data)
+        with self._condition:
+            self._result = value
+        return value
 
     def cancel(self) -> bool:
         """Cancel the job if it has not started (no worker was assigned it); False if it has, or is done.

@@ -13,12 +13,14 @@ when it closes. Timeouts are in seconds, `max_message_size` in bytes.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from conveyor.client import schedules as sched
 from conveyor.client import states
 from conveyor.client.base import REQUEST_TIMEOUT_S, ClientBase, common_length, limit_list, limit_of, limits_body
 from conveyor.client.connection import outcome_error
@@ -206,7 +208,8 @@ class Client(ClientBase):
         """Declare (or, with rule=None, remove) limit `key` at run time: '100/s,burst=20', 'concurrency:4'.
 
         Returns the key as the dispatcher now shows it (None once removed); ValueError if it refused the rule."""
-        reply = self._open_conn().request(Cmd.LIMITS, limits_body({key: rule}), timeout)
+        body = limits_body({key: rule})  # a bad key is refused before any connection is made
+        reply = self._open_conn().request(Cmd.LIMITS, body, timeout)
         return limit_of(reply, key)
 
     def limits(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
@@ -244,3 +247,61 @@ class Client(ClientBase):
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
+    # --- schedules (conveyor/client/schedules.py builds the requests; docs/schedules.md) ------------
+
+    def schedule(
+        self, name: str, fn: Callable[..., Any] | str, /, *args: Any, cron: str | None = None,
+        every: sched.Duration | None = None, offset: sched.Duration | None = None, tz: str = "UTC",
+        misfire: str = "once", overlap: str = "skip", jitter: sched.Duration | None = None,
+        catchup_window: sched.Duration | None = None, max_catchup: int = sched.DEFAULT_MAX_CATCHUP,
+        pause_on_failure: bool = False, **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Create or change schedule `name`: fn(*args, **kwargs) at every slot of `cron` (in zone `tz`) or
+        `every` (from the Unix epoch, plus `offset`), with this client's task options. Returns the schedule."""
+        when = sched.spec(cron=cron, every=every, offset=offset, tz=tz, misfire=misfire, overlap=overlap,
+                          jitter=jitter, catchup_window=catchup_window, max_catchup=max_catchup,
+                          pause_on_failure=pause_on_failure)
+        body, frames = sched.upsert(name, fn, args, kwargs, self._options, when)
+        return sched.one(self._open_conn().request(Cmd.SCHEDULE, body, REQUEST_TIMEOUT_S, frames))
+
+    def schedules(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Every schedule: its spec, next run, last slot, last job and outcome, fired and skipped counts."""
+        return sched.many(self._open_conn().request(Cmd.SCHEDULE, {"op": "list"}, timeout))
+
+    def schedule_info(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        return sched.one(self._open_conn().request(Cmd.SCHEDULE, sched.request("show", name), timeout))
+
+    def preview(
+        self, name_or_spec: str | dict[str, Any], n: int = 10, timeout: float = REQUEST_TIMEOUT_S
+    ) -> list[dt.datetime]:
+        """The next n slots of a schedule, or of a spec ({'cron': ..., 'tz': ...}), in its zone."""
+        body = sched.preview_request(name_or_spec, n)
+        return sched.slots(self._open_conn().request(Cmd.SCHEDULE, body, timeout), name_or_spec)
+
+    def pause(
+        self, name: str, until: dt.datetime | dt.timedelta | float | str | None = None,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Pause a schedule for good, or until an aware datetime or for a duration (seconds, '2h')."""
+        body = sched.request("pause", name, until=sched.pause_until(until))
+        return sched.one(self._open_conn().request(Cmd.SCHEDULE, body, timeout))
+
+    def resume(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """Resume a paused schedule; the slots missed meanwhile follow its misfire policy."""
+        return sched.one(self._open_conn().request(Cmd.SCHEDULE, sched.request("resume", name), timeout))
+
+    def trigger(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> str:
+        """One extra run now (its slots are untouched); returns its job id, sched:NAME:manual:N."""
+        return sched.job_ids(self._open_conn().request(Cmd.SCHEDULE, sched.request("trigger", name), timeout))[0]
+
+    def backfill(
+        self, name: str, start: dt.datetime, end: dt.datetime, timeout: float = REQUEST_TIMEOUT_S
+    ) -> list[str]:
+        """Run the slots in [start, end] (at most max_catchup, oldest first, through the overlap policy);
+        returns the ids of the jobs created (a slot that already has its job is not run again)."""
+        body = sched.backfill_request(name, start, end)
+        return sched.job_ids(self._open_conn().request(Cmd.SCHEDULE, body, timeout))
+
+    def unschedule(self, name: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        """Delete a schedule (the jobs it created stay)."""
+        sched.deleted(self._open_conn().request(Cmd.SCHEDULE, sched.request("delete", name), timeout))

@@ -19,8 +19,9 @@ from urllib.parse import urlparse
 
 from conveyor.cluster.ssh import Target
 from conveyor.errors import InventoryError
+from conveyor.protocol.commands import MODE_NAMES
 
-MODES = ("threads", "processes", "asyncio")
+MODES = MODE_NAMES  # interpreters too: its worker refuses to start, in one line, on a Python < 3.12
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_STATE_DIR = "~/.local/state/conveyor"

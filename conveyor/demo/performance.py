@@ -28,8 +28,21 @@ from conveyor.demo.harness import (
 )
 from conveyor.demo.text import per_slot
 
-MODES = ("threads", "processes", "asyncio")
+MODES = ("threads", "processes", "asyncio")  # measured on every Python
+ALL_MODES = (*MODES, "interpreters")  # interpreters only where this Python can run it (experiment 11)
 K = TypeVar("K")
+
+
+def sweep_modes() -> tuple[str, ...]:
+    """The modes the sweep measures here: interpreters mode too when this Python can run it."""
+    from conveyor.demo.subinterpreters import missing
+
+    return (*MODES, "interpreters") if missing() is None else MODES
+
+
+def _modes(data: dict[str, Any]) -> tuple[str, ...]:
+    """The modes a sweep measured (results written before interpreters mode have no list: the first three)."""
+    return tuple(data.get("modes") or MODES)
 
 
 def calibration(sizes: Sizes) -> dict[str, float]:
@@ -96,14 +109,18 @@ def _remeasure_noisy(
 # --- 3, 4, 5 (and 7's data): the concurrency sweep -------------------------------------------------------------
 
 
-def sweep(sizes: Sizes, cal: dict[str, float], progress: Progress) -> dict[str, Any]:
-    """Every mode at every concurrency level: the same CPU-bound batch (and a hashing batch).
+def sweep(
+    sizes: Sizes, cal: dict[str, float], progress: Progress, modes: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Every mode (`sweep_modes()` unless given) at every concurrency level: the same CPU-bound batch (and a
+    hashing batch).
 
     One dispatcher and one worker per mode and concurrency level, each with its own tag, all started
     first (their start-up and idle memory feed experiment 7). Then `passes` passes, each over every
     mode and level in turn; each point keeps its fastest pass, so a burst of load from other programs
     on this machine spoils one pass of every mode rather than every pass of one mode.
     """
+    modes = modes or sweep_modes()
     n_tasks = 2 * max(sizes.levels)
     spin_n = max(1000, int(cal["spin_per_s"] * sizes.cpu_seconds / n_tasks))
     sha_n = max(1, round(cal["sha_rounds_per_s"] * sizes.sha_seconds / n_tasks))
@@ -111,7 +128,7 @@ def sweep(sizes: Sizes, cal: dict[str, float], progress: Progress) -> dict[str, 
     costs: list[dict[str, Any]] = []
     with dispatcher_only() as (client, address), ExitStack() as stack:
         workers: list[TaggedWorker] = []
-        for mode in MODES:
+        for mode in modes:
             for c in sizes.levels:
                 progress.step(f"3-5: starting a {mode} worker x{c}")
                 w = start_tagged_worker(stack, client, address, mode, c, f"{mode}-x{c}")
@@ -136,7 +153,7 @@ def sweep(sizes: Sizes, cal: dict[str, float], progress: Progress) -> dict[str, 
                 progress.advance(0.75 / sizes.passes)
         extra = _remeasure_noisy(best, measure, sizes.retries, progress, lambda k: f"3-5: {k[0]} x{k[1]} ({k[2]})")
     runs: list[dict[str, Any]] = []
-    for mode in MODES:
+    for mode in modes:
         for c in sizes.levels:
             entry: dict[str, Any] = {"mode": mode, "concurrency": c}
             for workload in ("cpu", "sha"):
@@ -144,12 +161,13 @@ def sweep(sizes: Sizes, cal: dict[str, float], progress: Progress) -> dict[str, 
                     entry[workload] = best[(mode, c, workload)]
             runs.append(entry)
     for workload in ("cpu", "sha"):
-        for mode in MODES:
+        for mode in modes:
             mine = [r for r in runs if r["mode"] == mode and workload in r]
             base = next((r[workload]["wall_s"] for r in mine if r["concurrency"] == 1), None)
             for r in mine:
                 r[workload]["speedup"] = round(base / r[workload]["wall_s"], 3) if base else None
     return {
+        "modes": list(modes),
         "tasks_per_run": n_tasks,
         "spin_iterations_per_task": spin_n,
         "sha_rounds_per_task": sha_n,
@@ -219,8 +237,8 @@ def exp4_every_core(data: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
 def exp5_scaling(data: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
     c = max(2, sizes.cores)
     top = max(sizes.levels)
-    speed = {mode: curve(data, mode, "cpu") for mode in MODES}
-    sha = {mode: curve(data, mode, "sha") for mode in ("threads", "processes")}
+    speed = {mode: curve(data, mode, "cpu") for mode in _modes(data)}
+    sha = {mode: curve(data, mode, "sha") for mode in _modes(data) if mode != "asyncio"}
     return {
         "cluster": f"local: 1 dispatcher, 1 worker per mode and concurrency level {list(sizes.levels)}",
         "cpu_speedup": speed,
@@ -228,8 +246,9 @@ def exp5_scaling(data: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
         "holds": _at(speed["processes"], c) > 1.3 * _at(speed["threads"], c) and _at(sha["threads"], c) >= 1.3,
         "finding": (
             f"at concurrency {c} (top {top}): processes {_at(speed['processes'], c):.2f}x, threads "
-            f"{_at(speed['threads'], c):.2f}x, asyncio {_at(speed['asyncio'], c):.2f}x; hashing in threads "
-            f"{_at(sha['threads'], c):.2f}x"
+            f"{_at(speed['threads'], c):.2f}x, asyncio {_at(speed['asyncio'], c):.2f}x"
+            + (f", interpreters {_at(speed['interpreters'], c):.2f}x" if "interpreters" in speed else "")
+            + f"; hashing in threads {_at(sha['threads'], c):.2f}x"
         ),
     }
 
@@ -315,7 +334,7 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def exp7_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
     per_mode: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in ALL_MODES:
         mine = sorted((c for c in costs if c["mode"] == mode and c.get("idle")), key=lambda c: c["concurrency"])
         if not mine:
             continue

@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"threads": "#d62728", "processes": "#1f77b4", "asyncio": "#2ca02c", "ideal": "#555555"}
-MARKERS = {"threads": "s", "processes": "o", "asyncio": "^"}
+COLORS = {"threads": "#d62728", "processes": "#1f77b4", "asyncio": "#2ca02c", "interpreters": "#ff7f0e",
+          "ideal": "#555555"}
+MARKERS = {"threads": "s", "processes": "o", "asyncio": "^", "interpreters": "D"}
+ORDER = ("processes", "interpreters", "threads", "asyncio")  # the order of the curves and their legend
+
+
+def _sweep_modes(data: dict[str, Any]) -> list[str]:
+    present = {r["mode"] for r in data["runs"]}
+    return [m for m in ORDER if m in present]
 
 
 def available() -> bool:
@@ -85,7 +92,7 @@ def cpu_scaling(data: dict[str, Any], cores: int, gil: bool, out: Path) -> str:
     xs = [int(x) for x in data["levels"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _ideal(ax, xs, cores)
-    for mode in ("processes", "threads", "asyncio"):
+    for mode in _sweep_modes(data):
         pts = sorted((r["concurrency"], r["cpu"]["speedup"]) for r in data["runs"] if r["mode"] == mode)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[mode], color=COLORS[mode],
                 linewidth=2, label=f"{mode} mode")
@@ -127,7 +134,7 @@ def cores_busy(data: dict[str, Any], cores: int, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(xs, [min(x, cores) for x in xs], linestyle="--", color=COLORS["ideal"],
             label=f"ideal: every task on its own core, at most {cores}")
-    for mode in ("processes", "threads", "asyncio"):
+    for mode in _sweep_modes(data):
         pts = sorted((r["concurrency"], r["cpu"]["cores_busy"]) for r in data["runs"] if r["mode"] == mode)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[mode], color=COLORS[mode],
                 linewidth=2, label=f"{mode} mode")
@@ -219,3 +226,30 @@ def waiting(result: dict[str, Any], out: Path) -> str:
     wait_ms = round(runs[0]["wait_s"] * 1000)
     fig.suptitle(f"9. Tasks that each wait {wait_ms} ms: one event loop vs threads vs processes")
     return _save(fig, out, "9_waiting.png")
+
+
+def interpreters(result: dict[str, Any], out: Path) -> str:
+    """Experiment 11: speed-up and idle memory of threads, processes and interpreters mode, side by side."""
+    plt = _plt()
+    modes = list(result["by_mode"])
+    c = result["concurrency"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    speed = [result["by_mode"][m]["speedup"] or 0.0 for m in modes]
+    others = [result["by_mode"][m].get("other_cores_busy") or 0.0 for m in modes]
+    rss = [result["by_mode"][m]["idle_rss_mib"] or 0.0 for m in modes]
+    panels = [
+        (left, speed, [f"{v:.2f}x\n(busy elsewhere: {o:.2f} cores)" for v, o in zip(speed, others, strict=True)],
+         f"CPU-bound speed-up at concurrency {c}", "speedup vs concurrency 1 (higher is faster)"),
+        (right, rss, [f"{v:.0f} MiB" for v in rss], f"Idle memory of a worker x{c}",
+         "resident memory, MiB (worker + children)"),
+    ]
+    for ax, values, labels, title, ylabel in panels:
+        bars = ax.bar([f"{m} mode" for m in modes], values, color=[COLORS[m] for m in modes])
+        ax.bar_label(bars, labels=labels, fontsize=9)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(values) * 1.25 if max(values) else 1)
+    left.axhline(1.0, color="#999999", linewidth=0.8)
+    gil = "GIL enabled" if result["gil_enabled"] else "GIL disabled"
+    fig.suptitle(f"11. One subinterpreter per slot, each with its own GIL (Python {result['python']}, {gil})")
+    return _save(fig, out, "11_interpreters.png")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conveyor.demo import plots
+from conveyor.demo import plots, subinterpreters
 from conveyor.demo import report_perf as perf
 from conveyor.demo.text import busy_machine, fmt, image, table, verdict, when
 
@@ -38,6 +38,8 @@ def make_plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         "7": ("7", lambda: plots.cost(exps["7"], out)),
         "9": ("9", lambda: plots.waiting(exps["9"], out)),
     }
+    if exps.get("11", {}).get("available"):
+        jobs["11"] = ("11", lambda: plots.interpreters(exps["11"], out))
     made: dict[str, str] = {}
     for name, (needs, draw) in jobs.items():
         if needs in exps and "error" not in exps[needs]:
@@ -67,8 +69,9 @@ def render(results: dict[str, Any], made: dict[str, str]) -> str:
         "8": _section8,
         "9": lambda e: perf.section9(e, exps, made),
         "10": _section10,
+        "11": lambda e: subinterpreters.section11(e, meta, made),
     }
-    for number in map(str, range(1, 11)):
+    for number in map(str, range(1, 12)):
         e = exps.get(number)
         if e is None:
             continue
@@ -126,8 +129,10 @@ def _glossary(meta: dict[str, Any]) -> str:
 - **CPU-bound / I/O-bound**: a CPU-bound task spends its time computing; an I/O-bound task spends it
   waiting (for a network reply, a disk, a timer).
 - **Worker, mode, concurrency**: a Conveyor *worker* runs tasks in one *mode*: `processes` (each task in one
-  of N child processes of the worker), `threads` (in one of N threads of the worker process) or `asyncio`
-  (as coroutines on one event loop: a single thread that switches to another task whenever one waits).
+  of N child processes of the worker), `threads` (in one of N threads of the worker process), `asyncio`
+  (as coroutines on one event loop: a single thread that switches to another task whenever one waits) or,
+  on Python 3.12 and later, `interpreters` (in one of N subinterpreters of the worker process, each with
+  its own GIL and driven by its own thread).
   *Concurrency* is N, the number of tasks a worker runs at once.
 - **Speedup**: the time the same work takes at concurrency 1 divided by its time at concurrency N. 2.0 means
   twice as fast. For CPU-bound work it cannot exceed the number of cores.

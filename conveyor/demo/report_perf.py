@@ -151,8 +151,9 @@ def section5(e: dict[str, Any], meta: dict[str, Any], made: dict[str, str]) -> s
     sweep = e["sweep"]
     cores = meta["cores_used_for_sizes"]
     modes = ("processes", "threads", "asyncio")
-    by_c = {m: {r["concurrency"]: r["cpu"]["speedup"] for r in _runs(sweep, m)} for m in modes}
-    rows = [[c, *(f"{fmt(by_c[m].get(c), 2)}x" for m in modes), min(c, cores)] for c in sweep["levels"]]
+    shown = (*modes, "interpreters") if "interpreters" in sweep.get("modes", []) else modes
+    by_c = {m: {r["concurrency"]: r["cpu"]["speedup"] for r in _runs(sweep, m)} for m in shown}
+    rows = [[c, *(f"{fmt(by_c[m].get(c), 2)}x" for m in shown), min(c, cores)] for c in sweep["levels"]]
     sha_rows = [
         [r["concurrency"], f"{fmt(r['sha']['speedup'], 2)}x", fmt(r["sha"]["cores_busy"], 2),
          _others(r["sha"]), f"{fmt(p['sha']['speedup'], 2)}x"]
@@ -170,6 +171,14 @@ def section5(e: dict[str, Any], meta: dict[str, Any], made: dict[str, str]) -> s
     )
     if p_c < 0.7 * min(c, cores):
         measured += _elsewhere(_point(sweep, "processes", c, "cpu")) or _noise(meta)
+    if "interpreters" in by_c:
+        i_c = by_c["interpreters"].get(c) or by_c["interpreters"][max(by_c["interpreters"])]
+        measured += (
+            f" Interpreters mode, one process with a subinterpreter (and a GIL) per slot, reached {fmt(i_c, 2)}x"
+            " (experiment 11)."
+        )
+    else:
+        measured += " Interpreters mode was not measured: this Python cannot run it (experiment 11)."
     sha_t = next((r["sha"] for r in _runs(sweep, "threads") if r["concurrency"] == c and "sha" in r), None)
     if sha_t is not None and sha_t["speedup"] >= 1.3:
         sha_meaning = (
@@ -193,7 +202,7 @@ core is busy ({cores}), then stays there.
 
 **What we measured** (speedup over concurrency 1):
 
-{table(["concurrency", "processes", "threads", "asyncio", "ideal"], rows)}
+{table(["concurrency", *shown, "ideal"], rows)}
 {image(made, "5", "Speedup of CPU-bound work by mode")}
 **What it means.** {measured} Processes can follow the ideal line up to the core count; threads stay
 near 1x, and so does asyncio mode, because a plain (non-`async`) function in asyncio mode runs in the event
@@ -281,8 +290,20 @@ pages among the processes that share them.
 
 **What it means.** A processes-mode slot costs a process: megabytes of memory and some start-up time each.
 A thread costs little memory, and an asyncio slot practically none until a task uses it. Size processes
-mode to the cores; threads and asyncio can go much higher when tasks wait (experiment 9).
+mode to the cores; threads and asyncio can go much higher when tasks wait (experiment 9).{_interp_cost(e)}
 """
+
+
+def _interp_cost(e: dict[str, Any]) -> str:
+    v = e["per_mode"].get("interpreters")
+    if v is None:
+        return ""
+    return (
+        f" An interpreters-mode slot is a subinterpreter in the worker's own process, which imports its own "
+        f"copy of the task-side modules: {per_slot(v['rss_mib_per_slot'], 'MiB')} each here, between a thread "
+        f"and a child process, and {per_slot(v['startup_ms_per_slot'], 'ms', 1)} of start-up each, since the "
+        "worker creates every subinterpreter before it takes work (experiment 11)."
+    )
 
 
 def _kib_per_wait(r: dict[str, Any], base_mib: float | None) -> float | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from conveyor.demo import experiments as behaviour
 from conveyor.demo import performance as perf
+from conveyor.demo import subinterpreters
 from conveyor.demo.harness import Progress, Sizes
 
 TITLES: dict[int, str] = {
@@ -26,12 +27,13 @@ TITLES: dict[int, str] = {
     8: "Crash isolation: processes vs threads",
     9: "Waiting (I/O-bound) tasks: asyncio vs threads vs processes",
     10: "The interpreter, and whether its GIL is on",
+    11: "Subinterpreters: every core in one process (interpreters mode, Python 3.12+)",
 }
 
 
 def total_units(sizes: Sizes) -> float:
     """Progress units the whole run advances by (each experiment reports its share)."""
-    return 1 + 1 + 1 + 3 * len(sizes.levels) + 3 + 3 + 1
+    return 1 + 1 + 1 + len(perf.sweep_modes()) * len(sizes.levels) + 3 + 3 + 1
 
 
 def _load() -> list[float] | None:
@@ -89,6 +91,7 @@ def run_all(sizes: Sizes, external: str | None, progress: Progress) -> dict[str,
 
     attempt(9, run_waiting)
     attempt(7, lambda: perf.exp7_cost(costs))
+    attempt(11, lambda: subinterpreters.exp11_interpreters(sweep or None, sizes, gil))
     attempt(8, lambda: behaviour.exp8_crash_isolation(sizes, progress))
 
     command = "conveyor demo" + (" --quick" if sizes.quick else "") + (f" --dispatcher {external}" if external else "")

@@ -338,8 +338,9 @@ class _Checker:
         for parent in (*e.parents, *e.after):
             if parent not in jobs and parent not in earlier:
                 raise UnknownParent(e.job_id, parent)
+        named = frozenset((*e.parents, *e.after)) if e.allow_failure else frozenset()
         for parent in e.allow_failure:
-            if parent not in e.parents and parent not in e.after:
+            if parent not in named:
                 raise ValueError(f"allow_failure names {parent}, which is not a parent")
         return self._last
 

@@ -28,7 +28,8 @@ class Deliveries:
         self._pending: dict[bytes, list[Job]] = {}  # this turn's deliveries, by client
         self._withhold: dict[bytes, set[str]] = {}  # of those, jobs to send without their result
         self._seq: dict[bytes, int] = {}  # the last JOB_DONE number per client
-        self._unacked: dict[bytes, deque[tuple[int, list[Job]]]] = {}
+        # Sent, not acknowledged: (seq, jobs, those of them sent without their result).
+        self._unacked: dict[bytes, deque[tuple[int, list[Job], frozenset[str]]]] = {}
 
     def add(self, client: bytes, job: Job, withhold: bool = False) -> None:
         """Deliver a finished job to a client at the end of this turn (without its result: its dependants
@@ -43,8 +44,9 @@ class Deliveries:
         out = []
         for client, jobs in self._pending.items():
             seq = self.number(client)
-            self._unacked.setdefault(client, deque()).append((seq, jobs))
-            out.append(Deliver(client, jobs, seq, frozenset(self._withhold.get(client, ()))))
+            withheld = frozenset(self._withhold.get(client, ()))
+            self._unacked.setdefault(client, deque()).append((seq, jobs, withheld))
+            out.append(Deliver(client, jobs, seq, withheld))
         self._pending = {}
         self._withhold = {}
         return out
@@ -61,8 +63,10 @@ class Deliveries:
         if q is None:
             return
         while q and q[0][0] <= seq:
-            for job in q.popleft()[1]:
-                self._settle(job, delivered=True)
+            _, jobs, withheld = q.popleft()
+            for job in jobs:
+                # Sent without its result: not delivered, so it stays (result TTL) for the client to fetch.
+                self._settle(job, delivered=job.id not in withheld)
         if not q:
             del self._unacked[client]
 
@@ -71,7 +75,7 @@ class Deliveries:
         q = self._unacked.get(client)
         if q is None:
             return
-        for i, (s, jobs) in enumerate(q):
+        for i, (s, jobs, _) in enumerate(q):
             if s == seq:
                 del q[i]
                 for job in jobs:
@@ -83,7 +87,7 @@ class Deliveries:
     def client_gone(self, client: bytes) -> None:
         """A client not heard from for long: what it did not acknowledge stays until the result TTL."""
         self._seq.pop(client, None)
-        for _, jobs in self._unacked.pop(client, ()):
+        for _, jobs, _ in self._unacked.pop(client, ()):
             for job in jobs:
                 self._settle(job, delivered=False)
         for job in self._pending.pop(client, ()):

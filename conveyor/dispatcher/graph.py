@@ -35,7 +35,10 @@ class Node:
 
     @property
     def all_parents(self) -> tuple[str, ...]:
-        return self.parents + tuple(p for p in self.after if p not in self.parents)
+        if not self.after:
+            return self.parents
+        seen = frozenset(self.parents)
+        return self.parents + tuple(p for p in self.after if p not in seen)
 
 
 class UnknownParent(ValueError):

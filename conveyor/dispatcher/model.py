@@ -187,9 +187,10 @@ def shift_history(history: list[dict[str, Any]], offset: float) -> list[dict[str
 
 
 def wall_clock_view(view: dict[str, Any], offset: float) -> dict[str, Any]:
-    """A job view (Scheduler.job_view) with its times in wall-clock: history, submitted, finished, retry."""
+    """A job view (Scheduler.job_view) with its times in wall-clock: history, submitted, finished, retry, due,
+    expiry."""
     view["history"] = shift_history(view["history"], offset)
-    for key in ("submitted_at", "finished_at", "retry_at"):
+    for key in ("submitted_at", "finished_at", "retry_at", "due_at", "expires_at"):
         if view.get(key) is not None:
             view[key] += offset
     return view

@@ -128,7 +128,6 @@ class Scheduler:
         self._limits_wake: float | None = None  # when a rate key next lets a waiting job start
         self._finished: deque[str] = deque()  # finished job ids in finishing order, for expiry
         self._seq = 0
-        self._front = 0  # orders of jobs handed back: before every job of their priority
         self.n_queued = 0  # queued, and waiting out a retry delay
         self.n_running = 0
         self.n_scheduled = 0
@@ -218,11 +217,12 @@ class Scheduler:
     def _link(self, job: Job, node: Node, now: float) -> bool:
         """Attach a new job to its parents; True if it waits for them (or ended: a parent ended badly)."""
         blocked: Job | None = None
+        uses_result = frozenset(node.parents)  # not the tuple: a fan-in over 100,000 was quadratic
         for parent_id in node.all_parents:
             parent = self.jobs.get(parent_id)
             if parent is None:
                 continue  # restoring: it finished and was forgotten, so it succeeded
-            if parent_id in node.parents:
+            if parent_id in uses_result:
                 if parent.node is None:
                     parent.node = Node()
                 parent.node.pins += 1  # its result stays until this job has run
@@ -542,7 +542,13 @@ class Scheduler:
         if job is None or job.state != RUNNING or job.worker != wid or job.attempt != attempt:
             return
         self._release(job)
-        self._enqueue(job, now, front=True)
+        for entry in reversed(job.history):
+            if entry["attempt"] == attempt:
+                entry["handed_back"] = True  # it never started: its expiry still applies (tick)
+                break
+        if job.expires is not None:  # its expiry may have come and gone while it was held: look again
+            heapq.heappush(self._expiring, (job.expires, job.seq, job.id))
+        self._enqueue(job, now)
 
     # --- time and assignment --------------------------------------------------------------------
 
@@ -568,7 +574,7 @@ class Scheduler:
         while self._expiring and self._expiring[0][0] <= now:
             _, _, job_id = heapq.heappop(self._expiring)
             job = self.jobs.get(job_id)
-            if job is not None and job.state in WAITING_STATES and job.attempt == 0:
+            if job is not None and job.state in WAITING_STATES and not _ever_started(job):
                 self._stop_waiting(job)
                 info = perr.error_info(perr.EXPIRED, "JobExpired", "the job had not started by its expiry time")
                 self._finish(job, EXPIRED, info, [], now)
@@ -764,14 +770,11 @@ class Scheduler:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _enqueue(self, job: Job, now: float, front: bool = False) -> None:
-        """The job could run now but for a worker (queued), or but for its limit keys (limited)."""
+    def _enqueue(self, job: Job, now: float) -> None:
+        """The job could run now but for a worker (queued), or but for its limit keys (limited).
+        Handed back or retried, it keeps its place: its order is its acceptance (or due) order."""
         job.worker = None
-        if front:
-            self._front -= 1
-            order = self._front
-        else:
-            order = job.seq
+        order = job.seq
         since = job.submitted_at if job.due is None else max(job.submitted_at, job.due)
         key = sort_key(job, self.aging_s, since)
         limit_keys = job.opts.limit_keys
@@ -821,7 +824,9 @@ class Scheduler:
 
     def _pop_for(self, w: WorkerInfo, n: int, now: float) -> list[Job]:
         """Up to n jobs for this worker, best first across every class it serves; jobs under limit keys
-        only into its free slots, and only while their keys allow a start now."""
+        only into its free slots, and only while their keys allow a start now. A job with an expiry, too,
+        goes only into a free slot (assignment is start: it never waits in a window past its expiry), and
+        nothing of its class is prefetched past it (that would run a lesser job first)."""
         heads: list[tuple[float, int, int, Any]] = []  # (key, order, 0 ready / 1 limited, class)
         counts = self.ready.counts
         for cls in w.classes:
@@ -854,7 +859,12 @@ class Scheduler:
                     heapq.heappush(heads, (nxt[0], nxt[1], 1, cls))
             else:
                 q = self.ready.by_class[cls]
+                if free_slots <= 0:
+                    head = q.head()
+                    if head is not None and head[2].expires is not None:
+                        continue  # no free slot for it: its class is done for this worker this time
                 job = q.pop()
+                free_slots -= 1
                 self.n_queued -= 1
                 gone = self.ready.taken(cls)
                 if gone:
@@ -1050,6 +1060,11 @@ class Scheduler:
             info = perr.error_info(perr.LOST, "WorkerLost", f"worker {w.name} on {w.host} stopped answering")
             self._record_attempt(job, attempt, wid, info, now)
             self._failed_attempt(job, info, [], now, retryable=True)
+
+
+def _ever_started(job: Job) -> bool:
+    """Whether some attempt of the job was assigned and not handed back unstarted."""
+    return any(not entry.get("handed_back") for entry in job.history)
 
 
 def _history(job: Job) -> list[dict[str, Any]]:

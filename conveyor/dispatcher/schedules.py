@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
 import re
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -113,38 +116,37 @@ def expression(cron: str) -> str:
     return NICKNAMES.get(cron.strip().lower(), cron)
 
 
-def slots_after(spec: Spec, after: float, count: int) -> list[float]:
-    """The next `count` slots strictly after `after` (Unix times)."""
+def iter_slots(spec: Spec, after: float) -> Iterator[float]:
+    """The slots strictly after `after` (Unix times), lazily: a cron expression is walked only as far as
+    asked (a fire looks at two or three slots, not a batch: 10,000 schedules fire every minute)."""
     if spec.every_s is not None:
         k = math.floor((after - spec.offset_s) / spec.every_s) + 1
-        return [k * spec.every_s + spec.offset_s + i * spec.every_s for i in range(count)]
+        for i in itertools.count():
+            yield k * spec.every_s + spec.offset_s + i * spec.every_s
     assert spec.cron is not None
-    tz = zone(spec.tz)
-    it = CronSim(expression(spec.cron), datetime.fromtimestamp(after, tz))
-    out = []
-    for _ in range(count):
-        try:
-            out.append(next(it).timestamp())
-        except StopIteration:  # an expression with no more slots (a date that never comes again)
-            break
-    return out
+    # An expression with no more slots (a date that never comes again) ends the iteration.
+    for t in CronSim(expression(spec.cron), datetime.fromtimestamp(after, zone(spec.tz))):
+        yield t.timestamp()
+
+
+def slots_after(spec: Spec, after: float, count: int) -> list[float]:
+    """The next `count` slots strictly after `after` (Unix times)."""
+    return list(itertools.islice(iter_slots(spec, after), count))
 
 
 def slots_between(spec: Spec, after: float, until: float, cap: int = MAX_SLOTS_PER_TURN) -> list[float]:
     """Slots in (after, until], at most cap (the latest ones, if there are more)."""
-    out: list[float] = []
-    cursor = after
-    while True:
-        batch = slots_after(spec, cursor, 256)
-        for t in batch:
-            if t > until:
-                return out[-cap:]
-            out.append(t)
-            if len(out) > 2 * cap:
-                out = out[-cap:]
-        if len(batch) < 256:
-            return out[-cap:]
-        cursor = batch[-1]
+    if spec.every_s is not None:  # counted, not walked: only the latest cap are made (the same values)
+        every, offset = spec.every_s, spec.offset_s
+        k = math.floor((after - offset) / every) + 1
+        n = count_between(spec, after, until)
+        return [k * every + offset + i * every for i in range(max(0, n - cap), n)]
+    out: deque[float] = deque(maxlen=cap)
+    for t in iter_slots(spec, after):
+        if t > until:
+            break
+        out.append(t)
+    return list(out)
 
 
 def job_id(name: str, slot: float) -> str:
@@ -178,13 +180,11 @@ def count_between(spec: Spec, after: float, until: float, cap: int = 100_000) ->
         first = math.floor((after - spec.offset_s) / spec.every_s) + 1
         last = math.floor((until - spec.offset_s) / spec.every_s)
         return max(0, last - first + 1)
-    n, cursor = 0, after
-    while n < cap:
-        batch = [t for t in slots_after(spec, cursor, 256) if t <= until]
-        n += len(batch)
-        if len(batch) < 256:
-            return n
-        cursor = batch[-1]
+    n = 0
+    for t in iter_slots(spec, after):
+        if t > until or n >= cap:
+            break
+        n += 1
     return n
 
 
@@ -412,7 +412,9 @@ class Schedules:
         fires: list[Fire] = []
         for slot in slots:
             previous = entry.state.last_job
-            busy = previous is not None and self._unfinished(previous)
+            # A slot fired earlier in this batch (a catch-up, a backfill) has no job yet, but will not have
+            # finished by the time the next one starts: it counts as running, so the policy holds (no storm).
+            busy = previous is not None and (any(f.job_id == previous for f in fires) or self._unfinished(previous))
             overlap = entry.spec.overlap
             if busy and overlap == "skip":
                 entry.state.skipped += 1

@@ -442,7 +442,7 @@ class Dispatcher:
         entries = []
         frames: list[Any] = []
         for job in action.jobs:
-            data = job.frames or []
+            data = job.frames if job.frames is not None else []  # not `or`: OFFLOADED is an empty list
             if data is OFFLOADED:  # due at last: its call comes back from the journal
                 loaded = self._reload(job)
                 if loaded is None:

@@ -21,7 +21,7 @@ from conveyor.dispatcher.durability import Durability
 from conveyor.dispatcher.model import FINISHED_STATES, Job
 from conveyor.dispatcher.schedule_file import Declared
 from conveyor.dispatcher.scheduler import Scheduler
-from conveyor.dispatcher.schedules import Fire, Schedules, Spec, decode_entry, encode_entry
+from conveyor.dispatcher.schedules import Fire, Schedules, Spec, decode_entry, encode_entry, slots_after
 from conveyor.dispatcher.timing import check_limits, due_and_expiry, fix_times
 from conveyor.protocol import Cmd
 from conveyor.protocol import commands as c
@@ -129,9 +129,7 @@ class Timetable:
             if b.op == "upsert":
                 if b.spec is None or not frames:
                     raise ValueError("upsert needs a spec and the task's call")
-                spec = Spec(b.name, b.spec.cron, b.spec.every_s, b.spec.offset_s, b.spec.tz, b.spec.misfire,
-                            b.spec.catchup_window_s, b.spec.max_catchup, b.spec.overlap, b.spec.jitter_s,
-                            b.spec.pause_on_failure)
+                spec = _spec(b.name, b.spec)
                 opts = _template(b.options)
                 check_limits(opts, self.scheduler.limits)
                 s.upsert(spec, [bytes(f) for f in frames], opts.to_wire(), wall)
@@ -142,6 +140,10 @@ class Timetable:
                 reply["schedules"] = [s.view(name, wall) for name in sorted(s.entries)]
             elif b.op == "show":
                 reply["schedules"] = [s.view(b.name, wall)]
+            elif b.op == "preview" and b.spec is not None:  # a spec not stored: when it would fire
+                spec = _spec(b.name or "preview", b.spec)
+                spec.check()
+                reply["preview"] = slots_after(spec, wall, b.count)
             elif b.op == "preview":
                 reply["preview"] = s.preview(b.name, b.count, wall)
                 reply["schedules"] = [s.view(b.name, wall)]
@@ -184,6 +186,12 @@ class Timetable:
         if declared:
             log.info("%d schedule(s) from the schedules file", len(declared))
         self._record()
+
+
+def _spec(name: str, b: c.ScheduleSpec) -> Spec:
+    return Spec(name, b.cron, b.every_s, b.offset_s, b.tz, b.misfire, b.catchup_window_s, b.max_catchup, b.overlap,
+                b.jitter_s, b.pause_on_failure)
+
 
 def _template(raw: bytes | msgspec.Raw) -> c.TaskOptions:
     """A schedule's task options: those of any job, without a time of its own (the slot is its time)."""

@@ -125,7 +125,7 @@ class Empty(Body, frozen=True):
 # --- dispatcher -> worker ---------------------------------------------------------------------------
 
 
-class ParentResult(Entry, frozen=True):
+class ParentResult(Entry, frozen=True, gc=False):  # untracked: a fan-in ASSIGN has 100,000
     """How one parent of a task ended, in its ASSIGN entry: its result frames follow the task's call
     frames (in `parents` order), and the worker passes the value where the call refers to the parent."""
 

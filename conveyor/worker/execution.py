@@ -11,7 +11,8 @@ from conveyor.errors import FunctionNotFound
 from conveyor.protocol import ProtocolError
 from conveyor.protocol import failures as perr
 from conveyor.protocol.limits import oversized
-from conveyor.protocol.payload import Call, decode_call, encode_value
+from conveyor.protocol.payload import Call, decode_call, decode_value, encode_value, unpack_task
+from conveyor.task import Failed, running
 
 Key: TypeAlias = tuple[str, int]  # (job id, attempt): a job can come back to the same worker under a newer attempt
 
@@ -71,7 +72,10 @@ def success(task: Task, value: Any, started: float) -> Outcome:
 def load(task: Task) -> Call | Outcome:
     """Decode the task's call, or the outcome explaining why it cannot run."""
     try:
-        return decode_call(task.frames)
+        packed = unpack_task(task.frames)
+        if packed is None:
+            return decode_call(task.frames)
+        return decode_call(packed[0], packed[1].values(_parent_value))
     except FunctionNotFound as exc:
         out = failure(task, exc, perr.NOT_FOUND)
         out.info["traceback"] = ""
@@ -82,8 +86,25 @@ def load(task: Task) -> Call | Outcome:
         return failure(task, exc)
 
 
+def _parent_value(job_id: str, state: str, error: dict[str, Any] | None, frames: list[Any]) -> Any:
+    """What the call receives for a parent that did not succeed (allow_failure): Failed(its error)."""
+    if state == "succeeded":  # not sent as one of these; decoded all the same
+        return decode_value(frames)
+    if state == "unknown":  # only after a dispatcher restart that lost it: nothing to pass
+        raise RuntimeError(f"a parent's result is gone: {(error or {}).get('message', '')}")
+    return Failed(perr.rebuild_exception(error or {}, frames), job_id, state)
+
+
 def run_sync(task: Task) -> Outcome:
     """Run a task to completion in the calling thread (threads mode, process children)."""
+    token = running.set((task.job_id, task.attempt))  # conveyor.current_job()
+    try:
+        return _run_sync(task)
+    finally:
+        running.reset(token)
+
+
+def _run_sync(task: Task) -> Outcome:
     call = load(task)
     if isinstance(call, Outcome):
         return call
@@ -115,8 +136,17 @@ async def run_async(task: Task) -> Outcome:
     """Run a task on the current event loop (asyncio mode).
 
     Coroutine functions are awaited here, so thousands can wait at once on one thread. A plain
-    function would block every other task on the loop, so it runs in the loop's default thread pool.
+    function would block every other task on the loop, so it runs in the loop's default thread pool
+    (asyncio.to_thread copies the context: current_job() works there too).
     """
+    token = running.set((task.job_id, task.attempt))  # this asyncio task's own context
+    try:
+        return await _run_async(task)
+    finally:
+        running.reset(token)
+
+
+async def _run_async(task: Task) -> Outcome:
     import asyncio
 
     call = load(task)

@@ -31,10 +31,12 @@ from urllib.parse import urlparse
 import zmq
 import zmq.asyncio
 
+from conveyor import task as task_api
 from conveyor.errors import DispatcherRefused
 from conveyor.protocol import Cmd, Message, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
+from conveyor.protocol.payload import pack_task
 from conveyor.security.keys import load_peer_credentials
 from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
 from conveyor.transport.sockets import configure_socket
@@ -122,6 +124,8 @@ class Worker:
         if liveness_beats < 1:
             raise ValueError("liveness must be at least 1 heartbeat")
         self.connect_address = connect
+        if keys is None:  # tasks may submit children (conveyor.current_client()); inherited by its children
+            os.environ[task_api.TASK_DISPATCHER_ENV] = connect
         self.mode_name = mode
         self.concurrency = concurrency
         # Jobs held beyond the slots: tiny tasks then never wait a dispatcher round trip, at the price of
@@ -178,7 +182,6 @@ class Worker:
         self._stop_wanted = asyncio.Event()  # a stop request: it ends a backoff wait (connect, then drain)
         self._started = False  # the mode runs: events may flow
         self._early_stops = 0  # stop requests before that
-        self._warned_parents = False
         self._heard = False
         self._heard_beat = False  # a dispatcher HEARTBEAT on this socket (logged once)
         self._last_heard = 0.0
@@ -367,10 +370,11 @@ class Worker:
             per_entry = split_frames([e.total_frames for e in entries], msg.frames)  # the call, then parents'
             tasks = []
             for e, frames in zip(entries, per_entry, strict=True):
-                if e.parents and not self._warned_parents:
-                    self._warned_parents = True  # the spec does not say yet how a call refers to them
-                    log.warning("ASSIGN carries parents' results; this worker does not pass them to calls")
-                tasks.append(Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames[: e.n_frames]))
+                if e.parents:  # one header frame says which frames are whose (execution.load reads it)
+                    ps = e.parents
+                    others = [(i, p.job_id, p.state, p.error) for i, p in enumerate(ps) if p.state != "succeeded"]
+                    frames = pack_task(e.n_frames, [p.n_frames for p in e.parents], others, frames)
+                tasks.append(Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames))
             return Assigned(tasks, b.ack)
         if cmd == Cmd.CANCEL:
             return CancelRequested((b.job, b.attempt))

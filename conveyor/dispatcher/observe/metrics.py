@@ -10,9 +10,13 @@ Metrics (all prefixed `conveyor_`):
 | name | type | labels |
 |---|---|---|
 | jobs_submitted_total | counter | function |
-| jobs_total | counter | function, state (succeeded, failed, cancelled): jobs that finished |
+| jobs_total | counter | function, state (succeeded, failed, cancelled, expired): jobs that finished |
 | jobs_retried_total | counter | function: failed attempts that were retried (counted when the job finishes) |
 | jobs_queued, jobs_delayed, jobs_running | gauge | |
+| jobs_scheduled, jobs_limited | gauge | not due yet; waiting for limit keys |
+| limit_waiting, limit_running | gauge | key: jobs waiting for it; attempts running under it |
+| limit_starts_total | counter | key: attempts started under it |
+| limited_starts_total | counter | attempts started after waiting for limit keys |
 | queue_depth | gauge | mode, tags: queued jobs per queue class |
 | workers | gauge | mode, host |
 | worker_slots, worker_busy_slots | gauge | mode, host |
@@ -83,8 +87,8 @@ class ConveyorCollector(Collector):
         )
         for fn, f in sorted(functions.items()):
             submitted.add_metric([fn], f["submitted"])
-            for state in ("succeeded", "failed", "cancelled"):
-                finished.add_metric([fn, state], f[state])
+            for state in ("succeeded", "failed", "cancelled", "expired"):
+                finished.add_metric([fn, state], f.get(state, 0))
             retried.add_metric([fn], f["retried"])
             duration.add_metric([fn], _buckets(f["duration"]), f["duration"]["sum"])
             wait.add_metric([fn], _buckets(f["wait"]), f["wait"]["sum"])
@@ -98,6 +102,22 @@ class ConveyorCollector(Collector):
                                 value=status["queued"])
         yield GaugeMetricFamily("conveyor_jobs_delayed", "Jobs waiting out a retry delay.", value=status["delayed"])
         yield GaugeMetricFamily("conveyor_jobs_running", "Jobs running on workers.", value=status["running"])
+        yield GaugeMetricFamily("conveyor_jobs_scheduled", "Jobs not due yet (eta, countdown).",
+                                value=status.get("scheduled", 0))
+        yield GaugeMetricFamily("conveyor_jobs_limited", "Jobs waiting for their limit keys.",
+                                value=status.get("limited", 0))
+        yield CounterMetricFamily("conveyor_limited_starts", "Attempts started under limit keys.",
+                                  value=status["totals"].get("limited_starts", 0))
+        lim_waiting = GaugeMetricFamily("conveyor_limit_waiting", "Jobs waiting for this limit key.", labels=["key"])
+        lim_running = GaugeMetricFamily("conveyor_limit_running", "Attempts running under the key.", labels=["key"])
+        lim_starts = CounterMetricFamily("conveyor_limit_starts", "Attempts started under the key.", labels=["key"])
+        for k in snap.get("limits", []):
+            lim_waiting.add_metric([k["key"]], k["waiting"])
+            lim_running.add_metric([k["key"]], k["running"])
+            lim_starts.add_metric([k["key"]], k["starts"])
+        yield lim_waiting
+        yield lim_running
+        yield lim_starts
         depth = GaugeMetricFamily("conveyor_queue_depth", "Queued jobs per queue class.", labels=["mode", "tags"])
         for q in status["queues"]:
             depth.add_metric([q["mode"] or "any", ",".join(q["tags"])], q["queued"])

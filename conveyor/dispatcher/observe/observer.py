@@ -407,6 +407,7 @@ class Observer:
             "journal": self.journal.export(),
             "malformed": self._about()["malformed"],
             "output_chars": self.outputs.chars,
+            "limits": self.scheduler.limits_view(now),
         }
         with self.changed:
             self.snapshot = snapshot

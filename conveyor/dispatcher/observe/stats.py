@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Any
 
-from conveyor.dispatcher.scheduler import CANCELLED, FAILED, SUCCEEDED, Job, Scheduler
+from conveyor.dispatcher.scheduler import CANCELLED, EXPIRED, FAILED, SUCCEEDED, Job, Scheduler
 from conveyor.protocol import failures as perr
 
 HISTORY = 10_000  # summaries of recently finished jobs (`conveyor jobs`)
@@ -50,13 +50,14 @@ class Histogram:
 
 
 class FunctionStats:
-    __slots__ = ("cancelled", "duration", "failed", "retried", "submitted", "succeeded", "wait")
+    __slots__ = ("cancelled", "duration", "expired", "failed", "retried", "submitted", "succeeded", "wait")
 
     def __init__(self) -> None:
         self.submitted = 0
         self.succeeded = 0
         self.failed = 0
         self.cancelled = 0
+        self.expired = 0
         self.retried = 0
         self.duration = Histogram(DURATION_BUCKETS)
         self.wait = Histogram(DURATION_BUCKETS)
@@ -114,6 +115,8 @@ class JobStats:
                 st.failed += 1
             elif state == CANCELLED:
                 st.cancelled += 1
+            elif state == EXPIRED:
+                st.expired += 1
             if history:
                 st.wait.observe(max(0.0, history[0]["started"] - job.submitted_at))
                 if len(history) > 1:
@@ -163,6 +166,7 @@ class JobStats:
                 "succeeded": st.succeeded,
                 "failed": st.failed,
                 "cancelled": st.cancelled,
+                "expired": st.expired,
                 "retried": st.retried,
                 "duration": st.duration.export(),
                 "wait": st.wait.export(),

@@ -173,7 +173,9 @@
     k.slots.foot.textContent = total ? `${Math.round((100 * busy) / total)}% in use` : "no slots";
     k.slots.fill.style.width = total ? `${(100 * busy) / total}%` : "0";
     k.queued.value.textContent = fmtCompact(snap.queued);
-    k.queued.foot.textContent = snap.delayed ? `${fmtInt(snap.delayed)} waiting to retry` : `${fmtInt(snap.queues_total)} queue(s)`;
+    const waits = [[snap.scheduled, "scheduled"], [snap.limited, "limited"], [snap.delayed, "waiting to retry"]]
+      .filter(([n]) => n).map(([n, what]) => `${fmtInt(n)} ${what}`);  // work that waits in the dispatcher
+    k.queued.foot.textContent = waits.length ? waits.join(" · ") : `${fmtInt(snap.queues_total)} queue(s)`;
     k.running.value.textContent = fmtCompact(snap.running);
     k.running.foot.textContent = `${fmtInt(snap.running_jobs.length)} reporting progress`;
     k.rate.value.replaceChildren(fmtRate(snap.throughput.last_10s), h("small", { text: " /s" }));
@@ -181,7 +183,7 @@
     k.ok.value.textContent = fmtCompact(t.succeeded);
     k.ok.foot.textContent = `${fmtCompact(t.submitted)} submitted · ${fmtCompact(t.retried)} retried`;
     k.bad.value.textContent = fmtCompact(t.failed);
-    k.bad.foot.textContent = `${fmtCompact(t.cancelled)} cancelled`;
+    k.bad.foot.textContent = `${fmtCompact(t.cancelled)} cancelled` + (t.expired ? ` · ${fmtCompact(t.expired)} expired` : "");
     k.bad.card.classList.toggle("alert", (t.failed || 0) > 0);
     k.lost.value.textContent = fmtInt(snap.heartbeat_misses);
     k.lost.foot.textContent = "workers declared lost";
@@ -617,7 +619,7 @@
       .then((job) => {
         if (state.drawerId !== id) return;
         showJob(job);
-        if (job.state === "running" || job.state === "queued") state.drawerTimer = setTimeout(() => loadJob(id), 1000);
+        if (["running", "queued", "waiting"].includes(job.state)) state.drawerTimer = setTimeout(() => loadJob(id), 1000);
       })
       .catch((err) => {
         if (state.drawerId !== id) return;
@@ -657,6 +659,8 @@
     } else if (typeof job.error === "string" && job.error) {
       body.push(h("div", { class: "errbox" }, h("span", { class: "etype", text: job.error })));
     }
+    const graph = graphSection(job);
+    if (graph) body.push(graph);
     if (job.history && job.history.length) {
       body.push(h("div", {}, h("div", { class: "section-title", text: "Attempts" }),
         h("table", { class: "table" },
@@ -683,6 +687,29 @@
     }
     body.push(section);
     $("#job-body").replaceChildren(...body);
+  }
+
+  // A job's place in a graph (docs/workflows.md): its parents, its dependants, the root it blames.
+  function graphSection(job) {
+    const err = typeof job.error === "object" && job.error ? job.error : {};
+    const root = job.root || err.root;
+    const parents = job.parents || [];
+    const children = job.children || [];
+    if (!parents.length && !children.length && !root) return null;
+    const links = (ids) => h("div", { class: "v" }, ids.length ? ids.slice(0, 50).map((id) =>
+      h("button", { class: "job", text: shortId(id), title: id, dataset: { job: id }, onclick: () => openJob(id) }))
+      : "–", ids.length > 50 ? ` and ${ids.length - 50} more` : "");
+    const facts = [
+      h("div", { class: "fact graph-parents" }, h("div", { class: "k", text: "Parents" }), links(parents)),
+      h("div", { class: "fact graph-children" }, h("div", { class: "k", text: "Dependants" }), links(children)),
+    ];
+    if (job.state === "waiting" && job.waiting_for) facts.push(fact("Waiting for", `${job.waiting_for} parent(s)`));
+    if (root) {
+      facts.push(h("div", { class: "fact graph-root" }, h("div", { class: "k", text: "Blamed on" }), h("div", { class: "v" },
+        h("button", { class: "job", text: shortId(root), title: root, dataset: { job: root }, onclick: () => openJob(root) }),
+        err.root_fn ? ` (${err.root_fn})` : "")));
+    }
+    return h("div", {}, h("div", { class: "section-title", text: "Graph" }), h("div", { class: "facts" }, facts));
   }
 
   function jobDuration(job) {
