@@ -10,8 +10,10 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from types import TracebackType
+from typing import IO
 
 from conveyor.errors import ConveyorError
 
@@ -53,6 +55,7 @@ class LocalCluster:
         self.address: str | None = None
         self.dispatcher: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self._stderr: list[IO[bytes] | None] = []  # per worker, when quiet: its stderr, for failure()
 
     def start(self, timeout: float = 30.0) -> str:
         out = subprocess.DEVNULL if self.quiet else None
@@ -83,13 +86,31 @@ class LocalCluster:
                     args += ["--prefetch", str(self.prefetch)]
                 for tag in self.tags:
                     args += ["--tag", tag]
+                # Quiet, a worker's stderr still goes to a file: if it exits at once (a mode this Python
+                # cannot run, say), its last line is the reason the client gives (see failure()).
+                err = tempfile.TemporaryFile() if self.quiet else None  # noqa: SIM115 (closed in stop())
+                self._stderr.append(err)
                 self.workers.append(
-                    subprocess.Popen(conveyor_command(*args), stdout=out, stderr=out, start_new_session=True)
+                    subprocess.Popen(conveyor_command(*args), stdout=out, stderr=err, start_new_session=True)
                 )
         except BaseException:
             self.stop()
             raise
         return self.address
+
+    def failure(self) -> str | None:
+        """Why a worker of this cluster exited (its last line on stderr), or None while all run."""
+        for proc, err in zip(self.workers, self._stderr, strict=True):
+            code = proc.poll()
+            if code is None:
+                continue
+            last = ""
+            if err is not None:
+                err.seek(0)
+                lines = [ln.strip() for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]
+                last = lines[-1] if lines else ""
+            return f"a local worker exited (code {code}){': ' + last if last else ''}"
+        return None
 
     @staticmethod
     def _read_endpoint(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -114,6 +135,10 @@ class LocalCluster:
         for proc in self.workers:
             _wait_or_kill(proc)
         self.workers = []
+        for err in self._stderr:
+            if err is not None:
+                err.close()
+        self._stderr = []
         if self.dispatcher is not None:
             _signal(self.dispatcher, signal.SIGTERM)
             _wait_or_kill(self.dispatcher)
