@@ -243,3 +243,17 @@ def test_a_task_submits_a_child_through_current_client(cluster: Cluster, mode: s
     assert client.submit(g.with_child, 1).result(30) == 102
     with pytest.raises(RuntimeError, match="running as a task"):
         conveyor.current_client()  # not in a task
+
+
+def test_map_over_futures_passes_each_parents_value_and_after_orders_every_item(client: conveyor.Client,
+                                                                             tmp_path: Path) -> None:
+    parents = [client.submit(g.slow, 0.05, i) for i in range(12)]
+    assert list(client.map(g.inc, parents)) == list(range(1, 13))  # automatic chunks: those items go alone
+    mixed = [1, parents[2], 3, 4, parents[5], 6]
+    assert list(client.map(g.add, mixed, [10] * 6, chunksize=3)) == [11, 12, 13, 14, 15, 16]
+    log = tmp_path / "order"
+    gate = client.submit(g.slow, 0.3, None)
+    first = client.submit(g.mark, str(log), "first")
+    after = client.options(after=[gate, first]).map(g.mark, [str(log)] * 5, ["after"] * 5, chunksize=2)
+    assert list(after) == ["after"] * 5
+    assert log.read_text().split() == ["first"] + ["after"] * 5

@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from conveyor.errors import ConveyorError
 
@@ -62,6 +63,7 @@ class LocalCluster:
         self.address: str | None = None
         self.dispatcher: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self._stderr: list[IO[bytes] | None] = []  # per worker, when quiet: its stderr, for failure()
 
     def start(self, timeout: float = 30.0) -> str:
         """Start the dispatcher and the workers; returns the dispatcher's address once it listens.
@@ -113,9 +115,27 @@ class LocalCluster:
                 # None: the worker's default, auto
                 "prefetch": "auto" if self.prefetch is None else str(self.prefetch),
             }
+            # Quiet, a worker's stderr still goes to a file: if it exits at once (a mode this Python
+            # cannot run, say), its last line is the reason the client gives (see failure()).
+            err = tempfile.TemporaryFile() if self.quiet else None  # noqa: SIM115 (closed in stop())
+            self._stderr.append(err)
             self.workers.append(subprocess.Popen(
-                spawn_command("worker", options), stdout=out, stderr=out, start_new_session=True,
+                spawn_command("worker", options), stdout=out, stderr=err, start_new_session=True,
             ))
+
+    def failure(self) -> str | None:
+        """Why a worker of this cluster exited (its last line on stderr), or None while all run."""
+        for proc, err in zip(self.workers, self._stderr, strict=True):
+            code = proc.poll()
+            if code is None:
+                continue
+            last = ""
+            if err is not None:
+                err.seek(0)
+                lines = [ln.strip() for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]
+                last = lines[-1] if lines else ""
+            return f"a local worker exited (code {code}){': ' + last if last else ''}"
+        return None
 
     @staticmethod
     def _read_endpoint(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -140,6 +160,10 @@ class LocalCluster:
         for proc in self.workers:
             _wait_or_kill(proc)
         self.workers = []
+        for err in self._stderr:
+            if err is not None:
+                err.close()
+        self._stderr = []
         if self.dispatcher is not None:
             _signal(self.dispatcher, signal.SIGTERM)
             _wait_or_kill(self.dispatcher)

@@ -149,6 +149,7 @@ class MapRun:
         chunksize: int | None,
         window: int | None,
         ask_slots: Callable[[], Future[int] | None],
+        submit_dependant: Callable[[Args], JobFuture | None] = lambda args: None,
     ):
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
@@ -161,6 +162,9 @@ class MapRun:
         self._chunksize = chunksize
         self._window = window
         self._ask_slots = ask_slots
+        # An item whose arguments hold futures (or a view with `after`) is a job with parents: it goes
+        # alone, through the client's dependency path (deps.py), which returns its future; None otherwise.
+        self._submit_dependant = submit_dependant
         self.in_flight: deque[_Job] = deque()
         self._items = 0  # items in flight
         self._exhausted = False
@@ -192,21 +196,33 @@ class MapRun:
                 if call is None:
                     self._exhausted = True
                     return
-                self._add(encode_call(self._name, self._blob, call, {}), 1, False, None)
+                future = self._submit_dependant(call)
+                if future is None:
+                    future = self._submit(encode_call(self._name, self._blob, call, {}))
+                self._track(future, 1, False, None)
             else:
                 chunk = list(itertools.islice(self._calls, n))
                 if not chunk:
                     self._exhausted = True
                     return
+                alone = [self._submit_dependant(a) for a in chunk]
+                if any(f is not None for f in alone):  # items with parents: every item of this chunk alone
+                    for a, f in zip(chunk, alone, strict=True):
+                        self._track(f or self._submit(encode_call(self._name, self._blob, a, {})), 1, False, None)
+                    continue
                 frames = encode_chunk(self._name, self._blob, [(a, {}) for a in chunk])
                 self._add(frames, len(chunk), True, chunk if len(chunk) > 1 else None)
 
     def _add(self, frames: list[Any], n: int, chunked: bool, calls: list[Args] | None) -> None:
         future = self._submit(frames)
+        if chunked and self._planner is not None:
+            self._planner.encoded(n, sum(memoryview(f).nbytes for f in frames))
+        self._track(future, n, chunked, calls)
+
+    def _track(self, future: JobFuture, n: int, chunked: bool, calls: list[Args] | None) -> None:
         planner = self._planner
         if planner is not None:
-            if chunked:
-                planner.encoded(n, sum(memoryview(f).nbytes for f in frames))
+
             def completed(f: Future[Any], n: int = n) -> None:
                 planner.completed(n, time.monotonic(), _duration(f))
 
