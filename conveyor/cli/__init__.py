@@ -38,7 +38,9 @@ from conveyor.errors import ConveyorError
 # The commands, in the order `conveyor --help` lists them: name -> "module:attribute" in conveyor/cli/.
 # The attribute is a command function or a typer app (a group of subcommands). A module is imported only
 # when its command runs (or for --help of the whole app), so `conveyor worker` loads no rich, no client
-# and no dispatcher. A new command is one line here.
+# and no dispatcher. A new command is one line here: "name": "module:attribute" (groups, typer apps, go
+# last, as typer lists them after plain commands). A command registered the ordinary way on `app`
+# (app.command()(fn)) still works; it is listed after these.
 COMMANDS: dict[str, str] = {
     "dispatcher": "run:dispatcher",
     "worker": "run:worker",
