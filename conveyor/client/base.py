@@ -281,7 +281,7 @@ class ClientBase:
             return None
 
         run = MapRun(lambda frames: self._submit_frames(name, frames), name, blob, args, chunksize, window,
-                     self._ask_slots, submit_dependant)
+                     self._ask_slots, submit_dependant, every_item_dependant=bool(self._after))
         return name, run
 
     def _ask_slots(self) -> Future[int] | None:

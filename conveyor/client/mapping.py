@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from conveyor.client.deps import SCALARS
 from conveyor.client.future import JobFuture
 from conveyor.protocol import failures as perr
 from conveyor.protocol.payload import encode_call, encode_chunk
@@ -149,7 +150,8 @@ class MapRun:
         chunksize: int | None,
         window: int | None,
         ask_slots: Callable[[], Future[int] | None],
-        submit_dependant: Callable[[Args], JobFuture | None] = lambda args: None,
+        submit_dependant: Callable[[Args], JobFuture | None] | None = None,
+        every_item_dependant: bool = False,
     ):
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
@@ -164,7 +166,9 @@ class MapRun:
         self._ask_slots = ask_slots
         # An item whose arguments hold futures (or a view with `after`) is a job with parents: it goes
         # alone, through the client's dependency path (deps.py), which returns its future; None otherwise.
-        self._submit_dependant = submit_dependant
+        self._submit_dependant = submit_dependant or (lambda args: None)
+        self._scan = submit_dependant is not None  # look for futures (one quick pass lets plain chunks by)
+        self._every = every_item_dependant  # a view with `after`: every item is a dependant
         self.in_flight: deque[_Job] = deque()
         self._items = 0  # items in flight
         self._exhausted = False
@@ -196,7 +200,7 @@ class MapRun:
                 if call is None:
                     self._exhausted = True
                     return
-                future = self._submit_dependant(call)
+                future = self._submit_dependant(call) if self._scan else None
                 if future is None:
                     future = self._submit(encode_call(self._name, self._blob, call, {}))
                 self._track(future, 1, False, None)
@@ -205,11 +209,13 @@ class MapRun:
                 if not chunk:
                     self._exhausted = True
                     return
-                alone = [self._submit_dependant(a) for a in chunk]
-                if any(f is not None for f in alone):  # items with parents: every item of this chunk alone
-                    for a, f in zip(chunk, alone, strict=True):
-                        self._track(f or self._submit(encode_call(self._name, self._blob, a, {})), 1, False, None)
-                    continue
+                if self._scan and (self._every or any(type(x) not in SCALARS for a in chunk for x in a)):
+                    alone = [self._submit_dependant(a) for a in chunk]
+                    if any(f is not None for f in alone):  # items with parents: every item of this chunk alone
+                        for a, f in zip(chunk, alone, strict=True):
+                            self._track(f or self._submit(encode_call(self._name, self._blob, a, {})), 1, False,
+                                        None)
+                        continue
                 frames = encode_chunk(self._name, self._blob, [(a, {}) for a in chunk])
                 self._add(frames, len(chunk), True, chunk if len(chunk) > 1 else None)
 
