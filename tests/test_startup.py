@@ -73,6 +73,11 @@ def test_spawn_runs_the_command_with_its_checks_and_one_line_errors() -> None:
     usage = subprocess.run([sys.executable, "-m", "conveyor.cli.spawn", "client", "{}"],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1 and "Traceback" not in usage.stderr
+    for options in ("{bad", '{"nope": 1}', "[1]"):  # malformed, an unknown name, not an object
+        wrong = subprocess.run([sys.executable, "-m", "conveyor.cli.spawn", "worker", options],
+                               capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1, wrong.stderr
+        assert wrong.stderr.startswith("error: bad OPTIONS_JSON for worker: "), wrong.stderr
 
 
 def test_up_says_it_is_up_once_a_worker_has_registered(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ checks and one-line errors; OPTIONS_JSON holds their keyword arguments, e.g. {"b
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
@@ -25,7 +26,14 @@ def main(argv: list[str]) -> None:
     from conveyor.cli import run
 
     command = getattr(run, argv[0])
-    options = json.loads(argv[1])
+    try:
+        options = json.loads(argv[1])
+        if not isinstance(options, dict):
+            raise ValueError("not a JSON object")
+        inspect.signature(command).bind(**options)  # unknown names: a usage error, not a TypeError
+    except (ValueError, TypeError) as exc:
+        print(f"error: bad OPTIONS_JSON for {argv[0]}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     guarded(lambda: command(**options))
 
 
