@@ -9,7 +9,7 @@ import signal
 from tests import graph_tasks as g
 from tests.conftest import Cluster, wait_until
 
-NODES = 300
+NODES = 1000
 
 
 def test_a_random_dag_survives_worker_and_dispatcher_kills(cluster: Cluster) -> None:

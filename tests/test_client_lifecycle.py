@@ -4,11 +4,14 @@ agree on it."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conveyor import Client, DispatcherUnavailable, Executor
+from conveyor import Client, ConveyorError, DispatcherUnavailable, Executor
 from conveyor.client import ClientState
 from tests import client_tasks, tasks
 from tests.conftest import Cluster, stop_process, wait_until
@@ -83,3 +86,15 @@ def test_executor_map_submits_at_once_as_concurrent_futures_does(cluster: Cluste
     ex.shutdown(wait=True)
     assert all((tmp_path / f"m{i}").exists() for i in range(6))
     assert list(results) == [0.01] * 6
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="this Python can run interpreters mode: nothing is refused")
+def test_a_local_worker_that_cannot_start_fails_the_client_at_once_with_its_reason() -> None:
+    """Client() with a mode this Python refuses: the worker's one-line reason, in seconds, and no leftovers."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    started = time.monotonic()
+    with pytest.raises(ConveyorError, match=r"local worker exited \(code 2\).*interpreters mode needs Python >= 3\.12"):
+        Client(local_mode="interpreters")
+    assert time.monotonic() - started < 15  # not the 30 s wait for a worker that will never register
+    wait_until(lambda: {p.pid for p in psutil.Process().children(recursive=True)} <= before, 10,
+               what="the local dispatcher to be stopped")

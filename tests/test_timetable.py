@@ -35,7 +35,7 @@ def _kill_9(cluster: Cluster) -> None:
         cluster.dispatcher.stdout.close()
 
 
-SOAK_S = float(os.environ.get("CONVEYOR_SCHEDULE_SOAK_S", "20"))  # several minutes for the note's figures
+SOAK_S = float(os.environ.get("CONVEYOR_SCHEDULE_SOAK_S", "12"))  # several minutes for the note's figures
 
 
 @pytest.mark.timeout(SOAK_S + 120)

@@ -265,3 +265,17 @@ def test_a_one_slot_worker_lends_the_slot_of_a_task_waiting_on_its_child(cluster
     back = wait_until(lambda: (w := worker())["running"] == 0 and w["lent"] == 0 and w, 10, what="the slot back")
     assert back["done"] >= 7
     assert client.submit(g.inc, 1).result(10) == 2  # and the worker takes work as before
+
+
+def test_map_over_futures_passes_each_parents_value_and_after_orders_every_item(client: conveyor.Client,
+                                                                             tmp_path: Path) -> None:
+    parents = [client.submit(g.slow, 0.05, i) for i in range(12)]
+    assert list(client.map(g.inc, parents)) == list(range(1, 13))  # automatic chunks: those items go alone
+    mixed = [1, parents[2], 3, 4, parents[5], 6]
+    assert list(client.map(g.add, mixed, [10] * 6, chunksize=3)) == [11, 12, 13, 14, 15, 16]
+    log = tmp_path / "order"
+    gate = client.submit(g.slow, 0.3, None)
+    first = client.submit(g.mark, str(log), "first")
+    after = client.options(after=[gate, first]).map(g.mark, [str(log)] * 5, ["after"] * 5, chunksize=2)
+    assert list(after) == ["after"] * 5
+    assert log.read_text().split() == ["first"] + ["after"] * 5

@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from conveyor.security.keys import ENV_KEYS
 
@@ -36,7 +37,7 @@ class CliError(Exception):
         self.code = code
 
 
-def new_app(name: str, help_text: str) -> typer.Typer:
+def new_app(name: str, help_text: str, cls: type[TyperGroup] | None = None) -> typer.Typer:
     """A typer app set up as every `conveyor` app is: help when run without a command, no shell-completion
     options, and no rich tracebacks (cli.main prints every error as one line)."""
     return typer.Typer(
@@ -45,6 +46,7 @@ def new_app(name: str, help_text: str) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        cls=cls,
     )
 
 

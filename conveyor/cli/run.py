@@ -112,9 +112,10 @@ def dispatcher(
             store.close()
         raise CliError(f"cannot listen on {bind}: {exc}") from None
     d.install_signal_handlers()  # before anyone can learn our endpoint and signal us
-    from conveyor.cli.observe import start_observers
+    if metrics_port is not None or dashboard_port is not None:  # observe.py loads rich: only when asked for
+        from conveyor.cli.observe import start_observers
 
-    start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
+        start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.run()
 
@@ -231,7 +232,7 @@ def up(
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Start a dispatcher and local workers in one command; Ctrl-C stops all of it."""
-    from conveyor.client.local import LocalCluster
+    from conveyor.client.local import LocalCluster  # alone: the rest of the client loads as the cluster starts
 
     check_bind(bind, keys, insecure, warn=False)  # the dispatcher prints the --insecure warning itself
     if keys is not None:
@@ -255,12 +256,26 @@ def up(
         address = cluster.start()
     except ConveyorError as exc:
         raise CliError(f"{exc} (is {bind} already in use?)") from None
-    print(f"conveyor is up: dispatcher at {address}, {workers} {mode} worker(s). Ctrl-C to stop.", file=sys.stderr)
-    print(f"  export {ENV_DISPATCHER}={address}", file=sys.stderr)
     try:
+        _wait_for_a_worker(address, keys)
+        print(f"conveyor is up: dispatcher at {address}, {workers} {mode} worker(s). Ctrl-C to stop.",
+              file=sys.stderr)
+        print(f"  export {ENV_DISPATCHER}={address}", file=sys.stderr)
         while not stop.wait(0.5):
             if cluster.dispatcher is not None and cluster.dispatcher.poll() is not None:
                 raise CliError("the dispatcher exited unexpectedly")
     finally:
         print("stopping...", file=sys.stderr)
         cluster.stop()
+
+
+def _wait_for_a_worker(address: str, keys: str | None, timeout_s: float = 30.0) -> None:
+    """`conveyor up` says it is up once the dispatcher has a worker (the workers start with the dispatcher
+    and register as they come); without one by the timeout, a warning, and it stays up."""
+    from conveyor.client import Client
+
+    try:
+        with Client(address, connect_timeout=timeout_s, keys=keys) as client:
+            client.wait_for_workers(1, timeout=timeout_s)
+    except (ConveyorError, OSError, ValueError) as exc:  # a key directory without a client key, too
+        print(f"warning: no worker seen registered yet: {exc}", file=sys.stderr)

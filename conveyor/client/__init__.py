@@ -13,13 +13,32 @@ local cluster.
     progress.py    progress bars on the terminal
 """
 
-from conveyor.client.aio import AsyncClient, AsyncJobFuture
-from conveyor.client.base import ClientState
-from conveyor.client.deps import JobRef, current_client, ref
-from conveyor.client.executor import Executor
-from conveyor.client.future import JobFuture
-from conveyor.client.local import LocalCluster
-from conveyor.client.sync import Client
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conveyor.client.aio import AsyncClient, AsyncJobFuture
+    from conveyor.client.base import ClientState
+    from conveyor.client.deps import JobRef, current_client, ref
+    from conveyor.client.executor import Executor
+    from conveyor.client.future import JobFuture
+    from conveyor.client.local import LocalCluster
+    from conveyor.client.sync import Client
+
+# Loaded on first use: `conveyor up` imports local.py alone to start its processes, then the rest.
+_WHERE = {
+    "AsyncClient": "aio", "AsyncJobFuture": "aio", "ClientState": "base", "Executor": "executor",
+    "JobFuture": "future", "LocalCluster": "local", "Client": "sync", "JobRef": "deps",
+    "current_client": "deps", "ref": "deps",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncClient", "AsyncJobFuture", "Client", "ClientState", "Executor", "JobFuture", "JobRef", "LocalCluster",

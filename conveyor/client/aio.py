@@ -251,6 +251,9 @@ class AsyncClient(ClientBase):
         while len((await self.status())["workers"]) < n:
             if time.monotonic() > deadline:
                 raise ConveyorError(f"fewer than {n} worker(s) registered after {timeout:g} s")
+            failed = self._cluster.failure() if self._cluster is not None else None
+            if failed is not None:
+                raise ConveyorError(failed)
             await asyncio.sleep(WORKERS_POLL_S)
 
     async def _request(self, cmd: Cmd, body: dict[str, Any], timeout_s: float) -> Any:

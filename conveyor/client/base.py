@@ -276,8 +276,14 @@ class ClientBase:
         self._open_conn()
         name, blob = encode_function(fn)
         args: Iterator[Args] = (tuple(a) for a in calls)
+
+        def submit_dependant(item: Args) -> JobFuture | None:  # an item with parents goes alone (deps.py)
+            if self._after or deps.has_futures(item, {}):
+                return self._submit_call(fn, item, {})
+            return None
+
         run = MapRun(lambda frames: self._submit_frames(name, frames), name, blob, args, chunksize, window,
-                     self._ask_slots)
+                     self._ask_slots, submit_dependant, every_item_dependant=bool(self._after))
         return name, run
 
     def _ask_slots(self) -> Future[int] | None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from conveyor.client.connection import Connection
 
 DEP_OPTIONS = ("after", "allow_failure")  # options of a view that are edges, not TaskOptions
-_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 RANGE_MIN = 16  # a list of at least this many futures goes as one reference (ParentRange)
 
 
@@ -184,7 +184,7 @@ def find(
 
 def has_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a call's arguments hold a future anywhere (the common case, none, is checked fast)."""
-    scalars = _SCALARS
+    scalars = SCALARS
     for a in args:
         if type(a) not in scalars and _holds(a):
             return True
@@ -210,7 +210,7 @@ def _is_blocked(value: Any) -> bool:
 
 def _holds(obj: Any) -> bool:
     t = type(obj)
-    if t in _SCALARS:
+    if t in SCALARS:
         return False
     if t is list or t is tuple:
         return any(_holds(x) for x in obj)
@@ -231,7 +231,7 @@ def as_job(obj: Any) -> JobFuture | None:
 
 def _map_futures(obj: Any, swap: Any, swap_list: Any) -> Any:
     t = type(obj)
-    if t in _SCALARS:
+    if t in SCALARS:
         return obj
     if t is list:
         whole = swap_list(obj)

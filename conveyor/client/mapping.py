@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from conveyor.client.deps import SCALARS
 from conveyor.client.future import JobFuture
 from conveyor.protocol import failures as perr
 from conveyor.protocol.payload import encode_call, encode_chunk
@@ -149,6 +150,8 @@ class MapRun:
         chunksize: int | None,
         window: int | None,
         ask_slots: Callable[[], Future[int] | None],
+        submit_dependant: Callable[[Args], JobFuture | None] | None = None,
+        every_item_dependant: bool = False,
     ):
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
@@ -161,6 +164,11 @@ class MapRun:
         self._chunksize = chunksize
         self._window = window
         self._ask_slots = ask_slots
+        # An item whose arguments hold futures (or a view with `after`) is a job with parents: it goes
+        # alone, through the client's dependency path (deps.py), which returns its future; None otherwise.
+        self._submit_dependant = submit_dependant or (lambda args: None)
+        self._scan = submit_dependant is not None  # look for futures (one quick pass lets plain chunks by)
+        self._every = every_item_dependant  # a view with `after`: every item is a dependant
         self.in_flight: deque[_Job] = deque()
         self._items = 0  # items in flight
         self._exhausted = False
@@ -192,21 +200,35 @@ class MapRun:
                 if call is None:
                     self._exhausted = True
                     return
-                self._add(encode_call(self._name, self._blob, call, {}), 1, False, None)
+                future = self._submit_dependant(call) if self._scan else None
+                if future is None:
+                    future = self._submit(encode_call(self._name, self._blob, call, {}))
+                self._track(future, 1, False, None)
             else:
                 chunk = list(itertools.islice(self._calls, n))
                 if not chunk:
                     self._exhausted = True
                     return
+                if self._scan and (self._every or any(type(x) not in SCALARS for a in chunk for x in a)):
+                    alone = [self._submit_dependant(a) for a in chunk]
+                    if any(f is not None for f in alone):  # items with parents: every item of this chunk alone
+                        for a, f in zip(chunk, alone, strict=True):
+                            self._track(f or self._submit(encode_call(self._name, self._blob, a, {})), 1, False,
+                                        None)
+                        continue
                 frames = encode_chunk(self._name, self._blob, [(a, {}) for a in chunk])
                 self._add(frames, len(chunk), True, chunk if len(chunk) > 1 else None)
 
     def _add(self, frames: list[Any], n: int, chunked: bool, calls: list[Args] | None) -> None:
         future = self._submit(frames)
+        if chunked and self._planner is not None:
+            self._planner.encoded(n, sum(memoryview(f).nbytes for f in frames))
+        self._track(future, n, chunked, calls)
+
+    def _track(self, future: JobFuture, n: int, chunked: bool, calls: list[Args] | None) -> None:
         planner = self._planner
         if planner is not None:
-            if chunked:
-                planner.encoded(n, sum(memoryview(f).nbytes for f in frames))
+
             def completed(f: Future[Any], n: int = n) -> None:
                 planner.completed(n, time.monotonic(), _duration(f))
 

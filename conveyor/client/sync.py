@@ -33,7 +33,7 @@ from conveyor.protocol.payload import decode_value
 
 __all__ = ["Client"]
 
-WORKERS_POLL_S = 0.05  # wait_for_workers asks for STATUS this often
+WORKERS_POLL_S = 0.01  # wait_for_workers asks for STATUS this often (a round trip each: cheap)
 
 
 class Client(ClientBase):
@@ -223,6 +223,9 @@ class Client(ClientBase):
         while len(self.status()["workers"]) < n:
             if time.monotonic() > deadline:
                 raise ConveyorError(f"fewer than {n} worker(s) registered after {timeout:g} s")
+            failed = self._cluster.failure() if self._cluster is not None else None
+            if failed is not None:
+                raise ConveyorError(failed)
             time.sleep(WORKERS_POLL_S)
 
     # --- lifecycle ----------------------------------------------------------------------------------

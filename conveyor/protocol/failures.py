@@ -7,8 +7,7 @@ client re-raise the same type; the CLI and the dispatcher only read the info map
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import importlib.util
 import os
 import pickle
 import traceback
@@ -58,10 +57,17 @@ def error_info(kind: str, type_: str, message: str, tb: str = "") -> dict[str, A
     return {"kind": kind, "type": type_, "message": message, "traceback": tb}
 
 
+def _origin(module: str) -> str:
+    """A module's file, found without importing it (a processes-mode child never loads asyncio)."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
 # Frames from these directories above the task's own code are machinery, not the user's story.
 _MACHINERY_DIRS = tuple(
     os.path.dirname(os.path.abspath(path))
-    for path in (os.path.dirname(__file__), asyncio.__file__, concurrent.futures.__file__)
+    for path in (os.path.dirname(__file__), *(_origin(m) for m in ("asyncio", "concurrent.futures")))
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -123,6 +122,8 @@ def _run_sync(task: Task) -> Outcome:
 def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     result = fn(*args, **kwargs)
     if inspect.isawaitable(result):  # a coroutine function outside asyncio mode: run it to completion
+        import asyncio  # here: a processes-mode child loads asyncio only for such a task
+
         return asyncio.run(_await(result))
     return result
 
@@ -146,6 +147,8 @@ async def run_async(task: Task) -> Outcome:
 
 
 async def _run_async(task: Task) -> Outcome:
+    import asyncio
+
     call = load(task)
     if isinstance(call, Outcome):
         return call
@@ -164,6 +167,8 @@ async def _run_async(task: Task) -> Outcome:
 
 
 async def _call_async(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    import asyncio
+
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
     result = await asyncio.to_thread(fn, *args, **kwargs)

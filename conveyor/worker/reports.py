@@ -13,13 +13,15 @@ descriptors 1 and 2 and an events pipe, read by the worker).
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.worker.execution import Key
+
+if TYPE_CHECKING:
+    import asyncio
 
 STREAMS = ("stdout", "stderr", "log")
 DEFAULT_LIMIT_CHARS = 64 * 1024  # characters of each stream kept per task (the tail)

@@ -18,7 +18,6 @@ never comes back.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -26,9 +25,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from conveyor.protocol import failures as perr
 from conveyor.worker.execution import Key, Outcome, Task, infra_failure
@@ -36,6 +33,12 @@ from conveyor.worker.modes.base import Mode, ModeSettings, Report
 from conveyor.worker.modes.processes.channel import Child, ChildOutput, child_pipes
 from conveyor.worker.modes.processes.child import child_main
 from conveyor.worker.reports import TaskReports
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio and psutil are imported where they are used: a child imports this package (its module lives in
+# it), and the fork server and each child would carry them (~8 MiB of RSS apiece) for nothing.
 
 log = logging.getLogger("conveyor.worker")
 
@@ -69,10 +72,14 @@ class ProcessesMode(Mode):
         self._report: Report | None = None
         self._closing = False
         self._spawner: asyncio.Task[None] | None = None  # starts missing children, owned here
+        import asyncio
+
         self._closed = asyncio.Event()  # set at shutdown: the spawner stops waiting to retry
         self.start_error: BaseException | None = None  # why the last child start failed, until one succeeds
 
     async def start(self, report: Report) -> None:
+        import asyncio
+
         self._loop = asyncio.get_running_loop()
         self._report = report
         started = await asyncio.gather(
@@ -134,6 +141,8 @@ class ProcessesMode(Mode):
         self._spawner = self._loop.create_task(self._spawn_missing(), name="conveyor-child-spawner")
 
     async def _spawn_missing(self) -> None:
+        import asyncio
+
         delay, most = RESTART_BACKOFF
         while not self._closing and len(self._children) < self.concurrency:
             try:
@@ -263,6 +272,8 @@ class ProcessesMode(Mode):
         """Kill a child whose task grew past the memory limit (a leak must not take the host down)."""
         if self._closing or self._loop is None or not self.max_child_memory:
             return
+        import psutil
+
         for child in list(self._children):
             if child.dead or child.task is None:
                 continue
@@ -299,6 +310,8 @@ class ProcessesMode(Mode):
 
 async def _reap(children: list[Child]) -> None:
     """Wait for the children to exit, together; kill those still alive after SHUTDOWN_WAIT."""
+    import asyncio
+
     await asyncio.gather(*(asyncio.to_thread(c.process.join, SHUTDOWN_WAIT) for c in children))
     stuck = [c for c in children if c.process.is_alive()]
     for child in stuck:

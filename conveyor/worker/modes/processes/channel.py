@@ -8,7 +8,6 @@ and events pipes are read as data arrives and attributed to the task the child r
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import os
 import select
@@ -16,13 +15,16 @@ import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from conveyor.worker.execution import Key, Task
 from conveyor.worker.modes.processes.child import IOV_MAX, consume
 from conveyor.worker.reports import TaskReports
+
+if TYPE_CHECKING:
+    import asyncio
 
 _scratch = bytearray(1 << 16)  # what one read from a child's task pipe lands in (the loop is single-threaded)
 
