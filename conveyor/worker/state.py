@@ -32,6 +32,10 @@ Rules worth knowing before reading:
 - Drain: LEAVING and the hand-back; running tasks finish until the deadline; then the rest is stopped
   and handed back, and the last RESULTS and GOODBYE go out. Without a dispatcher, tasks run until the
   deadline and the worker leaves without a word.
+
+Over ~500 lines on purpose, as the dispatcher's scheduler: one class holds every rule that moves an
+assignment, so each rule sees the others (the hypothesis test in tests/test_worker_state.py checks them
+together).
 """
 
 from __future__ import annotations
