@@ -33,10 +33,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from conveyor.client.deps import SCALARS
 from conveyor.client.future import JobFuture
 from conveyor.protocol import failures as perr
-from conveyor.protocol.payload import encode_call, encode_chunk
+from conveyor.protocol.payload import encode_call, encode_chunk, encode_plain_chunk
 
 TARGET_CHUNK_S = 0.005  # an automatic chunk should run for about this long on a worker slot
 MAX_CHUNK_ITEMS = 1024  # items per automatic chunk at most
@@ -209,14 +208,17 @@ class MapRun:
                 if not chunk:
                     self._exhausted = True
                     return
-                if self._scan and (self._every or any(type(x) not in SCALARS for a in chunk for x in a)):
+                # Plain values (the usual) encode at once; only a chunk that is not plain can hold a future.
+                frames = None if self._every else encode_plain_chunk(self._name, self._blob, chunk)
+                if frames is None and self._scan:
                     alone = [self._submit_dependant(a) for a in chunk]
                     if any(f is not None for f in alone):  # items with parents: every item of this chunk alone
                         for a, f in zip(chunk, alone, strict=True):
                             self._track(f or self._submit(encode_call(self._name, self._blob, a, {})), 1, False,
                                         None)
                         continue
-                frames = encode_chunk(self._name, self._blob, [(a, {}) for a in chunk])
+                if frames is None:
+                    frames = encode_chunk(self._name, self._blob, [(a, {}) for a in chunk])
                 self._add(frames, len(chunk), True, chunk if len(chunk) > 1 else None)
 
     def _add(self, frames: list[Any], n: int, chunked: bool, calls: list[Args] | None) -> None:

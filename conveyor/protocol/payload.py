@@ -315,6 +315,18 @@ def encode_call(
     return frames
 
 
+def encode_plain_chunk(fn_name: str, fn_bytes: bytes | None, args: list[tuple[Any, ...]]) -> Frames | None:
+    """encode_chunk of calls without keywords (a map's), if every value is msgpack-plain; else None (the
+    caller then looks for what is not plain: a future, or a value to pickle)."""
+    buffers: list[Any] = []
+    try:
+        body = msgpack.packb(_plain([[list(a), {}] for a in args], buffers), use_bin_type=True)
+    except (_NotPlain, RecursionError, ValueError):
+        return None
+    header = msgpack.packb([fn_name, fn_bytes is not None, True], use_bin_type=True)
+    return [header, *([fn_bytes] if fn_bytes is not None else []), bytes((CODEC_MSGPACK,)) + body, *buffers]
+
+
 def encode_chunk(fn_name: str, fn_bytes: bytes | None, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> Frames:
     """One task that runs fn once per (args, kwargs) and returns the list of results."""
     header = msgpack.packb([fn_name, fn_bytes is not None, True], use_bin_type=True)
