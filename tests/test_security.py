@@ -6,6 +6,7 @@ protocol by hand, so that a peer can do what the reference client and worker nev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -445,6 +446,10 @@ def _round_trip_under_capture(tmp_path: Path, tag: str, keys: Path | None) -> by
         c.wait_for_workers("w1")
         assert client.submit(tasks.noop, marker).result(30) == marker
         assert client.submit(tasks.noop, marker.encode() * 1000).result(30) == marker.encode() * 1000
+        # tcpdump writes what it has read; on a loaded machine it may read late, and SIGINT drops what
+        # it has not: wait until the file holds the traffic (the assertion below says if it never does).
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: pcap.exists() and pcap.stat().st_size > 10_000, 15, what="tcpdump to write")
     finally:
         if capture is not None:
             capture.send_signal(signal.SIGINT)
