@@ -471,6 +471,10 @@ class Dispatcher:
         node = job.node
         if node is None or not node.parents:
             return [], None, []
+        early = node.joined_early()  # a large fan-in: kept as its parents succeeded
+        if early is not None:
+            joined, joined_frames = join_frames(early)
+            return [], joined, joined_frames
         jobs = self.scheduler.jobs
         singles: list[Any] = []
         for parent_id in node.parents:
