@@ -155,6 +155,8 @@ def test_values_cross_processes_mode_and_a_withheld_large_result_is_fetched(clus
     assert not big.withheld and big.result(0) == b"x" * (1 << 20)  # kept here from then on
     pair = client.submit(g.slow, 0.1, (1, 2))  # a tuple result: pickled, substituted in the child
     assert client.submit(g.structure, {"p": pair}).result(10) == [[{"p": (1, 2)}], {}]
+    many = [client.submit(g.inc, i) for i in range(300)]  # joined parents (protocol.md §8.3), in a child
+    assert client.submit(g.structure, many).result(20) == [[list(range(1, 301))], {}]
 
 
 def test_async_client_futures_and_then(cluster: Cluster) -> None:
