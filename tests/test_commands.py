@@ -52,7 +52,10 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     Cmd.OUTPUT: st.lists(st.builds(c.OutputEntry, ids, ints, st.sampled_from(["stdout", "stderr", "log"]), st.text())),
     Cmd.LENT: st.builds(c.Lent, counts),
     Cmd.ASSIGN: st.builds(c.Assign, seqs, st.lists(st.builds(
-        c.AssignEntry, ids, ints, st.none() | st.floats(0.001, 1e6), st.tuples(ids) | st.just(()), counts))),
+        c.AssignEntry, ids, ints, st.none() | st.floats(0.001, 1e6), st.tuples(ids) | st.just(()), counts,
+        st.lists(st.builds(c.ParentResult, ids, st.sampled_from(["succeeded", "failed"]), counts,
+                           st.none() | st.just({"message": "boom"})), max_size=3),
+        st.none() | st.builds(c.JoinedResults, st.lists(counts, max_size=5), st.lists(counts, max_size=3))))),
     Cmd.RESEND: st.builds(c.Resend, seqs),
     Cmd.CANCEL: st.builds(c.Cancel, ids, ints),
     Cmd.RECONNECT: st.builds(c.Reconnect, ids),
@@ -127,7 +130,19 @@ def test_bodies_round_trip(cmd: Cmd, data: st.DataObject) -> None:
 def test_entries_are_the_positional_arrays_of_the_spec() -> None:
     entry = c.AssignEntry("job-1", 2, 30.0, ("ValueError",), 1)
     wire = msgpack.unpackb(c.encode_body(c.Assign(7, [entry])))
-    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1, []]]}  # no parents
+    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1, [], None]]}  # no parents
+    # parents joined (docs/protocol.md §8.3): [lengths, chunks] after the per-parent array, which is empty
+    joined = c.AssignEntry("job-2", 1, None, (), 1, [], c.JoinedResults([3, 5, 2], [2, 1]))
+    wire = msgpack.unpackb(c.encode_body(c.Assign(0, [joined])))
+    assert wire["tasks"] == [["job-2", 1, None, [], 1, [], [[3, 5, 2], [2, 1]]]]
+    assert c.decode_body(Cmd.ASSIGN, c.encode_body(c.Assign(0, [joined]))).tasks == [joined]
+    assert joined.total_frames == 1 + 2  # the call's frame, then two joined frames
+    # the older layout, without `joined` (and without `parents`), is still read
+    old = msgpack.packb({"ack": 0, "tasks": [["j", 1, None, [], 1, [["p", "succeeded", 2, None]]],
+                                             ["k", 1, None, [], 1]]})
+    tasks = c.decode_body(Cmd.ASSIGN, old).tasks
+    assert [t.joined for t in tasks] == [None, None] and [t.total_frames for t in tasks] == [3, 1]
+    assert tasks[0].parents == [c.ParentResult("p", "succeeded", 2, None)]
     outcome = c.decode_body(Cmd.RESULTS, msgpack.packb({"seq": 3, "outcomes": [["j", 1, True, {"duration": 0.5}, 1]]}))
     assert outcome == c.Results(3, [c.OutcomeEntry("j", 1, True, {"duration": 0.5}, 1)])
     # a newer peer's extra trailing fields and keys are ignored

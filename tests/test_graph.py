@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conveyor.dispatcher.graph import UnknownParent
+from conveyor.dispatcher.graph import EARLY_JOIN_MIN, UnknownParent
 from conveyor.dispatcher.scheduler import (
     CANCELLED,
     FAILED,
@@ -255,3 +255,46 @@ def test_a_batch_of_thirty_thousand_with_a_fan_in_over_all_is_checked_in_linear_
     assert isinstance(reply, Accepted) and len(reply.accepted) == n + 1 and not reply.rejected
     assert s.jobs["fan-in"].state == "waiting" and s.jobs["fan-in"].node is not None
     assert s.jobs["fan-in"].node.waiting == n
+
+
+@pytest.mark.parametrize("several_frames", [False, True])
+def test_a_large_fan_in_keeps_its_parents_results_in_order_as_they_succeed(several_frames: bool) -> None:
+    """Node.early: the dispatcher's ASSIGN of a fan-in then does not visit every parent (issue 15)."""
+    n = EARLY_JOIN_MIN + 44
+    s = make()
+    ready(s, b"w", concurrency=n)
+    parents = tuple(f"p{i}" for i in range(n))
+    for p in parents:
+        add(s, p)
+    assert len(assigned(s)) == n
+    order = list(range(n))
+    random.Random(5).shuffle(order)
+    for i in order[:100]:  # finished before the fan-in was submitted: kept when it links
+        succeed(s, f"p{i}", result=b"r%d" % i)
+    add(s, "sum", parents=parents)
+    node = s.jobs["sum"].node
+    assert node is not None and node.early is not None and node.n_early == 100 and node.joined_early() is None
+    for i in order[100:-1]:
+        succeed(s, f"p{i}", result=b"r%d" % i)
+    last = order[-1]
+    job = s.jobs[f"p{last}"]
+    assert job.worker is not None
+    s.outcome(job.worker, job.id, job.attempt, True, {}, [b"a", b"b"] if several_frames else [b"r%d" % last], 1.0)
+    assert s.jobs["sum"].state == QUEUED
+    if several_frames:  # not one frame each: the ASSIGN looks each parent up (the per-parent layout)
+        assert node.joined_early() is None
+    else:
+        assert node.joined_early() == [b"r%d" % i for i in range(n)]
+    assert assigned(s) == ["sum"]
+    succeed(s, "sum")
+    assert node.early is None and node.slots is None  # dropped once it has run
+
+
+def test_a_small_or_repeating_fan_in_keeps_nothing_early() -> None:
+    s = make()
+    ready(s, b"w", concurrency=EARLY_JOIN_MIN + 1)
+    for i in range(EARLY_JOIN_MIN):
+        add(s, f"p{i}")
+    add(s, "few", parents=("p0", "p1"))
+    add(s, "twice", parents=(*(f"p{i}" for i in range(EARLY_JOIN_MIN)), "p0"))
+    assert s.jobs["few"].node.early is None and s.jobs["twice"].node.early is None

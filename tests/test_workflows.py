@@ -44,6 +44,7 @@ def test_futures_as_arguments_fan_in_chain_nesting_then_and_after(client: convey
     # Many quick parents: some finish (and are acknowledged) before the fan-in leaves, some after.
     many = [client.submit(g.inc, i) for i in range(2000)]
     assert client.submit(g.total, many).result(20) == sum(range(1, 2001))
+    assert client.submit(g.structure, many).result(20) == [[list(range(1, 2001))], {}]  # joined, in order
     x = client.submit(g.slow, 0.2, 5)
     nested = client.submit(g.structure, [x, (x, {"k": x})], key={"v": [x]})  # tuples go by pickle
     assert nested.result(10) == [[[5, (5, {"k": 5})]], {"key": {"v": [5]}}]
@@ -154,6 +155,8 @@ def test_values_cross_processes_mode_and_a_withheld_large_result_is_fetched(clus
     assert not big.withheld and big.result(0) == b"x" * (1 << 20)  # kept here from then on
     pair = client.submit(g.slow, 0.1, (1, 2))  # a tuple result: pickled, substituted in the child
     assert client.submit(g.structure, {"p": pair}).result(10) == [[{"p": (1, 2)}], {}]
+    many = [client.submit(g.inc, i) for i in range(300)]  # joined parents (protocol.md §8.3), in a child
+    assert client.submit(g.structure, many).result(20) == [[list(range(1, 301))], {}]
 
 
 def test_async_client_futures_and_then(cluster: Cluster) -> None:

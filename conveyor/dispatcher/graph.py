@@ -19,6 +19,9 @@ result TTL never drop it before the dependant has run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+EARLY_JOIN_MIN = 256  # parents from which a fan-in keeps their results as they come (Node.early)
 
 
 @dataclass(slots=True)
@@ -32,6 +35,36 @@ class Node:
     children: list[str] = field(default_factory=list)  # jobs that wait for this one
     pins: int = 0  # unfinished dependants that need this job's result (it stays until they have run)
     root: str | None = None  # a failed or cancelled job: the job whose failure started the chain
+    # A large fan-in (EARLY_JOIN_MIN parents or more): each parent's one-frame result, set as the parent
+    # succeeds (`slots`: a parent's place in `parents`), so that its ASSIGN does not visit 100,000
+    # parents once the last has finished; `n_early` of them are set. Dropped when the job has run.
+    slots: dict[str, int] | None = None
+    early: list[Any] | None = None
+    n_early: int = 0
+
+    def start_early_join(self) -> None:
+        """Keep the parents' results as they come (a fan-in whose parents are all distinct)."""
+        slots = {parent: i for i, parent in enumerate(self.parents)}
+        if len(slots) == len(self.parents):
+            self.slots, self.early = slots, [None] * len(self.parents)
+
+    def parent_result(self, parent: str, frames: list[Any]) -> None:
+        """A parent succeeded with these result frames: kept if it is one frame (see `early`)."""
+        if self.slots is not None and self.early is not None and len(frames) == 1:
+            i = self.slots.get(parent)
+            if i is not None and self.early[i] is None:
+                self.early[i] = frames[0]
+                self.n_early += 1
+
+    def joined_early(self) -> list[Any] | None:
+        """Every parent's one-frame result, in order, if each came in so (else None: look them up)."""
+        if self.early is not None and self.n_early == len(self.parents):
+            return self.early
+        return None
+
+    def drop_early(self) -> None:
+        self.slots = self.early = None
+        self.n_early = 0
 
     @property
     def all_parents(self) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from conveyor.dispatcher.deliveries import Deliveries
-from conveyor.dispatcher.graph import Node, UnknownParent
+from conveyor.dispatcher.graph import EARLY_JOIN_MIN, Node, UnknownParent
 from conveyor.dispatcher.limits import Limits, parse_rule
 from conveyor.dispatcher.model import (
     CANCELLED,
@@ -218,6 +218,8 @@ class Scheduler:
         """Attach a new job to its parents; True if it waits for them (or ended: a parent ended badly)."""
         blocked: Job | None = None
         uses_result = frozenset(node.parents)  # not the tuple: a fan-in over 100,000 was quadratic
+        if len(node.parents) >= EARLY_JOIN_MIN:
+            node.start_early_join()
         for parent_id in node.all_parents:
             parent = self.jobs.get(parent_id)
             if parent is None:
@@ -229,6 +231,8 @@ class Scheduler:
             if parent.state in FINISHED_STATES:
                 if parent.state != SUCCEEDED and parent_id not in node.allow_failure and blocked is None:
                     blocked = parent
+                elif parent.state == SUCCEEDED and node.early is not None:
+                    node.parent_result(parent_id, parent.result_frames)
                 continue
             if parent.node is None:
                 parent.node = Node()
@@ -1018,6 +1022,8 @@ class Scheduler:
             if child is None or child.state != WAITING or child.node is None:
                 continue  # ended meanwhile (another parent failed, or it was cancelled)
             if good or job.id in child.node.allow_failure:
+                if good and child.node.early is not None:
+                    child.node.parent_result(job.id, job.result_frames)
                 child.node.waiting -= 1
                 if not child.node.waiting:
                     self.n_waiting -= 1
@@ -1049,6 +1055,7 @@ class Scheduler:
     def _unpin_parents(self, job: Job) -> None:
         """The job has run (or never will): its parents' results are no longer held for it."""
         assert job.node is not None
+        job.node.drop_early()
         for parent_id in job.node.parents:
             parent = self.jobs.get(parent_id)
             if parent is None or parent.node is None or not parent.node.pins:

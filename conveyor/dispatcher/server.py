@@ -44,6 +44,7 @@ from conveyor.protocol import Cmd, ProtocolError, VersionMismatch, encode, split
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
 from conveyor.protocol.frames import split
+from conveyor.protocol.joined import join_frames
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
 from conveyor.security.keys import load_dispatcher_credentials
@@ -454,8 +455,8 @@ class Dispatcher:
                     continue
                 data = loaded
             opts = job.opts
-            parents, parent_frames = self._parent_results(job)
-            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents))
+            parents, joined, parent_frames = self._parent_results(job)
+            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents, joined))
             frames.extend(data)
             frames.extend(parent_frames)
         w = self.scheduler.workers.get(action.worker)
@@ -464,11 +465,26 @@ class Dispatcher:
             # The worker vanished between its credit and our send: the jobs go back to the queue.
             self.scheduler.worker_gone(action.worker, time.monotonic())
 
-    def _parent_results(self, job: Job) -> tuple[list[c.ParentResult], list[Any]]:
-        """What the job's call refers to: its parents' results (pinned for it), as opaque frames."""
+    def _parent_results(self, job: Job) -> tuple[list[c.ParentResult], c.JoinedResults | None, list[Any]]:
+        """What the job's call refers to: its parents' results (pinned for it), as opaque frames. When
+        every parent succeeded with one frame, they go joined (a fan-in: a few frames, not 100,000)."""
         node = job.node
         if node is None or not node.parents:
-            return [], []
+            return [], None, []
+        early = node.joined_early()  # a large fan-in: kept as its parents succeeded
+        if early is not None:
+            joined, joined_frames = join_frames(early)
+            return [], joined, joined_frames
+        jobs = self.scheduler.jobs
+        singles: list[Any] = []
+        for parent_id in node.parents:
+            parent = jobs.get(parent_id)
+            if parent is None or parent.state != "succeeded" or len(parent.result_frames) != 1:
+                break
+            singles.append(parent.result_frames[0])
+        else:
+            joined, joined_frames = join_frames(singles)
+            return [], joined, joined_frames
         entries: list[c.ParentResult] = []
         frames: list[Any] = []
         for parent_id in node.parents:
@@ -479,7 +495,7 @@ class Dispatcher:
             error = None if parent.state == "succeeded" else parent.result_info
             entries.append(c.ParentResult(parent_id, parent.state, len(parent.result_frames), error))
             frames.extend(parent.result_frames)
-        return entries, frames
+        return entries, None, frames
 
     def _reload(self, job: Job) -> list[Any] | None:
         """An offloaded job's call frames, read back from the journal; None (and the job failed) if they

@@ -135,9 +135,19 @@ class ParentResult(Entry, frozen=True, gc=False):  # untracked: a fan-in ASSIGN 
     error: dict[str, Any] | None = None  # the parent's error record, when it did not succeed
 
 
+class JoinedResults(Entry, frozen=True, gc=False):
+    """The parents of a task when every one succeeded with a one-frame result (a fan-in, most often):
+    their results joined, in order, into `len(chunks)` data frames after the call's, instead of one
+    ParentResult and one frame per parent. Frame i holds the next `chunks[i]` results; `lengths` is
+    each result's size in bytes. A chunk stays under frames.PACK_MAX unless it is one large result."""
+
+    lengths: Annotated[list[Count], msgspec.Meta(max_length=MAX_BATCH)]
+    chunks: Annotated[list[Count], msgspec.Meta(max_length=MAX_BATCH)]
+
+
 class AssignEntry(Entry, frozen=True):
     """An ASSIGN entry: a task, how many of the message's data frames are its call, and its parents'
-    results (their frames follow the call's)."""
+    results (their frames follow the call's): one ParentResult each, or all of them `joined`."""
 
     job_id: Id
     attempt: Attempt
@@ -145,10 +155,12 @@ class AssignEntry(Entry, frozen=True):
     retry_on: tuple[str, ...]
     n_frames: Count
     parents: list[ParentResult] = []
+    joined: JoinedResults | None = None  # newer than `parents`: a reader still accepts either
 
     @property
     def total_frames(self) -> int:
-        return self.n_frames + sum(p.n_frames for p in self.parents)
+        n = self.n_frames + sum(p.n_frames for p in self.parents)
+        return n if self.joined is None else n + len(self.joined.chunks)
 
 
 class Assign(Body, frozen=True):

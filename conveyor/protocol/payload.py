@@ -24,7 +24,8 @@ fan-in over 100,000). The worker decodes the call with the parents'
 values (`decode_call(frames, parents)`), so the task receives them in place; only ids crossed the
 client's link. On the worker, a task with parents travels as one header frame, b"P" + msgpack
 [n_call_frames, [n_frames per parent], [[index, job_id, state, error] per parent that did not
-succeed]], then its call frames, then each parent's result frames (`pack_task`, `unpack_task`).
+succeed]], then its call frames, then each parent's result frames (`pack_task`, `unpack_task`); or,
+when every parent succeeded with one frame, joined (b"J", protocol/joined.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 from conveyor.errors import FunctionNotFound
 from conveyor.protocol import ProtocolError
 from conveyor.protocol import failures as perr
+from conveyor.protocol.joined import unpack_joined
 from conveyor.protocol.limits import oversized
 from conveyor.protocol.payload import Call, decode_call, decode_value, encode_value, unpack_task
 from conveyor.task import Failed, running
@@ -72,7 +73,7 @@ def success(task: Task, value: Any, started: float) -> Outcome:
 def load(task: Task) -> Call | Outcome:
     """Decode the task's call, or the outcome explaining why it cannot run."""
     try:
-        packed = unpack_task(task.frames)
+        packed = unpack_task(task.frames) or unpack_joined(task.frames)
         if packed is None:
             return decode_call(task.frames)
         return decode_call(packed[0], packed[1].values(_parent_value))

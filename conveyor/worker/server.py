@@ -35,6 +35,7 @@ from conveyor import task as task_api
 from conveyor.errors import DispatcherRefused
 from conveyor.protocol import Cmd, Message, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
+from conveyor.protocol.joined import pack_joined
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.protocol.payload import pack_task
 from conveyor.security.keys import load_peer_credentials
@@ -373,7 +374,9 @@ class Worker:
             per_entry = split_frames([e.total_frames for e in entries], msg.frames)  # the call, then parents'
             tasks = []
             for e, frames in zip(entries, per_entry, strict=True):
-                if e.parents:  # one header frame says which frames are whose (execution.load reads it)
+                if e.joined is not None:  # every parent succeeded: their results came joined
+                    frames = pack_joined(e.n_frames, e.joined, frames)
+                elif e.parents:  # one header frame says which frames are whose (execution.load reads it)
                     ps = e.parents
                     others = [(i, p.job_id, p.state, p.error) for i, p in enumerate(ps) if p.state != "succeeded"]
                     frames = pack_task(e.n_frames, [p.n_frames for p in e.parents], others, frames)
