@@ -5,6 +5,7 @@ the client's filling-in, and one run over real processes."""
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from conveyor.protocol.commands import TaskOptions
 from conveyor.protocol.limitkeys import fill
 from tests import waiting_tasks as wt
 from tests.conftest import Cluster
+from tests.test_cli import assert_ok, assert_one_error_line, run_cli, show
 from tests.test_client_waiting import attempt_spans, max_overlap
 from tests.test_scheduler import CLIENT, FRAMES, ok, ready, run
 from tests.test_waiting import started
@@ -153,6 +155,14 @@ def test_two_tenants_run_side_by_side_but_never_two_of_one_tenant(tmp_path: Path
         with pytest.raises(ValueError, match="needs the argument 'nobody'"):
             client.options(limits=["t:{nobody}"]).submit(wt.stamp, 0, "x")
         futs = [per_tenant.submit(wt.stamp, 0.3, "a"), per_tenant.submit(wt.stamp, 0.3, value="b")]
+        # The CLI names a function by module:name, so the fields come from --kwargs, else one line, exit 2.
+        proc = run_cli("submit", "tests.waiting_tasks:stamp", "0", "c", "--limit", "tenant:{value}",
+                       address=cluster.address)
+        assert "needs the argument 'value'" in assert_one_error_line(proc, 2), show(proc)
+        assert_ok(run_cli("submit", "tests.waiting_tasks:stamp", "--kwargs", '{"seconds": 20, "value": "c"}',
+                          "--limit", "tenant:{value}", address=cluster.address))
+        table = assert_ok(run_cli("limits", address=cluster.address))
+        assert "tenant:{value}" in table and "concurrency:1 each" in table and "  tenant:c" in table, table
         # A map under a template key: items of different tenants cannot share a chunk, so each goes alone.
         mapped = list(per_tenant.map(wt.stamp, [0.3] * 4, ["a", "b", "a", "b"], chunksize=4, timeout=30))
         results = [f.result(30) for f in futs] + mapped
@@ -163,6 +173,9 @@ def test_two_tenants_run_side_by_side_but_never_two_of_one_tenant(tmp_path: Path
         assert max_overlap([(r["started"], r["ended"], "") for r in results]) == 2  # but a beside b
         assert len(spans) == 2
         rows = {r["key"]: r for r in client.limits()}
-        assert rows["tenant:{value}"]["starts"] == 6 and rows["tenant:{value}"]["running"] == 0
+        assert rows["tenant:{value}"]["starts"] == 7 and rows["tenant:{value}"]["running"] == 1  # c still runs
+        assert rows["tenant:c"]["running"] == 1 and "tenant:a" not in rows  # a and b were idle: dropped
     finally:
+        for proc in cluster.workers.values():  # c would run for 20 s more: no graceful stop
+            proc.send_signal(signal.SIGKILL)
         cluster.stop()
