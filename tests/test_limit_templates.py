@@ -11,10 +11,14 @@ from typing import Any
 
 import pytest
 
-from conveyor.client.base import call_arguments, wire_options
+from conveyor import Executor
+from conveyor.client.base import wire_options
+from conveyor.client.limitkeys import call_arguments, filled_limits
+from conveyor.client.schedules import upsert
 from conveyor.dispatcher.limits import SWEEP_MIN, Limits, Rule, parse_declaration
 from conveyor.dispatcher.scheduler import Scheduler
 from conveyor.dispatcher.timing import check_limits
+from conveyor.protocol import commands as c
 from conveyor.protocol.commands import TaskOptions
 from conveyor.protocol.limitkeys import fill
 from tests import waiting_tasks as wt
@@ -139,6 +143,14 @@ def test_the_client_fills_in_templates_from_the_call() -> None:
         call_arguments(charge, (1, 2, 3), {})
     with pytest.raises(ValueError, match="bad limit key template"):
         wire_options({"limits": ["tenant:{}"]})
+    options = wire_options({"limits": ["api", "tenant:{tenant_id}"], "priority": 2})
+    assert filled_limits(options, charge, (7, 1), {}) == {"limits": ["api", "tenant:7"], "priority": 2}
+    assert filled_limits({"limits": ["api"]}, charge, (), {}) == {"limits": ["api"]}  # nothing to fill in
+    # A schedule fills its keys in once, from its own arguments; without them, a ValueError at once.
+    body, _ = upsert("nightly", charge, (9, 1), {}, options, {"every_s": 60.0})
+    assert c.options_from_raw(body["options"]).limits == ("api", "tenant:9")
+    with pytest.raises(ValueError, match="needs the argument 'tenant_id'"):
+        upsert("nightly", charge, (), {"amount": 1}, options, {"every_s": 60.0})
 
 
 # --- end to end -------------------------------------------------------------------------------------------
@@ -165,15 +177,17 @@ def test_two_tenants_run_side_by_side_but_never_two_of_one_tenant(tmp_path: Path
         assert "tenant:{value}" in table and "concurrency:1 each" in table and "  tenant:c" in table, table
         # A map under a template key: items of different tenants cannot share a chunk, so each goes alone.
         mapped = list(per_tenant.map(wt.stamp, [0.3] * 4, ["a", "b", "a", "b"], chunksize=4, timeout=30))
+        with Executor(cluster.address, limits=["tenant:{value}"], keep=True) as ex:  # chunks too: each alone
+            mapped += list(ex.map(wt.stamp, [0.3] * 2, ["a", "b"], chunksize=2, timeout=30))
         results = [f.result(30) for f in futs] + mapped
-        assert [r["value"] for r in results] == ["a", "b", "a", "b", "a", "b"]
+        assert [r["value"] for r in results] == ["a", "b", "a", "b", "a", "b", "a", "b"]
         spans = attempt_spans(client, [f.job_id for f in futs])
         by_tenant = {t: [(r["started"], r["ended"], "") for r in results if r["value"] == t] for t in "ab"}
         assert max_overlap(by_tenant["a"]) == 1 and max_overlap(by_tenant["b"]) == 1  # never two of one
         assert max_overlap([(r["started"], r["ended"], "") for r in results]) == 2  # but a beside b
         assert len(spans) == 2
         rows = {r["key"]: r for r in client.limits()}
-        assert rows["tenant:{value}"]["starts"] == 7 and rows["tenant:{value}"]["running"] == 1  # c still runs
+        assert rows["tenant:{value}"]["starts"] == 9 and rows["tenant:{value}"]["running"] == 1  # c still runs
         assert rows["tenant:c"]["running"] == 1 and "tenant:a" not in rows  # a and b were idle: dropped
     finally:
         for proc in cluster.workers.values():  # c would run for 20 s more: no graceful stop

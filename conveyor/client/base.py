@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import inspect
 import math
 import os
 import re
@@ -23,13 +22,14 @@ import msgspec
 from conveyor.client import deps
 from conveyor.client.connection import Connection
 from conveyor.client.future import JobFuture
+from conveyor.client.limitkeys import filled_limits
 from conveyor.client.local import LocalCluster
 from conveyor.client.mapping import SLOTS_REFRESH_S, Args, MapRun, slots_for
 from conveyor.protocol import Cmd
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
 from conveyor.protocol.commands import MODE_NAMES
-from conveyor.protocol.limitkeys import KEY_RE, fill, is_template, template_fields
+from conveyor.protocol.limitkeys import KEY_RE, is_template, template_fields
 from conveyor.protocol.limits import check_frames
 from conveyor.protocol.payload import encode_call, encode_function
 from conveyor.security.keys import ENV_KEYS, PeerCredentials, load_peer_credentials
@@ -288,9 +288,7 @@ class ClientBase:
     ) -> msgspec.Raw:
         """This call's options, its template limit keys filled in from its arguments; ValueError if one is
         missing (a parameter's default counts: it is the value the call runs with)."""
-        values = call_arguments(fn, args, kwargs)
-        keys = [fill(k, values) if is_template(k) else k for k in self._options["limits"]]
-        return c.raw_options(c.options(**{**self._options, "limits": keys}, fn=name))
+        return c.raw_options(c.options(**filled_limits(self._options, fn, args, kwargs), fn=name))
 
     def _map_run(
         self, fn: Callable[..., Any] | str, calls: Iterable[Iterable[Any]], chunksize: int | None, window: int | None
@@ -363,28 +361,6 @@ class ClientBase:
         if fn is not None:
             body["fn"] = fn
         return body
-
-
-def call_arguments(fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments by parameter name (positional or keyword, defaults applied, **kwargs opened);
-    for a function given by name, or one without a signature, only its keyword arguments."""
-    try:
-        sig = inspect.signature(fn) if callable(fn) else None
-    except (TypeError, ValueError):
-        sig = None
-    if sig is None:
-        return dict(kwargs)
-    try:
-        bound = sig.bind_partial(*args, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"cannot fill in limit keys: the arguments do not fit {getattr(fn, '__qualname__', fn)}: "
-                         f"{exc}") from None
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    for p in sig.parameters.values():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            values.update(values.pop(p.name, {}))
-    return values
 
 
 def limits_body(rules: dict[str, str | None]) -> dict[str, Any]:
