@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from conveyor import Executor
 from conveyor.client.base import wire_options
@@ -24,7 +26,7 @@ from conveyor.protocol.limitkeys import fill
 from tests import waiting_tasks as wt
 from tests.conftest import Cluster
 from tests.test_cli import assert_ok, assert_one_error_line, run_cli, show
-from tests.test_client_waiting import attempt_spans, max_overlap
+from tests.test_client_waiting import attempt_spans, max_overlap, worst_window
 from tests.test_scheduler import CLIENT, FRAMES, ok, ready, run
 from tests.test_waiting import started
 
@@ -120,6 +122,41 @@ def test_a_key_declared_by_name_wins_and_bad_templates_are_refused() -> None:
         with pytest.raises(ValueError, match="bad limit"):
             parse_declaration(bad)
     assert limits.remove("tenant:{id}") and not limits.known("tenant:8") and limits.known("tenant:vip")
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["start", "end", "sweep"]), st.integers(0, 5), st.floats(0.0, 0.4)),
+               max_size=120)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=OPS)
+@example(ops=[("sweep", 0, 0.4)] * 3 + [("start", 0, 0.0)] + [("end", 0, 0.0)] * 4 + [("sweep", 0, 0.0),
+                                                                                        ("start", 0, 0.0)])
+def test_sweeping_never_lets_a_key_over_its_rule(ops: list[tuple[str, int, float]]) -> None:
+    """Whatever the order of starts, ends and sweeps, each filled-in key keeps its template's rule."""
+    limits, now = Limits(), 0.0
+    limits.declare("c:{n}", Rule(concurrency=2), 0.0)
+    limits.declare("r:{n}", Rule(rate_per_s=5.0, burst=2), 0.0)
+    running: list[str] = []
+    starts: dict[str, list[float]] = {}
+    for op, n, dt in ops:
+        now += dt
+        if op == "start":
+            for key in (f"c:{n % 3}", f"r:{n % 3}") * 3:  # as many as allowed, a few tenants
+                if limits.allows((key,), now):
+                    limits.start((key,), now)
+                    running.append(key)
+                    starts.setdefault(key, []).append(now)
+        elif op == "end" and running:
+            key = running.pop(n % len(running))
+            limits.end((key,))
+        else:
+            limits.sweep(now)
+        for key in {k for k in running if k.startswith("c:")}:
+            assert running.count(key) <= 2
+    for key, times in starts.items():
+        if key.startswith("r:"):
+            assert worst_window(times, 5.0) <= 2 + 1e-6, (key, times)
 
 
 # --- the client (filling in) ------------------------------------------------------------------------------
