@@ -133,6 +133,10 @@ def _unix_time(name: str, value: Any) -> float:
     return value.timestamp()
 
 
+def _has_template(options: dict[str, Any]) -> bool:
+    return any(is_template(k) for k in options.get("limits", ()))
+
+
 def _check_eta_before_expiry(out: dict[str, Any]) -> None:
     eta, countdown = out.get("eta"), out.get("countdown")
     expires_at, expires_in = out.get("expires_at"), out.get("expires_in")
@@ -175,6 +179,7 @@ class ClientBase:
         self._context = context
         self._max_message_size = max_message_size  # bytes
         self._options = {k: v for k, v in wire_options(options).items() if v is not None}
+        self._templated_keys = _has_template(self._options)  # then options are encoded per call, not cached
         self._after: tuple[Any, ...] = ()  # options(after=..., allow_failure=...): edges, not TaskOptions
         self._allow: Any = None
         self._task_opts: dict[str, msgspec.Raw] = {}  # per function name: its options, checked and encoded once
@@ -234,6 +239,7 @@ class ClientBase:
             view._allow = options.pop("allow_failure", None)
         merged = {**self._options, **wire_options(options)}
         view._options = {k: v for k, v in merged.items() if v is not None}
+        view._templated_keys = _has_template(view._options)
         _check_eta_before_expiry(view._options)
         view._task_opts = {}
         view._owner = False
@@ -281,7 +287,7 @@ class ClientBase:
 
     def _templated(self) -> bool:
         """Whether a limit key of these options is a template (`tenant:{tenant_id}`): filled in per call."""
-        return any(is_template(k) for k in self._options.get("limits", ()))
+        return self._templated_keys
 
     def _call_options(
         self, fn: Callable[..., Any] | str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
