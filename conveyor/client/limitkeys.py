@@ -20,13 +20,33 @@ def filled_limits(
     return {**options, "limits": [fill(k, values) if is_template(k) else k for k in keys]}
 
 
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}  # per function: inspect.signature is most of the cost
+
+
+def _signature(fn: Callable[..., Any] | str) -> inspect.Signature | None:
+    if not callable(fn):
+        return None
+    try:
+        return _SIGNATURES[fn]
+    except (KeyError, TypeError):  # not seen yet, or not hashable
+        pass
+    try:
+        sig: inspect.Signature | None = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    try:
+        if len(_SIGNATURES) >= 1024:
+            _SIGNATURES.clear()
+        _SIGNATURES[fn] = sig
+    except TypeError:
+        pass
+    return sig
+
+
 def call_arguments(fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by parameter name (positional or keyword, defaults applied, **kwargs opened);
     for a function given by name, or one without a signature, only its keyword arguments."""
-    try:
-        sig = inspect.signature(fn) if callable(fn) else None
-    except (TypeError, ValueError):
-        sig = None
+    sig = _signature(fn)
     if sig is None:
         return dict(kwargs)
     try:
