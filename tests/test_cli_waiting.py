@@ -61,6 +61,8 @@ def test_bad_waiting_options_are_one_usage_error(args: tuple[str, ...], says: st
         (("--set", "bad key=10/s"), "use KEY=RULE"),
         (("--remove", "bad!key"), "bad limit key"),
         (("--set", "a=1/s", "--remove", "a"), "both name 'a'"),
+        (("--set", "t:{}=10/s"), "bad limit key template"),
+        (("--remove", "t:{1x}"), "bad limit key template"),
     ],
     ids=lambda a: " ".join(a) if isinstance(a, tuple) else "",
 )

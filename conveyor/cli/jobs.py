@@ -120,7 +120,10 @@ def submit(
             results: list[Any] = [ref(j) for j in arg_from or []]  # each the next positional argument
             call_args = [*call_args, *results]
             job = job.options(after=[ref(j) for j in after or []])
-        fut = job.submit(target, *call_args, **call_kwargs)
+        try:
+            fut = job.submit(target, *call_args, **call_kwargs)
+        except ValueError as exc:  # a template limit key the call does not fill in (--kwargs does)
+            raise CliError(str(exc), EXIT_USAGE) from None
         if not wait:
             fut.add_done_callback(lambda _: None)
             # the id is ours from the start; make sure the dispatcher accepted it before we exit

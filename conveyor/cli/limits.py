@@ -46,7 +46,7 @@ def limits_command(
 
 
 def _changes(sets: list[str], removes: list[str]) -> dict[str, str | None]:
-    from conveyor.dispatcher.limits import KEY_RE, parse_declaration
+    from conveyor.dispatcher.limits import check_key, parse_declaration
 
     out: dict[str, str | None] = {}
     for text in sets:
@@ -56,8 +56,10 @@ def _changes(sets: list[str], removes: list[str]) -> dict[str, str | None]:
             raise CliError(f"--set: {exc}", EXIT_USAGE) from None
         out[key] = str(rule)
     for key in removes:
-        if not KEY_RE.match(key):
-            raise CliError(f"--remove: bad limit key {key!r}", EXIT_USAGE)
+        try:
+            check_key(key)
+        except ValueError as exc:
+            raise CliError(f"--remove: {exc}", EXIT_USAGE) from None
         if key in out:
             raise CliError(f"--set and --remove both name {key!r}", EXIT_USAGE)
         out[key] = None
@@ -76,8 +78,13 @@ def print_limits(rows: list[dict[str, Any]]) -> None:
         table.add_column(col, justify=justify, no_wrap=col == "key")  # type: ignore[arg-type]
     for r in rows:
         tokens = r.get("tokens")
+        if r.get("template") is True:  # a template: its rule applies to each filled-in key below it
+            tokens, rule = None, f"{r['rule']} each ({r.get('keys', 0):,} live)"
+        else:
+            rule = r["rule"]
+        key = f"  {r['key']}" if isinstance(r.get("template"), str) else r["key"]  # a filled-in key: indented
         table.add_row(
-            r["key"], r["rule"], "-" if tokens is None else f"{tokens:g}", str(r.get("running", 0)),
+            key, rule, "-" if tokens is None else f"{tokens:g}", str(r.get("running", 0)),
             f"{r.get('waiting', 0):,}", _wait(r.get("oldest_wait_s")), f"{r.get('starts', 0):,}",
         )
     console.print(table)

@@ -134,7 +134,7 @@ def _schedules(path: str | None) -> list[Any]:
 
 def _limits(declarations: list[str], path: str | None) -> list[tuple[str, Any]]:
     """--limit KEY=RULE and a limits file's [limits] table, checked: one line and exit 2 if wrong."""
-    from conveyor.dispatcher.limits import parse_declaration, parse_rule
+    from conveyor.dispatcher.limits import check_key, parse_declaration, parse_rule
 
     out: list[tuple[str, Any]] = []
     try:
@@ -148,6 +148,8 @@ def _limits(declarations: list[str], path: str | None) -> list[tuple[str, Any]]:
                 raise ValueError(f"cannot read the limits file {path}: {exc}") from None
             if not isinstance(table, dict):
                 raise ValueError(f"{path}: [limits] must be a table of KEY = \"RULE\"")
+            for key in table:
+                check_key(str(key))
             out += [(str(key), parse_rule(str(rule))) for key, rule in table.items()]
         out += [parse_declaration(d) for d in declarations]
     except ValueError as exc:

@@ -22,12 +22,14 @@ import msgspec
 from conveyor.client import deps
 from conveyor.client.connection import Connection
 from conveyor.client.future import JobFuture
+from conveyor.client.limitkeys import filled_limits
 from conveyor.client.local import LocalCluster
 from conveyor.client.mapping import SLOTS_REFRESH_S, Args, MapRun, slots_for
 from conveyor.protocol import Cmd
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
 from conveyor.protocol.commands import MODE_NAMES
+from conveyor.protocol.limitkeys import KEY_RE, is_template, template_fields
 from conveyor.protocol.limits import check_frames
 from conveyor.protocol.payload import encode_call, encode_function
 from conveyor.security.keys import ENV_KEYS, PeerCredentials, load_peer_credentials
@@ -38,7 +40,6 @@ OPTION_NAMES = (
     "priority", "countdown", "eta", "expires", "limits", "rate_limit",
 )
 # The dispatcher parses rates fully (conveyor/dispatcher/limits.py); the client only refuses malformed ones early.
-_KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-/{}]{1,200}$")  # as the dispatcher's (conveyor/dispatcher/limits.py)
 _RATE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*/\s*\d*\s*[smhd]\s*(,\s*burst\s*=\s*[1-9]\d*\s*)?$", re.IGNORECASE)
 _TEN_YEARS_S = 10.0 * 365 * 86400
 REQUEST_TIMEOUT_S = 10.0  # default wait for the dispatcher's answer to status, job_info, jobs, logs, cancel
@@ -98,10 +99,13 @@ def _wait_option(key: str, value: Any) -> dict[str, Any]:
         keys = [value] if isinstance(value, str) else list(value)
         if not all(isinstance(k, str) and k for k in keys):
             raise ValueError(f"limits must be a list of limit key names, not {value!r}")
-        bad = next((k for k in keys if not _KEY_RE.match(k)), None)
+        bad = next((k for k in keys if not KEY_RE.match(k)), None)
         if bad is not None or len(keys) > 16:
             raise ValueError(f"bad limit key {bad!r}: letters, digits and _ . : - / {{ }}, at most 200" if bad
                              else f"at most 16 limit keys per task, not {len(keys)}")
+        for k in keys:
+            if is_template(k):
+                template_fields(k)  # ValueError if its braces are not {name} fields
         return {"limits": keys}
     if not isinstance(value, str) or not _RATE_RE.match(value):
         raise ValueError(f"bad rate_limit {value!r}: use e.g. '10/s', '100/m' or '5/10s,burst=3'")
@@ -127,6 +131,10 @@ def _unix_time(name: str, value: Any) -> float:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} {value.isoformat()} has no time zone: use e.g. datetime.now(timezone.utc)")
     return value.timestamp()
+
+
+def _has_template(options: dict[str, Any]) -> bool:
+    return any(is_template(k) for k in options.get("limits", ()))
 
 
 def _check_eta_before_expiry(out: dict[str, Any]) -> None:
@@ -171,6 +179,7 @@ class ClientBase:
         self._context = context
         self._max_message_size = max_message_size  # bytes
         self._options = {k: v for k, v in wire_options(options).items() if v is not None}
+        self._templated_keys = _has_template(self._options)  # then options are encoded per call, not cached
         self._after: tuple[Any, ...] = ()  # options(after=..., allow_failure=...): edges, not TaskOptions
         self._allow: Any = None
         self._task_opts: dict[str, msgspec.Raw] = {}  # per function name: its options, checked and encoded once
@@ -230,6 +239,7 @@ class ClientBase:
             view._allow = options.pop("allow_failure", None)
         merged = {**self._options, **wire_options(options)}
         view._options = {k: v for k, v in merged.items() if v is not None}
+        view._templated_keys = _has_template(view._options)
         _check_eta_before_expiry(view._options)
         view._task_opts = {}
         view._owner = False
@@ -247,11 +257,15 @@ class ClientBase:
         accepted all or none in one journal commit; `b.futures` are their futures."""
         return deps.batch(self._open_conn())
 
-    def _submit_frames(self, name: str, frames: list[Any], dep: deps.Deps | None = None) -> JobFuture:
+    def _submit_frames(
+        self, name: str, frames: list[Any], dep: deps.Deps | None = None, opts: msgspec.Raw | None = None
+    ) -> JobFuture:
         conn = self._open_conn()
         check_frames(frames, self._max_message_size)  # a larger frame would cut the connection
-        # One options map per function, shared by its tasks (nothing changes it once built).
-        opts = self._task_opts.get(name)
+        # One options map per function, shared by its tasks (nothing changes it once built), unless its
+        # limit keys are templates: then the caller filled them in for this call (_call_options).
+        if opts is None:
+            opts = self._task_opts.get(name)
         if opts is None:
             if len(self._task_opts) >= 1024:
                 self._task_opts.clear()
@@ -263,12 +277,24 @@ class ClientBase:
 
     def _submit_call(self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobFuture:
         name, blob = encode_function(fn)
+        opts = self._call_options(fn, name, args, kwargs) if self._templated() else None
         if self._after or deps.has_futures(args, kwargs):  # a job with parents (deps.py)
             frames, dep, blocked = deps.find(name, blob, args, kwargs, self._after, self._allow)
             if blocked is not None:
                 return deps.failed_future(self._open_conn(), blocked)
-            return self._submit_frames(name, frames, dep)
-        return self._submit_frames(name, encode_call(name, blob, args, kwargs))
+            return self._submit_frames(name, frames, dep, opts)
+        return self._submit_frames(name, encode_call(name, blob, args, kwargs), None, opts)
+
+    def _templated(self) -> bool:
+        """Whether a limit key of these options is a template (`tenant:{tenant_id}`): filled in per call."""
+        return self._templated_keys
+
+    def _call_options(
+        self, fn: Callable[..., Any] | str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> msgspec.Raw:
+        """This call's options, its template limit keys filled in from its arguments; ValueError if one is
+        missing (a parameter's default counts: it is the value the call runs with)."""
+        return c.raw_options(c.options(**filled_limits(self._options, fn, args, kwargs), fn=name))
 
     def _map_run(
         self, fn: Callable[..., Any] | str, calls: Iterable[Iterable[Any]], chunksize: int | None, window: int | None
@@ -277,13 +303,17 @@ class ClientBase:
         name, blob = encode_function(fn)
         args: Iterator[Args] = (tuple(a) for a in calls)
 
-        def submit_dependant(item: Args) -> JobFuture | None:  # an item with parents goes alone (deps.py)
-            if self._after or deps.has_futures(item, {}):
+        # An item with parents goes alone (deps.py); so does every item under a template limit key, since
+        # items with different filled-in keys cannot share a chunk (one job, one set of keys).
+        alone = bool(self._after) or self._templated()
+
+        def submit_dependant(item: Args) -> JobFuture | None:
+            if alone or deps.has_futures(item, {}):
                 return self._submit_call(fn, item, {})
             return None
 
         run = MapRun(lambda frames: self._submit_frames(name, frames), name, blob, args, chunksize, window,
-                     self._ask_slots, submit_dependant, every_item_dependant=bool(self._after))
+                     self._ask_slots, submit_dependant, every_item_dependant=alone)
         return name, run
 
     def _ask_slots(self) -> Future[int] | None:
@@ -342,7 +372,7 @@ class ClientBase:
 def limits_body(rules: dict[str, str | None]) -> dict[str, Any]:
     """A LIMITS request body; the key is checked here so a bad one is a ValueError, not a dropped message."""
     for key, rule in rules.items():
-        if not isinstance(key, str) or not _KEY_RE.match(key):
+        if not isinstance(key, str) or not KEY_RE.match(key):
             raise ValueError(f"bad limit key {key!r}: letters, digits and _ . : - / {{ }}, at most 200")
         if rule is not None and (not isinstance(rule, str) or len(rule) > 64):
             raise ValueError(f"bad limit rule {rule!r}: use e.g. '100/s,burst=20' or 'concurrency:4'")

@@ -68,13 +68,16 @@ class Executor(concurrent.futures.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             calls = zip(*iterables, strict=False)
-            if chunksize == 1:
+            templated = client._templated()
+            if templated:  # template limit keys: each call its own job, with its own keys
+                futures = [client._submit_call(fn, args, {}) for args in calls]
+            elif chunksize == 1:
                 futures = [client._submit_frames(name, encode_call(name, blob, args, {})) for args in calls]
             else:
                 futures = []
                 while chunk := list(itertools.islice(calls, chunksize)):
                     futures.append(client._submit_frames(name, encode_chunk(name, blob, [(a, {}) for a in chunk])))
-        return self._results(futures, chunksize > 1, end_time)
+        return self._results(futures, chunksize > 1 and not templated, end_time)
 
     def _results(self, futures: list[JobFuture], chunked: bool, end_time: float | None) -> Iterator[Any]:
         """Yield the results in order, popping each future first, so that nothing here keeps what was

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from conveyor.client.limitkeys import filled_limits
 from conveyor.protocol import commands as c
 from conveyor.protocol.durations import parse_duration
 from conveyor.protocol.payload import encode_call, encode_function
@@ -120,7 +121,8 @@ def upsert(
     if options.get("eta") is not None or options.get("countdown") is not None:
         raise ValueError("a scheduled task cannot have its own eta or countdown: its slot is its time")
     fn_name, blob = encode_function(fn)
-    opts = c.raw_options(c.options(**options, fn=fn_name))
+    # A template limit key is filled in once, from the schedule's own arguments (every run has the same).
+    opts = c.raw_options(c.options(**filled_limits(options, fn, args, kwargs), fn=fn_name))
     return {"op": "upsert", "name": name, "spec": when, "options": opts}, encode_call(fn_name, blob, args, kwargs)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from conveyor.dispatcher.durability import Durability
 from conveyor.dispatcher.graph import UnknownParent
-from conveyor.dispatcher.limits import KEY_RE, parse_rule
+from conveyor.dispatcher.limits import check_key, parse_rule
 from conveyor.dispatcher.model import SUCCEEDED, Deliver, shift_history, wall_clock_offset, wall_clock_view
 from conveyor.dispatcher.observe.observer import Observer
 from conveyor.dispatcher.scheduler import Scheduler
@@ -220,8 +220,7 @@ class ClientSide:
         try:
             rules = {key: None if rule is None else parse_rule(rule) for key, rule in b.set.items()}
             for key in rules:
-                if not KEY_RE.match(key):
-                    raise ValueError(f"bad limit key {key!r}")
+                check_key(key)
         except ValueError as exc:
             error = str(exc)
         else:

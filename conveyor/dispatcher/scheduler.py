@@ -437,7 +437,7 @@ class Scheduler:
                 job.worker = wid
                 w.running[job_id] = attempt
                 self.n_running += 1
-                self.limits.adopt(job.opts.limit_keys)
+                self.limits.adopt(job.opts.limit_keys, now)
                 _history(job).append({"attempt": attempt, "worker": w.name, "started": now})
         w.credit = max(0, min(w.credit, w.capacity - len(w.running)))
         if w.credit:
@@ -784,6 +784,10 @@ class Scheduler:
             for key in keys:
                 oldest[key] = min(oldest.get(key, math.inf), head[2].submitted_at)
         out = self.limits.view(now)
+        for name, t in self.limits.templates.items():  # a template's oldest wait: its keys' oldest
+            since = min((oldest[k] for k in t.keys if k in oldest), default=None)
+            if since is not None:
+                oldest[name] = since
         for entry in out:
             since = oldest.get(str(entry["key"]))
             entry["oldest_wait_s"] = None if since is None else round(now - since, 3)
@@ -803,7 +807,7 @@ class Scheduler:
             job.state = LIMITED
             self.waiting.push((job.class_key, limit_keys), key, order, job)
             for k in limit_keys:
-                state = self.limits.keys.get(k)
+                state = self.limits.state(k, now)  # a key filled in from a template: made on first use
                 if state is not None:
                     state.waiting += 1
             return

@@ -12,6 +12,7 @@ import msgspec
 
 from conveyor.dispatcher.limits import Limits, parse_rule
 from conveyor.protocol.commands import TaskOptions
+from conveyor.protocol.limitkeys import is_template
 
 
 def fix_times(opts: TaskOptions, now_wall: float) -> TaskOptions:
@@ -35,6 +36,8 @@ def check_limits(opts: TaskOptions, limits: Limits) -> None:
     if opts.rate_limit is not None:
         parse_rule(opts.rate_limit)  # raises ValueError with the reason
     for key in opts.limits:
+        if is_template(key):
+            raise ValueError(f"limit key {key!r} is a template: the client fills in its fields from the call")
         if not limits.known(key):
             raise ValueError(f"unknown limit key {key!r}: declare it on the dispatcher (--limit '{key}=RULE')")
 

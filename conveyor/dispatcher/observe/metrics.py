@@ -112,6 +112,8 @@ class ConveyorCollector(Collector):
         lim_running = GaugeMetricFamily("conveyor_limit_running", "Attempts running under the key.", labels=["key"])
         lim_starts = CounterMetricFamily("conveyor_limit_starts", "Attempts started under the key.", labels=["key"])
         for k in snap.get("limits", []):
+            if isinstance(k.get("template"), str):
+                continue  # a key filled in from a template: counted in its template's row (bounded labels)
             lim_waiting.add_metric([k["key"]], k["waiting"])
             lim_running.add_metric([k["key"]], k["running"])
             lim_starts.add_metric([k["key"]], k["starts"])
