@@ -131,11 +131,11 @@ def test_a_restarted_dispatcher_waits_a_failover_timeout_before_any_takeover() -
 
 def test_an_active_that_hears_of_a_higher_epoch_steps_down_at_once() -> None:
     for event in (beat(epoch=2, active=True), beat(epoch=2), ClientSeen(epoch_seen=2), Stale(2)):
-        p, epoch = active_primary()
+        p, _ = active_primary()
         out = p.handle(event, 1.0)
         assert of(out, StepDown) and not p.active and p.seen == 2, event
         assert not of(p.handle(ClientSeen(), 1.1), Serve)
-    p, epoch = active_primary()
+    p, _ = active_primary()
     assert not of(p.handle(beat(epoch=0, active=True), 1.0), StepDown)  # a lower epoch: the peer steps down
 
 
@@ -184,7 +184,9 @@ def test_a_refusal_teaches_the_witness_highest_epoch() -> None:
     b = Standby(StandbyConfig(BACKUP, witness=True), 0.0)
     b.handle(Tick(), FAILOVER)
     b.handle(LeaseRefused(5), FAILOVER)
-    (ask,) = of(b.handle(Tick(), FAILOVER + HB), AskLease)
+    # Epoch 5 is news: its holder was alive lately, so the takeover waits for another timeout.
+    assert not of(b.handle(Tick(), FAILOVER + HB), AskLease)
+    (ask,) = of(b.handle(Tick(), 2 * FAILOVER), AskLease)
     assert ask.epoch == 6
 
 
@@ -304,7 +306,7 @@ class PairMachine(RuleBasedStateMachine):
         assert now >= voted_until, "activated while its vote for the peer was live"
         cfg = node.config
         silent = now - (node._started_at if peer_at is None else peer_at) >= cfg.failover_timeout_s
-        leads = isinstance(event, PeerBeat) and not event.active or (peer_at is not None and not peer_active)
+        leads = (isinstance(event, PeerBeat) and not event.active) or (peer_at is not None and not peer_active)
         # A takeover needs the peer silent past the timeout, unless the peer was last heard passive.
         assert silent or leads, "a takeover while the peer was heard active"
         if cfg.witness:
@@ -324,7 +326,9 @@ class PairMachine(RuleBasedStateMachine):
     def deliver(self, data: st.DataObject) -> None:
         if not self.net:
             return
-        msg = self.net.pop(data.draw(st.integers(0, len(self.net) - 1)))
+        self.deliver_one(self.net.pop(data.draw(st.integers(0, len(self.net) - 1))))
+
+    def deliver_one(self, msg: Msg) -> None:
         body = msg.body
         if msg.dst == "w":
             for answer in self.w.handle(msg.src, body, self.now("w")):
@@ -334,6 +338,17 @@ class PairMachine(RuleBasedStateMachine):
             self.feed(msg.dst, PeerBeat(body.epoch, body.active, body.seq, body.ref, body.echo))
         else:
             self.feed(msg.dst, body)
+
+    @rule(dt=st.sampled_from([0.1, 0.25, 0.5]), steps=st.integers(1, 8))
+    def run_a_while(self, dt: float, steps: int) -> None:
+        """Time passes with every host ticking and every message through (except over cut links)."""
+        for _ in range(steps):
+            self.t += dt
+            for name in NODES:
+                self.feed(name, Tick())
+            while self.net:
+                self.deliver_one(self.net.pop(0))
+            self.at_most_one_serves_with_a_witness()
 
     @rule(data=st.data())
     def drop(self, data: st.DataObject) -> None:
@@ -352,6 +367,7 @@ class PairMachine(RuleBasedStateMachine):
     def crash_or_restart(self, name: str) -> None:
         if self.nodes[name] is None:
             self.nodes[name] = Standby(self.config[name], self.now(name), epoch=self.persisted[name])
+            self.seen[name] = self.persisted[name]  # only the epoch is persisted; what it heard of is not
         else:
             self.nodes[name] = None
             self.net = [m for m in self.net if m.dst != name]
@@ -372,3 +388,60 @@ PairMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_pair = PairMachine.TestCase
+
+
+# --- scenarios played through the model, step by step ------------------------------------------------------
+
+
+def play(witness: bool, *steps: tuple[str, Any]) -> PairMachine:
+    m = PairMachine()
+    m.start(witness=witness, offsets=(3.0, -7.0, 11.0))
+    for name, arg in steps:
+        if name == "run":
+            m.run_a_while(0.1, arg)
+        else:
+            getattr(m, name)(arg)
+        m.at_most_one_serves_with_a_witness()
+    return m
+
+
+def actives(m: PairMachine) -> list[str]:
+    return [n for n, s in m.nodes.items() if s is not None and s.serving(m.now(n))]
+
+
+def test_scenario_witness_split_of_the_pair_link_keeps_one_active_then_fails_over_when_it_dies() -> None:
+    m = play(True, ("run", 30))
+    assert actives(m) == ["p"]
+    m = play(True, ("run", 30), ("toggle_link", ("p", "b")), ("run", 60))
+    assert actives(m) == ["p"]  # the backup asks, the witness refuses while the primary renews
+    p = m.nodes["p"]
+    assert p is not None and p.in_sync is False  # degraded
+    m.crash_or_restart("p")
+    m.run_a_while(0.1, 50)
+    assert actives(m) == ["b"]
+    b = m.nodes["b"]
+    assert b is not None and b.epoch == 2
+
+
+def test_scenario_witness_the_active_cut_off_from_everything_steps_down_before_the_backup_takes_over() -> None:
+    m = play(True, ("run", 30), ("toggle_link", ("p", "b")), ("toggle_link", ("p", "w")), ("run", 60))
+    assert actives(m) == ["b"]
+    p = m.nodes["p"]
+    assert p is not None and not p.active
+    m.toggle_link(("p", "b"))
+    m.toggle_link(("p", "w"))
+    m.run_a_while(0.1, 30)
+    assert actives(m) == ["b"] and p.seen == 2 and not p.active  # it came back passive: no fail-back
+
+
+def test_scenario_no_witness_a_split_with_a_client_on_each_side_gives_two_actives_then_one_on_healing() -> None:
+    m = play(False, ("run", 30))
+    assert actives(m) == ["p"]
+    m.toggle_link(("p", "b"))
+    m.run_a_while(0.1, 30)
+    m.client_epoch = 0  # a client that has only ever seen the backup's side
+    m.client_asks("b")
+    assert sorted(actives(m)) == ["b", "p"]
+    m.toggle_link(("p", "b"))
+    m.run_a_while(0.1, 10)
+    assert actives(m) == ["b"]

@@ -243,6 +243,7 @@ class Standby:
         # Silence counts from our start: a dispatcher that just started has not heard its peer yet.
         self.peer_at: float | None = None  # when we last heard the peer
         self._started_at = now
+        self._news_at = -float("inf")  # when we last learned of a higher epoch
         self.peer_ref = 0  # the number of the peer's last heartbeat we received
         self.lease_until = -float("inf")  # votes held (from the peer or the witness), our clock
         self.voted_until = -float("inf")  # our vote for the peer, kept until then (our clock)
@@ -261,7 +262,7 @@ class Standby:
         return not self.config.witness or now < self.lease_until
 
     def peer_silent(self, now: float) -> bool:
-        since = self._started_at if self.peer_at is None else self.peer_at
+        since = max(self._started_at, self._news_at, -float("inf") if self.peer_at is None else self.peer_at)
         return now - since >= self.config.failover_timeout_s
 
     def may_take_over(self, now: float) -> bool:
@@ -277,11 +278,11 @@ class Standby:
         elif isinstance(event, ClientSeen):
             self._client_seen(event, now, out)
         elif isinstance(event, Stale):
-            self._learn(event.epoch, "a peer refused us as stale", out)
+            self._learn(event.epoch, "a peer refused us as stale", now, out)
         elif isinstance(event, LeaseGranted):
             self._lease_granted(event, now, out)
         elif isinstance(event, LeaseRefused):
-            self._learn(event.highest, "the witness knows a higher epoch", out)
+            self._learn(event.highest, "the witness knows a higher epoch", now, out)
         elif isinstance(event, JournalAt):
             self.seq = max(self.seq, event.seq)
         self._check(now, out)
@@ -295,7 +296,7 @@ class Standby:
         self.peer_seq = beat.seq
         if beat.active:
             self.active_seq = max(self.active_seq, beat.seq)
-        self._learn(beat.epoch, "the peer has a higher epoch", out)
+        self._learn(beat.epoch, "the peer has a higher epoch", now, out)
         if not self._leads():
             self._asked_epoch = 0  # the peer speaks: no takeover is under way
         if self.config.witness and beat.echo in self._sent_at:
@@ -304,7 +305,7 @@ class Standby:
             self._try_activate(now, out)
 
     def _client_seen(self, asked: ClientSeen, now: float, out: list[Action]) -> None:
-        self._learn(asked.epoch_seen, "a client or worker obeys a higher epoch", out)
+        self._learn(asked.epoch_seen, "a client or worker obeys a higher epoch", now, out)
         if not self.active and not self.config.witness and self.may_take_over(now):
             self._activate(self._new_epoch(), now, out)  # Binary Star: the client's request is the vote
         if self.serving(now):
@@ -316,14 +317,15 @@ class Standby:
         sent_at = self._sent_at.get(grant.ref)
         if sent_at is None or grant.epoch < self.seen:
             return  # an answer too old to count
-        self.seen = max(self.seen, grant.epoch)
+        # Not raising `seen`: the grant is for our own epoch, which only activation makes ours.
         if self.active and grant.epoch == self.epoch:
             self.lease_until = max(self.lease_until, sent_at + self.config.lease_s)
         elif not self.active and grant.epoch == self._asked_epoch:
             self._asked_epoch = 0
             self.lease_until = max(self.lease_until, sent_at + self.config.lease_s)
             # The peer may have spoken since we asked: then this is no takeover (the grant lapses).
-            if self.may_take_over(now) or (self._leads() and now >= self.voted_until):
+            live = now < self.lease_until  # counted from our request: a late answer may be spent already
+            if live and (self.may_take_over(now) or (self._leads() and now >= self.voted_until)):
                 self._activate(grant.epoch, now, out)
 
     def _leads(self) -> bool:
@@ -337,10 +339,14 @@ class Standby:
 
     # --- transitions -----------------------------------------------------------------------------------
 
-    def _learn(self, epoch: int, reason: str, out: list[Action]) -> None:
+    def _learn(self, epoch: int, reason: str, now: float, out: list[Action]) -> None:
         if epoch <= self.seen:
             return
         self.seen = epoch
+        # News of a higher epoch is news that its holder was alive lately: no takeover for a timeout.
+        # Without this, two dispatchers that cannot reach each other, asked in turn by clients that
+        # reach both, would take over from each other forever; with it, those clients converge.
+        self._news_at = now
         if self.active:  # an active's epoch is the highest it has seen
             self._step_down(reason, out)
 
