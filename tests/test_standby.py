@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from conveyor.dispatcher.standby import (
     BACKUP,
+    MAX_DRIFT,
     PRIMARY,
     Action,
     Activate,
@@ -240,11 +241,19 @@ class Msg:
 class PairMachine(RuleBasedStateMachine):
     """Two dispatchers, maybe a witness, one client; each host's clock has its own offset."""
 
-    @initialize(witness=st.booleans(), offsets=st.tuples(*[st.floats(-100, 100)] * 3))
-    def start(self, witness: bool, offsets: tuple[float, float, float]) -> None:
+    @initialize(
+        witness=st.booleans(),
+        offsets=st.tuples(*[st.floats(-100, 100)] * 3),
+        rates=st.tuples(*[st.floats(1.0, 1 + MAX_DRIFT)] * 3),  # any two differ by at most MAX_DRIFT
+    )
+    def start(
+        self, witness: bool, offsets: tuple[float, float, float], rates: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ) -> None:
         self.witness = witness
         self.t = 0.0
+        # Each host's clock: its own origin, and a rate within the drift the design allows.
         self.offset = {"p": offsets[0], "b": offsets[1], "w": offsets[2]}
+        self.rate = {"p": rates[0], "b": rates[1], "w": rates[2]}
         self.persisted = {"p": 0, "b": 0}
         self.config = {n: StandbyConfig(PRIMARY if n == "p" else BACKUP, witness=witness) for n in NODES}
         self.nodes: dict[str, Standby | None] = {n: Standby(self.config[n], self.now(n)) for n in NODES}
@@ -257,7 +266,7 @@ class PairMachine(RuleBasedStateMachine):
         self.seen = {n: 0 for n in NODES}
 
     def now(self, node: str) -> float:
-        return self.t + self.offset[node]
+        return self.t * self.rate[node] + self.offset[node]
 
     def send(self, src: str, dst: str, body: Any) -> None:
         if frozenset((src, dst)) not in self.cut:

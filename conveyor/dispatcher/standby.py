@@ -9,14 +9,18 @@ the design.
 
 States (one dispatcher)::
 
-                 peer heard passive, and I lead                       higher epoch seen (peer beat,
-                 ((epoch, primary) is the larger),                    client, STALE, witness refusal),
-                 or peer silent >= failover_timeout_s,                or (witness mode) lease lapsed
-                 my vote expired, and                                 ------------------------------>
-      start -->  PASSIVE  --- no witness: a client/worker asks -->  ACTIVE(epoch E)          PASSIVE
-                 ^         +-- witness: its lease is granted --+     |                           |
-                 |                                                  | E: new, persisted first   |
-                 +--------------------------------------------------------------------------------+
+      start --> PASSIVE ----------------------------------------------------> ACTIVE(epoch E)
+                  ^      (a) fresh pair / both back: the peer is heard          |  E new, with the
+                  |          passive and we lead: (epoch, primary) larger        |  role's parity,
+                  |      (b) takeover: peer silent >= failover_timeout_s,        |  persisted first
+                  |          no news of a higher epoch for as long, our vote     |
+                  |          for the peer expired, and the vote of                |
+                  |          - no witness: a client or worker asking us,          |
+                  |          - witness: the witness's lease (or, in (a), the     |
+                  |            peer's echo)                                       |
+                  +-------------------------------------------------------------+
+                         a higher epoch heard of (peer, client, worker, STALE, witness);
+                         witness mode: no live lease from the peer or the witness
 
 Rules worth knowing before reading:
 - Epochs. An activation always takes a new epoch: the smallest number above every epoch this
@@ -36,7 +40,9 @@ Rules worth knowing before reading:
   its vote to the peer has expired, and a client or worker asks it for service (the client's vote). An
   active without a witness never steps down by itself: if the link between the two is cut while peers
   reach both, both are active, in different epochs; a peer that has seen both obeys only the higher,
-  and when the link heals the lower steps down and hands over what it has (StepDown.handover).
+  and when the link heals the lower steps down and hands over what it has. News of a higher epoch
+  defers a takeover by a failover timeout, so clients that reach both make them converge instead of
+  taking over from each other in turn.
 - Fail-back is never automatic: a restarted dispatcher starts passive, and becomes active only by the
   rules above (on a fresh pair, where both are passive, the one that leads activates).
 - Replication: the active is in sync (Replication(True): ACCEPTED waits for the peer's copy) while a
