@@ -202,6 +202,21 @@ def test_with_a_witness_an_active_steps_down_when_no_vote_is_renewed() -> None:
     assert of(p.handle(ClientSeen(), p.config.lease_s), Redirect)
 
 
+def test_a_grant_that_arrives_after_the_lease_it_gives_would_have_ended_does_not_activate() -> None:
+    p = Standby(StandbyConfig(PRIMARY, witness=True), 0.0)
+    (ask,) = of(p.handle(beat(epoch=0), 0.1), AskLease)  # leads, no vote yet: asks the witness
+    late = 0.1 + p.config.lease_s
+    assert not of(p.handle(LeaseGranted(ask.epoch, ask.ref), late), Activate)
+    assert not p.serving(late)
+
+
+def test_a_leader_keeps_its_lease_request_while_the_peer_keeps_beating() -> None:
+    p = Standby(StandbyConfig(PRIMARY, witness=True), 0.0)
+    (ask,) = of(p.handle(beat(epoch=0, ref=1), 0.1), AskLease)
+    p.handle(beat(epoch=0, ref=2), 0.2)  # the backup does not hear us, so gives no vote, but beats
+    assert of(p.handle(LeaseGranted(ask.epoch, ask.ref), 0.25), Activate) == [Activate(1, behind=False)]
+
+
 def test_a_passive_votes_by_echo_and_then_keeps_its_vote_longer_than_the_holder_counts() -> None:
     b = Standby(StandbyConfig(BACKUP, witness=True), 0.0)
     (sent,) = of(b.handle(beat(epoch=1, active=True, ref=41), 0.0), SendBeat)
