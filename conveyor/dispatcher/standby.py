@@ -434,15 +434,16 @@ class Witness:
     """The third vote: grants one dispatcher at a time the lease for an epoch, never a lower epoch than it
     granted before. It holds no data; it persists only `highest` (PersistEpoch before the grant)."""
 
-    def __init__(self, lease_s: float, highest: int = 0):
+    def __init__(self, lease_s: float, now: float, highest: int = 0):
+        """`highest`: as persisted. A witness that restarts does not know whom it granted a lease before it
+        died, so it grants nothing for a whole lease: any lease it gave has ended by then."""
         self.lease_s = lease_s
         self.highest = highest
-        self.holder: str | None = None
-        self.until = -float("inf")  # our clock
+        self.holder: str | None = None  # None with a live `until`: unknown (just restarted)
+        self.until = now + lease_s * (1 + MAX_DRIFT)  # our clock
 
     def handle(self, node: str, ask: AskLease, now: float) -> list[PersistEpoch | LeaseGranted | LeaseRefused]:
-        live = self.holder is not None and now < self.until
-        if live and self.holder != node:
+        if now < self.until and self.holder != node:
             return [LeaseRefused(self.highest)]
         if ask.epoch < self.highest or (ask.epoch == self.highest and self.holder != node):
             return [LeaseRefused(self.highest)]
