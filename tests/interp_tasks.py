@@ -83,3 +83,7 @@ def hold(marker: str, release: str) -> str:
     while not Path(release).exists():
         time.sleep(0.005)
     return marker
+
+
+def total(values: list[int]) -> int:
+    return sum(values)

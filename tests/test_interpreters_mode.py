@@ -160,6 +160,19 @@ def test_errors_come_back_with_their_types_and_tracebacks(cluster: Cluster) -> N
 
 
 @needs_api
+def test_a_fan_in_gets_its_parents_values_in_a_subinterpreter(cluster: Cluster) -> None:
+    """Parents' results reach a task in a subinterpreter, one by one and joined (a fan-in of 300: the
+    compact ASSIGN, decoded there without msgspec)."""
+    name = cluster.start_worker("interpreters", 2)
+    cluster.wait_for_workers(name)
+    c = cluster.client().options(mode="interpreters")
+    few = [c.submit("builtins:abs", -i) for i in range(3)]
+    assert c.submit("tests.interp_tasks:total", few).result(timeout=30) == 3
+    many = [c.submit("builtins:abs", -i) for i in range(300)]
+    assert c.submit("tests.interp_tasks:total", many).result(timeout=60) == sum(range(300))
+
+
+@needs_api
 def test_routed_by_mode_and_shown_by_status_and_the_dashboard(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path)
     port = free_port()

@@ -14,15 +14,19 @@ otherwise slices each result out of its frame as a memoryview (no copy) and deco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import msgspec
 
 from conveyor.errors import ProtocolError
-from conveyor.protocol.commands import Count, JoinedResults
-from conveyor.protocol.frames import PACK_LIMIT, PACK_MAX
 from conveyor.protocol.payload import CODEC_MSGPACK, Frames, decode_single
+
+if TYPE_CHECKING:
+    from conveyor.protocol.commands import JoinedResults
+
+# The task side (unpack_joined, JoinedParents) also runs in a subinterpreter (interpreters mode), where
+# msgspec refuses to load: so this module imports neither msgspec nor the modules that do (commands,
+# frames) at its top; only the dispatcher's and the worker's sides (join_frames, pack_joined) use them.
 
 TASK_WITH_JOINED = ord("J")  # first byte of a worker task's header frame (payload.TASK_WITH_PARENTS: "P")
 _ARRAY32 = 0xDD
@@ -32,10 +36,15 @@ def _size(frame: Any) -> int:
     return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
 
 
-def join_frames(frames: list[Any], pack_max: int = PACK_MAX) -> tuple[JoinedResults, list[Any]]:
+def join_frames(frames: list[Any], pack_max: int | None = None) -> tuple[JoinedResults, list[Any]]:
     """One-frame results, in order, as (their JoinedResults, the joined frames). Consecutive results go
     into one frame up to `pack_max` bytes (a receiver's ZMQ_MAXMSGSIZE limits each frame); a result over
     PACK_LIMIT goes alone, as it came (not copied)."""
+    from conveyor.protocol.commands import JoinedResults
+    from conveyor.protocol.frames import PACK_LIMIT, PACK_MAX
+
+    if pack_max is None:
+        pack_max = PACK_MAX
     if not frames:
         return JoinedResults([], []), []
     lengths = list(map(len, frames))  # bytes, zmq.Frame or a byte memoryview: len is the size in bytes
@@ -61,9 +70,8 @@ def join_frames(frames: list[Any], pack_max: int = PACK_MAX) -> tuple[JoinedResu
     return JoinedResults(lengths, chunks), out
 
 
-def check_joined(joined: JoinedResults, frames: Frames) -> None:
-    """ProtocolError unless `frames` (the joined frames) are exactly what `joined` describes."""
-    lengths, chunks = joined.lengths, joined.chunks
+def check_joined(lengths: list[int], chunks: list[int], frames: Frames) -> None:
+    """ProtocolError unless `frames` (the joined frames) are exactly what lengths and chunks describe."""
     if len(frames) != len(chunks) or sum(chunks) != len(lengths):
         raise ProtocolError("joined parent results: the chunk counts do not match the lengths or the frames")
     pos = 0
@@ -73,14 +81,12 @@ def check_joined(joined: JoinedResults, frames: Frames) -> None:
         pos += n
 
 
-_HEADER = msgspec.msgpack.Decoder(tuple[Count, JoinedResults])  # lengths and counts checked in C
-_encoder = msgspec.msgpack.Encoder()
-
-
 def pack_joined(n_call_frames: int, joined: JoinedResults, frames: Frames) -> Frames:
     """A worker task's frames: a header, the call's frames, then the joined frames (`frames` holds both)."""
-    check_joined(joined, frames[n_call_frames:])
-    return [bytes((TASK_WITH_JOINED,)) + _encoder.encode((n_call_frames, joined)), *frames]
+    lengths, chunks = list(joined.lengths), list(joined.chunks)
+    check_joined(lengths, chunks, frames[n_call_frames:])
+    header = msgpack.packb([n_call_frames, [lengths, chunks]], use_bin_type=True)
+    return [bytes((TASK_WITH_JOINED,)) + header, *frames]
 
 
 class JoinedParents:
@@ -127,12 +133,21 @@ def unpack_joined(frames: Frames) -> tuple[Frames, JoinedParents] | None:
     head = memoryview(frames[0]) if frames else memoryview(b"")
     if not head.nbytes or head[0] != TASK_WITH_JOINED:
         return None
+    # Made by this worker's own pack_joined from an ASSIGN that commands.py checked: the checks here
+    # guard against a bug, not a peer (types, then every count and size by check_joined).
     try:
-        n_call, joined = _HEADER.decode(head[1:])
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        n_call, (lengths, chunks) = msgpack.unpackb(bytes(head[1:]), raw=False)
+        if type(n_call) is not int or n_call < 0 or type(lengths) is not list or type(chunks) is not list:
+            raise TypeError
+        if (lengths and min(lengths) < 0) or (chunks and min(chunks) < 0):
+            raise TypeError
+    except Exception:
         raise ProtocolError("bad task header") from None
     if 1 + n_call > len(frames):
         raise ProtocolError("a task's frame counts do not add up")
     joined_frames = list(frames[1 + n_call :])
-    check_joined(joined, joined_frames)
-    return list(frames[1 : 1 + n_call]), JoinedParents(joined_frames, joined.lengths)
+    try:
+        check_joined(lengths, chunks, joined_frames)
+    except TypeError:  # a length that is not a number
+        raise ProtocolError("bad task header") from None
+    return list(frames[1 : 1 + n_call]), JoinedParents(joined_frames, lengths)
