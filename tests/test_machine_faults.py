@@ -127,9 +127,13 @@ def test_a_full_journal_disk_refuses_new_jobs_keeps_serving_and_recovers(tmp_pat
                 shown = run_cli("status", "--dispatcher", cluster.address)
                 assert "journal: full" in shown.stdout or ("journal: ok" in shown.stdout and recovered()), shown.stdout
                 metrics_url = next(line.split("metrics: ")[1] for line in _log_lines(cluster, "metrics: http"))
-                metrics = urllib.request.urlopen(metrics_url).read().decode()
-                full_metric = "conveyor_journal_full 1.0" in metrics
-                assert full_metric or ("conveyor_journal_full 0.0" in metrics and recovered()), metrics
+
+                def metric_says_so() -> bool:  # the metric follows within a scrape or two
+                    metrics = urllib.request.urlopen(metrics_url).read().decode()
+                    return "conveyor_journal_full 1.0" in metrics or (
+                        "conveyor_journal_full 0.0" in metrics and recovered())
+
+                wait_until(metric_says_so, what="the metric to show the full journal")
                 res = run_cli("submit", "--dispatcher", cluster.address, "tests.tasks:add", "1", "2")
                 if res.returncode != 0 or not recovered():  # the CLI says so in one line
                     assert "journal disk is full" in assert_one_error_line(res, 1)
