@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -11,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from conveyor.cli.calls import parse_args, parse_function, parse_kwargs
 from conveyor.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -37,13 +37,6 @@ def _record_json(record: dict[str, Any], data: list[Any]) -> dict[str, Any]:
     elif record.get("error"):
         out["error"] = record["error"]
     return out
-
-
-def _parse_arg(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def submit(
@@ -88,25 +81,12 @@ def submit(
     waits = _wait_options(priority, in_, at, expires, limit, rate_limit)
     if (function is None) == (shell is None):
         raise CliError("give either module:function [ARGS...] or --shell 'COMMAND'", EXIT_USAGE)
-    call_kwargs: dict[str, Any] = {}
-    if kwargs is not None:
-        try:
-            call_kwargs = json.loads(kwargs)
-        except ValueError as exc:
-            raise CliError(f"--kwargs is not valid JSON: {exc}", EXIT_USAGE) from None
-        if not isinstance(call_kwargs, dict):
-            raise CliError("--kwargs must be a JSON object", EXIT_USAGE)
+    call_kwargs = parse_kwargs(kwargs)
     if shell is not None:
         target, call_args = "conveyor.builtins:shell", [shell]
     else:
         assert function is not None
-        if ":" not in function or function.startswith(":") or function.endswith(":"):
-            raise CliError(f"bad function {function!r}: expected module:function", EXIT_USAGE)
-        target, call_args = function, [_parse_arg(a) for a in args or []]
-        for raw, value in zip(args or [], call_args, strict=True):
-            if raw.startswith("-") and isinstance(value, str):  # -1 is an argument; --wiat is a typo
-                hint = f"pass a string starting with '-' as JSON: '\"{raw}\"'"
-                raise CliError(f"no such option: {raw} ({hint})", EXIT_USAGE)
+        target, call_args = parse_function(function), parse_args(args)
     if mode is not None:
         check_mode(mode)
     with connect(dispatcher, keys) as client:

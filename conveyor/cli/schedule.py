@@ -11,13 +11,13 @@ unknown schedule is one line and exit status 1. Times are printed in the schedul
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import typer
 
+from conveyor.cli.calls import parse_args, parse_function, parse_kwargs
 from conveyor.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -40,13 +40,6 @@ def _refused(exc: ValueError) -> CliError:
     """A ValueError from the client (or the dispatcher's refusal) as one line: 1 for an unknown schedule."""
     message = str(exc)
     return CliError(message, EXIT_FAILED if message.startswith("no schedule") else EXIT_USAGE)
-
-
-def _arg(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def _when(t: float | None, tz: str) -> str:
@@ -99,21 +92,8 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Create or change a schedule (an edit keeps its last slot: it never fires at once)."""
-    if ":" not in function or function.startswith(":") or function.endswith(":"):
-        raise CliError(f"bad function {function!r}: expected module:function", EXIT_USAGE)
-    call_kwargs: Any = {}
-    if kwargs is not None:
-        try:
-            call_kwargs = json.loads(kwargs)
-        except ValueError as exc:
-            raise CliError(f"--kwargs is not valid JSON: {exc}", EXIT_USAGE) from None
-        if not isinstance(call_kwargs, dict):
-            raise CliError("--kwargs must be a JSON object", EXIT_USAGE)
-    call_args = [_arg(a) for a in args or []]
-    for raw, value in zip(args or [], call_args, strict=True):
-        if raw.startswith("-") and isinstance(value, str):  # -1 is an argument; --evry is a typo
-            raise CliError(f"no such option: {raw} (pass a string starting with '-' as JSON: '\"{raw}\"')",
-                           EXIT_USAGE)
+    function = parse_function(function)
+    call_kwargs, call_args = parse_kwargs(kwargs), parse_args(args)
     if mode is not None:
         check_mode(mode)
     from conveyor.client import schedules as sched
