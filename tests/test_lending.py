@@ -1,0 +1,110 @@
+"""Ray's rule in every mode that can keep it: a task blocked on its own child lends its slot while it waits,
+so a one-slot worker runs a task, the child it waits for and that child's children (docs/workflows.md).
+Real dispatcher, real workers, real child processes; the pool's size is checked with psutil."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import conveyor
+from conveyor import TaskTimeout
+from tests import graph_tasks as g
+from tests import lending_tasks as t
+from tests.conftest import Cluster, wait_until
+
+
+def _worker(client: conveyor.Client) -> dict[str, Any]:
+    return client.status()["workers"][0]  # type: ignore[no-any-return]
+
+
+def _pool(cluster: Cluster, name: str) -> list[psutil.Process]:
+    """A processes-mode worker's task children: the children of its fork server."""
+    worker = psutil.Process(cluster.worker_pid(name))
+    servers = [p for p in worker.children() if "forkserver" in " ".join(p.cmdline())]
+    assert len(servers) == 1, servers
+    return [p for p in servers[0].children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _pool_is(cluster: Cluster, name: str, n: int) -> None:
+    wait_until(lambda: len(_pool(cluster, name)) == n, 10, what=f"the pool of {name} to have {n} children")
+
+
+def _slot_back(client: conveyor.Client) -> dict[str, Any]:
+    return wait_until(lambda: (w := _worker(client))["running"] == 0 and w["lent"] == 0 and w, 10,  # type: ignore[no-any-return]
+                      what="the slot back")
+
+
+def test_a_one_slot_processes_worker_lends_its_slot_and_the_pool_shrinks_back(cluster: Cluster) -> None:
+    cluster.wait_for_workers(cluster.start_worker("processes", 1, None, "one", "--prefetch", "0"))
+    client = cluster.clients[0]
+    _pool_is(cluster, "one", 1)
+    assert client.submit(g.with_grandchild, 1).result(30) == 1102  # two levels of waiting, one slot
+    fan = client.submit(g.with_children, [1, 2, 3], 0.3)  # a fan-out waited on child by child
+    lent = wait_until(lambda: _worker(client)["lent"] == 1 and _worker(client), 10, what="the slot to be lent")
+    assert lent["concurrency"] == 1 and lent["running"] == 2  # the waiting task and its child, on one slot
+    assert len(_pool(cluster, "one")) == 2  # one child more while the slot is lent
+    assert fan.result(30) == [1, 2, 3]
+    assert _slot_back(client)["done"] >= 7
+    _pool_is(cluster, "one", 1)  # the surplus child is gone: nothing leaks
+    assert client.submit(g.inc, 1).result(10) == 2  # and the worker takes work as before
+
+
+def test_without_lending_a_one_slot_worker_cannot_run_the_child_its_task_waits_on(cluster: Cluster) -> None:
+    """The deadlock lending prevents: a wait in a thread the task starts lends nothing (docs/workflows.md)."""
+    cluster.wait_for_workers(cluster.start_worker("processes", 1, None, "one", "--prefetch", "0"))
+    client = cluster.clients[0]
+    assert client.submit(t.wait_in_a_thread, 1, 1.5).result(30) == "the child never started"
+    assert _slot_back(client)["done"] == 2  # the child ran once its parent gave up and ended
+    _pool_is(cluster, "one", 1)
+
+
+def test_a_child_process_killed_or_a_task_timed_out_while_lending_leaves_the_pool_at_its_size(
+    cluster: Cluster, tmp_path: Path,
+) -> None:
+    cluster.wait_for_workers(cluster.start_worker("processes", 1, None, "one", "--prefetch", "0"))
+    client = cluster.clients[0]
+    pid_file = tmp_path / "pid"
+    killed = client.submit(t.lend_and_record, str(pid_file), 1.0)
+    wait_until(lambda: pid_file.exists() and _worker(client)["lent"] == 1, 10, what="the slot to be lent")
+    first = int(pid_file.read_text())
+    os.kill(first, signal.SIGKILL)
+    assert killed.result(20) == "child"  # a crash is retried at once (infra_retries): it lends again, and ends
+    assert int(pid_file.read_text()) != first
+    _slot_back(client)  # its children ran on the lent slot and ended
+    _pool_is(cluster, "one", 1)
+
+    pid_file.unlink()
+    timed_out = client.options(timeout=1.0).submit(t.lend_and_record, str(pid_file), 2.0)
+    with pytest.raises(TaskTimeout):
+        timed_out.result(20)
+    _slot_back(client)
+    _pool_is(cluster, "one", 1)
+    assert client.submit(g.with_child, 5).result(20) == 106  # lending works as before
+    _pool_is(cluster, "one", 1)
+
+
+@pytest.mark.parametrize("mode", ["processes", "threads"])
+def test_wait_and_as_completed_inside_a_task_lend_the_slot(cluster: Cluster, mode: str) -> None:
+    cluster.wait_for_workers(cluster.start_worker(mode, 1, None, "one", "--prefetch", "0"))
+    client = cluster.clients[0]
+    assert client.submit(t.wait_for_all, [1, 2, 3], 0.05).result(30) == [1, 2, 3]
+    assert client.submit(t.as_they_complete, [4, 5, 6], 0.05).result(30) == [4, 5, 6]
+    _slot_back(client)
+    if mode == "processes":
+        _pool_is(cluster, "one", 1)
+
+
+def test_an_asyncio_task_awaits_its_children_on_a_one_slot_worker(cluster: Cluster) -> None:
+    cluster.wait_for_workers(cluster.start_worker("asyncio", 1, None, "one", "--prefetch", "0"))
+    client = cluster.clients[0]
+    assert client.submit(t.await_child, 1).result(30) == 1103  # awaits a child that awaits its own
+    assert client.submit(g.with_grandchild, 1).result(30) == 1102  # plain functions (in a thread) lend too
+    message = client.submit(t.blocks_the_loop, 1).result(30)
+    assert "await" in message, message  # a blocking wait on the task loop: a clear error, not a hang
+    _slot_back(client)
