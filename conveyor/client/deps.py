@@ -382,6 +382,7 @@ def current_client() -> Any:
     keys: its keys are a worker's, and a client needs a client's."""
     global _current
     from conveyor import task
+    from conveyor.client import future as future_module
     from conveyor.client.sync import Client
 
     if not task.in_task():
@@ -393,5 +394,6 @@ def current_client() -> Any:
         if _current is None or _current[0] != os.getpid() or _current[1].address != address:
             client = Client(address)
             client.lends_slot = True
+            future_module.lending = True
             _current = (os.getpid(), client)
         return _current[1]

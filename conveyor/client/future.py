@@ -82,6 +82,33 @@ class _Withheld:
 WITHHELD = _Withheld()  # fetched from the dispatcher (WATCH) when result() is first called
 
 
+# Set once this process made a conveyor.current_client() (inside a task): only then can a future lend a slot.
+lending = False
+
+
+class _LendingEvent(threading.Event):
+    """The event concurrent.futures.wait() and as_completed() block on, for a waiter on a future of
+    conveyor.current_client(): a task blocked there lends its worker slot, as in result()."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set():
+            return True
+        with task.slot_lent():
+            return super().wait(timeout)
+
+
+class _LendingWaiters(list[Any]):
+    """Future._waiters of a future of conveyor.current_client(): a waiter of wait() or as_completed() put
+    here blocks on a _LendingEvent. It is swapped in as the waiter is installed, while every future it
+    waits for is locked (concurrent.futures._AcquireFutures), so nothing has set its event yet."""
+
+    def append(self, waiter: Any) -> None:
+        event = getattr(waiter, "event", None)
+        if type(event) is threading.Event and not event.is_set():
+            waiter.event = _LendingEvent()
+        super().append(waiter)
+
+
 # Future.__init__'s fields, set directly below (with the lighter condition); if a Python version has
 # other fields, JobFuture falls back to Future.__init__ with the standard condition.
 _PENDING_STATE = Future()._state
@@ -111,6 +138,8 @@ class JobFuture(Future[Any]):
         self.job_id = job_id
         self.info: dict[str, Any] = {}
         self._connection = connection
+        if lending and self._lends_slot():  # inside a task: wait() and as_completed() lend its slot too
+            self._waiters = _LendingWaiters()
         # What the connection (re-)sends while the job is pending; dropped once it is resolved.
         self._opts = opts
         self._frames = frames
