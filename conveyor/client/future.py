@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,11 @@ _PENDING_STATE = Future()._state
 LIGHT_INIT = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
 
 
+def _settle(ended: Any) -> None:
+    if not ended.done():
+        ended.set_result(None)
+
+
 class JobFuture(Future[Any]):
     """A concurrent.futures.Future for one job, with its id and, once done, where and how it ran.
 
@@ -183,6 +188,34 @@ class JobFuture(Future[Any]):
             with task.slot_lent():
                 return super().exception(timeout)
         return super().exception(timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """`await fut` in a coroutine: its result, without blocking the event loop. In an asyncio-mode task
+        awaiting a future of conveyor.current_client() lends the task's slot meanwhile."""
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> Any:
+        import asyncio
+
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            ended = loop.create_future()
+
+            def wake(_: Future[Any]) -> None:  # on the client's I/O thread
+                try:
+                    loop.call_soon_threadsafe(_settle, ended)
+                except RuntimeError:
+                    pass  # that loop has closed: nobody awaits any more
+
+            self.add_done_callback(wake)
+            if self._lends_slot():
+                with task.slot_lent(blocking=False):
+                    await ended  # (cancelling the awaiting coroutine leaves the job alone)
+            else:
+                await ended
+        if self.withheld:
+            return await asyncio.to_thread(self.result)  # a round trip, off the loop
+        return self.result(0)
 
     def _lends_slot(self) -> bool:
         """Submitted through conveyor.current_client(), so possibly waited on by a task of a worker."""
