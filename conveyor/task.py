@@ -37,6 +37,8 @@ class Lender(Protocol):
 # Where a worker's tasks reach its dispatcher as clients (conveyor.current_client()): set by the worker
 # for itself and its children; not set on a worker with keys (its keys are a worker's, not a client's).
 TASK_DISPATCHER_ENV = "CONVEYOR_TASK_DISPATCHER"
+# Why tasks here can have no client at all, whatever the worker gives (set by interpreters mode's entry).
+no_client: str | None = None
 
 
 def in_task() -> bool:

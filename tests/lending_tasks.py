@@ -77,3 +77,12 @@ async def blocks_the_loop(x: int) -> str:
 def sleeps(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def client_or_why() -> str:
+    """What conveyor.current_client() gives this task: 'a client', or the error's message."""
+    try:
+        conveyor.current_client()
+    except RuntimeError as exc:
+        return str(exc)
+    return "a client"

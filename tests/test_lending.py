@@ -108,3 +108,14 @@ def test_an_asyncio_task_awaits_its_children_on_a_one_slot_worker(cluster: Clust
     message = client.submit(t.blocks_the_loop, 1).result(30)
     assert "await" in message, message  # a blocking wait on the task loop: a clear error, not a hang
     _slot_back(client)
+
+
+def test_an_interpreters_mode_task_gets_a_clear_error_not_a_client(cluster: Cluster) -> None:
+    """A subinterpreter cannot load a client (pyzmq and msgspec refuse them): one clear error, no hang."""
+    from conveyor.worker.modes.interpreters import missing_reason
+
+    if missing_reason() is not None and os.environ.get("CONVEYOR_REQUIRE_INTERPRETERS") != "1":
+        pytest.skip(missing_reason() or "")
+    cluster.wait_for_workers(cluster.start_worker("interpreters", 1, None, "one"))
+    message = cluster.clients[0].submit(t.client_or_why).result(60)
+    assert message.startswith("conveyor.current_client() is not available in interpreters mode"), message

@@ -387,6 +387,8 @@ def current_client() -> Any:
 
     if not task.in_task():
         raise RuntimeError("conveyor.current_client() is for code running as a task on a worker")
+    if task.no_client is not None:
+        raise RuntimeError(task.no_client)
     address = os.environ.get(task.TASK_DISPATCHER_ENV)
     if not address:
         raise RuntimeError("this worker gives its tasks no client (a worker with keys does not)")
