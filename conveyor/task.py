@@ -35,8 +35,10 @@ class Lender(Protocol):
 
 
 # Where a worker's tasks reach its dispatcher as clients (conveyor.current_client()): set by the worker
-# for itself and its children; not set on a worker with keys (its keys are a worker's, not a client's).
+# for itself and its children. A worker with keys sets it only if its key directory holds a client key
+# pair too (its own keys are a worker's, not a client's), and names that directory in TASK_KEYS_ENV.
 TASK_DISPATCHER_ENV = "CONVEYOR_TASK_DISPATCHER"
+TASK_KEYS_ENV = "CONVEYOR_TASK_KEYS"
 # Why tasks here can have no client at all, whatever the worker gives (set by interpreters mode's entry).
 no_client: str | None = None
 

@@ -119,3 +119,25 @@ def test_an_interpreters_mode_task_gets_a_clear_error_not_a_client(cluster: Clus
     cluster.wait_for_workers(cluster.start_worker("interpreters", 1, None, "one"))
     message = cluster.clients[0].submit(t.client_or_why).result(60)
     assert message.startswith("conveyor.current_client() is not available in interpreters mode"), message
+
+
+def test_a_worker_with_keys_gives_its_tasks_a_client_only_with_a_client_pair(tmp_path: Path) -> None:
+    """CurveZMQ: the tasks' client is the client whose key pair is in the worker's key directory."""
+    from tests.test_cli import assert_ok, run_cli
+
+    keys = tmp_path / "keys"
+    assert_ok(run_cli("keys", "init", str(keys)))  # dispatcher, worker and client pairs in one directory
+    assert_ok(run_cli("keys", "add-worker", str(keys), "bare"))  # hosts/bare: a worker pair only
+    c = Cluster(tmp_path)
+    c.start_dispatcher("--keys", str(keys))
+    try:
+        client = c.client(keys=keys)
+        c.start_worker("processes", 1, None, "both", "--keys", str(keys), "--prefetch", "0")
+        c.wait_for_workers("both")
+        assert client.submit(g.with_grandchild, 1).result(30) == 1102  # and it lends its slot, over CURVE
+        c.start_worker("threads", 1, ["bare"], "bare", "--keys", str(keys / "hosts" / "bare"))
+        c.wait_for_workers("bare")
+        message = client.options(tags=["bare"]).submit(t.client_or_why).result(30)
+        assert "holds no client key pair" in message, message
+    finally:
+        c.stop()

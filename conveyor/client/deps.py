@@ -377,9 +377,11 @@ def current_client() -> Any:
     """Inside a task: a Client of the dispatcher this worker serves, to submit children and wait for
     them (`conveyor.current_client().submit(f, x).result()`), one per worker process.
 
-    A task blocked in result() or exception() on one of its futures lends its slot meanwhile (threads
-    mode; docs/workflows.md), so a one-slot worker can run the child it waits for. Not on a worker with
-    keys: its keys are a worker's, and a client needs a client's."""
+    A task blocked on one of its futures (result(), exception(), concurrent.futures.wait() or
+    as_completed(), or `await fut` in asyncio mode) lends its slot meanwhile (docs/workflows.md), so a
+    one-slot worker can run the child it waits for. On a worker with keys, only if its key directory
+    holds a client key pair too (the worker's own keys are a worker's, and a client needs a client's).
+    Not in interpreters mode (a subinterpreter cannot load a client)."""
     global _current
     from conveyor import task
     from conveyor.client import future as future_module
@@ -391,10 +393,14 @@ def current_client() -> Any:
         raise RuntimeError(task.no_client)
     address = os.environ.get(task.TASK_DISPATCHER_ENV)
     if not address:
-        raise RuntimeError("this worker gives its tasks no client (a worker with keys does not)")
+        raise RuntimeError(
+            "this worker gives its tasks no client: it has keys, and its key directory holds no client key "
+            "pair (`conveyor keys add-client DIR NAME` makes one; docs/workflows.md)"
+        )
+    keys = os.environ.get(task.TASK_KEYS_ENV) or None
     with _current_lock:
         if _current is None or _current[0] != os.getpid() or _current[1].address != address:
-            client = Client(address)
+            client = Client(address, keys=keys)
             client.lends_slot = True
             future_module.lending = True
             _current = (os.getpid(), client)
