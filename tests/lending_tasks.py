@@ -86,3 +86,8 @@ def client_or_why() -> str:
     except RuntimeError as exc:
         return str(exc)
     return "a client"
+
+
+def returns_child(x: int) -> Any:
+    """Returns its child's future: a JobFuture is awaitable, so the worker awaits it (lending the slot)."""
+    return conveyor.current_client().submit(inc, x)

@@ -52,6 +52,9 @@ def test_a_one_slot_processes_worker_lends_its_slot_and_the_pool_shrinks_back(cl
     assert fan.result(30) == [1, 2, 3]
     assert _slot_back(client)["done"] >= 7
     _pool_is(cluster, "one", 1)  # the surplus child is gone: nothing leaks
+    assert client.submit(t.returns_child, 41).result(30) == 42  # a returned future: its result, the slot lent
+    _slot_back(client)
+    _pool_is(cluster, "one", 1)
     assert client.submit(g.inc, 1).result(10) == 2  # and the worker takes work as before
 
 
