@@ -30,10 +30,17 @@ class Lender(Protocol):
 
     def back(self, job: tuple[str, int]) -> None: ...
 
+    # And optionally blocks_loop() -> bool: True if a blocking wait in this thread would stop the tasks'
+    # event loop (asyncio mode, on its loop thread).
+
 
 # Where a worker's tasks reach its dispatcher as clients (conveyor.current_client()): set by the worker
-# for itself and its children; not set on a worker with keys (its keys are a worker's, not a client's).
+# for itself and its children. A worker with keys sets it only if its key directory holds a client key
+# pair too (its own keys are a worker's, not a client's), and names that directory in TASK_KEYS_ENV.
 TASK_DISPATCHER_ENV = "CONVEYOR_TASK_DISPATCHER"
+TASK_KEYS_ENV = "CONVEYOR_TASK_KEYS"
+# Why tasks here can have no client at all, whatever the worker gives (set by interpreters mode's entry).
+no_client: str | None = None
 
 
 def in_task() -> bool:
@@ -53,13 +60,20 @@ lender: contextvars.ContextVar[Lender | None] = contextvars.ContextVar("conveyor
 
 
 @contextlib.contextmanager
-def slot_lent() -> Iterator[None]:
-    """Around a task's blocking wait for a child: its worker may start one more task meanwhile (Ray's
-    rule), so a one-slot worker whose task waits on its own child does not deadlock. Elsewhere: nothing."""
+def slot_lent(blocking: bool = True) -> Iterator[None]:
+    """Around a task's wait for a child: its worker may start one more task meanwhile (Ray's rule), so a
+    one-slot worker whose task waits on its own child does not deadlock. Elsewhere: nothing. A blocking
+    wait on the event loop of asyncio mode raises instead (it would stop every task there, the child too)."""
     mode, job = lender.get(), running.get()
     if mode is None or job is None:
         yield
         return
+    blocks_loop = getattr(mode, "blocks_loop", None)
+    if blocking and blocks_loop is not None and blocks_loop():
+        raise RuntimeError(
+            "a coroutine task blocks the event loop waiting for its child: `await` the future instead of "
+            "calling result() (or wait() / as_completed())"
+        )
     mode.lend(job)
     try:
         yield

@@ -75,8 +75,8 @@ def test_failure_propagates_to_every_dependant_naming_the_root(client: conveyor.
         assert err.value.root == root.job_id
         assert err.value.root_fn == "tests.graph_tasks:fail"
         assert "ValueError: bad input" in str(err.value)
-        cause = err.value.__cause__
-        assert cause is not None and "bad input" in str(cause)  # the root's own (remote) error
+        cause = err.value.__cause__  # the root's own error, of its own type (rebuilt from its error frames)
+        assert type(cause) is ValueError and str(cause) == "bad input", repr(cause)
     assert grandchild.info["state"] == "failed"
     # allow_failure: the dependant runs, and receives conveyor.Failed(error) for that parent.
     bad = client.submit(g.fail, "no")
@@ -88,8 +88,12 @@ def test_failure_propagates_to_every_dependant_naming_the_root(client: conveyor.
     # A parent already failed here: the dependant fails at once, without a round trip.
     with pytest.raises(ValueError):
         bad.result(10)
-    with pytest.raises(DependencyFailed):
+    with pytest.raises(DependencyFailed) as err:
         client.submit(g.inc, bad).result(1)
+    assert type(err.value.__cause__) is ValueError  # the parent's own exception
+    with pytest.raises(DependencyFailed) as err:
+        client.submit(g.inc, grandchild).result(1)  # (a parent that failed as a dependant: the root's)
+    assert type(err.value.__cause__) is ValueError and err.value.root == root.job_id
     assert not Failed(ValueError("x"))
 
 
@@ -188,7 +192,7 @@ def test_the_worked_example_of_docs_workflows(client: conveyor.Client) -> None:
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.splitlines() == [
         "top words: the=6, dog=3, fox=3",
-        "failed as expected: root is the empty text's job: True; cause: RemoteError('ValueError: an empty text')",
+        "failed as expected: root is the empty text's job: True; cause: ValueError('an empty text')",
     ]
     assert out.splitlines()[0] in (ROOT / "docs" / "workflows.md").read_text()
 

@@ -33,11 +33,23 @@ _WHERE = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "current_client":
+        from conveyor import task
+
+        if task.no_client is not None:  # (a subinterpreter, which cannot even import a client)
+            return _no_client
     if name in _WHERE:
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _no_client() -> Any:
+    """conveyor.current_client() where no client can exist (interpreters mode): a clear error."""
+    from conveyor import task
+
+    raise RuntimeError(task.no_client)
 
 
 __all__ = [

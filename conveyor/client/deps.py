@@ -117,19 +117,19 @@ _NIL = c.raw_options(c.DEFAULT_OPTIONS)
 def find(
     fn_name: str, blob: bytes | None, args: tuple[Any, ...], kwargs: dict[str, Any],
     after: Iterable[Any], allow: Any,
-) -> tuple[list[Any], Deps | None, dict[str, Any] | None]:
-    """(call frames, its parents or None, None), or ([], None, an error record) if a parent whose
-    outcome this client already has ended badly (and the edge does not allow it)."""
+) -> tuple[list[Any], Deps | None, _Blocked | None]:
+    """(call frames, its parents or None, None), or ([], None, why: its error record and cause) if a
+    parent whose outcome this client already has ended badly (and the edge does not allow it)."""
     parents: list[JobFuture] = []
     index: dict[str, int] = {}
-    blocked: list[dict[str, Any]] = []
+    blocked: list[_Blocked] = []
     allowed = _allowed(allow)
 
     def swap(job: JobFuture) -> Any:
         if job.done() and not isinstance(job, JobRef) and not job.withheld:  # its outcome is here: by value
             value = _value(job, allowed is True or job.job_id in allowed)
             if _is_blocked(value):
-                blocked.append(value.record)
+                blocked.append(value)
             return value
         i = index.get(job.job_id)
         if i is None:
@@ -168,7 +168,7 @@ def find(
         if job.done() and not isinstance(job, JobRef) and not job.withheld:
             value = _value(job, allowed is True or job.job_id in allowed)
             if _is_blocked(value):
-                blocked.append(value.record)
+                blocked.append(value)
         elif job.job_id not in index and job.job_id not in after_ids:
             after_jobs.append(job)
             after_ids.add(job.job_id)
@@ -196,12 +196,14 @@ def has_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 
 class _Blocked:
-    """In place of a parent's value: it ended badly, and `record` is its dependant's error record."""
+    """In place of a parent's value: it ended badly, and `record` is its dependant's error record;
+    `cause` the root's exception as its own future raised it (for a failure)."""
 
-    __slots__ = ("record",)
+    __slots__ = ("cause", "record")
 
-    def __init__(self, record: dict[str, Any]):
+    def __init__(self, record: dict[str, Any], cause: BaseException | None = None):
         self.record = record
+        self.cause = cause
 
 
 def _is_blocked(value: Any) -> bool:
@@ -286,7 +288,8 @@ def _value(job: JobFuture, allowed: bool) -> Any:
         "expired" if isinstance(exc, JobExpired) else "failed")
     if allowed:
         return Failed(exc, job.job_id, state)
-    return _Blocked(blocked_record(job, exc, state))
+    cause = exc.__cause__ if isinstance(exc, DependencyFailed) else exc if state == "failed" else None
+    return _Blocked(blocked_record(job, exc, state), cause)
 
 
 def blocked_record(job: JobFuture, exc: BaseException, state: str) -> dict[str, Any]:
@@ -317,11 +320,14 @@ def _fn_of(job: JobFuture) -> str:
         return "?"
 
 
-def failed_future(conn: Connection, error: dict[str, Any]) -> JobFuture:
+def failed_future(conn: Connection, blocked: _Blocked) -> JobFuture:
     """The future of a job that never left: a parent it needs already ended badly."""
     future = JobFuture(conn.new_job_id(), None)
-    future.info = {"id": future.job_id, "state": "failed", "error": error}
-    future.set_exception(perr.rebuild_exception(error, []))
+    future.info = {"id": future.job_id, "state": "failed", "error": blocked.record}
+    exc = perr.rebuild_exception(blocked.record, [])
+    if blocked.cause is not None:
+        exc.__cause__ = blocked.cause  # the root's own exception, of its own type where it could be rebuilt
+    future.set_exception(exc)
     return future
 
 
@@ -377,21 +383,31 @@ def current_client() -> Any:
     """Inside a task: a Client of the dispatcher this worker serves, to submit children and wait for
     them (`conveyor.current_client().submit(f, x).result()`), one per worker process.
 
-    A task blocked in result() or exception() on one of its futures lends its slot meanwhile (threads
-    mode; docs/workflows.md), so a one-slot worker can run the child it waits for. Not on a worker with
-    keys: its keys are a worker's, and a client needs a client's."""
+    A task blocked on one of its futures (result(), exception(), concurrent.futures.wait() or
+    as_completed(), or `await fut` in asyncio mode) lends its slot meanwhile (docs/workflows.md), so a
+    one-slot worker can run the child it waits for. On a worker with keys, only if its key directory
+    holds a client key pair too (the worker's own keys are a worker's, and a client needs a client's).
+    Not in interpreters mode (a subinterpreter cannot load a client)."""
     global _current
     from conveyor import task
+    from conveyor.client import future as future_module
     from conveyor.client.sync import Client
 
     if not task.in_task():
         raise RuntimeError("conveyor.current_client() is for code running as a task on a worker")
+    if task.no_client is not None:
+        raise RuntimeError(task.no_client)
     address = os.environ.get(task.TASK_DISPATCHER_ENV)
     if not address:
-        raise RuntimeError("this worker gives its tasks no client (a worker with keys does not)")
+        raise RuntimeError(
+            "this worker gives its tasks no client: it has keys, and its key directory holds no client key "
+            "pair (`conveyor keys add-client DIR NAME` makes one; docs/workflows.md)"
+        )
+    keys = os.environ.get(task.TASK_KEYS_ENV) or None
     with _current_lock:
         if _current is None or _current[0] != os.getpid() or _current[1].address != address:
-            client = Client(address)
+            client = Client(address, keys=keys)
             client.lends_slot = True
+            future_module.lending = True
             _current = (os.getpid(), client)
         return _current[1]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
@@ -82,10 +82,42 @@ class _Withheld:
 WITHHELD = _Withheld()  # fetched from the dispatcher (WATCH) when result() is first called
 
 
+# Set once this process made a conveyor.current_client() (inside a task): only then can a future lend a slot.
+lending = False
+
+
+class _LendingEvent(threading.Event):
+    """The event concurrent.futures.wait() and as_completed() block on, for a waiter on a future of
+    conveyor.current_client(): a task blocked there lends its worker slot, as in result()."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set():
+            return True
+        with task.slot_lent():
+            return super().wait(timeout)
+
+
+class _LendingWaiters(list[Any]):
+    """Future._waiters of a future of conveyor.current_client(): a waiter of wait() or as_completed() put
+    here blocks on a _LendingEvent. It is swapped in as the waiter is installed, while every future it
+    waits for is locked (concurrent.futures._AcquireFutures), so nothing has set its event yet."""
+
+    def append(self, waiter: Any) -> None:
+        event = getattr(waiter, "event", None)
+        if type(event) is threading.Event and not event.is_set():
+            waiter.event = _LendingEvent()
+        super().append(waiter)
+
+
 # Future.__init__'s fields, set directly below (with the lighter condition); if a Python version has
 # other fields, JobFuture falls back to Future.__init__ with the standard condition.
 _PENDING_STATE = Future()._state
 LIGHT_INIT = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+
+
+def _settle(ended: Any) -> None:
+    if not ended.done():
+        ended.set_result(None)
 
 
 class JobFuture(Future[Any]):
@@ -111,6 +143,8 @@ class JobFuture(Future[Any]):
         self.job_id = job_id
         self.info: dict[str, Any] = {}
         self._connection = connection
+        if lending and self._lends_slot():  # inside a task: wait() and as_completed() lend its slot too
+            self._waiters = _LendingWaiters()
         # What the connection (re-)sends while the job is pending; dropped once it is resolved.
         self._opts = opts
         self._frames = frames
@@ -154,6 +188,34 @@ class JobFuture(Future[Any]):
             with task.slot_lent():
                 return super().exception(timeout)
         return super().exception(timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """`await fut` in a coroutine: its result, without blocking the event loop. In an asyncio-mode task
+        awaiting a future of conveyor.current_client() lends the task's slot meanwhile."""
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> Any:
+        import asyncio
+
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            ended = loop.create_future()
+
+            def wake(_: Future[Any]) -> None:  # on the client's I/O thread
+                try:
+                    loop.call_soon_threadsafe(_settle, ended)
+                except RuntimeError:
+                    pass  # that loop has closed: nobody awaits any more
+
+            self.add_done_callback(wake)
+            if self._lends_slot():
+                with task.slot_lent(blocking=False):
+                    await ended  # (cancelling the awaiting coroutine leaves the job alone)
+            else:
+                await ended
+        if self.withheld:
+            return await asyncio.to_thread(self.result)  # a round trip, off the loop
+        return self.result(0)
 
     def _lends_slot(self) -> bool:
         """Submitted through conveyor.current_client(), so possibly waited on by a task of a worker."""

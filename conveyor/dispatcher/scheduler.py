@@ -73,6 +73,7 @@ from conveyor.protocol.commands import TaskOptions
 PREFETCH_HORIZON = 0.002  # seconds of work a worker may hold beyond its slots (auto prefetch)
 DURATION_WEIGHT = 0.2  # weight of the newest task in a worker's moving average of durations
 OFFLOAD_AFTER_S = 2.0  # a job due further ahead than this keeps its call in the journal, not in memory
+ROOT_ERROR_BYTES = 64 * 1024  # a root's error frames at most this large go with its dependants' failures
 WITHHOLD_BYTES = 64 * 1024  # a result at least this large that dependants use is not sent to its client unasked
 
 __all__ = [
@@ -1049,7 +1050,10 @@ class Scheduler:
             out = perr.error_info(perr.DEPENDENCY_FAILED, "DependencyFailed",
                                   f"job {root} ({root_fn}) failed: {perr.describe(root_error or {})}")
             out.update(root=root, root_fn=root_fn, root_error=root_error)
-            self._finish(job, FAILED, out, [], now)
+            # The root's error frames (its pickled exception, passed on by every dependant in the chain):
+            # the client rebuilds the root's own exception type as the cause. Shared, not copied.
+            frames = list(parent.result_frames or ())
+            self._finish(job, FAILED, out, frames if _nbytes(frames) <= ROOT_ERROR_BYTES else [], now)
         else:
             what = "expired" if parent.state == EXPIRED or info.get("cause") == EXPIRED else "was cancelled"
             out = perr.error_info(perr.DEPENDENCY_CANCELLED, "DependencyCancelled", f"job {root} {what}")

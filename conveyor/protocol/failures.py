@@ -101,8 +101,8 @@ def rebuild_exception(info: dict[str, Any], frames: list[Any]) -> BaseException:
     elif kind == DEPENDENCY_FAILED:
         exc = errors.DependencyFailed(message, str(info.get("root", "")), str(info.get("root_fn", "")))
         root_error = info.get("root_error")
-        if isinstance(root_error, dict):  # the root's own error, as its own future raises it
-            exc.__cause__ = rebuild_exception(root_error, [])
+        if isinstance(root_error, dict):  # the root's own error, as its own future raises it (its frames)
+            exc.__cause__ = rebuild_exception(root_error, frames)
             return exc
     elif kind == DEPENDENCY_CANCELLED:
         exc = errors.DependencyCancelled(message, str(info.get("root", "")))

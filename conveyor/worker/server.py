@@ -32,7 +32,7 @@ import zmq
 import zmq.asyncio
 
 from conveyor import task as task_api
-from conveyor.errors import DispatcherRefused
+from conveyor.errors import DispatcherRefused, KeysError
 from conveyor.protocol import Cmd, Message, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol.joined import pack_joined
@@ -91,6 +91,15 @@ def local_address_for(endpoint: str) -> str:
         return socket.gethostname()
 
 
+def _holds_client_keys(keys: str | os.PathLike[str]) -> bool:
+    """Whether a worker's key directory holds a client key pair too, for its tasks' client."""
+    try:
+        load_peer_credentials(keys, "client")
+    except KeysError:
+        return False
+    return True
+
+
 class Worker:
     def __init__(
         self,
@@ -127,8 +136,14 @@ class Worker:
         if liveness_beats < 1:
             raise ValueError("liveness must be at least 1 heartbeat")
         self.connect_address = connect
-        if keys is None:  # tasks may submit children (conveyor.current_client()); inherited by its children
+        # Tasks may submit children (conveyor.current_client()) through these (inherited by its children);
+        # with keys, only as the client whose key pair is in the worker's key directory too (docs/workflows.md).
+        os.environ.pop(task_api.TASK_KEYS_ENV, None)
+        os.environ.pop(task_api.TASK_DISPATCHER_ENV, None)
+        if keys is None or _holds_client_keys(keys):
             os.environ[task_api.TASK_DISPATCHER_ENV] = connect
+            if keys is not None:
+                os.environ[task_api.TASK_KEYS_ENV] = str(keys)
         self.mode_name = mode
         self.concurrency = concurrency
         # Jobs held beyond the slots: tiny tasks then never wait a dispatcher round trip, at the price of

@@ -12,10 +12,10 @@ Rules worth knowing before reading:
   take them from one queue, so they go from task to task without waiting for the loop). The tasks in
   the mode keep the order they were handed in: the first `concurrency` of them hold a slot (running, or
   about to be taken by an idle thread); the others wait in the mode's queue and can be withdrawn.
-- Lent slots. A task blocked on its own child (conveyor.current_client(), threads mode) lends its slot
-  while it waits (SlotLent, SlotBack): one more task may run meanwhile, and LENT tells the dispatcher
-  so, which then assigns one more job. When the wait ends, no task starts until the tasks in the mode
-  are within the slots again. `slots` is concurrency plus the lent ones.
+- Lent slots. A task blocked on its own child (conveyor.current_client(); threads, processes and
+  asyncio modes) lends its slot while it waits (SlotLent, SlotBack): one more task may run meanwhile,
+  and LENT tells the dispatcher so, which then assigns one more job. When the wait ends, no task
+  starts until the tasks in the mode are within the slots again. `slots` is concurrency plus the lent ones.
 - Timeouts and cancels are decided here, for every mode alike. A task with a timeout goes to the mode
   only when a slot is free for it (the tasks behind it wait with it), so its clock starts when it can
   run. At its deadline, or on CANCEL, its outcome is decided at once and the mode is told to stop it;

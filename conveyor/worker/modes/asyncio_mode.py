@@ -7,6 +7,12 @@ runs in the loop's default thread pool instead (`asyncio.to_thread`). Tasks cros
 in batches: one wake-up of the task loop starts every task submitted since the last one, and one
 wake-up of the worker's loop reports every task finished meanwhile. A stopped task is cancelled
 (CancelledError at its current await).
+
+A task waiting on its own child (conveyor.current_client()) lends its slot: `await fut` in a coroutine,
+or a blocking result(), wait() or as_completed() in a plain function (which runs in a thread). The
+worker is told (on_lend) and may hand this mode one more task, which the loop simply runs too. A
+blocking wait on the loop itself raises a RuntimeError saying to await (it would stop the loop, and the
+child with it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from conveyor import task as task_api
 from conveyor.protocol import failures as perr
 from conveyor.worker.execution import Key, Outcome, Task, failure, infra_failure, run_async
 from conveyor.worker.modes import inproc_capture
@@ -101,6 +108,7 @@ class AsyncioMode(Mode):
 
     async def _run(self, item: _Item) -> None:
         task = item.task
+        task_api.lender.set(self)  # in this asyncio task's own context (and the threads it copies it to)
         ctx = inproc_capture.enter(self.reports, task.key) if self.reports is not None else None
         try:
             outcome = await run_async(task)
@@ -120,6 +128,23 @@ class AsyncioMode(Mode):
                 self._worker_loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:
                 pass  # the worker's loop has closed: nobody waits for this outcome
+
+    def lend(self, job: Key) -> None:
+        """A task waits on its child (on the task loop, or in a thread of a plain function): tell the worker."""
+        self._tell(job, True)
+
+    def back(self, job: Key) -> None:
+        self._tell(job, False)
+
+    def blocks_loop(self) -> bool:
+        return self._thread is not None and threading.get_ident() == self._thread.ident
+
+    def _tell(self, job: Key, lent: bool) -> None:
+        if self._worker_loop is not None and self.on_lend is not None:
+            try:
+                self._worker_loop.call_soon_threadsafe(self.on_lend, job, lent)
+            except RuntimeError:
+                pass  # the worker's loop has closed
 
     def _deliver(self) -> None:
         """On the worker's loop: report every task finished since the last wake-up."""

@@ -90,6 +90,10 @@ def install(events: Any, capture: bool) -> None:
     global _events, _capture
     _events, _capture = events, capture
     task_api.process_reporter = _Reporter()
+    task_api.no_client = (
+        "conveyor.current_client() is not available in interpreters mode: a client needs pyzmq and msgspec, "
+        "which refuse subinterpreters; run tasks that submit children in threads or processes mode"
+    )
     if capture:
         sys.stdout = _Stream("stdout", sys.stdout)  # type: ignore[assignment,unused-ignore]
         sys.stderr = _Stream("stderr", sys.stderr)  # type: ignore[assignment,unused-ignore]

@@ -10,6 +10,10 @@ started by the `forkserver` method, so they do not inherit the worker's threads 
     channel.py    the worker's ends of one child's pipes (tasks out, outcomes and output back)
     child.py      what runs in the child (and the wire format of the task pipe)
 
+A task blocked on its own child (conveyor.current_client()) lends its slot: its child process says so on
+the task pipe, the pool grows by one child meanwhile and the worker is told (on_lend), so one more task
+may come; when the wait ends the pool shrinks back (an idle child is stopped, or the next to finish).
+
 Replacing a child is one task the mode owns. If a child cannot be started (too many open files, a
 broken fork server), it retries with backoff and logs each failure; while no child at all is alive,
 tasks fail at once as WorkerCrashed with a message naming the cause, instead of waiting for a slot that
@@ -76,6 +80,7 @@ class ProcessesMode(Mode):
 
         self._closed = asyncio.Event()  # set at shutdown: the spawner stops waiting to retry
         self.start_error: BaseException | None = None  # why the last child start failed, until one succeeds
+        self._lent = 0  # children whose task waits on a child of its own: the pool is that much larger
 
     async def start(self, report: Report) -> None:
         import asyncio
@@ -99,6 +104,11 @@ class ProcessesMode(Mode):
 
     def child_pids(self) -> list[int]:
         return [c.pid for c in self._children if not c.dead]
+
+    @property
+    def _target(self) -> int:
+        """Children the pool should have: the slots, plus one per slot lent."""
+        return self.concurrency + self._lent
 
     # --- children -----------------------------------------------------------------------------------
 
@@ -129,8 +139,9 @@ class ProcessesMode(Mode):
     def _adopt(self, child: Child) -> None:
         assert self._loop is not None
         self._children.add(child)
-        child.attach(self._loop, self._on_outcome, self._on_exit)
+        child.attach(self._loop, self._on_outcome, self._on_exit, self._on_lent)
         self._idle.append(child)
+        self._trim()  # (a lent slot came back while it started)
         self._dispatch()
 
     def _replenish(self) -> None:
@@ -144,7 +155,7 @@ class ProcessesMode(Mode):
         import asyncio
 
         delay, most = RESTART_BACKOFF
-        while not self._closing and len(self._children) < self.concurrency:
+        while not self._closing and len(self._children) < self._target:
             try:
                 child = await asyncio.to_thread(self._start_child)
             except Exception as exc:
@@ -213,11 +224,40 @@ class ProcessesMode(Mode):
 
     def _on_outcome(self, child: Child, ok: bool, info: Any, frames: list[Any]) -> None:
         task, child.task = child.task, None
+        self._unlend(child)  # (it said so before its outcome; unless it could not)
         if task is not None and self._running.pop(task.key, None) is child and self._report is not None:
             self._report([Outcome(task.job_id, task.attempt, ok, info, frames)])
         if not child.dying and not child.dead:
             self._idle.append(child)
+            self._trim()
             self._dispatch()
+
+    def _on_lent(self, child: Child, key: Key, waiting: bool) -> None:
+        """The child's task blocks on a child of its own (waiting) or stops: one child more, or fewer."""
+        task = child.task
+        if task is None or task.key != key or child.dying or child.dead or waiting == child.lent:
+            return  # stopped meanwhile (its lending ended there), or said twice
+        if waiting:
+            child.lent = True
+            self._lent += 1
+            self._replenish()
+        else:
+            self._unlend(child)
+            self._trim()
+        if self.on_lend is not None:
+            self.on_lend(key, waiting)
+
+    def _unlend(self, child: Child) -> None:
+        if child.lent:
+            child.lent = False
+            self._lent -= 1
+
+    def _trim(self) -> None:
+        """Stop idle children beyond the target (lent slots came back); a busy one goes once it is idle."""
+        surplus = sum(1 for c in self._children if not c.dying) - self._target
+        while surplus > 0 and self._idle:
+            self._terminate(self._idle.pop())
+            surplus -= 1
 
     def _on_exit(self, child: Child) -> None:
         if child.dead:
@@ -231,6 +271,7 @@ class ProcessesMode(Mode):
         code = child.process.exitcode
         child.close()  # what the task printed before the child died stays its output
         self._children.discard(child)
+        self._unlend(child)
         if child in self._idle:
             self._idle.remove(child)
         task, child.task = child.task, None
@@ -247,7 +288,9 @@ class ProcessesMode(Mode):
         child = self._running.pop(key, None)
         if child is not None:
             child.task = None  # whatever it still reports no longer counts
+            self._unlend(child)  # (the worker's state ends its lending with the stop)
             self._terminate(child)
+            self._trim()
 
     def _terminate(self, child: Child) -> None:
         child.dying = True

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from conveyor.worker.execution import Key, Task
-from conveyor.worker.modes.processes.child import IOV_MAX, consume
+from conveyor.worker.modes.processes.child import IOV_MAX, LENT, consume
 from conveyor.worker.reports import TaskReports
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 _scratch = bytearray(1 << 16)  # what one read from a child's task pipe lands in (the loop is single-threaded)
 
 OnOutcome = Callable[["Child", bool, Any, list[Any]], None]
+OnLent = Callable[["Child", Key, bool], None]  # its task (key) blocks on a child of its own (True) or stops
 
 
 class Child:
@@ -43,10 +44,12 @@ class Child:
         self.dead = False
         self.dying = False  # terminated by us: never handed another task
         self.killed_because: str | None = None
+        self.lent = False  # its task waits on a child of its own: the pool has one more child meanwhile
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_outcome: OnOutcome | None = None
+        self._on_lent: OnLent | None = None
         self._packer = msgpack.Packer()
         self._out: list[Any] = []  # what is left to write of the current task
         self._writing = False  # a writer callback is registered for _out
@@ -59,9 +62,13 @@ class Child:
     def pid(self) -> int:
         return self.process.pid or 0
 
-    def attach(self, loop: asyncio.AbstractEventLoop, on_outcome: OnOutcome, on_exit: Callable[[Child], None]) -> None:
+    def attach(
+        self, loop: asyncio.AbstractEventLoop, on_outcome: OnOutcome, on_exit: Callable[[Child], None],
+        on_lent: OnLent | None = None,
+    ) -> None:
         self._loop = loop
         self._on_outcome = on_outcome
+        self._on_lent = on_lent
         loop.add_reader(self.fd, self._on_readable)
         loop.add_reader(self.process.sentinel, on_exit, self)
         if self.output is not None:
@@ -142,7 +149,14 @@ class Child:
             if len(buf) < end:
                 return
             with memoryview(buf) as view:
-                ok, info, lengths = msgpack.unpackb(view[4:end])
+                head = msgpack.unpackb(view[4:end])
+            if len(head) == 4 and head[0] == LENT:  # its task blocks on a child, or stops: no frames
+                del buf[:end]
+                if self._on_lent is not None:
+                    self._on_lent(self, (str(head[1]), int(head[2])), bool(head[3]))
+                continue
+            with memoryview(buf) as view:
+                ok, info, lengths = head
                 total = end + sum(lengths)
                 if len(buf) < total:  # a large outcome: read the rest straight into one buffer
                     self._body = bytearray(total - end)

@@ -4,6 +4,8 @@ The task pipe is the socket of a multiprocessing Connection, but read and writte
 message is a 4-byte little-endian header length, the msgpack header, then the data frames back to back,
     parent -> child   [job_id, attempt, timeout, retry_on, [frame lengths]], then the call frames
     child -> parent   [ok, info, [frame lengths]], then the result frames
+                      or ["lent", job_id, attempt, waiting] (no frames): its task blocks on a child of
+                      its own (waiting true) or stops waiting, so the worker may run one more task meanwhile
 written with one writev (not one write per frame) and read by a buffered reader, which reads a large
 frame straight into the bytes object the task gets (Connection.recv_bytes copies it several times).
 
@@ -37,6 +39,7 @@ from conveyor.worker.reports import LOG_FORMAT
 
 READ_BUFFER = 1 << 16
 IOV_MAX = 512  # buffers per writev, well under the system's IOV_MAX (1024 on Linux)
+LENT = "lent"  # the first field of a child's message saying its task lends its slot (or takes it back)
 OOM_SCORE_BONUS = 500  # added to a child's oom_score_adj (capped at 1000): the OOM killer picks a child first
 
 
@@ -55,6 +58,7 @@ def child_main(
     os.set_blocking(fd, True)
     reader = open(fd, "rb", buffering=READ_BUFFER, closefd=False)  # noqa: SIM115 - lives as long as the loop
     packer = msgpack.Packer()
+    task.lender.set(_PipeLender(fd))  # a task waiting on its child lends its slot (conveyor.task.slot_lent)
     while True:
         try:
             header = _read_exactly(reader, int.from_bytes(_read_exactly(reader, 4), "little"))
@@ -64,13 +68,44 @@ def child_main(
             return
         outcome = run_sync(Task(job_id, attempt, timeout, tuple(retry_on), frames))
         try:
-            write_message(
-                fd,
-                packer.pack([outcome.ok, outcome.info, [memoryview(f).nbytes for f in outcome.frames]]),
-                outcome.frames,
-            )
+            with _pipe_lock:
+                write_message(
+                    fd,
+                    packer.pack([outcome.ok, outcome.info, [memoryview(f).nbytes for f in outcome.frames]]),
+                    outcome.frames,
+                )
         except OSError:  # the worker is gone
             return
+
+
+_pipe_lock = threading.Lock()  # whole messages on the task pipe: a lending note may come from another thread
+
+
+class _PipeLender:
+    """conveyor.task.Lender in a child: tells the worker over the task pipe when the task starts and stops
+    waiting on its children (nested waits count once), so the worker may run one more task meanwhile."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._depth = 0
+
+    def lend(self, job: tuple[str, int]) -> None:
+        with _pipe_lock:
+            self._depth += 1
+            if self._depth == 1:
+                self._send(job, True)
+
+    def back(self, job: tuple[str, int]) -> None:
+        with _pipe_lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._send(job, False)
+
+    def _send(self, job: tuple[str, int], waiting: bool) -> None:
+        try:
+            write_message(self._fd, msgpack.packb([LENT, job[0], job[1], waiting]), ())
+        except OSError:
+            pass  # the worker is gone; the task's outcome will not reach it either
 
 
 def raise_oom_score(bonus: int) -> int | None:
