@@ -272,3 +272,20 @@ def test_failover_rules_follow_redirects_and_refuse_lower_epochs() -> None:
     f.redirected(c.Redirect("", 4), now=11.0)  # it knows no active: ask it again, shortly
     assert f.due(11.0, 11.0) is None and f.due(12.0, 12.0) == ("tcp://b:2", False)
     assert f.due(20.0, 12.0) == ("tcp://a:1", True)  # silent for settle_s: the other one
+
+
+def test_backup_gone_the_active_serves_degraded_and_catches_the_backup_up_when_it_returns(pair: Pair) -> None:
+    _started(pair)
+    client = pair.client()
+    wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 10, 0.1)
+    os.kill(pair.procs["backup"].pid, signal.SIGKILL)
+    pair.procs["backup"].wait()
+    wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "degraded", 10, 0.1, "degraded")
+    futures = [client.options(keep=True).submit("tests.tasks:add", i, 1) for i in range(20)]
+    client._conn.wait_accepted(futures, 20)  # type: ignore[union-attr]
+    assert all(f._accepted for f in futures), "a degraded active still accepts"
+    assert "DEGRADED" in (pair.tmp / "primary.log").read_text()
+    pair.start("backup")
+    wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 20, 0.1, "in sync again")
+    ids = {f.job_id for f in futures}
+    assert ids <= set(jobs_in(pair.journal("backup"))), "the returning backup did not catch up"
