@@ -289,3 +289,17 @@ def test_backup_gone_the_active_serves_degraded_and_catches_the_backup_up_when_i
     wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 20, 0.1, "in sync again")
     ids = {f.job_id for f in futures}
     assert ids <= set(jobs_in(pair.journal("backup"))), "the returning backup did not catch up"
+
+
+def test_the_epoch_rides_in_the_command_frame_plain_or_packed() -> None:
+    from conveyor.errors import ProtocolError
+
+    for frames in ([], [b"x" * 10], [b"a", b"b", b"c"]):
+        parts = encode(Cmd.ASSIGN, c.Assign(0, []), frames, epoch=2**40 + 7)
+        cmd, _, got = split(parts)
+        assert cmd == Cmd.ASSIGN and got == frames and frame_epoch(parts[1]) == 2**40 + 7
+    assert frame_epoch(encode(Cmd.ASSIGN, c.Assign(0, []))[1]) == 0
+    bad = encode(Cmd.HEARTBEAT, c.Heartbeat(), epoch=3)
+    bad[1] = bytes((Cmd.HEARTBEAT, 0)) + bad[1][2:]  # eight epoch bytes without the EPOCH flag
+    with pytest.raises(ProtocolError):
+        split(bad)
