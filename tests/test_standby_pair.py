@@ -39,8 +39,9 @@ def free_port() -> int:
 class Pair:
     """Two dispatchers (primary, backup), optionally a witness, and workers, as real processes."""
 
-    def __init__(self, tmp: Path, witness: bool = False):
+    def __init__(self, tmp: Path, witness: bool = False, keys: Path | None = None):
         self.tmp = tmp
+        self.keys = keys
         ports = [free_port() for _ in range(5)]
         self.addr = {"primary": f"tcp://127.0.0.1:{ports[0]}", "backup": f"tcp://127.0.0.1:{ports[1]}"}
         self.pair_addr = {"primary": f"tcp://127.0.0.1:{ports[2]}", "backup": f"tcp://127.0.0.1:{ports[3]}"}
@@ -65,6 +66,8 @@ class Pair:
                 "--failover-timeout", str(FAILOVER_S), "--heartbeat-interval", "0.2"]
         if self.witness_addr is not None:
             args += ["--witness", self.witness_addr]
+        if self.keys is not None:
+            args += ["--keys", str(self.keys)]
         self._spawn(role, args)
 
     def start_worker(self, name: str = "w1", concurrency: int = 4) -> None:
@@ -303,3 +306,34 @@ def test_the_epoch_rides_in_the_command_frame_plain_or_packed() -> None:
     bad[1] = bytes((Cmd.HEARTBEAT, 0)) + bad[1][2:]  # eight epoch bytes without the EPOCH flag
     with pytest.raises(ProtocolError):
         split(bad)
+
+
+def test_with_keys_the_pair_link_is_curve_and_accepts_the_dispatcher_key_only(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    subprocess.run(conveyor_cmd("keys", "init", str(keys)), cwd=ROOT, check=True, capture_output=True)
+    p = Pair(tmp_path, keys=keys)
+    try:
+        p.start("primary")
+        p.start("backup")
+        client = p.client(keys=str(keys), connect_timeout=10)
+        wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 20, 0.1, "in sync")
+        futures = [client.options(keep=True).submit("tests.tasks:add", i, 1) for i in range(10)]
+        client._conn.wait_accepted(futures, 20)  # type: ignore[union-attr]
+        assert {f.job_id for f in futures} <= set(jobs_in(p.journal("backup")))
+        # A client's key cannot reach the pair's socket: the handshake is refused.
+        from conveyor.security.keys import load_peer_credentials
+
+        creds = load_peer_credentials(keys, "client")
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, creds.secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, creds.public)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, creds.server_public)
+        sock.connect(p.pair_addr["backup"])
+        sock.send_multipart(encode(Cmd.PAIR_ACK, c.PairAck(1, 99)))
+        try:
+            wait_until(lambda: "not the dispatcher's" in (tmp_path / "backup.log").read_text(), 10, 0.1, "a refusal")
+        finally:
+            sock.close()
+    finally:
+        p.stop()

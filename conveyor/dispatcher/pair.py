@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils import z85
 
 from conveyor.dispatcher import standby as sb
 from conveyor.dispatcher.journal import Batch, Journal
@@ -301,7 +302,7 @@ class Pair:
                 msg = self._zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ok = len(msg) >= 7 and msg[5] == b"CURVE" and msg[6] == self._credentials.public
+            ok = len(msg) >= 7 and msg[5] == b"CURVE" and _key32(msg[6]) == _key32(self._credentials.public)
             if not ok:
                 log.warning("standby pair: refused a pair connection from a key that is not the dispatcher's")
             self._zap.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"200" if ok else b"400",
@@ -413,6 +414,11 @@ def _batch_of(b: c.PairBatch, frames: list[Any]) -> Batch:
         for e, data in zip(b.finishes, per_entry[len(b.inserts):], strict=True)
     }
     return Batch(inserts, finishes, set(b.deletes), dict(b.schedules))
+
+
+def _key32(key: bytes) -> bytes:
+    """A CURVE public key as its 32 raw bytes (keys are also written Z85-encoded, 40 characters)."""
+    return key if len(key) == 32 else z85.decode(key)
 
 
 def _drain(sock: zmq.Socket[Any], limit: int = 1000) -> list[list[Any]]:
