@@ -337,3 +337,41 @@ def test_with_keys_the_pair_link_is_curve_and_accepts_the_dispatcher_key_only(tm
             sock.close()
     finally:
         p.stop()
+
+
+def _detached(addresses: list[str], n: int, offset: int = 0) -> list[str]:
+    """Submit n jobs from a client process that exits once they are acknowledged; their ids."""
+    script = (
+        "from conveyor import Client\n"
+        f"c = Client({addresses!r}, connect_timeout=10)\n"
+        f"fs = [c.options(keep=True).submit('tests.tasks:sleep_for', 0.05, {offset} + i) for i in range({n})]\n"
+        "c._conn.wait_accepted(fs, 20)\n"
+        "assert all(f._accepted for f in fs)\n"
+        "print(' '.join(f.job_id for f in fs)); c.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=60, check=True)
+    return out.stdout.decode().split()
+
+
+def test_a_former_active_rejoins_passive_and_hands_over_what_only_its_journal_held(pair: Pair) -> None:
+    _started(pair)
+    client = pair.client()
+    wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 10, 0.1)
+    client.close()
+    os.kill(pair.procs["backup"].pid, signal.SIGKILL)
+    pair.procs["backup"].wait()
+    wait_until(lambda: "DEGRADED" in (pair.tmp / "primary.log").read_text(), 10, 0.1, "degraded")
+    only_primary = _detached(pair.addresses, 10)  # acknowledged with one copy: no worker runs them yet
+    assert set(only_primary) <= set(jobs_in(pair.journal("primary")))
+    os.kill(pair.procs["primary"].pid, signal.SIGKILL)
+    pair.procs["primary"].wait()
+    pair.start("backup")  # alone, without those jobs: it takes over (the probe is a client's vote)
+    wait_until(lambda: probe(pair.addr["backup"], 0.5) == ("active", 2), 20, 0.1, "the backup to take over")
+    assert not set(only_primary) & set(jobs_in(pair.journal("backup")))
+    pair.start("primary")  # comes back passive and hands its unfinished jobs over
+    wait_until(lambda: probe(pair.addr["primary"], 0.5) == ("passive", 2), 20, 0.1, "the old primary, passive")
+    wait_until(lambda: set(only_primary) <= set(jobs_in(pair.journal("backup"))), 20, 0.1, "the handover")
+    assert probe(pair.addr["backup"]) == ("active", 2)
+    pair.start_worker()
+    fetch = pair.client(connect_timeout=10)
+    assert sorted(fetch.result(job_id, timeout=60) for job_id in only_primary) == list(range(10))

@@ -231,6 +231,27 @@ class Durability:
         if self._commit_at is None:
             self._commit_at = now  # retried at committer.retry_at
 
+    def adopt(self, inserts: dict[str, tuple[Any, ...]]) -> int:
+        """Jobs handed over by the other dispatcher of a pair (only its journal held them): accepted here as
+        if restored from our journal, and recorded in it. Returns how many were new."""
+        now, now_wall = time.monotonic(), time.time()
+        n = 0
+        for job_id, _seq, owner, raw_opts, frames, deps in inserts.values():
+            if job_id in self.scheduler.jobs:
+                continue
+            try:
+                opts = c.options_from_raw(raw_opts)
+            except ValueError as exc:
+                log.error("handed over: job %s has unusable options (%s); dropped", job_id, exc)
+                continue
+            due, expires = due_and_expiry(opts, now, now_wall)
+            parents, after, allow = _deps(deps)
+            job = self.scheduler.submit(job_id, opts, list(frames), owner, now, due, expires, parents, after, allow,
+                                        restoring=True)
+            self.journal.submitted(job.id, job.seq, owner, raw_opts, list(frames), deps)
+            n += 1
+        return n
+
     def release(self, upto: int | None) -> None:
         """The passive acknowledged batches up to `upto` (None: replication is degraded, nothing waits for
         it any more): their ACCEPTED replies go out."""

@@ -84,6 +84,7 @@ class Pair:
         self.on_activate: Callable[[int, bool], None] = lambda epoch, behind: None
         self.on_step_down: Callable[[str], None] = lambda reason: None
         self.on_acked: Callable[[int | None], None] = lambda upto: None  # ACCEPTED up to here may go (None: all)
+        self.on_handover: Callable[[Batch], int] = lambda batch: 0  # adopt jobs only a former active held
         self.snapshot_ready: Callable[[], bool] = lambda: True  # no commit in flight
         # shipping (active)
         self.seq = 0  # the last batch shipped
@@ -97,6 +98,11 @@ class Pair:
         self.applied = 0
         self.applied_snapshot = 0
         self._want_sent_at = -float("inf")
+        # Active once (an epoch in our journal): the first snapshot may lack jobs only we accepted (cut
+        # off, degraded). They are kept and handed to the active instead of being deleted (the merge).
+        self._may_hold_more = journal.epoch > 0
+        self.handed_over = 0
+        self.adopted = 0
         # counts, for status
         self.redirected = 0
         self.stale_answers = 0  # STALE answers received: messages of ours a peer refused
@@ -343,11 +349,17 @@ class Pair:
     # --- applying (passive) -----------------------------------------------------------------------------
 
     def _on_batch(self, b: c.PairBatch, frames: list[Any], now: float) -> None:
-        if self.standby.active:
-            return  # two actives (a split): the merge is a later step; the higher epoch wins meanwhile
         batch = _batch_of(b, frames)
+        if self.standby.active:
+            if b.handover and b.epoch == self.standby.epoch:
+                n = self.on_handover(batch)
+                self.adopted += n
+                log.warning("standby pair: adopted %d unfinished job(s) only the peer's journal held", n)
+            return  # else two actives (a split): the higher epoch wins; their merge is a later step
         if b.snapshot:
             batch.deletes = self.journal.job_ids()
+            if self._may_hold_more:
+                self._hand_over(b.epoch, batch)
             self.journal.write(batch)
             self.stream, self.applied, self.applied_snapshot = b.epoch, b.seq, b.snapshot
             log.info("standby pair: applied a snapshot of %d job(s) from epoch %d", len(batch.inserts), b.epoch)
@@ -363,6 +375,19 @@ class Pair:
             return
         self._send_peer(Cmd.PAIR_ACK, c.PairAck(b.epoch, self.applied, self.applied_snapshot))
         self._apply(self.standby.handle(sb.JournalAt(self.applied), now))
+
+    def _hand_over(self, epoch: int, snapshot: Batch) -> None:
+        """Before our journal takes the snapshot: our unfinished jobs it lacks stay, and go to the active."""
+        self._may_hold_more = False
+        ours = self.journal.dump()
+        only_ours = {i: row for i, row in ours.inserts.items() if i not in snapshot.inserts and i not in ours.finishes}
+        if not only_ours:
+            return
+        snapshot.deletes -= set(only_ours)
+        body, frames = _batch_body(epoch, 0, 0, Batch(only_ours, {}, set()))
+        self._send_peer(Cmd.PAIR_BATCH, c.PairBatch(body.epoch, 0, 0, body.inserts, handover=True), frames)
+        self.handed_over += len(only_ours)
+        log.warning("standby pair: handing %d unfinished job(s) only our journal holds to the active", len(only_ours))
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -384,6 +409,8 @@ class Pair:
             "redirected": self.redirected,
             "stale_answers": self.stale_answers,
             "snapshots": self.snapshots,
+            "handed_over": self.handed_over,
+            "adopted": self.adopted,
         }
 
 

@@ -523,7 +523,8 @@ class ShippedFinish(Entry, frozen=True):
 
 class PairBatch(Body, frozen=True):
     """PAIR_BATCH: batch `seq` of the active's journal in `epoch` (inserts' then finishes' frames follow).
-    `snapshot` > 0: the whole journal as of `seq` (the passive replaces its jobs with it)."""
+    `snapshot` > 0: the whole journal as of `seq` (the passive replaces its jobs with it). `handover`: the
+    other way, a former active's unfinished jobs the snapshot lacked, for the active to adopt."""
 
     epoch: Epoch
     seq: Seq
@@ -532,6 +533,7 @@ class PairBatch(Body, frozen=True):
     finishes: list[ShippedFinish] = []
     deletes: list[Id] = []
     schedules: list[tuple[str, bytes | None]] = []
+    handover: bool = False  # passive -> active: unfinished jobs only the sender's journal holds (a merge)
 
 
 class PairAck(Body, frozen=True):
