@@ -101,6 +101,21 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     Cmd.HEARTBEAT: st.builds(c.Heartbeat, ids, ids, st.none() | st.floats(0.01, 100), st.none() | seqs),
     Cmd.ERROR: st.builds(c.Error, ids, ids),
     Cmd.SHUTDOWN: st.builds(c.Shutdown, ids),
+    # the standby pair (docs/protocol.md §18)
+    Cmd.REDIRECT: st.builds(c.Redirect, ids, seqs),
+    Cmd.STALE: st.builds(c.Stale, seqs),
+    Cmd.PAIR_BEAT: st.builds(c.PairBeat, seqs, st.booleans(), seqs, seqs, seqs, ids, seqs),
+    Cmd.PAIR_BATCH: st.builds(
+        c.PairBatch, seqs, seqs, seqs,
+        st.lists(st.builds(c.ShippedInsert, ids, seqs, st.none() | st.binary(max_size=8), st.binary(max_size=8),
+                           counts, st.none() | st.binary(max_size=8)), max_size=3),
+        st.lists(st.builds(c.ShippedFinish, st.sampled_from(["succeeded", "failed"]), ints, st.binary(max_size=8),
+                           st.binary(max_size=8), counts, st.none() | st.floats(0, 2e9), ids), max_size=3),
+        st.lists(ids, max_size=3), st.lists(st.tuples(ids, st.none() | st.binary(max_size=8)), max_size=2),
+    ),
+    Cmd.PAIR_ACK: st.builds(c.PairAck, seqs, seqs, seqs, st.booleans()),
+    Cmd.LEASE: st.builds(c.Lease, ids, seqs, seqs),
+    Cmd.LEASE_REPLY: st.builds(c.LeaseReply, st.booleans(), seqs, seqs, seqs),
 }
 
 

@@ -5,6 +5,7 @@ traceback. This module only assembles the app, from the COMMANDS table below; ea
 own module:
 
     run.py      dispatcher, worker, up
+    witness.py  witness (the standby pair's third vote)
     jobs.py     submit, result, status, cancel
     limits.py   limits (rate and concurrency keys)
     observe.py  map, logs, jobs, top (and the status view)
@@ -45,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "dispatcher": "run:dispatcher",
     "worker": "run:worker",
     "up": "run:up",
+    "witness": "witness:witness",
     "submit": "jobs:submit",
     "result": "jobs:result",
     "status": "jobs:status",

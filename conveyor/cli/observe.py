@@ -132,6 +132,11 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
     journal = st.get("journal") or {}
     if journal.get("state") in ("full", "failing"):  # it refuses new jobs: say why, in red
         head.append(f"\njournal: {journal['state']}: {journal.get('reason')}", style="bold red")
+    pair = d.get("pair")
+    if pair:  # a standby pair: degraded (one copy of the journal) in red
+        degraded = pair.get("replication") == "degraded"
+        head.append(f"\npair: {pair.get('role')} {pair.get('state')} in epoch {pair.get('epoch')}, "
+                    f"replication {pair.get('replication')}", style="bold red" if degraded else "dim")
     conns = st.get("connections") or {}
     if conns.get("accept_failures"):
         head.append(f"\nconnections: cannot accept more ({conns.get('last_error')}); serving the ones it has",

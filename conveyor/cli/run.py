@@ -74,6 +74,19 @@ def dispatcher(
     dashboard_token: Annotated[
         str | None, typer.Option(envvar="CONVEYOR_DASHBOARD_TOKEN", help="Dashboard token [generated off loopback].")
     ] = None,
+    peer: Annotated[
+        str | None, typer.Option(help="Standby pair: the other dispatcher's pair address (tcp://HOST:PORT).")
+    ] = None,
+    role: Annotated[str, typer.Option(help="Standby pair: primary or backup (the epochs' parity).")] = "primary",
+    pair_bind: Annotated[
+        str | None, typer.Option(help="Standby pair: our pair address, where the peer connects [--bind's port + 1].")
+    ] = None,
+    witness: Annotated[
+        str | None, typer.Option(help="Standby pair: a `conveyor witness` address (a third vote).")
+    ] = None,
+    failover_timeout: Annotated[
+        float, typer.Option(help="Standby pair: seconds of the peer's silence before a takeover may start.")
+    ] = 2.0,
     log_level: LogLevelOpt = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -94,12 +107,21 @@ def dispatcher(
             store = Journal(path, synchronous=journal_sync)
         except Exception as exc:
             raise CliError(f"cannot open the journal: {exc}") from None
+    pair = None
+    if peer is not None:
+        if store is None:
+            raise CliError("a standby pair needs a journal (--no-journal cannot ship one)", EXIT_USAGE)
+        try:
+            pair = _pair(bind, peer, role, pair_bind, witness, failover_timeout, keys, store)
+        except (ValueError, ConveyorError) as exc:
+            store.close()
+            raise CliError(str(exc), EXIT_USAGE) from None
     try:
         d = Dispatcher(
             bind, heartbeat_interval=heartbeat_interval, liveness=liveness, result_ttl=result_ttl,
             journal=store, max_queued=max_queued, max_queued_bytes=max_queued_mib << 20, keys=keys,
             insecure=insecure, max_message_size=max_message_mib << 20, limits=declared,
-            priority_aging_s=priority_aging, schedules=declared_schedules,
+            priority_aging_s=priority_aging, schedules=declared_schedules, pair=pair,
         )
     except ConveyorError:
         if store is not None:
@@ -118,6 +140,48 @@ def dispatcher(
         start_observers(d, metrics_port, metrics_host, dashboard_port, dashboard_host, dashboard_token)
     print(endpoint, flush=True)  # first stdout line: the endpoint (LocalCluster reads it)
     d.run()
+    if d.restart:  # stepped down (a higher epoch exists): start again, passive, as a fresh process
+        import os
+
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def pair_timings(failover_timeout_s: float) -> tuple[float, float, float]:
+    """(heartbeat, peer timeout, lease) in seconds for a failover timeout: the pair's and the witness's."""
+    if not failover_timeout_s > 0:
+        raise ValueError("--failover-timeout must be a positive number of seconds")
+    heartbeat_s = min(0.5, failover_timeout_s / 4)
+    return heartbeat_s, 2 * heartbeat_s, min(3 * heartbeat_s, failover_timeout_s / 1.02)
+
+
+def _pair(
+    bind: str, peer: str, role: str, pair_bind: str | None, witness: str | None, failover_timeout_s: float,
+    keys: str | None, store: Any,
+) -> Any:
+    """The standby pair's driver from the --peer options (ValueError: a usage error)."""
+    from conveyor.dispatcher.pair import Pair
+    from conveyor.dispatcher.standby import StandbyConfig
+
+    for name, value in (("--peer", peer), ("--pair-bind", pair_bind), ("--witness", witness)):
+        if value is not None and not value.startswith("tcp://"):
+            raise ValueError(f"{name} must be a tcp:// address, not {value!r}")
+    if pair_bind is None:
+        host, _, port = bind.rpartition(":")
+        if not port.isdigit() or port == "0":
+            raise ValueError("--pair-bind is needed when --bind has no fixed port")
+        pair_bind = f"{host}:{int(port) + 1}"
+    heartbeat_s, peer_timeout_s, lease_s = pair_timings(failover_timeout_s)
+    config = StandbyConfig(
+        role, witness=witness is not None, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
+        failover_timeout_s=failover_timeout_s, lease_s=lease_s,
+    )
+    credentials = None
+    if keys is not None:
+        from conveyor.security.keys import load_dispatcher_credentials
+
+        credentials = load_dispatcher_credentials(keys)
+    return Pair(config, peer=peer, bind=pair_bind, journal=store, endpoint=bind, witness=witness,
+                credentials=credentials)
 
 
 def _schedules(path: str | None) -> list[Any]:

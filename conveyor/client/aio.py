@@ -63,7 +63,7 @@ class AsyncClient(ClientBase):
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         connect_timeout: float = 10.0,
         max_pending: int = 100_000,

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Self
 
@@ -155,7 +155,7 @@ class ClientBase:
 
     def __init__(
         self,
-        address: str | None,
+        address: str | Sequence[str] | None,
         *,
         connect_timeout: float,
         max_pending: int,
@@ -168,6 +168,8 @@ class ClientBase:
         max_message_size: int,
         options: dict[str, Any],
     ):
+        if address is not None and not isinstance(address, str):  # several: a standby pair
+            address = ",".join(address)
         self.address: str | None = address or os.environ.get(ENV_DISPATCHER) or None
         keys = keys or os.environ.get(ENV_KEYS) or None  # a key directory (docs/security.md)
         self._keys = None if keys is None else str(keys)

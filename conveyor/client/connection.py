@@ -48,6 +48,7 @@ from conveyor.protocol.frames import split, unpack
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.protocol.payload import decode_value
 from conveyor.security.keys import PeerCredentials
+from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import watch_handshakes
 from conveyor.transport.sockets import configure_socket, send_parts
 
@@ -82,7 +83,8 @@ class Connection:
         credentials: PeerCredentials | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ):
-        self.address = address
+        self.failover = Failover(address)  # several addresses: a standby pair (docs/standby.md)
+        self.address = self.failover.current
         self.credentials = credentials  # CurveZMQ keys (docs/security.md), or None
         self.max_message_size = max_message_size  # bytes
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -433,6 +435,8 @@ class Connection:
                     handshakes = watch.handshakes
                 if self._closing:
                     break
+                if self.failover.several or self.failover.seen:
+                    self._follow(sock)
                 if self._resync_why is not None:
                     self._resync()  # before the ACK below, so that it never acknowledges past a loss unasked
                 self._send_queued()
@@ -465,6 +469,22 @@ class Connection:
             self._wake_w.close()
             self._fail_all(RuntimeError(f"the client of {self.address} is closed"), only_if_unset=True)
 
+    def _follow(self, sock: zmq.Socket[Any]) -> None:
+        """A standby pair: go to the address the failover rules name (transport/failover.py), and ask."""
+        switch = self.failover.due(time.monotonic(), self._last_heard)
+        if switch is None:
+            return
+        address, new = switch
+        if new:
+            log.info("dispatcher: trying %s (was %s)", address, self.address)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(self.address)
+            self.address = address
+            sock.connect(address)
+            self._resync_why = f"now talking to the dispatcher at {address}"
+            self._resend_requests = True
+        self._send(Cmd.HELLO, {"client": self.client_id, "pid": os.getpid()})
+
     def _drain_wakeups(self) -> None:
         # Bytes first, flag second: clearing the flag first let a wake-up byte written in between be
         # swallowed here while the flag stayed set, so later submissions waited for the next ping (~1 s).
@@ -481,7 +501,7 @@ class Connection:
         sock = self._sock
         if sock is None:
             raise RuntimeError(f"the client of {self.address} is closed")
-        send_parts(sock, encode(cmd, body, frames or ()))
+        send_parts(sock, encode(cmd, body, frames or (), self.failover.seen))
 
     def _send_queued(self) -> None:
         with self._lock:
@@ -536,9 +556,12 @@ class Connection:
             while frame.more:  # the rest of a multipart message is always there
                 frame = recv(_NOBLOCK, copy=False)
                 parts.append(frame)
-            self._last_heard = time.monotonic()
             try:
                 cmd, raw, frames = split(parts)
+                if not self.failover.admit(parts[1]):  # a dispatcher of a lower epoch than one obeyed
+                    self._send(Cmd.STALE, self.failover.stale_reply())
+                    continue
+                self._last_heard = time.monotonic()
                 body = c.decode_body(cmd, raw)
                 if cmd in _REPLIES:  # checked against its type; the caller gets every key as a plain map
                     body = unpack(raw)
@@ -572,6 +595,8 @@ class Connection:
                 entry = self._requests.pop(body.get("req"), None)
             if entry is not None and not entry[2].done():
                 entry[2].set_result(body)
+        elif cmd == Cmd.REDIRECT:
+            self.failover.redirected(body, time.monotonic())
         elif cmd == Cmd.SHUTDOWN:
             log.info("the dispatcher is shutting down")
         elif cmd == Cmd.ERROR:

@@ -16,7 +16,7 @@ import contextlib
 import datetime as dt
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -39,7 +39,7 @@ WORKERS_POLL_S = 0.01  # wait_for_workers asks for STATUS this often (a round tr
 class Client(ClientBase):
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         connect_timeout: float = 10.0,
         max_pending: int = 100_000,

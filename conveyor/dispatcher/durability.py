@@ -50,6 +50,10 @@ class Durability:
         self._acks: list[tuple[bytes, c.Accepted]] = []  # replies waiting for the next commit
         self._commit_at: float | None = None  # when what this and later turns recorded is committed
         self.on_commit: Callable[[float], None] = lambda seconds: None  # the observer's histogram
+        # A standby pair (pair.py): each batch is shipped as it goes to the disk, and while in sync its
+        # ACCEPTED replies wait until the passive has it too (release).
+        self.replica: Any = None
+        self._held: list[tuple[int, list[tuple[bytes, c.Accepted]]]] = []
         self._closed = False
 
     # --- start and stop -----------------------------------------------------------------------------
@@ -110,14 +114,18 @@ class Durability:
         done = self.committer.finished()
         if done is not None:
             self._committed(done, time.monotonic())
+        batch = self.journal.take_batch()
+        if self.replica is not None and batch:
+            self.replica.ship(batch)
         try:
-            self.journal.commit()
+            self.journal.write(batch)
         except Exception as exc:
             log.error("journal %s: the last writes could not be saved (%s: %s); unfinished jobs that only they "
                       "held run again after a restart only if their clients re-send them",
                       self.journal.path, type(exc).__name__, exc)
         else:
             self._send_acks(self._acks)
+        self.release(None)
         self._acks = []
         self.journal.close(commit=False)
 
@@ -167,7 +175,9 @@ class Durability:
         if (now < self._commit_at or now < committer.retry_at) and not stopping:
             return
         self._commit_at = None
-        committer.submit(Commit(journal.take_batch(), self._acks))
+        batch = journal.take_batch()
+        seq = self.replica.ship(batch) if self.replica is not None else 0
+        committer.submit(Commit(batch, self._acks, extra={"seq": seq}))
         self._acks = []
 
     @property
@@ -187,7 +197,13 @@ class Durability:
         if done.error is None:
             self.committer.succeeded(now)
             self.on_commit(done.seconds)
-            self._send_acks(done.acks)
+            seq = done.extra.get("seq", 0)
+            if self.replica is not None:
+                self.replica.committed(seq)
+            if self.replica is not None and self.replica.must_wait(seq):
+                self._held.append((seq, done.acks))  # sent when the passive holds the batch too
+            else:
+                self._send_acks(done.acks)
             if self.scheduler.n_scheduled:  # durable now: the call of a job due far ahead can stay on disk
                 for job_id in done.batch.inserts:
                     self.scheduler.offload(job_id, now)
@@ -214,6 +230,42 @@ class Durability:
         self.journal.restore(done.batch, dropped=refused)
         if self._commit_at is None:
             self._commit_at = now  # retried at committer.retry_at
+
+    def adopt(self, inserts: dict[str, tuple[Any, ...]]) -> int:
+        """Jobs handed over by the other dispatcher of a pair (only its journal held them): accepted here as
+        if restored from our journal, and recorded in it. Returns how many were new."""
+        now, now_wall = time.monotonic(), time.time()
+        n = 0
+        for job_id, _seq, owner, raw_opts, frames, deps in inserts.values():
+            if job_id in self.scheduler.jobs:
+                continue
+            try:
+                opts = c.options_from_raw(raw_opts)
+            except ValueError as exc:
+                log.error("handed over: job %s has unusable options (%s); dropped", job_id, exc)
+                continue
+            due, expires = due_and_expiry(opts, now, now_wall)
+            parents, after, allow = _deps(deps)
+            job = self.scheduler.submit(job_id, opts, list(frames), owner, now, due, expires, parents, after, allow,
+                                        restoring=True)
+            self.journal.submitted(job.id, job.seq, owner, raw_opts, list(frames), deps)
+            n += 1
+        return n
+
+    def release(self, upto: int | None) -> None:
+        """The passive acknowledged batches up to `upto` (None: replication is degraded, nothing waits for
+        it any more): their ACCEPTED replies go out."""
+        held, self._held = self._held, []
+        for seq, acks in held:
+            if upto is None or seq <= upto:
+                self._send_acks(acks)
+            else:
+                self._held.append((seq, acks))
+
+    @property
+    def idle(self) -> bool:
+        """No commit in flight: the journal holds every batch taken so far (a snapshot may be read)."""
+        return self.committer.in_flight is None
 
     def _send_acks(self, acks: list[tuple[bytes, c.Accepted]]) -> None:
         for peer, reply in acks:

@@ -388,6 +388,52 @@ class Journal:
             except FileNotFoundError:
                 pass
 
+    # --- the standby pair (pair.py): the epoch, and the whole journal as one batch ------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of this dispatcher's last activation (0: never active), from the meta table."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def save_epoch(self, epoch: int) -> None:
+        """Persist the epoch before anything carries it (standby.py PersistEpoch). Only while no writer
+        thread runs (a passive dispatcher activating): its own transaction, committed now."""
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(epoch),))
+
+    def dump(self) -> Batch:
+        """Everything committed, as one batch that writes it again (a snapshot for the passive), read on a
+        connection of its own so the writer thread may go on."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        db = self._reader
+        inserts: dict[str, tuple[Any, ...]] = {}
+        finishes: dict[str, tuple[Any, ...]] = {}
+        db.execute("BEGIN")  # one consistent view of jobs and schedules
+        try:
+            rows = db.execute(
+                "SELECT id, seq, owner, opts, frames, state, attempts, history, result_info, result_frames, "
+                "expires_at, deps FROM jobs ORDER BY seq"
+            ).fetchall()
+            schedules = {row[0]: bytes(row[1]) for row in db.execute("SELECT name, blob FROM schedules")}
+        finally:
+            db.execute("COMMIT")
+        for row in rows:
+            job_id = row[0]
+            try:
+                call = self._unpack(row[4], {}, job_id)
+                result = self._unpack(row[9], {}, job_id)
+            except (OSError, ValueError) as exc:
+                log.error("journal %s: job %s cannot be read for the snapshot (%s); left out", self.path, job_id, exc)
+                continue
+            inserts[job_id] = (job_id, row[1], row[2], bytes(row[3]), tuple(call), row[11])
+            if row[5] != "queued":
+                finishes[job_id] = (row[5], row[6], row[7], row[8], tuple(result), row[10], job_id)
+        return Batch(inserts, finishes, set(), dict(schedules))
+
+    def job_ids(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT id FROM jobs")}
+
     # --- recovery and housekeeping -----------------------------------------------------------------
 
     def load(self, frames_wanted: Callable[[bytes], bool] | None = None) -> Iterator[StoredJob]:

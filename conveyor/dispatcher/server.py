@@ -37,6 +37,7 @@ from conveyor.dispatcher.journal import Journal
 from conveyor.dispatcher.limits import Rule
 from conveyor.dispatcher.model import Resend
 from conveyor.dispatcher.observe.observer import Observer
+from conveyor.dispatcher.pair import Pair
 from conveyor.dispatcher.schedule_file import Declared
 from conveyor.dispatcher.scheduler import OFFLOADED, Assign, CancelRunning, Deliver, Job, Scheduler
 from conveyor.dispatcher.timetable import Timetable
@@ -76,6 +77,7 @@ class Dispatcher:
         limits: Iterable[tuple[str, Rule]] = (),
         priority_aging_s: float | None = None,
         schedules: Iterable[Declared] = (),
+        pair: Pair | None = None,
     ):
         self.bind_address = bind
         self.journal = journal
@@ -113,6 +115,18 @@ class Dispatcher:
         # Cron and interval schedules: the jobs they create go through the scheduler like any other.
         self.timetable = Timetable(self.scheduler, self.durability, self._send)
         self._declared = list(schedules)
+        # A standby pair (pair.py): passive until the state machine says otherwise; every message we send
+        # carries the epoch; `restart` asks the CLI to start us again, passive, after a step-down.
+        self.pair = pair
+        self.restart = False
+        self._epoch = 0
+        if pair is not None:
+            pair.on_activate = self._activate
+            pair.on_step_down = self._step_down
+            if self.durability is not None:
+                pair.on_acked = self.durability.release
+                pair.on_handover = lambda batch: self.durability.adopt(batch.inserts) if self.durability else 0
+                pair.snapshot_ready = lambda: self.durability is not None and self.durability.idle
         self._fired = False  # the timetable created jobs this turn: the next poll does not wait
         self.clients = ClientSide(
             self.scheduler, self.observer, self.durability, self._send, instance=self.instance,
@@ -193,12 +207,35 @@ class Dispatcher:
                 stack.callback(close)
             if self.durability is not None:
                 stack.callback(self.durability.close)
-                self.observer.stats.remember(self.durability.recover(), time.monotonic())
-            self.timetable.recover()  # after the jobs: a slot's job is found again by its id
-            self.timetable.apply_file(self._declared)
+            if self.pair is None:
+                self._recover()
+            else:  # passive until activated (then _activate recovers)
+                stack.callback(self.pair.close)
+                self.pair.open()
             log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
             self._loop(router)
             self._goodbye()
+
+    def _recover(self) -> None:
+        if self.durability is not None:
+            self.observer.stats.remember(self.durability.recover(), time.monotonic())
+        self.timetable.recover()  # after the jobs: a slot's job is found again by its id
+        self.timetable.apply_file(self._declared)
+
+    def _activate(self, epoch: int, behind: bool) -> None:
+        """The pair's state machine made us active: a new instance (clients re-send what is unfinished),
+        the journal (shipped to us while passive) into the scheduler, and from now on we ship."""
+        self._epoch = epoch
+        self.instance = self.clients.instance = uuid.uuid4().hex[:12]
+        self.clients.beat = c.Heartbeat("dispatcher", self.instance, self.heartbeat_interval)
+        self._recover()
+        if self.durability is not None:
+            self.durability.replica = self.pair
+
+    def _step_down(self, reason: str) -> None:
+        """A higher epoch exists: stop accepting and assigning now; the CLI starts us again, passive."""
+        self.restart = True
+        self.stop()
 
     def _loop(self, router: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
@@ -210,6 +247,10 @@ class Dispatcher:
         monitor = self._connections.socket
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
+        pair = self.pair
+        pair_sockets = pair.sockets if pair is not None else []
+        for sock in pair_sockets:
+            poller.register(sock, zmq.POLLIN)
         next_heartbeat = time.monotonic()
         durability = self.durability
         while not self._stopping:
@@ -223,6 +264,8 @@ class Dispatcher:
             wake = self.timetable.wake_at(now, time.time())  # a wall clock jump is seen within a heartbeat
             if wake is not None:
                 deadline = min(deadline, wake)
+            if pair is not None:
+                deadline = min(deadline, pair.deadline)
             busy = self._saturated or self._fired
             timeout_ms = 0 if busy else max(0, int((deadline - now) * 1000) + 1)
             events = dict(poller.poll(timeout_ms))
@@ -235,6 +278,15 @@ class Dispatcher:
                 self._gate.serve_zap(turn_started)  # handshakes: accept authorized keys only
             if monitor is not None and monitor in events:
                 self._connections.read()
+            if pair is not None:  # the peer, the witness; the state machine's timers
+                self._epoch = pair.epoch
+                if any(sock in events for sock in pair_sockets):
+                    pair.readable()
+                else:
+                    pair.tick()
+                self._epoch = pair.epoch
+                if self._stopping:
+                    break
             # The last moment the socket was empty: everything peers sent before it has been read.
             drained_at = self._receive(router) if router in events else turn_started
             self._saturated = drained_at is None
@@ -252,6 +304,9 @@ class Dispatcher:
         if self.durability is not None:  # what the group commit still holds: durable, then acknowledged
             self.durability.close()
             self.durability = None
+        if self.restart:
+            log.info("dispatcher %s stepped down", self.instance)
+            return  # what we would say is stale: the active speaks now
         body = c.Shutdown(self.instance)
         for peer in [*self.scheduler.workers, *self.clients.clients]:
             self._send(peer, Cmd.SHUTDOWN, body)
@@ -278,6 +333,7 @@ class Dispatcher:
             "instance": self.instance, "endpoint": self.endpoint, "malformed": self.malformed,
             "journal": self.durability.status(now) if self.durability is not None else {"state": "off", "path": None},
             "connections": self._connections.status(),
+            **({"pair": self.pair.status()} if self.pair is not None else {}),
         }
 
     def _decorate_status(self, status: dict[str, Any], now: float) -> None:
@@ -287,6 +343,8 @@ class Dispatcher:
         status["security"] = self._gate.status()
         about = self._about()
         status["journal"], status["connections"] = about["journal"], about["connections"]
+        if self.pair is not None:
+            status["dispatcher"]["pair"] = about["pair"]
 
     # --- receiving --------------------------------------------------------------------------------
 
@@ -306,6 +364,9 @@ class Dispatcher:
                 continue  # quarantined, or its key was revoked: dropped unread
             try:
                 cmd, raw, frames = split(parts[1:])
+                if self.pair is not None and not self.pair.screen(
+                        cmd, parts[2], lambda cmd, body: self._send(peer, cmd, body)):  # noqa: B023
+                    continue  # passive: redirected; or a STALE answer, news for the pair
                 handler = self._handlers.get(cmd)
                 if handler is None:
                     self._malformed(peer, f"unexpected command {cmd.name}", now)
@@ -518,7 +579,7 @@ class Dispatcher:
         if self._gate.blocked and not self._gate.may_send(peer, time.monotonic()):
             return False  # quarantined or revoked: nothing more goes to it
         try:
-            send_parts(self._router, [peer, *encode(cmd, body, frames or ())], NOBLOCK)
+            send_parts(self._router, [peer, *encode(cmd, body, frames or (), self._epoch)], NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False

@@ -466,6 +466,103 @@ class Shutdown(Body, frozen=True):
     instance: str = ""
 
 
+# --- the standby pair (docs/standby.md) --------------------------------------------------------------
+
+Epoch = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class Redirect(Body, frozen=True):
+    """REDIRECT: a passive dispatcher refuses a request. `active`: the active's address if it hears one
+    ("" if not: ask again here), `epoch`: the highest epoch it knows."""
+
+    active: str = ""
+    epoch: Epoch = 0
+
+
+class Stale(Body, frozen=True):
+    """STALE: a worker or client refused a message: it has obeyed `epoch`, higher than the sender's."""
+
+    epoch: Epoch
+
+
+class PairBeat(Body, frozen=True):
+    """PAIR_BEAT: one dispatcher's heartbeat to the other (standby.py PeerBeat), its client endpoint, and
+    `stream`: the epoch of the batches its `seq` counts (0: none applied since its start)."""
+
+    epoch: Epoch
+    active: bool
+    seq: Seq
+    ref: Seq
+    echo: Seq = 0
+    endpoint: str = ""
+    stream: Epoch = 0
+
+
+class ShippedInsert(Entry, frozen=True):
+    """[id, seq, owner, opts, n_frames, deps]: a job as the journal inserts it; its call frames follow."""
+
+    job_id: Id
+    seq: Seq
+    owner: bytes | None
+    opts: bytes
+    n_frames: Count
+    deps: bytes | None = None
+
+
+class ShippedFinish(Entry, frozen=True):
+    """[state, attempts, history, info, n_frames, expires_at, id]: a finished job; its result frames follow."""
+
+    state: Id
+    attempts: Attempt
+    history: bytes
+    info: bytes
+    n_frames: Count
+    expires_at: float | None
+    job_id: Id
+
+
+class PairBatch(Body, frozen=True):
+    """PAIR_BATCH: batch `seq` of the active's journal in `epoch` (inserts' then finishes' frames follow).
+    `snapshot` > 0: the whole journal as of `seq` (the passive replaces its jobs with it). `handover`: the
+    other way, a former active's unfinished jobs the snapshot lacked, for the active to adopt."""
+
+    epoch: Epoch
+    seq: Seq
+    snapshot: Seq = 0
+    inserts: list[ShippedInsert] = []
+    finishes: list[ShippedFinish] = []
+    deletes: list[Id] = []
+    schedules: list[tuple[str, bytes | None]] = []
+    handover: bool = False  # passive -> active: unfinished jobs only the sender's journal holds (a merge)
+
+
+class PairAck(Body, frozen=True):
+    """PAIR_ACK: the passive committed everything of `epoch` up to `seq`; `snapshot`: the last snapshot
+    it applied; `want`: it cannot apply the stream (a gap, or no snapshot yet) and asks for a snapshot."""
+
+    epoch: Epoch
+    seq: Seq
+    snapshot: Seq = 0
+    want: bool = False
+
+
+class Lease(Body, frozen=True):
+    """LEASE: dispatcher `node` asks the witness for (or to renew) the lease for `epoch`."""
+
+    node: Id
+    epoch: Epoch
+    ref: Seq
+
+
+class LeaseReply(Body, frozen=True):
+    """LEASE_REPLY: `granted` (for epoch, answering ref) or refused; `highest`: the highest epoch granted."""
+
+    granted: bool
+    epoch: Epoch
+    ref: Seq
+    highest: Epoch = 0
+
+
 # --- the table, and decoding ------------------------------------------------------------------------
 
 BODY_TYPES: dict[Cmd, Any] = {
@@ -505,6 +602,13 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.HEARTBEAT: Heartbeat,
     Cmd.ERROR: Error,
     Cmd.SHUTDOWN: Shutdown,
+    Cmd.REDIRECT: Redirect,
+    Cmd.STALE: Stale,
+    Cmd.PAIR_BEAT: PairBeat,
+    Cmd.PAIR_BATCH: PairBatch,
+    Cmd.PAIR_ACK: PairAck,
+    Cmd.LEASE: Lease,
+    Cmd.LEASE_REPLY: LeaseReply,
 }
 
 

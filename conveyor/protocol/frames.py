@@ -11,6 +11,10 @@ Packed form (a batch of small tasks would otherwise cost one ZeroMQ frame, and a
 receive call, per task): frame 3 is a msgpack array with one length per data frame, frame 4 the
 small data frames back to back, frames 5.. the large ones (length -1) in order.
 
+Epoch (a standby pair, docs/standby.md): the second byte of the command frame may also carry EPOCH,
+and then eight more bytes follow, the sender's epoch (big-endian): a dispatcher's own, or the highest a
+worker or client has obeyed. Without it the epoch is 0 (no pair).
+
 `docs/protocol.md` is the specification; this module is its only implementation. Nothing here
 touches a socket, so every function can be tested with plain bytes.
 """
@@ -41,6 +45,7 @@ MAX_MAP_LEN = 1 << 16  # pairs of one msgpack map
 SMALL_BODY = 64 * 1024
 CONTAINER_BYTES = 4
 PACKED = 0x01  # second byte of the command frame: the data frames are packed (see above)
+EPOCH = 0x02  # second byte of the command frame: eight bytes of epoch follow (see above)
 PACK_LIMIT = 32 * 1024  # data frames up to this size travel packed; larger ones stay frames (no copy)
 PACK_MAX = 1024 * 1024  # a pack never grows past this (ZMQ_MAXMSGSIZE limits each frame); the rest go plain
 
@@ -87,6 +92,14 @@ class Cmd(enum.IntEnum):
     HEARTBEAT = 0x40
     ERROR = 0x41  # fatal for the session: another protocol version, or a key not allowed this command
     SHUTDOWN = 0x42  # dispatcher -> workers and clients: the dispatcher is stopping
+    REDIRECT = 0x43  # a passive dispatcher -> any peer: not active; where the active is, the highest epoch
+    STALE = 0x44  # worker or client -> dispatcher: your epoch is below one I have obeyed
+    # the two dispatchers of a standby pair, and the witness (docs/standby.md)
+    PAIR_BEAT = 0x50  # heartbeat, vote and journal position
+    PAIR_BATCH = 0x51  # one group-commit batch of the active's journal (or a whole snapshot of it)
+    PAIR_ACK = 0x52  # the passive applied and committed batches up to this sequence number
+    LEASE = 0x53  # dispatcher -> witness: grant or renew the lease for an epoch
+    LEASE_REPLY = 0x54  # witness -> dispatcher: granted or refused
 
 
 _CMD_BY_BYTE = {bytes((c,)): c for c in Cmd}
@@ -137,8 +150,14 @@ def _container_budget(budget: int) -> Callable[[Any], Any]:
     return count
 
 
-def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = ()) -> list[Any]:
-    """The frames of one message (without the ROUTER envelope); several small data frames go packed."""
+def encode(cmd: Cmd, body: Any = None, frames: Sequence[Any] = (), epoch: int = 0) -> list[Any]:
+    """The frames of one message (without the ROUTER envelope); several small data frames go packed.
+    `epoch` > 0 goes in the command frame (a standby pair)."""
+    if epoch:
+        parts = encode(cmd, body, frames)
+        flags = PACKED if len(parts[1]) == 2 else 0
+        parts[1] = bytes((cmd, flags | EPOCH)) + epoch.to_bytes(8, "big")
+        return parts
     if len(frames) < 2:
         return [SIGNATURE, _CMD_FRAME[cmd], _pack_body(body), *frames]
     lengths: list[int] = []
@@ -187,7 +206,9 @@ def split(parts: Sequence[Any]) -> tuple[Cmd, bytes, list[Any]]:
     cmd_frame = bytes(parts[1])
     packed = len(cmd_frame) == 2 and cmd_frame[1] == PACKED
     if len(cmd_frame) != 1 and not packed:
-        raise ProtocolError("command frame must be one byte, or the command and the packed flag")
+        if len(cmd_frame) != 10 or cmd_frame[1] & ~(PACKED | EPOCH) or not cmd_frame[1] & EPOCH:
+            raise ProtocolError("command frame must be one byte, or the command, its flags and an epoch")
+        packed = bool(cmd_frame[1] & PACKED)
     cmd = _CMD_BY_BYTE.get(cmd_frame[:1])
     if cmd is None:
         raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}")
@@ -195,6 +216,12 @@ def split(parts: Sequence[Any]) -> tuple[Cmd, bytes, list[Any]]:
     if len(raw) > MAX_BODY_BYTES:
         raise ProtocolError("message body too large")
     return cmd, raw, _unpacked(parts) if packed else list(parts[3:])
+
+
+def frame_epoch(command_frame: Any) -> int:
+    """The epoch a message's command frame carries (0: none)."""
+    raw = bytes(command_frame)
+    return int.from_bytes(raw[2:10], "big") if len(raw) == 10 else 0
 
 
 def _unpacked(parts: Sequence[Any]) -> list[Any]:

@@ -39,6 +39,7 @@ from conveyor.protocol.joined import pack_joined
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.protocol.payload import pack_task
 from conveyor.security.keys import load_peer_credentials
+from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
 from conveyor.transport.sockets import configure_socket
 from conveyor.worker.events import (
@@ -135,7 +136,8 @@ class Worker:
             raise ValueError("prefetch must be 0 or more")
         if liveness_beats < 1:
             raise ValueError("liveness must be at least 1 heartbeat")
-        self.connect_address = connect
+        self.failover = Failover(connect)  # several addresses: a standby pair (docs/standby.md)
+        self.connect_address = self.failover.current
         # Tasks may submit children (conveyor.current_client()) through these (inherited by its children);
         # with keys, only as the client whose key pair is in the worker's key directory too (docs/workflows.md).
         os.environ.pop(task_api.TASK_KEYS_ENV, None)
@@ -152,7 +154,7 @@ class Worker:
         self.prefetch_auto = prefetch is None
         self.prefetch = AUTO_PREFETCH if prefetch is None else prefetch
         self.tags = sorted(set(tags or []))
-        self.host = local_address_for(connect)
+        self.host = local_address_for(self.connect_address)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.heartbeat_interval = heartbeat_interval
         self.liveness_beats = liveness_beats
@@ -248,6 +250,9 @@ class Worker:
                     break
                 if how == "served":
                     backoff = 0.1
+                if self.failover.several:  # the next address, or the one a REDIRECT named
+                    self.connect_address = self.failover.reconnect(time.monotonic())
+                    backoff = min(backoff, 0.25)
                 log.warning("dispatcher unreachable; reconnecting in %.1f s", backoff)
                 try:
                     await asyncio.wait_for(self._stop_wanted.wait(), backoff)
@@ -370,7 +375,13 @@ class Worker:
     def _on_message(self, parts: list[Any]) -> bool:
         """One message from the dispatcher; False means: drop this connection and connect again."""
         try:
+            if not self.failover.admit(parts[1]):  # a dispatcher of a lower epoch than one obeyed
+                self._send(Cmd.STALE, self.failover.stale_reply())
+                return True
             msg = c.decode_message(parts)
+            if msg.cmd == Cmd.REDIRECT:  # a passive dispatcher: connect where it says (or again)
+                self.failover.redirected(msg.body, time.monotonic())
+                return False
             if msg.cmd == Cmd.SHUTDOWN:
                 log.info("dispatcher is shutting down")
                 return False
@@ -517,7 +528,7 @@ class Worker:
             return
         try:
             # SNDHWM is 0, so this never waits: the returned future is already done.
-            self._sock.send_multipart(encode(cmd, body, frames), zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart(encode(cmd, body, frames, self.failover.seen), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("send queue full; dropping %s", cmd.name)
 

@@ -27,6 +27,7 @@ Metrics (all prefixed `conveyor_`):
 | malformed_messages_total | counter | |
 | throughput_jobs_per_second | gauge | window (10s, 60s) |
 | output_held_characters | gauge | task output held in memory |
+| pair_active, pair_degraded, pair_epoch | gauge | a standby pair only (docs/standby.md) |
 | dispatcher_info | gauge (1) | instance, endpoint |
 | dispatcher_start_time_seconds | gauge | |
 """
@@ -166,6 +167,14 @@ class ConveyorCollector(Collector):
         yield rate
         yield GaugeMetricFamily("conveyor_output_held_characters", "Task output held in memory.",
                                 value=snap["output_chars"])
+        pair = status.get("pair")
+        if pair is not None:  # a standby pair (docs/standby.md)
+            yield GaugeMetricFamily("conveyor_pair_active", "1 while this dispatcher of a pair is active.",
+                                    value=1.0 if pair["state"] == "active" else 0.0)
+            yield GaugeMetricFamily("conveyor_pair_degraded", "1 while active without an in-sync backup (one copy).",
+                                    value=1.0 if pair["replication"] == "degraded" else 0.0)
+            yield GaugeMetricFamily("conveyor_pair_epoch", "The epoch this dispatcher is active in, or has seen.",
+                                    value=pair["epoch"])
         d = status["dispatcher"]
         info = GaugeMetricFamily(
             "conveyor_dispatcher_info", "The dispatcher instance.", labels=["instance", "endpoint"]

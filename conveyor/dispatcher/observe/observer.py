@@ -370,6 +370,8 @@ class Observer:
         st["dispatcher"] = {"instance": about["instance"], "endpoint": about["endpoint"], "pid": os.getpid()}
         st["journal"] = about.get("journal", {"state": "off"})
         st["connections"] = about.get("connections", {})
+        if "pair" in about:  # a standby pair: role, state, epoch, replication
+            st["pair"] = about["pair"]
         return self.decorate_status(st, now)
 
     def _publish(self, now: float) -> None:
