@@ -48,6 +48,7 @@ from conveyor.protocol.joined import join_frames
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
 from conveyor.security.keys import load_dispatcher_credentials
+from conveyor.transport import shm
 from conveyor.transport.sockets import NOBLOCK, send_parts
 
 log = logging.getLogger("conveyor.dispatcher")
@@ -102,6 +103,7 @@ class Dispatcher:
         self._connections = _Connections()
         self._closers: list[Callable[[], None]] = []  # what else to close when the loop ends (HTTP servers)
         self._saturated = False  # the last read hit MAX_MESSAGES_PER_TURN: messages may still be waiting
+        self._shm_workers: set[bytes] = set()  # workers that share our /dev/shm: ASSIGN names segments
         # Progress, output, job history, metrics, the dashboard's snapshots.
         self.observer = Observer(self.scheduler, self._send, self._wake, self._about)
         self.durability = (
@@ -196,6 +198,8 @@ class Dispatcher:
                 self.observer.stats.remember(self.durability.recover(), time.monotonic())
             self.timetable.recover()  # after the jobs: a slot's job is found again by its id
             self.timetable.apply_file(self._declared)
+            if self.clients.shm and shm.sweep():  # segments of a dispatcher killed with -9
+                log.info("removed shared-memory segments left by processes that are gone")
             log.info("dispatcher %s listening on %s", self.instance, self.endpoint)
             self._loop(router)
             self._goodbye()
@@ -368,6 +372,10 @@ class Dispatcher:
             prefetch_auto=b.prefetch_auto,
             results_seq=b.results_seq,
         )
+        if b.shm and b.shm == self.clients.shm:
+            self._shm_workers.add(peer)
+        else:
+            self._shm_workers.discard(peer)
         self._send(peer, Cmd.HEARTBEAT, self._beat(w.results_acked))
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
 
@@ -395,6 +403,7 @@ class Dispatcher:
         self.scheduler.worker_leaving(peer)
 
     def _on_goodbye(self, peer: bytes, b: c.Empty, frames: list[Any], now: float) -> None:
+        self._shm_workers.discard(peer)
         w = self.scheduler.workers.get(peer)
         self.scheduler.worker_gone(peer, now)
         if w is not None:
@@ -447,6 +456,7 @@ class Dispatcher:
     def _send_assign(self, action: Assign) -> None:
         entries = []
         frames: list[Any] = []
+        same_host = action.worker in self._shm_workers
         for job in action.jobs:
             data = job.frames if job.frames is not None else []  # not `or`: OFFLOADED is an empty list
             if data is OFFLOADED:  # due at last: its call comes back from the journal
@@ -456,7 +466,13 @@ class Dispatcher:
                 data = loaded
             opts = job.opts
             parents, joined, parent_frames = self._parent_results(job)
-            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents, joined))
+            refs: tuple[c.ShmRef, ...] = ()
+            if same_host and any(type(f) is shm.Segment for f in data):  # the worker maps them: no TCP
+                refs = tuple(c.ShmRef(i, f.name, len(f)) for i, f in enumerate(data) if type(f) is shm.Segment)
+                data = [b"" if type(f) is shm.Segment else f for f in data]
+            entries.append(
+                c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents, joined, refs)
+            )
             frames.extend(data)
             frames.extend(parent_frames)
         w = self.scheduler.workers.get(action.worker)
