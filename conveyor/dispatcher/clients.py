@@ -70,6 +70,7 @@ class ClientSide:
         self._answered: dict[tuple[bytes, Cmd], tuple[float, int]] = {}  # (peer, kind) -> (second, count)
         self.throttled = 0  # requests dropped by the rate limit
         self.shm = shm.namespace_id()  # told in WELCOME: a client that shares it may send segments
+        self.shm_adopted = 0  # segments taken over from clients
 
     def handlers(self) -> dict[Cmd, Callable[[bytes, Any, list[Any], float], None]]:
         """The commands of clients, and who handles them (the server's routing table takes these)."""
@@ -108,6 +109,7 @@ class ClientSide:
         reply = _Reply()
         if any(e.shm for e in entries):
             entries, per_entry = _adopt_segments(entries, per_entry, reply)
+            self.shm_adopted += sum(len(e.shm) for e in entries)
         checker = _Checker(self.scheduler, now)
         i = 0
         while i < len(entries):

@@ -104,6 +104,7 @@ class Dispatcher:
         self._closers: list[Callable[[], None]] = []  # what else to close when the loop ends (HTTP servers)
         self._saturated = False  # the last read hit MAX_MESSAGES_PER_TURN: messages may still be waiting
         self._shm_workers: set[bytes] = set()  # workers that share our /dev/shm: ASSIGN names segments
+        self.shm_assigned = 0  # segments named in ASSIGN (their bytes did not cross TCP)
         # Progress, output, job history, metrics, the dashboard's snapshots.
         self.observer = Observer(self.scheduler, self._send, self._wake, self._about)
         self.durability = (
@@ -288,6 +289,8 @@ class Dispatcher:
         """The server's part of STATUS_REPLY: endpoint, security, journal, connections."""
         status["dispatcher"]["endpoint"] = self.endpoint
         status["totals"]["malformed"] = self.malformed
+        status["totals"]["shm_in"] = self.clients.shm_adopted  # arguments clients left in /dev/shm
+        status["totals"]["shm_out"] = self.shm_assigned  # ...and named in ASSIGN to a worker of this host
         status["security"] = self._gate.status()
         about = self._about()
         status["journal"], status["connections"] = about["journal"], about["connections"]
@@ -470,6 +473,7 @@ class Dispatcher:
             if same_host and any(type(f) is shm.Segment for f in data):  # the worker maps them: no TCP
                 refs = tuple(c.ShmRef(i, f.name, len(f)) for i, f in enumerate(data) if type(f) is shm.Segment)
                 data = [b"" if type(f) is shm.Segment else f for f in data]
+                self.shm_assigned += len(refs)
             entries.append(
                 c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents, joined, refs)
             )

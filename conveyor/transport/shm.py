@@ -69,10 +69,20 @@ def _new_name(role: str) -> str:
 
 
 class Segment(mmap.mmap):
-    """A read-only mapping of one segment: a data frame like bytes (the buffer protocol), with its name."""
+    """A read-only mapping of one segment: a data frame like bytes (the buffer protocol), with its name.
+
+    bytes(segment), which the decoder calls for a large bytes argument, reads the file with one read():
+    4x faster here than copying through the mapping, which takes a page fault per 4 KiB."""
 
     __slots__ = ("name",)
     name: str
+
+    def __bytes__(self) -> bytes:
+        try:
+            return read_segment(self.name, len(self))
+        except OSError:  # removed meanwhile (our mapping still holds the pages)
+            with memoryview(self) as view:
+                return view.tobytes()
 
 
 def write_segment(data: Any) -> str | None:
@@ -131,11 +141,42 @@ def adopt(name: str, nbytes: int) -> Segment:
 
 
 def open_segment(name: str, nbytes: int) -> Segment:
-    """A worker maps a dispatcher's segment (read-only; it never removes it). Raises OSError."""
+    """A worker maps a dispatcher's segment (read-only; it never removes it), to hand it on by name to a
+    processes-mode child: a mapping costs nothing until it is read. Raises OSError."""
     _check(name, "d")
     seg = _map(os.path.join(SHM_DIR, name), nbytes)
     seg.name = name
     return seg
+
+
+def read_segment(name: str, nbytes: int) -> bytes:
+    """A segment as the bytes a task gets, with one read() (a processes-mode child). Raises OSError."""
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != nbytes:
+            raise OSError(f"shared-memory segment {name} is not {nbytes} bytes")
+        data = os.read(fd, nbytes)
+        if len(data) != nbytes:
+            raise OSError(f"shared-memory segment {name} is short")
+        return data
+    finally:
+        os.close(fd)
+
+
+def copy_segment(seg: Segment, out_fd: int) -> None:
+    """Write a segment's bytes to a file (the journal's blob) with sendfile: the kernel copies from the
+    segment's pages, without faulting them into this process."""
+    fd = os.open(os.path.join(SHM_DIR, seg.name), os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        offset, size = 0, len(seg)
+        while offset < size:
+            sent = os.sendfile(out_fd, fd, offset, size - offset)
+            if sent == 0:
+                raise OSError(f"shared-memory segment {seg.name} is short")
+            offset += sent
+    finally:
+        os.close(fd)
 
 
 class SegmentUnreadable(OSError):

@@ -513,9 +513,9 @@ class Worker:
 
 
 def _map_segments(e: c.AssignEntry, frames: list[Any]) -> tuple[list[Any], int]:
-    """The task's frames with its shared-memory ones mapped, and how many are its call's; if one cannot
-    be (removed meanwhile: the job was cancelled or given to another worker), a call that fails with the
-    reason instead."""
+    """The task's frames with its shared-memory ones mapped (read later, by the thread or child that runs
+    the task), and how many are its call's; if one cannot be (removed meanwhile: the job was cancelled or
+    given to another worker), a call that fails with the reason instead."""
     frames = list(frames)
     try:
         for ref in e.shm:

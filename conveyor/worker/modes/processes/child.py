@@ -3,7 +3,7 @@
 The task pipe is the socket of a multiprocessing Connection, but read and written directly: one
 message is a 4-byte little-endian header length, the msgpack header, then the data frames back to back,
     parent -> child   [job_id, attempt, timeout, retry_on, [frame lengths]], then the call frames; a
-                      length [name, size] is a frame in /dev/shm the child maps (transport/shm.py)
+                      length [name, size] is a frame in /dev/shm the child reads (transport/shm.py)
     child -> parent   [ok, info, [frame lengths]], then the result frames
 written with one writev (not one write per frame) and read by a buffered reader, which reads a large
 frame straight into the bytes object the task gets (Connection.recv_bytes copies it several times).
@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 
 from conveyor import task
-from conveyor.transport.shm import open_segment
+from conveyor.transport.shm import read_segment
 from conveyor.worker.execution import Task, failure, run_sync
 from conveyor.worker.reports import LOG_FORMAT
 
@@ -65,13 +65,13 @@ def child_main(
         except (EOFError, OSError, ValueError):
             return
         task = Task(job_id, attempt, timeout, tuple(retry_on), frames)
-        try:  # [name, size]: a frame in /dev/shm, mapped here rather than sent down the pipe
-            frames[:] = [open_segment(*f) if type(f) is list else f for f in frames]
+        try:  # [name, size]: a frame in /dev/shm, read here rather than sent down the pipe
+            frames[:] = [read_segment(*f) if type(f) is list else f for f in frames]
         except OSError as exc:
             outcome = failure(task, exc)
         else:
             outcome = run_sync(task)
-        del task, frames  # a mapping goes with its task
+        del task, frames  # the argument goes with its task
         try:
             write_message(
                 fd,
