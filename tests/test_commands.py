@@ -145,11 +145,16 @@ def test_bodies_round_trip(cmd: Cmd, data: st.DataObject) -> None:
 def test_entries_are_the_positional_arrays_of_the_spec() -> None:
     entry = c.AssignEntry("job-1", 2, 30.0, ("ValueError",), 1)
     wire = msgpack.unpackb(c.encode_body(c.Assign(7, [entry])))
-    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1, [], None]]}  # no parents
+    assert wire == {"ack": 7, "tasks": [["job-1", 2, 30.0, ["ValueError"], 1, [], None, []]]}  # no parents, no shm
     # parents joined (docs/protocol.md §8.3): [lengths, chunks] after the per-parent array, which is empty
     joined = c.AssignEntry("job-2", 1, None, (), 1, [], c.JoinedResults([3, 5, 2], [2, 1]))
     wire = msgpack.unpackb(c.encode_body(c.Assign(0, [joined])))
-    assert wire["tasks"] == [["job-2", 1, None, [], 1, [], [[3, 5, 2], [2, 1]]]]
+    assert wire["tasks"] == [["job-2", 1, None, [], 1, [], [[3, 5, 2], [2, 1]], []]]
+    # a call frame in shared memory (docs/protocol.md §8.4): [index, name, bytes], its frame left empty
+    name = "conveyor-d-1-2-" + "0" * 32
+    mapped = c.AssignEntry("job-3", 1, None, (), 2, [], None, (c.ShmRef(1, name, 9),))
+    assert msgpack.unpackb(c.encode_body(c.Assign(0, [mapped])))["tasks"][0][-1] == [[1, name, 9]]
+    assert c.decode_body(Cmd.ASSIGN, c.encode_body(c.Assign(0, [mapped]))).tasks == [mapped]
     assert c.decode_body(Cmd.ASSIGN, c.encode_body(c.Assign(0, [joined]))).tasks == [joined]
     assert joined.total_frames == 1 + 2  # the call's frame, then two joined frames
     # the older layout, without `joined` (and without `parents`), is still read

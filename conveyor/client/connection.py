@@ -48,6 +48,7 @@ from conveyor.protocol.frames import split, unpack
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.protocol.payload import decode_value
 from conveyor.security.keys import PeerCredentials
+from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import watch_handshakes
 from conveyor.transport.sockets import configure_socket, send_parts
@@ -115,6 +116,8 @@ class Connection:
         self.resyncs = 0  # times everything pending was asked for again (after a gap, a reconnection, ...)
         self.duplicate_results = 0  # outcomes for jobs already resolved here (after re-sends); dropped
         self._busy: list[str] = []  # jobs the dispatcher had no room for: re-sent after a pause
+        self._shm = False  # the dispatcher shares our /dev/shm (WELCOME): large arguments go as segments
+        self._segments: dict[str, list[str]] = {}  # job id -> its segments, until ACCEPTED answers (shm.py)
         self._busy_at = 0.0
         # Outcomes taken off _pending and not yet given to their futures (see _resolve_many).
         self._settling: list[tuple[list[Any], list[tuple[JobFuture | None, list[Future[Any]] | None]]]] = []
@@ -463,6 +466,9 @@ class Connection:
                 watch.close()
             self._sock = None
             sock.close(linger=0)
+            for names in list(self._segments.values()):  # SUBMITs never answered: nobody took these over
+                for name in names:
+                    shm.remove(name)
             if self._own_context:
                 self._ctx.term()
             self._wake_r.close()
@@ -539,7 +545,17 @@ class Connection:
                 self._send(Cmd.SUBMIT, entries, frames)
                 entries, frames, size = [], [], 0
             if entry is None:
-                entry = c.SubmitEntry(future.job_id, future._opts or _NO_OPTIONS, len(data), batch=future._batch)
+                refs: tuple[c.ShmRef, ...] = ()
+                if self._shm and not future._shm_sent and n_bytes >= shm.SHM_MIN_BYTES:
+                    future._shm_sent = True  # once: a re-send goes as frames (the segment is the dispatcher's)
+                    data, made = shm.offload(list(data))
+                    if made:
+                        refs = tuple(c.ShmRef(i, name, n) for i, name, n in made)
+                        self._segments[future.job_id] = [name for _, name, _ in made]
+                        n_bytes = 0
+                entry = c.SubmitEntry(
+                    future.job_id, future._opts or _NO_OPTIONS, len(data), batch=future._batch, shm=refs
+                )
             entries.append(entry)
             frames.extend(data)
             size += n_bytes
@@ -586,6 +602,8 @@ class Connection:
                 self._resync_why = "the dispatcher restarted"
                 self._resend_requests = True
             self._instance = instance
+            if cmd == Cmd.WELCOME:
+                self._shm = bool(body.shm) and body.shm == shm.namespace_id()
             if not self.welcome.done():
                 self.welcome.set_result({"instance": body.instance, "heartbeat_interval": body.heartbeat_interval})
         elif cmd == Cmd.ACCEPTED:
@@ -614,6 +632,11 @@ class Connection:
 
     def _on_accepted(self, body: c.Accepted) -> None:
         pending = self._pending
+        if self._segments:  # answered: the dispatcher took its segments over, or will never read them
+            for ids in (body.accepted, body.busy, [r[0] for r in body.rejected], [r[0] for r in body.refused]):
+                for job_id in ids:
+                    for name in self._segments.pop(job_id, ()):
+                        shm.remove(name)
         for job_id in body.accepted:
             job = pending.get(job_id)
             if job is not None:

@@ -149,6 +149,7 @@ class JobFuture(Future[Any]):
         self._opts = opts
         self._frames = frames
         self._sent = False  # a SUBMIT for it may have left (set by the connection, under its lock)
+        self._shm_sent = False  # its large arguments went once through shared memory (connection.py)
         self._accepted = False  # the dispatcher's ACCEPTED named it
 
     # Set only on the futures that need them (most jobs have no parents and are in no batch).

@@ -27,9 +27,11 @@ from conveyor.dispatcher.model import SUCCEEDED, Deliver, shift_history, wall_cl
 from conveyor.dispatcher.observe.observer import Observer
 from conveyor.dispatcher.scheduler import Scheduler
 from conveyor.dispatcher.timing import check_limits, due_and_expiry, fix_times
+from conveyor.errors import ProtocolError
 from conveyor.protocol import Cmd, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol import failures as perr
+from conveyor.transport import shm
 
 log = logging.getLogger("conveyor.dispatcher")
 
@@ -67,6 +69,8 @@ class ClientSide:
         self.clients: dict[bytes, float] = {}  # client peers by last message time, told when we stop
         self._answered: dict[tuple[bytes, Cmd], tuple[float, int]] = {}  # (peer, kind) -> (second, count)
         self.throttled = 0  # requests dropped by the rate limit
+        self.shm = shm.namespace_id()  # told in WELCOME: a client that shares it may send segments
+        self.shm_adopted = 0  # segments taken over from clients
 
     def handlers(self) -> dict[Cmd, Callable[[bytes, Any, list[Any], float], None]]:
         """The commands of clients, and who handles them (the server's routing table takes these)."""
@@ -87,7 +91,7 @@ class ClientSide:
 
     def on_hello(self, peer: bytes, b: c.Hello, frames: list[Any], now: float) -> None:
         self.clients[peer] = now
-        self._send(peer, Cmd.WELCOME, c.Welcome(self.instance, self.heartbeat_interval, b.req), [])
+        self._send(peer, Cmd.WELCOME, c.Welcome(self.instance, self.heartbeat_interval, b.req, self.shm), [])
 
     def on_ping(self, peer: bytes, b: c.Heartbeat, now: float) -> None:
         """A client's HEARTBEAT: answered, so it knows we are alive and which instance we are."""
@@ -103,6 +107,9 @@ class ClientSide:
     def on_submit(self, peer: bytes, entries: list[c.SubmitEntry], frames: list[Any], now: float) -> None:
         per_entry = split_frames([e.n_frames for e in entries], frames)
         reply = _Reply()
+        if any(e.shm for e in entries):
+            entries, per_entry = _adopt_segments(entries, per_entry, reply)
+            self.shm_adopted += sum(len(e.shm) for e in entries)
         checker = _Checker(self.scheduler, now)
         i = 0
         while i < len(entries):
@@ -342,6 +349,36 @@ class _Checker:
             if parent not in named:
                 raise ValueError(f"allow_failure names {parent}, which is not a parent")
         return self._last
+
+
+def _adopt_segments(
+    entries: list[c.SubmitEntry], per_entry: list[list[Any]], reply: _Reply
+) -> tuple[list[c.SubmitEntry], list[list[Any]]]:
+    """The call frames a client left in shared memory, taken over and mapped in place of their empty
+    frames (transport/shm.py). An entry whose segment cannot be read is rejected (with its batch)."""
+    bad: dict[str, str] = {}
+    for e, data in zip(entries, per_entry, strict=True):
+        for ref in e.shm:
+            if ref.index >= len(data) or len(data[ref.index]) != 0:
+                raise ProtocolError("a shared-memory reference names a frame that is not an empty frame of its entry")
+            try:
+                data[ref.index] = shm.adopt(ref.name, ref.nbytes)
+            except OSError as exc:
+                bad[e.job_id] = f"its shared-memory argument cannot be read here: {exc}"
+    if not bad:
+        return entries, per_entry
+    failed_batches = {e.batch for e in entries if e.job_id in bad and e.batch}
+    kept: tuple[list[c.SubmitEntry], list[list[Any]]] = ([], [])
+    for e, data in zip(entries, per_entry, strict=True):
+        why = bad.get(e.job_id)
+        if why is None and e.batch in failed_batches:
+            why = "the batch was not accepted: a shared-memory argument cannot be read here"
+        if why is None:
+            kept[0].append(e)
+            kept[1].append(data)
+        else:
+            reply.rejected.append((e.job_id, why))
+    return kept
 
 
 def _deps(e: c.SubmitEntry) -> bytes | None:

@@ -37,6 +37,7 @@ from typing import Any
 import msgpack
 
 from conveyor.errors import JournalInUse
+from conveyor.transport.shm import Segment, copy_segment
 
 log = logging.getLogger("conveyor.dispatcher")
 
@@ -337,8 +338,11 @@ class Journal:
             fd = os.open(self._blobs / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             written.append(name)
             try:
-                while view.nbytes:
-                    view = view[os.write(fd, view) :]
+                if type(frame) is Segment:  # a client's argument in /dev/shm: the kernel copies it
+                    copy_segment(frame, fd)
+                else:
+                    while view.nbytes:
+                        view = view[os.write(fd, view) :]
                 if self._full:
                     os.fsync(fd)
             finally:

@@ -49,6 +49,7 @@ from conveyor.protocol.joined import join_frames
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
 from conveyor.security.keys import load_dispatcher_credentials
+from conveyor.transport import shm
 from conveyor.transport.sockets import NOBLOCK, send_parts
 
 log = logging.getLogger("conveyor.dispatcher")
@@ -104,6 +105,8 @@ class Dispatcher:
         self._connections = _Connections()
         self._closers: list[Callable[[], None]] = []  # what else to close when the loop ends (HTTP servers)
         self._saturated = False  # the last read hit MAX_MESSAGES_PER_TURN: messages may still be waiting
+        self._shm_workers: set[bytes] = set()  # workers that share our /dev/shm: ASSIGN names segments
+        self.shm_assigned = 0  # segments named in ASSIGN (their bytes did not cross TCP)
         # Progress, output, job history, metrics, the dashboard's snapshots.
         self.observer = Observer(self.scheduler, self._send, self._wake, self._about)
         self.durability = (
@@ -207,6 +210,8 @@ class Dispatcher:
                 stack.callback(close)
             if self.durability is not None:
                 stack.callback(self.durability.close)
+            if self.clients.shm and shm.sweep():  # segments of a dispatcher killed with -9
+                log.info("removed shared-memory segments left by processes that are gone")
             if self.pair is None:
                 self._recover()
             else:  # passive until activated (then _activate recovers)
@@ -340,6 +345,8 @@ class Dispatcher:
         """The server's part of STATUS_REPLY: endpoint, security, journal, connections."""
         status["dispatcher"]["endpoint"] = self.endpoint
         status["totals"]["malformed"] = self.malformed
+        status["totals"]["shm_in"] = self.clients.shm_adopted  # arguments clients left in /dev/shm
+        status["totals"]["shm_out"] = self.shm_assigned  # ...and named in ASSIGN to a worker of this host
         status["security"] = self._gate.status()
         about = self._about()
         status["journal"], status["connections"] = about["journal"], about["connections"]
@@ -429,6 +436,10 @@ class Dispatcher:
             prefetch_auto=b.prefetch_auto,
             results_seq=b.results_seq,
         )
+        if b.shm and b.shm == self.clients.shm:
+            self._shm_workers.add(peer)
+        else:
+            self._shm_workers.discard(peer)
         self._send(peer, Cmd.HEARTBEAT, self._beat(w.results_acked))
         log.info("worker %s (%s, %s x%d) registered from %s", w.name, w.pid, w.mode, w.concurrency, w.host)
 
@@ -456,6 +467,7 @@ class Dispatcher:
         self.scheduler.worker_leaving(peer)
 
     def _on_goodbye(self, peer: bytes, b: c.Empty, frames: list[Any], now: float) -> None:
+        self._shm_workers.discard(peer)
         w = self.scheduler.workers.get(peer)
         self.scheduler.worker_gone(peer, now)
         if w is not None:
@@ -508,6 +520,7 @@ class Dispatcher:
     def _send_assign(self, action: Assign) -> None:
         entries = []
         frames: list[Any] = []
+        same_host = action.worker in self._shm_workers
         for job in action.jobs:
             data = job.frames if job.frames is not None else []  # not `or`: OFFLOADED is an empty list
             if data is OFFLOADED:  # due at last: its call comes back from the journal
@@ -517,7 +530,14 @@ class Dispatcher:
                 data = loaded
             opts = job.opts
             parents, joined, parent_frames = self._parent_results(job)
-            entries.append(c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents, joined))
+            refs: tuple[c.ShmRef, ...] = ()
+            if same_host and any(type(f) is shm.Segment for f in data):  # the worker maps them: no TCP
+                refs = tuple(c.ShmRef(i, f.name, len(f)) for i, f in enumerate(data) if type(f) is shm.Segment)
+                data = [b"" if type(f) is shm.Segment else f for f in data]
+                self.shm_assigned += len(refs)
+            entries.append(
+                c.AssignEntry(job.id, job.attempt, opts.timeout, opts.retry_on, len(data), parents, joined, refs)
+            )
             frames.extend(data)
             frames.extend(parent_frames)
         w = self.scheduler.workers.get(action.worker)

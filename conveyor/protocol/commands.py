@@ -79,6 +79,7 @@ class Ready(Body, frozen=True):
     # The sequence number of the first RESULTS this connection sends (outcomes re-sent included): the
     # dispatcher applies RESULTS in that order from there (§5, RESULTS).
     results_seq: Seq = 1
+    shm: Id = ""  # its /dev/shm (protocol/shm.py namespace_id): the same as the dispatcher's, ASSIGN may name segments
 
 
 class OutcomeEntry(Entry, frozen=True):
@@ -145,6 +146,17 @@ class JoinedResults(Entry, frozen=True, gc=False):
     chunks: Annotated[list[Count], msgspec.Meta(max_length=MAX_BATCH)]
 
 
+class ShmRef(Entry, frozen=True):
+    """[index, name, nbytes]: data frame `index` of an entry is empty, its bytes are in /dev/shm/`name`."""
+
+    index: Count
+    name: Id
+    nbytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+
+
+ShmRefs = Annotated[tuple[ShmRef, ...], msgspec.Meta(max_length=MAX_BATCH)]
+
+
 class AssignEntry(Entry, frozen=True):
     """An ASSIGN entry: a task, how many of the message's data frames are its call, and its parents'
     results (their frames follow the call's): one ParentResult each, or all of them `joined`."""
@@ -156,6 +168,7 @@ class AssignEntry(Entry, frozen=True):
     n_frames: Count
     parents: list[ParentResult] = []
     joined: JoinedResults | None = None  # newer than `parents`: a reader still accepts either
+    shm: ShmRefs = ()  # call frames in shared memory (a worker on the dispatcher's host)
 
     @property
     def total_frames(self) -> int:
@@ -257,6 +270,7 @@ class SubmitEntry(Entry, frozen=True):
     after: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # only run after these
     allow_failure: Annotated[tuple[Id, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()  # run even if these fail
     batch: Id = ""  # the entries of one batch (one message) are accepted all or none
+    shm: ShmRefs = ()  # call frames in shared memory (a client on the dispatcher's host)
 
 
 class Hello(Body, frozen=True):
@@ -351,6 +365,7 @@ class Welcome(Body, frozen=True):
     instance: str
     heartbeat_interval: float = 1.0
     req: Any = None
+    shm: str = ""  # the dispatcher's /dev/shm (protocol/shm.py namespace_id): a client with the same may use it
 
 
 class Accepted(Body, frozen=True):

@@ -37,8 +37,9 @@ from conveyor.protocol import Cmd, Message, ProtocolError, encode, split_frames
 from conveyor.protocol import commands as c
 from conveyor.protocol.joined import pack_joined
 from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
-from conveyor.protocol.payload import pack_task
+from conveyor.protocol.payload import encode_call, pack_task
 from conveyor.security.keys import load_peer_credentials
+from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
 from conveyor.transport.sockets import configure_socket
@@ -189,6 +190,7 @@ class Worker:
                 mode_queue=self.mode.queue_limit,
                 drain_timeout=drain_timeout,
                 max_message_size=max_message_size,
+                shm=shm.namespace_id(),
             )
         )
         self._own_context = context is None
@@ -400,12 +402,15 @@ class Worker:
             per_entry = split_frames([e.total_frames for e in entries], msg.frames)  # the call, then parents'
             tasks = []
             for e, frames in zip(entries, per_entry, strict=True):
+                n_call = e.n_frames
+                if e.shm:  # call frames on our host's /dev/shm: mapped, not received
+                    frames, n_call = _map_segments(e, frames)
                 if e.joined is not None:  # every parent succeeded: their results came joined
-                    frames = pack_joined(e.n_frames, e.joined, frames)
+                    frames = pack_joined(n_call, e.joined, frames)
                 elif e.parents:  # one header frame says which frames are whose (execution.load reads it)
                     ps = e.parents
                     others = [(i, p.job_id, p.state, p.error) for i, p in enumerate(ps) if p.state != "succeeded"]
-                    frames = pack_task(e.n_frames, [p.n_frames for p in e.parents], others, frames)
+                    frames = pack_task(n_call, [p.n_frames for p in e.parents], others, frames)
                 tasks.append(Task(e.job_id, e.attempt, e.timeout, e.retry_on, frames))
             return Assigned(tasks, b.ack)
         if cmd == Cmd.CANCEL:
@@ -531,6 +536,23 @@ class Worker:
             self._sock.send_multipart(encode(cmd, body, frames, self.failover.seen), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("send queue full; dropping %s", cmd.name)
+
+
+def _map_segments(e: c.AssignEntry, frames: list[Any]) -> tuple[list[Any], int]:
+    """The task's frames with its shared-memory ones mapped (read later, by the thread or child that runs
+    the task), and how many are its call's; if one cannot be (removed meanwhile: the job was cancelled or
+    given to another worker), a call that fails with the reason instead."""
+    frames = list(frames)
+    try:
+        for ref in e.shm:
+            if ref.index >= e.n_frames or memoryview(frames[ref.index]).nbytes:
+                raise OSError("a shared-memory reference names a frame that is not an empty call frame")
+            frames[ref.index] = shm.open_segment(ref.name, ref.nbytes)
+    except OSError as exc:
+        log.warning("job %s: its shared-memory argument cannot be mapped: %s", e.job_id, exc)
+        call = encode_call("conveyor.transport.shm:unreadable", None, (str(exc),), {})
+        return call + frames[e.n_frames :], len(call)  # the parents' frames, if any, follow as before
+    return frames, e.n_frames
 
 
 def run_worker(worker: Worker) -> int:

@@ -100,6 +100,7 @@ class WorkerConfig:
     mode_queue: int = 0  # tasks the mode may hold beyond its slots, in its own queue (Mode.queue_limit)
     drain_timeout: float = 30.0  # seconds
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes of a frame; a larger result becomes a failure
+    shm: str = ""  # its /dev/shm (transport/shm.py namespace_id), told in READY; "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,7 @@ class WorkerState:
             session=self.session,
             running=[c.AttemptRef(job_id, attempt) for job_id, attempt in self.running()],
             results_seq=self.next_seq(),
+            shm=cfg.shm,
         )
         out.append(Send(Cmd.READY, body))
         if self._lent:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from conveyor.transport.shm import Segment
 from conveyor.worker.execution import Key, Task
 from conveyor.worker.modes.processes.child import IOV_MAX, LENT, consume
 from conveyor.worker.reports import TaskReports
@@ -90,10 +91,14 @@ class Child:
         self.busy = True
         if self.output is not None:
             self.output.task = task.key
-        header = self._packer.pack(
-            [task.job_id, task.attempt, task.timeout, task.retry_on, [memoryview(f).nbytes for f in task.frames]]
-        )
-        self._out = [len(header).to_bytes(4, "little") + header, *task.frames]
+        frames = task.frames
+        if any(type(f) is Segment for f in frames):  # mapped from /dev/shm: the child maps it too, by name
+            sizes: list[Any] = [[f.name, len(f)] if type(f) is Segment else memoryview(f).nbytes for f in frames]
+            frames = [f for f in frames if type(f) is not Segment]
+        else:
+            sizes = [memoryview(f).nbytes for f in frames]
+        header = self._packer.pack([task.job_id, task.attempt, task.timeout, task.retry_on, sizes])
+        self._out = [len(header).to_bytes(4, "little") + header, *frames]
         self._write()
 
     def _write(self) -> None:

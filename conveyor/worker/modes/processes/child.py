@@ -2,7 +2,8 @@
 
 The task pipe is the socket of a multiprocessing Connection, but read and written directly: one
 message is a 4-byte little-endian header length, the msgpack header, then the data frames back to back,
-    parent -> child   [job_id, attempt, timeout, retry_on, [frame lengths]], then the call frames
+    parent -> child   [job_id, attempt, timeout, retry_on, [frame lengths]], then the call frames; a
+                      length [name, size] is a frame in /dev/shm the child reads (transport/shm.py)
     child -> parent   [ok, info, [frame lengths]], then the result frames
                       or ["lent", job_id, attempt, waiting] (no frames): its task blocks on a child of
                       its own (waiting true) or stops waiting, so the worker may run one more task meanwhile
@@ -34,7 +35,8 @@ from typing import Any
 import msgpack
 
 from conveyor import task
-from conveyor.worker.execution import Task, run_sync
+from conveyor.transport.shm import read_segment
+from conveyor.worker.execution import Task, failure, run_sync
 from conveyor.worker.reports import LOG_FORMAT
 
 READ_BUFFER = 1 << 16
@@ -63,10 +65,17 @@ def child_main(
         try:
             header = _read_exactly(reader, int.from_bytes(_read_exactly(reader, 4), "little"))
             job_id, attempt, timeout, retry_on, lengths = msgpack.unpackb(header)
-            frames = [_read_exactly(reader, n) for n in lengths]
+            frames = [_read_exactly(reader, n) if type(n) is int else n for n in lengths]
         except (EOFError, OSError, ValueError):
             return
-        outcome = run_sync(Task(job_id, attempt, timeout, tuple(retry_on), frames))
+        job = Task(job_id, attempt, timeout, tuple(retry_on), frames)
+        try:  # [name, size]: a frame in /dev/shm, read here rather than sent down the pipe
+            frames[:] = [read_segment(*f) if type(f) is list else f for f in frames]
+        except OSError as exc:
+            outcome = failure(job, exc)
+        else:
+            outcome = run_sync(job)
+        del job, frames  # the argument goes with its task
         try:
             with _pipe_lock:
                 write_message(
