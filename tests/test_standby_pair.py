@@ -216,8 +216,8 @@ def test_sigstop_of_the_active_then_sigcont_it_steps_down_and_its_stale_messages
         stopped_at = time.monotonic()
         # A client's asking is the vote: the backup takes over once the primary was silent long enough.
         wait_until(lambda: probe(pair.addr["backup"], 0.5) == ("active", 2), 20, 0.05, "the backup to take over")
-        # The peer's silence counts from its last beat, up to one beat (FAILOVER_S / 4) before the stop.
-        assert time.monotonic() - stopped_at >= FAILOVER_S * 0.75
+        # The peer's silence counts from its last beat: one beat (FAILOVER_S / 4) before the stop, later if beats lag.
+        assert time.monotonic() - stopped_at >= FAILOVER_S * 0.5  # a beat may come late on a loaded machine
         fence.seen = max(fence.seen, 2)  # the raw peer has obeyed the new active (as a client would)
         for _ in range(5):  # pings queued while the primary is frozen: answered after SIGCONT, in epoch 1
             old.send_multipart(encode(Cmd.HEARTBEAT, c.Heartbeat("client"), epoch=fence.seen))
@@ -228,6 +228,8 @@ def test_sigstop_of_the_active_then_sigcont_it_steps_down_and_its_stale_messages
             if not old.poll(200):
                 continue
             parts = old.recv_multipart()
+            if parts[1][:1] == bytes((Cmd.REDIRECT,)):  # it has stepped down: advice, not work
+                continue
             if fence.admit(parts[1]):
                 obeyed += 1
             else:
