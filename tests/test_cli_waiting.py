@@ -133,10 +133,10 @@ def test_waiting_jobs_from_the_cli(tmp_path: Path) -> None:
         assert [j["id"] for j in json.loads(assert_ok(listed))["jobs"]] == [behind]
         assert "expired" in assert_one_error_line(text, 1)
 
-        def counted() -> dict[str, Any] | None:  # the metrics say it too (a snapshot a second)
-            m = scrape(port)
+        def counted() -> dict[str, Any] | None:  # the metrics say it too (a snapshot a second, so it may
+            m = scrape(port)                       # predate the chatty job's start: wait for both facts)
             expired = m.get("conveyor_jobs_total", {}).get((("function", "tests.tasks:add"), ("state", "expired")))
-            return m if expired == 1 else None
+            return m if expired == 1 and m.get("conveyor_jobs_scheduled", {}).get(()) == 2 else None
 
         m = wait_until(counted, what="the expired job in the metrics")
         assert m["conveyor_jobs_scheduled"][()] == 2 and m["conveyor_jobs_limited"][()] >= 1
