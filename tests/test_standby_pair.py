@@ -49,8 +49,9 @@ class Pair:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.clients: list[Client] = []
         if self.witness_addr is not None:
+            keys_args = ["--keys", str(keys)] if keys is not None else []
             self._spawn("witness", ["witness", "--bind", self.witness_addr, "--state", str(tmp / "witness.epoch"),
-                                    "--failover-timeout", str(FAILOVER_S)])
+                                    "--failover-timeout", str(FAILOVER_S), *keys_args])
 
     @property
     def addresses(self) -> list[str]:
@@ -310,10 +311,12 @@ def test_the_epoch_rides_in_the_command_frame_plain_or_packed() -> None:
         split(bad)
 
 
-def test_with_keys_the_pair_link_is_curve_and_accepts_the_dispatcher_key_only(tmp_path: Path) -> None:
+def test_with_keys_the_pair_link_and_the_witness_are_curve_and_accept_the_dispatcher_key_only(
+    tmp_path: Path,
+) -> None:
     keys = tmp_path / "keys"
     subprocess.run(conveyor_cmd("keys", "init", str(keys)), cwd=ROOT, check=True, capture_output=True)
-    p = Pair(tmp_path, keys=keys)
+    p = Pair(tmp_path, witness=True, keys=keys)  # with a witness, the primary serves only on its lease
     try:
         p.start("primary")
         p.start("backup")
@@ -337,6 +340,25 @@ def test_with_keys_the_pair_link_is_curve_and_accepts_the_dispatcher_key_only(tm
             wait_until(lambda: "not the dispatcher's" in (tmp_path / "backup.log").read_text(), 10, 0.1, "a refusal")
         finally:
             sock.close()
+        # The active renews its lease with the witness over CURVE (a fresh witness grants after one lease).
+        epoch_file = tmp_path / "witness.epoch"
+        wait_until(lambda: epoch_file.exists() and epoch_file.read_text().strip() == "1", 20, 0.1,
+                   "the witness to grant the primary's lease")
+        # Nor can a client key reach the witness: it cannot ask for a lease.
+        assert p.witness_addr is not None
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, creds.secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, creds.public)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, creds.server_public)
+        sock.connect(p.witness_addr)
+        sock.send_multipart(encode(Cmd.LEASE, c.Lease("intruder", 99, 1)))
+        try:
+            wait_until(lambda: "not the dispatcher's" in (tmp_path / "witness.log").read_text(), 10, 0.1,
+                       "the witness to refuse a client key")
+        finally:
+            sock.close()
+        assert epoch_file.read_text().strip() == "1"  # never 99
     finally:
         p.stop()
 

@@ -47,7 +47,7 @@ _EMPTY_LIST = msgpack.packb([])
 _EMPTY_MAP = msgpack.packb({})
 # Peer commands the pair answers itself: a passive dispatcher lets none of the others through.
 _ALWAYS = frozenset({Cmd.STALE})
-_ZAP = "inproc://zeromq.zap.01"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 
 def now_s() -> float:
@@ -121,7 +121,7 @@ class Pair:
         ctx, creds = self._ctx, self._credentials
         if creds is not None:  # the inbox accepts the dispatcher key only (both dispatchers hold it)
             self._zap = ctx.socket(zmq.REP)
-            self._zap.bind(_ZAP)
+            self._zap.bind(ZAP_ENDPOINT)
         inbox = ctx.socket(zmq.ROUTER)
         inbox.setsockopt(zmq.LINGER, 0)
         inbox.setsockopt(zmq.RCVHWM, 0)
@@ -303,16 +303,7 @@ class Pair:
     def _serve_zap(self) -> None:
         """The inbox's ZAP handler: only the dispatcher key may ship a journal to us."""
         assert self._zap is not None and self._credentials is not None
-        while True:
-            try:
-                msg = self._zap.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            ok = len(msg) >= 7 and msg[5] == b"CURVE" and _key32(msg[6]) == _key32(self._credentials.public)
-            if not ok:
-                log.warning("standby pair: refused a pair connection from a key that is not the dispatcher's")
-            self._zap.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"200" if ok else b"400",
-                                      b"OK" if ok else b"not the dispatcher key", b"pair" if ok else b"", b""])
+        answer_zap(self._zap, self._credentials.public, "standby pair")
 
     # --- shipping (active) ------------------------------------------------------------------------------
 
@@ -441,6 +432,21 @@ def _batch_of(b: c.PairBatch, frames: list[Any]) -> Batch:
         for e, data in zip(b.finishes, per_entry[len(b.inserts):], strict=True)
     }
     return Batch(inserts, finishes, set(b.deletes), dict(b.schedules))
+
+
+def answer_zap(zap: zmq.Socket[Any], dispatcher_public: bytes, what: str) -> None:
+    """Answer the pending ZAP requests of a CURVE server socket that only the dispatcher key may reach
+    (the pair's inbox, the witness): both dispatchers of a pair hold that key, nothing else does."""
+    while True:
+        try:
+            msg = zap.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        ok = len(msg) >= 7 and msg[5] == b"CURVE" and _key32(msg[6]) == _key32(dispatcher_public)
+        if not ok:
+            log.warning("%s: refused a connection from a key that is not the dispatcher's", what)
+        zap.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"200" if ok else b"400",
+                            b"OK" if ok else b"not the dispatcher key", b"pair" if ok else b"", b""])
 
 
 def _key32(key: bytes) -> bytes:
