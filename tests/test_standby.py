@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -42,6 +42,7 @@ from conveyor.dispatcher.standby import (
     Tick,
     Witness,
     next_epoch,
+    pair_timings,
 )
 
 HB = 0.5
@@ -499,3 +500,20 @@ def test_scenario_witness_a_witness_restart_during_a_split_of_the_pair_link_hand
     # The restarted witness renewed nobody for a lease: the primary stepped down, and whoever asked first
     # after that got it. A failover, not two actives.
     assert len(actives(m)) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(min_value=0.01, max_value=3600, allow_nan=False), st.sampled_from([PRIMARY, BACKUP]),
+       st.booleans())
+def test_every_positive_failover_timeout_gives_a_valid_config(timeout_s: float, role: str, witness: bool) -> None:
+    """`--failover-timeout` alone sets the pair's timeouts (and the witness's lease): any positive value
+    gives timeouts that pass every check of StandbyConfig, the failover timeout itself unchanged."""
+    config = StandbyConfig.for_failover(role, timeout_s, witness=witness)
+    assert config.failover_timeout_s == timeout_s and config.lease_s == pair_timings(timeout_s)[2]
+    assert config.heartbeat_s <= 0.5
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan")])
+def test_a_failover_timeout_that_is_not_positive_is_refused(timeout_s: float) -> None:
+    with pytest.raises(ValueError, match="--failover-timeout must be a positive number"):
+        pair_timings(timeout_s)

@@ -146,14 +146,6 @@ def dispatcher(
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def pair_timings(failover_timeout_s: float) -> tuple[float, float, float]:
-    """(heartbeat, peer timeout, lease) in seconds for a failover timeout: the pair's and the witness's."""
-    if not failover_timeout_s > 0:
-        raise ValueError("--failover-timeout must be a positive number of seconds")
-    heartbeat_s = min(0.5, failover_timeout_s / 4)
-    return heartbeat_s, 2 * heartbeat_s, min(3 * heartbeat_s, failover_timeout_s / 1.02)
-
-
 def _pair(
     bind: str, peer: str, role: str, pair_bind: str | None, witness: str | None, failover_timeout_s: float,
     keys: str | None, store: Any,
@@ -170,11 +162,7 @@ def _pair(
         if not port.isdigit() or port == "0":
             raise ValueError("--pair-bind is needed when --bind has no fixed port")
         pair_bind = f"{host}:{int(port) + 1}"
-    heartbeat_s, peer_timeout_s, lease_s = pair_timings(failover_timeout_s)
-    config = StandbyConfig(
-        role, witness=witness is not None, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
-        failover_timeout_s=failover_timeout_s, lease_s=lease_s,
-    )
+    config = StandbyConfig.for_failover(role, failover_timeout_s, witness=witness is not None)
     credentials = None
     if keys is not None:
         from conveyor.security.keys import load_dispatcher_credentials

@@ -29,7 +29,7 @@ def witness(
 
     import zmq
 
-    from conveyor.cli.run import pair_timings
+    from conveyor.dispatcher.standby import pair_timings
     from conveyor.dispatcher.witness import WitnessServer
 
     setup_logging(log_level, log_format)

@@ -225,6 +225,22 @@ class StandbyConfig:
         if self.failover_timeout_s < self.lease_s * (1 + MAX_DRIFT):
             raise ValueError("failover_timeout_s must be at least lease_s * (1 + MAX_DRIFT)")
 
+    @classmethod
+    def for_failover(cls, role: str, failover_timeout_s: float, witness: bool = False) -> StandbyConfig:
+        """The configuration `--failover-timeout` gives: every other timeout follows from it."""
+        heartbeat_s, peer_timeout_s, lease_s = pair_timings(failover_timeout_s)
+        return cls(role, witness=witness, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
+                   failover_timeout_s=failover_timeout_s, lease_s=lease_s)
+
+
+def pair_timings(failover_timeout_s: float) -> tuple[float, float, float]:
+    """(heartbeat, peer timeout, lease) in seconds for a failover timeout: the pair's and the witness's.
+    ValueError unless it is positive."""
+    if not failover_timeout_s > 0:
+        raise ValueError("--failover-timeout must be a positive number of seconds")
+    heartbeat_s = min(0.5, failover_timeout_s / 4)
+    return heartbeat_s, 2 * heartbeat_s, min(3 * heartbeat_s, failover_timeout_s / 1.02)
+
 
 def next_epoch(above: int, role: str) -> int:
     """The smallest epoch above `above` with the role's parity: primary odd, backup even."""
