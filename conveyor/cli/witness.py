@@ -23,8 +23,7 @@ def witness(
 ) -> None:
     """Run a witness: a vote for a standby pair of dispatchers, so that at most one is active.
 
-    With --keys (the pair's key directory: the witness needs the dispatcher key pair), it speaks CURVE
-    and answers only the pair's dispatchers, as their own pair link does."""
+    With --keys (the pair's key directory), it speaks CURVE and answers only the pair's dispatchers."""
     import logging
 
     import zmq
