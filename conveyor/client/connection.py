@@ -16,8 +16,8 @@ connection that breaks, in either direction (SUBMIT, ACCEPTED, JOB_DONE, replies
 a new TCP connection (a second successful handshake on its socket monitor), a gap in the JOB_DONE
 numbers, or a new dispatcher instance, and then *resyncs*: it sends again every pending job (SUBMIT,
 same ids: idempotent), the cancellations of cancelled ones, one WATCH of everything it watches and, after
-a new connection, every request still unanswered. ZMTP heartbeats on the socket make libzmq tear down a
-half-open connection (a peer gone without a reset), so that it reconnects instead of waiting forever.
+a new connection, every request still unanswered. TCP keepalive on the socket makes the kernel tear down a
+half-open connection (a peer gone without a reset), so that libzmq reconnects instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from conveyor.security.keys import PeerCredentials
 from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import watch_handshakes
-from conveyor.transport.sockets import configure_socket, send_parts
+from conveyor.transport.sockets import configure_socket, keep_links_alive, send_parts
 
 log = logging.getLogger("conveyor.client")
 
@@ -66,7 +66,7 @@ SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
 # whole, so this bounds what one SUBMIT costs it in memory, and what a busy one costs to send again.
 SUBMIT_BATCH_BYTES = 8 << 20
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
-LINK_TIMEOUT_BEATS = 5  # ZMTP heartbeats: a connection silent for this many intervals is torn down
+LINK_TIMEOUT_BEATS = 5  # a dead TCP connection is torn down within this many heartbeat intervals (5 s at least)
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
 # Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
@@ -376,12 +376,8 @@ class Connection:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        # ZMTP heartbeats, answered by libzmq's own threads: a connection that carries nothing (a peer
-        # gone without a reset) is torn down here, and by the dispatcher (TTL), and then re-established.
-        interval_ms = max(100, int(self.heartbeat_interval_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LINK_TIMEOUT_BEATS * interval_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, LINK_TIMEOUT_BEATS * interval_ms)
+        # a dead connection (a peer gone without a reset) is torn down by the kernel, then re-established
+        keep_links_alive(sock, LINK_TIMEOUT_BEATS * max(0.1, self.heartbeat_interval_s))
         configure_socket(sock, self.credentials, self.max_message_size)
         return sock
 

@@ -50,7 +50,7 @@ from conveyor.protocol.limits import DEFAULT_MAX_MESSAGE_SIZE
 from conveyor.security.bind import check_bind
 from conveyor.security.keys import load_dispatcher_credentials
 from conveyor.transport import shm
-from conveyor.transport.sockets import NOBLOCK, send_parts
+from conveyor.transport.sockets import NOBLOCK, keep_links_alive, send_parts
 
 log = logging.getLogger("conveyor.dispatcher")
 
@@ -165,10 +165,9 @@ class Dispatcher:
         router.setsockopt(zmq.SNDHWM, SEND_HWM)  # a peer that never reads cannot grow our memory forever
         router.setsockopt(zmq.LINGER, 500)
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
-        # ZMTP heartbeats: a connection whose peer vanished without a FIN or RST is closed in the end
-        # instead of lingering half-open (peers detect it sooner on their side and reconnect).
-        router.setsockopt(zmq.HEARTBEAT_IVL, max(100, int(self.heartbeat_interval * 1000)))
-        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(5.0, 3 * self.liveness_s) * 1000))
+        # a connection whose peer vanished without a FIN or RST is closed in the end instead of lingering
+        # half-open (peers detect it sooner on their side and reconnect)
+        keep_links_alive(router, max(5.0, 3 * self.liveness_s))
         self._gate.secure(self._ctx, router)  # with keys: a CurveZMQ server, its ZAP handler up before bind
         self._connections.watch(router)
         address = self.bind_address

@@ -37,3 +37,24 @@ def configure_socket(sock: zmq.Socket[Any], credentials: PeerCredentials | None,
         sock.setsockopt(zmq.CURVE_SECRETKEY, credentials.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials.public)
         sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.server_public)
+
+
+def keep_links_alive(sock: zmq.Socket[Any], timeout_s: float) -> None:
+    """Before bind or connect: the kernel closes a TCP connection whose peer is gone without a FIN or
+    RST (a cut link, a host that vanished, a NAT that forgot it) within about timeout_s, and libzmq
+    then reconnects. TCP keepalive probes an idle connection; TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) bounds
+    how long sent data may stay unacknowledged, and on Linux how long probes may go unanswered.
+
+    Not ZMTP heartbeats (ZMQ_HEARTBEAT_IVL): with them, libzmq 4.3.5 aborts the whole process
+    ("Assertion failed: !_io_error (src/stream_engine_base.cpp:310)", zeromq/libzmq#4364) when a
+    heartbeat falls due on a connection whose input had stopped, as when a reconnecting peer's new
+    connection hands its routing id over from the old one. The dispatcher died of it under load in CI.
+    Liveness of the peer itself is the application's heartbeats (docs/protocol.md); this only makes
+    dead TCP connections go away."""
+    timeout_s = max(5.0, timeout_s)  # a slow, lossy link retransmits for seconds and is still alive
+    timeout_ms = int(timeout_s * 1000)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(timeout_s / 3)))  # seconds, as the kernel counts
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, max(1, int(timeout_s)))
+    sock.setsockopt(zmq.TCP_MAXRT, timeout_ms)

@@ -5,8 +5,8 @@ outcomes from the mode, connections made and lost, signals and timers become eve
 machine (state.py), and its actions are carried out here: send, hand tasks to the mode, stop or
 withdraw one there, arm a timer. Life of a worker (`Worker.run`):
 1. start the mode (threads, child processes or an event loop);
-2. connect: a new DEALER socket (ZMTP heartbeats on, so libzmq tears down a half-open connection and
-   connects again); the state sends READY and whatever it must send again;
+2. connect: a new DEALER socket (TCP keepalive on, so the kernel tears down a half-open connection and
+   libzmq connects again); the state sends READY and whatever it must send again;
 3. serve: a reader task turns each message into an event, and this loop beats HEARTBEAT; a socket
    monitor notices when ZeroMQ re-established the TCP connection (a handshake after the first), which
    the state treats as a new connection. If the dispatcher goes silent for its patience (or says
@@ -42,7 +42,7 @@ from conveyor.security.keys import load_peer_credentials
 from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
-from conveyor.transport.sockets import configure_socket
+from conveyor.transport.sockets import configure_socket, keep_links_alive
 from conveyor.worker.events import (
     Action,
     ArmTimer,
@@ -291,11 +291,9 @@ class Worker:
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
-        # ZMTP heartbeats: a connection that carries nothing for our patience (half-open after a cut, a
-        # NAT that forgot it) is torn down by libzmq and made again, which the monitor below notices.
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self._beat_every * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self._patience * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, min(6_553_599, max(100, int(self._patience * 1000))))
+        # a dead connection (half-open after a cut, a NAT that forgot it) is torn down within our
+        # patience and made again, which the monitor below notices
+        keep_links_alive(sock, self._patience)
         configure_socket(sock, self.credentials, self.max_message_size)
         sock.connect(self.connect_address)
         self._handshakes = watch_handshakes(sock, self.connect_address, self.credentials, "worker")
