@@ -470,7 +470,8 @@ def _version_of(module: str) -> str | None:
     return str(getattr(mod, "__version__", "?"))
 
 
-def backend_specs() -> list[BackendSpec]:
+def backend_specs(names: list[str] | None = None) -> list[BackendSpec]:
+    """Every backend, or the ones named; an optional one is imported (seconds for Ray) only if asked."""
     import conveyor
 
     specs = [
@@ -480,6 +481,7 @@ def backend_specs() -> list[BackendSpec]:
         BackendSpec("dask", "dask.distributed", DaskBackend, module="dask.distributed"),
         BackendSpec("ray", "Ray", RayBackend, module="ray"),
     ]
+    specs = [s for s in specs if not names or s.name in names]
     for spec in specs:
         if spec.module is None:
             continue

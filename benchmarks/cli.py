@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = load_average()
     source = describe_source(REPO_ROOT)
-    specs = [s for s in backend_specs() if not args.backends or s.name in args.backends]
+    specs = backend_specs(args.backends)
     available = [s for s in specs if s.available]
 
     ctx = RunContext(sizes)

@@ -104,7 +104,9 @@ BODIES: dict[Cmd, st.SearchStrategy[Any]] = {
     # the standby pair (docs/protocol.md §18)
     Cmd.REDIRECT: st.builds(c.Redirect, ids, seqs),
     Cmd.STALE: st.builds(c.Stale, seqs),
-    Cmd.PAIR_BEAT: st.builds(c.PairBeat, seqs, st.booleans(), seqs, seqs, seqs, ids, seqs),
+    Cmd.PAIR_BEAT: st.builds(c.PairBeat, seqs, st.booleans(), seqs, seqs, seqs, ids, seqs, st.booleans()),
+    Cmd.PROMOTE: st.builds(c.PromoteRequest, st.booleans(), plain),
+    Cmd.PROMOTE_REPLY: st.builds(c.PromoteReply, st.booleans(), ids, plain),
     Cmd.PAIR_BATCH: st.builds(
         c.PairBatch, seqs, seqs, seqs,
         st.lists(st.builds(c.ShippedInsert, ids, seqs, st.none() | st.binary(max_size=8), st.binary(max_size=8),

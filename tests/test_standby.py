@@ -31,6 +31,8 @@ from conveyor.dispatcher.standby import (
     LeaseRefused,
     PeerBeat,
     PersistEpoch,
+    Promote,
+    Promoted,
     Redirect,
     Replication,
     SendBeat,
@@ -53,8 +55,10 @@ def of(actions: Sequence[Any], kind: type) -> list[Any]:
     return [a for a in actions if isinstance(a, kind)]
 
 
-def beat(epoch: int = 0, active: bool = False, seq: int = 0, ref: int = 1, echo: int = 0) -> PeerBeat:
-    return PeerBeat(epoch=epoch, active=active, seq=seq, ref=ref, echo=echo)
+def beat(
+    epoch: int = 0, active: bool = False, seq: int = 0, ref: int = 1, echo: int = 0, promote: bool = False
+) -> PeerBeat:
+    return PeerBeat(epoch=epoch, active=active, seq=seq, ref=ref, echo=echo, promote=promote)
 
 
 def active_primary(now: float = 0.0, witness: bool = False) -> tuple[Standby, int]:
@@ -139,6 +143,78 @@ def test_an_active_that_hears_of_a_higher_epoch_steps_down_at_once() -> None:
         assert not of(p.handle(ClientSeen(), 1.1), Serve)
     p, _ = active_primary()
     assert not of(p.handle(beat(epoch=0, active=True), 1.0), StepDown)  # a lower epoch: the peer steps down
+
+
+# --- promotion by an operator (conveyor dispatcher promote) ---------------------------------------------
+
+
+def test_a_promoted_backup_asks_the_active_to_yield_then_leads_whatever_the_epochs() -> None:
+    p, epoch = active_primary()
+    p.handle(JournalAt(5), 0.1)
+    b = Standby(StandbyConfig(BACKUP), 0.0)
+    b.handle(beat(epoch=epoch, active=True, seq=5), 0.2)
+    b.handle(JournalAt(5), 0.2)  # in sync with the active
+    out = b.handle(Promote(), 0.3)
+    assert of(out, Promoted) == [Promoted(True, "asked the active to yield")] and not b.active
+    [ask] = of(out, SendBeat)  # at once, not at the next heartbeat
+    assert ask.promote and not ask.active
+    # The active hears it; the backup holds its journal: it steps down at once.
+    down = p.handle(beat(epoch=0, active=False, seq=ask.seq, promote=True), 0.35)
+    assert of(down, StepDown) and "promoted" in of(down, StepDown)[0].reason and not p.active
+    # It restarts passive (its epoch 1 is above the backup's 0, so it would lead a fresh pair): the promoted
+    # backup leads instead, and activates in an epoch above every one it heard of.
+    again = Standby(StandbyConfig(PRIMARY), 0.5, epoch=epoch)
+    assert not of(again.handle(beat(epoch=0, active=False, promote=True), 0.6), Activate)
+    up = b.handle(beat(epoch=epoch, active=False), 0.7)
+    assert of(up, Activate) == [Activate(2, behind=False)] and b.active
+    beats = of(b.handle(Tick(), 0.7 + HB), SendBeat)
+    assert beats and not beats[0].promote  # active: it asks nobody to yield any more
+    assert of(again.handle(beat(epoch=2, active=True), 0.9), Activate) == [] and again.seen == 2
+
+
+def test_a_promotion_is_refused_while_the_journal_is_behind_unless_forced() -> None:
+    b = Standby(StandbyConfig(BACKUP), 0.0)
+    b.handle(beat(epoch=1, active=True, seq=9), 0.1)
+    b.handle(JournalAt(7), 0.1)
+    [refused] = of(b.handle(Promote(), 0.2), Promoted)
+    assert not refused.ok and "behind" in refused.message and "7 of 9" in refused.message
+    assert not b.promoting(0.2)
+    [forced] = of(b.handle(Promote(force=True), 0.3), Promoted)
+    assert forced.ok and b.promoting(0.3)
+
+
+def test_the_active_yields_once_the_promoted_peer_caught_up_or_after_a_failover_timeout() -> None:
+    p, _ = active_primary()
+    p.handle(JournalAt(10), 0.1)
+    assert not of(p.handle(beat(seq=8, promote=True), 0.2), StepDown)  # two batches still on their way
+    assert not of(p.handle(beat(seq=9, promote=True), 0.5), StepDown)
+    assert of(p.handle(beat(seq=10, promote=True), 0.6), StepDown)
+    q, _ = active_primary()
+    q.handle(JournalAt(10), 0.1)
+    q.handle(beat(seq=8, promote=True), 0.2)
+    [down] = of(q.handle(beat(seq=8, promote=True), 0.2 + FAILOVER), StepDown)
+    assert "may run again" in down.reason
+
+
+def test_a_promoted_dispatcher_whose_peer_is_silent_takes_over_at_once_without_a_witness() -> None:
+    b = Standby(StandbyConfig(BACKUP), 0.0)
+    b.handle(beat(epoch=1, active=True, seq=3), 0.0)
+    b.handle(JournalAt(3), 0.0)
+    out = b.handle(Promote(), FAILOVER + 0.1)
+    assert of(out, Activate) == [Activate(2, behind=False)] and of(out, Promoted)[0].ok
+
+
+def test_with_a_witness_a_promoted_backup_activates_only_with_the_witness_lease() -> None:
+    b = Standby(StandbyConfig(BACKUP, witness=True), 0.0)
+    b.handle(beat(epoch=1, active=True, seq=3), 0.0)
+    b.handle(JournalAt(3), 0.0)
+    b.handle(Promote(), 0.1)
+    asks = of(b.handle(beat(epoch=1, active=False, seq=3), 2.0), AskLease)  # the old active yielded
+    assert [a.epoch for a in asks] == [2] and not b.active
+    assert not of(b.handle(LeaseRefused(highest=1), 2.05), Activate)  # its lease at the witness is live
+    [ask] = of(b.handle(Tick(), 2.0 + HB), AskLease)
+    out = b.handle(LeaseGranted(ask.epoch, ask.ref), 2.0 + HB + 0.01)
+    assert of(out, Activate) == [Activate(2, behind=False)] and b.serving(2.0 + HB + 0.02)
 
 
 def test_without_a_witness_an_active_never_steps_down_by_itself() -> None:
@@ -300,7 +376,7 @@ class PairMachine(RuleBasedStateMachine):
         if node is None:
             return
         was_active = node.active
-        before = (node.peer_at, node.voted_until, node.peer_active)
+        before = (node.peer_at, node.voted_until, node.peer_active, node.promoting(self.now(name)))
         now = self.now(name)
         actions: list[Action] = node.handle(event, now)
         for action in actions:
@@ -328,13 +404,13 @@ class PairMachine(RuleBasedStateMachine):
         event: Event,
         action: Activate,
         now: float,
-        before: tuple[float | None, float, bool],
+        before: tuple[float | None, float, bool, bool],
         was_active: bool,
     ) -> None:
         assert not was_active
         assert self.persisted[name] == action.epoch, "activated before persisting its epoch"
         assert self.activated.setdefault(action.epoch, name) == name, "two actives in one epoch"
-        peer_at, voted_until, peer_active = before
+        peer_at, voted_until, peer_active, promoted = before
         assert now >= voted_until, "activated while its vote for the peer was live"
         cfg = node.config
         silent = now - (node._started_at if peer_at is None else peer_at) >= cfg.failover_timeout_s
@@ -343,8 +419,8 @@ class PairMachine(RuleBasedStateMachine):
         assert silent or leads, "a takeover while the peer was heard active"
         if cfg.witness:
             assert node.serving(now), "activated in witness mode without a lease"
-        elif not leads:
-            assert isinstance(event, ClientSeen), "a takeover without a client's vote"
+        elif not leads:  # an operator's promotion is a vote too
+            assert isinstance(event, ClientSeen | Promote) or promoted, "a takeover without a client's vote"
 
     @rule(dt=st.sampled_from([0.01, 0.1, 0.3, 0.5, 1.0, 2.5]))
     def advance(self, dt: float) -> None:
@@ -371,7 +447,7 @@ class PairMachine(RuleBasedStateMachine):
                 else:
                     self.send("w", msg.src, answer)
         elif isinstance(body, SendBeat):
-            self.feed(msg.dst, PeerBeat(body.epoch, body.active, body.seq, body.ref, body.echo))
+            self.feed(msg.dst, PeerBeat(body.epoch, body.active, body.seq, body.ref, body.echo, body.promote))
         else:
             self.feed(msg.dst, body)
 
@@ -390,6 +466,10 @@ class PairMachine(RuleBasedStateMachine):
     def drop(self, data: st.DataObject) -> None:
         if self.net:
             self.net.pop(data.draw(st.integers(0, len(self.net) - 1)))
+
+    @rule(name=st.sampled_from(NODES), force=st.booleans())
+    def operator_promotes(self, name: str, force: bool) -> None:
+        self.feed(name, Promote(force))
 
     @rule(name=st.sampled_from(NODES))
     def client_asks(self, name: str) -> None:

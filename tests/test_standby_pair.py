@@ -25,7 +25,8 @@ from conveyor.protocol import Cmd, encode
 from conveyor.protocol import commands as c
 from conveyor.protocol.frames import frame_epoch, split
 from conveyor.transport.failover import Failover
-from tests.conftest import ROOT, conveyor_cmd, stop_process, wait_until
+from tests.conftest import ROOT, Cluster, conveyor_cmd, stop_process, wait_until
+from tests.test_cli import assert_one_error_line
 
 FAILOVER_S = 1.0  # --failover-timeout: short, so that a failover test takes seconds
 
@@ -399,3 +400,45 @@ def test_a_former_active_rejoins_passive_and_hands_over_what_only_its_journal_he
     pair.start_worker()
     fetch = pair.client(connect_timeout=10)
     assert sorted(fetch.result(job_id, timeout=60) for job_id in only_primary) == list(range(10))
+
+
+@pytest.mark.parametrize("witness", [False, True], ids=["no-witness", "witness"])
+def test_promote_moves_the_active_role_to_the_backup_and_no_job_is_lost(tmp_path: Path, witness: bool) -> None:
+    """`conveyor dispatcher promote`: fail-back (or a move before maintenance) is an operator's act. The
+    active yields once the promoted one holds its journal; the promoted one activates in a higher epoch
+    (with a witness: once the old active's lease has run out); the old one restarts passive."""
+    p = Pair(tmp_path, witness=witness)
+    try:
+        _started(p)
+        p.start_worker()
+        client = p.client()
+        wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 10, 0.1)
+        before = [client.options(keep=True).submit("tests.tasks:sleep_for", 0.05, i) for i in range(40)]
+        client._conn.wait_accepted(before, 20)  # type: ignore[union-attr]
+        promote = conveyor_cmd("dispatcher", "promote", "-d", p.addr["backup"], "--timeout", "30")
+        asked_at = time.monotonic()
+        moved = subprocess.run(promote, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        assert moved.returncode == 0, (moved.stdout, moved.stderr, p.logs())
+        print(f"promote ({'witness' if witness else 'no witness'}): the backup active "
+              f"{time.monotonic() - asked_at:.2f} s after the command started")
+        assert moved.stdout.strip() == f"{p.addr['backup']}: active (backup) in epoch 2", moved.stdout
+        wait_until(lambda: probe(p.addr["primary"], 0.5) == ("passive", 2), 20, 0.1, "the old primary, passive")
+        assert probe(p.addr["backup"]) == ("active", 2)
+        after = [client.options(keep=True).submit("tests.tasks:sleep_for", 0.01, i) for i in range(40, 60)]
+        assert sorted(f.result(timeout=60) for f in before + after) == list(range(60))
+        assert client.duplicate_results == 0
+        again = subprocess.run(promote, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        assert again.returncode == 0 and "epoch 2" in again.stdout, (again.stdout, again.stderr)  # already active
+    finally:
+        p.stop()
+
+
+def test_promote_of_a_dispatcher_that_is_not_in_a_pair_is_refused_in_one_line(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    cluster.start_dispatcher()
+    try:
+        res = subprocess.run(conveyor_cmd("dispatcher", "promote", "-d", cluster.address), capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, check=False)
+        assert "not one of a standby pair" in assert_one_error_line(res, 1)
+    finally:
+        cluster.stop()

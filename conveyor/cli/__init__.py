@@ -29,9 +29,11 @@ from typer.core import TyperGroup
 try:  # typer >= 0.29 vendors click
     from typer._click import Command
     from typer._click import exceptions as click_exceptions
+    from typer._click.globals import get_current_context as click_get_current_context
 except ImportError:  # pragma: no cover
     from click import Command  # type: ignore[assignment]
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
+    from click import get_current_context as click_get_current_context  # type: ignore[no-redef]
 
 from conveyor.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError, new_app
 from conveyor.errors import ConveyorError
@@ -63,24 +65,28 @@ COMMANDS: dict[str, str] = {
     "schedule": "schedule:app",
 }
 CONTEXT_SETTINGS: dict[str, dict[str, Any]] = {"submit": {"ignore_unknown_options": True}}
+# A command that also has subcommands: `conveyor dispatcher [OPTIONS]` runs it, `conveyor dispatcher
+# promote ...` runs the subcommand (the command's own options, if any, come before the subcommand's name).
+SUBCOMMANDS: dict[str, dict[str, str]] = {"dispatcher": {"promote": "promote:promote"}}
 
 
 class _LazyCommands(MutableMapping[str, Command]):
     """The group's commands: names from COMMANDS at once, each click command built on first use."""
 
-    def __init__(self, group: TyperGroup, eager: MutableMapping[str, Command]):
+    def __init__(self, group: TyperGroup, eager: MutableMapping[str, Command], table: dict[str, str] | None = None):
         self._group = group
+        self._table = COMMANDS if table is None else table
         self._built = dict(eager)  # commands registered the ordinary way (app.command()) are kept too
 
     def __getitem__(self, name: str) -> Command:
         if name not in self._built:
-            if name not in COMMANDS:
+            if name not in self._table:
                 raise KeyError(name)
             self._built[name] = self._build(name)
         return self._built[name]
 
     def _build(self, name: str) -> Command:
-        module, _, attribute = COMMANDS[name].partition(":")
+        module, _, attribute = self._table[name].partition(":")
         target = getattr(importlib.import_module(f"conveyor.cli.{module}"), attribute)
         # Registered on a scratch app exactly as app.command()/add_typer() would, then converted with the
         # settings of this group: the help and errors are those of eager registration.
@@ -93,10 +99,24 @@ class _LazyCommands(MutableMapping[str, Command]):
                 rich_markup_mode=mode, suggest_commands=self._group.suggest_commands,
             )
         scratch.command(name, context_settings=CONTEXT_SETTINGS.get(name))(target)
-        return typer.main.get_command_from_info(
+        command = typer.main.get_command_from_info(
             scratch.registered_commands[0], pretty_exceptions_short=app.pretty_exceptions_short,
             rich_markup_mode=mode,
         )
+        if name not in SUBCOMMANDS:
+            return command
+        run = command.callback
+        assert run is not None
+
+        def run_unless_a_subcommand(**options: Any) -> Any:
+            ctx = click_get_current_context()
+            return None if ctx.invoked_subcommand is not None else run(**options)
+
+        group = TyperGroup(name=name, params=command.params, help=command.help, callback=run_unless_a_subcommand,
+                           invoke_without_command=True, rich_markup_mode=mode,
+                           subcommand_metavar="[COMMAND [ARGS]...]")
+        group.commands = _LazyCommands(group, {}, SUBCOMMANDS[name])
+        return group
 
     def __setitem__(self, name: str, command: Command) -> None:
         self._built[name] = command
@@ -105,11 +125,11 @@ class _LazyCommands(MutableMapping[str, Command]):
         del self._built[name]
 
     def __iter__(self) -> Iterator[str]:
-        yield from COMMANDS
-        yield from (name for name in self._built if name not in COMMANDS)
+        yield from self._table
+        yield from (name for name in self._built if name not in self._table)
 
     def __len__(self) -> int:
-        return len(COMMANDS) + sum(name not in COMMANDS for name in self._built)
+        return len(self._table) + sum(name not in self._table for name in self._built)
 
 
 class _LazyGroup(TyperGroup):

@@ -213,6 +213,15 @@ class Pair:
             send(Cmd.REDIRECT, c.Redirect(self.peer_endpoint if hears else "", standby.seen))
         return served
 
+    def promote(self, force: bool) -> tuple[bool, str]:
+        """An operator's PROMOTE (answered whether we are active or passive): (ok, what happens)."""
+        log.warning("standby pair: an operator asks us to become active%s", " (forced)" if force else "")
+        answer = (False, "no answer from the state machine")
+        for action in self._apply(self.standby.handle(sb.Promote(force), now_s())):
+            if isinstance(action, sb.Promoted):
+                answer = (action.ok, action.message)
+        return answer
+
     # --- actions ----------------------------------------------------------------------------------------
 
     def _apply(self, actions: list[sb.Action]) -> list[sb.Action]:
@@ -221,7 +230,7 @@ class Pair:
                 stream_seq = self.committed_seq if self.standby.active else self.applied
                 self._send_peer(Cmd.PAIR_BEAT, c.PairBeat(
                     action.epoch, action.active, stream_seq, action.ref, action.echo, self.endpoint,
-                    self.standby.epoch if self.standby.active else self.stream))
+                    self.standby.epoch if self.standby.active else self.stream, action.promote))
             elif isinstance(action, sb.AskLease):
                 if self.witness is not None:
                     _send(self.witness, Cmd.LEASE, c.Lease(self.node, action.epoch, action.ref))
@@ -276,7 +285,8 @@ class Pair:
             # An active's position is its own; a passive's counts only if it is of our epoch's stream.
             ours = self.standby.active and body.stream == self.standby.epoch
             seq = body.seq if body.active or ours else 0
-            self._apply(self.standby.handle(sb.PeerBeat(body.epoch, body.active, seq, body.ref, body.echo), now))
+            self._apply(self.standby.handle(
+                sb.PeerBeat(body.epoch, body.active, seq, body.ref, body.echo, body.promote), now))
             if self.standby.active and not body.active and not ours:
                 self._want_snapshot()  # a passive that holds nothing of our epoch yet
         elif cmd == Cmd.PAIR_BATCH:

@@ -370,6 +370,12 @@ class Dispatcher:
                 continue  # quarantined, or its key was revoked: dropped unread
             try:
                 cmd, raw, frames = split(parts[1:])
+                if cmd == Cmd.PROMOTE:  # active or passive, an operator's word is answered
+                    if allowed is not ANY_COMMAND and cmd not in allowed:
+                        self._forbidden(peer, cmd, now)
+                    else:
+                        self._promote(peer, c.decode_body(cmd, raw))
+                    continue
                 if self.pair is not None and not self.pair.screen(
                         cmd, parts[2], lambda cmd, body: self._send(peer, cmd, body)):  # noqa: B023
                     continue  # passive: redirected; or a STALE answer, news for the pair
@@ -394,6 +400,11 @@ class Dispatcher:
             except Exception:  # a bug of ours, not the peer's: loud, with its traceback, and nobody is blamed
                 log.exception("handling %s from %r failed", cmd.name, peer[:16])
         return None
+
+    def _promote(self, peer: bytes, b: c.PromoteRequest) -> None:
+        ok, message = (False, "this dispatcher is not one of a standby pair (it runs without --peer)") \
+            if self.pair is None else self.pair.promote(b.force)
+        self._send(peer, Cmd.PROMOTE_REPLY, c.PromoteReply(ok, message, b.req))
 
     def _malformed(self, peer: bytes, reason: str, now: float) -> None:
         self.malformed += 1

@@ -44,7 +44,12 @@ Rules worth knowing before reading:
   defers a takeover by a failover timeout, so clients that reach both make them converge instead of
   taking over from each other in turn.
 - Fail-back is never automatic: a restarted dispatcher starts passive, and becomes active only by the
-  rules above (on a fresh pair, where both are passive, the one that leads activates).
+  rules above (on a fresh pair, where both are passive, the one that leads activates), or when an
+  operator promotes it (`conveyor dispatcher promote`, the Promote event): a passive that has applied
+  everything the active announced asks it, in its heartbeats, to yield; the active steps down once the
+  passive has caught up with its journal (or after a failover timeout of asking), and the promoted one
+  leads, whatever the epochs, and activates in a new epoch (witness mode: once the witness grants it,
+  when the old active's lease has ended). A passive whose peer is silent is promoted as a takeover.
 - Replication: the active is in sync (Replication(True): ACCEPTED waits for the peer's copy) while a
   passive peer has been heard within peer_timeout_s and has applied everything it committed; it is
   degraded (Replication(False)) otherwise. A passive that activates with less than its old active
@@ -82,6 +87,15 @@ class PeerBeat:
     seq: int
     ref: int
     echo: int = 0
+    promote: bool = False  # the peer was promoted: it asks us, if active, to yield
+
+
+@dataclass(frozen=True, slots=True)
+class Promote:
+    """An operator asks this dispatcher to become the active one (`conveyor dispatcher promote`). `force`:
+    even with a journal behind the active's (jobs acknowledged only there come back when it rejoins)."""
+
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +136,7 @@ class JournalAt:
     seq: int
 
 
-Event: TypeAlias = Tick | PeerBeat | ClientSeen | Stale | LeaseGranted | LeaseRefused | JournalAt
+Event: TypeAlias = Tick | PeerBeat | Promote | ClientSeen | Stale | LeaseGranted | LeaseRefused | JournalAt
 
 # --- actions ----------------------------------------------------------------------------------------------
 
@@ -136,6 +150,15 @@ class SendBeat:
     seq: int
     ref: int
     echo: int
+    promote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Promoted:
+    """The answer to Promote: `ok` (already active, promoting, or activated) or refused, and why."""
+
+    ok: bool
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +223,9 @@ class ArmTimer:
     at: float
 
 
-Action: TypeAlias = SendBeat | AskLease | PersistEpoch | Activate | StepDown | Serve | Redirect | Replication | ArmTimer
+Action: TypeAlias = (
+    SendBeat | Promoted | AskLease | PersistEpoch | Activate | StepDown | Serve | Redirect | Replication | ArmTimer
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +299,9 @@ class Standby:
         self._asked_epoch = 0  # the epoch our AskLease asked for (witness mode, passive), 0: none
         self._ask_again_at = -float("inf")  # an unanswered AskLease is repeated each heartbeat
         self._next_beat_at = now
+        self.promoting_until = -float("inf")  # promoted by an operator: we lead (and ask the active to yield)
+        self.peer_promoting = False  # the peer's last beat: it was promoted, so it leads
+        self._asked_to_yield_at: float | None = None  # active: when the promoted peer first asked
 
     # --- queries ---------------------------------------------------------------------------------------
 
@@ -297,6 +325,8 @@ class Standby:
         out: list[Action] = []
         if isinstance(event, PeerBeat):
             self._peer_beat(event, now, out)
+        elif isinstance(event, Promote):
+            self._promote(event, now, out)
         elif isinstance(event, ClientSeen):
             self._client_seen(event, now, out)
         elif isinstance(event, Stale):
@@ -316,15 +346,53 @@ class Standby:
         self.peer_active = beat.active
         self.peer_epoch = beat.epoch
         self.peer_seq = beat.seq
+        self.peer_promoting = beat.promote and not beat.active
         if beat.active:
             self.active_seq = max(self.active_seq, beat.seq)
         self._learn(beat.epoch, "the peer has a higher epoch", now, out)
-        if not self._leads():
+        if self.active and self.peer_promoting:
+            self._yield(now, out)
+        elif self.active:
+            self._asked_to_yield_at = None
+        if not self._leads(now):
             self._asked_epoch = 0  # the peer speaks: no takeover is under way
         if self.config.witness and beat.echo in self._sent_at:
             self.lease_until = max(self.lease_until, self._sent_at[beat.echo] + self.config.lease_s)
-        if not self.active and self._leads() and now >= self.voted_until:
+        if not self.active and self._leads(now) and now >= self.voted_until:
             self._try_activate(now, out)
+
+    def _promote(self, asked: Promote, now: float, out: list[Action]) -> None:
+        if self.active:
+            out.append(Promoted(True, f"already active in epoch {self.epoch}"))
+            return
+        peer_heard = self.peer_at is not None and not self.peer_silent(now)
+        if peer_heard and self.peer_active and self.seq < self.active_seq and not asked.force:
+            out.append(Promoted(False, f"its journal is behind the active's (batch {self.seq} of "
+                                       f"{self.active_seq}); wait until it is in sync, or --force"))
+            return
+        # Lasts two failover timeouts: long enough for the active to yield and the witness to grant.
+        self.promoting_until = now + 2 * self.config.failover_timeout_s
+        self._asked_epoch = 0
+        if not peer_heard and not self.config.witness and self.may_take_over(now):
+            self._activate(self._new_epoch(), now, out)  # the operator's word is the vote of a takeover
+            out.append(Promoted(True, f"active in epoch {self.epoch} (the peer is silent)"))
+            return
+        self._next_beat_at = -float("inf")  # tell the active at once
+        out.append(Promoted(True, "asked the active to yield" if peer_heard and self.peer_active
+                            else "promoted: it activates as soon as the rules allow"))
+
+    def promoting(self, now: float) -> bool:
+        return not self.active and now < self.promoting_until
+
+    def _yield(self, now: float, out: list[Action]) -> None:
+        """Active, and the promoted peer asks us to yield: once it holds our journal, or after a timeout."""
+        if self._asked_to_yield_at is None:
+            self._asked_to_yield_at = now
+        caught_up = self.peer_seq >= self.seq
+        if caught_up or now - self._asked_to_yield_at >= self.config.failover_timeout_s:
+            self._asked_to_yield_at = None
+            self._step_down("an operator promoted the peer" + ("" if caught_up else
+                            " (it had not applied our last batches: those jobs may run again)"), out)
 
     def _client_seen(self, asked: ClientSeen, now: float, out: list[Action]) -> None:
         self._learn(asked.epoch_seen, "a client or worker obeys a higher epoch", now, out)
@@ -347,15 +415,18 @@ class Standby:
             self.lease_until = max(self.lease_until, sent_at + self.config.lease_s)
             # The peer may have spoken since we asked: then this is no takeover (the grant lapses).
             live = now < self.lease_until  # counted from our request: a late answer may be spent already
-            if live and (self.may_take_over(now) or (self._leads() and now >= self.voted_until)):
+            if live and (self.may_take_over(now) or (self._leads(now) and now >= self.voted_until)):
                 self._activate(grant.epoch, now, out)
 
-    def _leads(self) -> bool:
+    def _leads(self, now: float) -> bool:
         """A fresh pair, or both back after an outage: both passive, and the one with the larger (epoch,
         primary first) leads. One that has heard of a higher epoch than its own does not: an activation
         happened that it missed, and the peer is the one that knows of it."""
         if self.active or self.peer_at is None or self.peer_active:
             return False
+        mine_promoted, peer_promoted = self.promoting(now), self.peer_promoting
+        if mine_promoted != peer_promoted:  # an operator's choice decides, whatever the epochs
+            return mine_promoted
         mine = (self.epoch, self.config.role == PRIMARY)
         return mine > (self.peer_epoch, self.config.role != PRIMARY) and self.epoch == self.seen
 
@@ -389,6 +460,7 @@ class Standby:
         assert now >= self.voted_until, "activation while our vote for the peer is live"
         self.active = True
         self.epoch = self.seen = epoch
+        self.promoting_until = -float("inf")
         self._asked_epoch = 0
         self.voted_until = -float("inf")
         self.in_sync = None
@@ -413,8 +485,11 @@ class Standby:
         cfg = self.config
         if self.active and cfg.witness and now >= self.lease_until:
             self._step_down("the lease lapsed: neither the peer nor the witness votes for us", out)
-        if cfg.witness and (self.may_take_over(now) or (self._leads() and now >= self.voted_until)):
+        if cfg.witness and (self.may_take_over(now) or (self._leads(now) and now >= self.voted_until)):
             self._try_activate(now, out)
+        elif self.promoting(now) and not cfg.witness and (
+                self.may_take_over(now) or (self._leads(now) and now >= self.voted_until)):
+            self._activate(self._new_epoch(), now, out)  # promoted: the peer yielded, or fell silent
         if self.active:
             heard = self.peer_at is not None and now - self.peer_at < cfg.peer_timeout_s and not self.peer_active
             # In sync while a passive peer is heard, once it has caught up; degraded when it falls silent.
@@ -435,12 +510,13 @@ class Standby:
         echo = 0
         # Witness mode: vote for the peer while we are passive, hear it, do not lead and do not take over.
         hearing = self.peer_at is not None and now - self.peer_at < 2 * cfg.heartbeat_s
-        voting = cfg.witness and hearing and not self.active and not self._asked_epoch and not self._leads()
+        voting = (cfg.witness and hearing and not self.active and not self._asked_epoch and not self._leads(now)
+                  and not self.promoting(now))
         if voting and self.peer_epoch >= self.seen:
             echo = self.peer_ref
             # Kept from our receipt of its beat, later than its send: it ends later than it believes.
             self.voted_until = max(self.voted_until, now + cfg.lease_s * (1 + MAX_DRIFT))
-        out.append(SendBeat(self.epoch, self.active, self.seq, ref, echo))
+        out.append(SendBeat(self.epoch, self.active, self.seq, ref, echo, self.promoting(now)))
         if self.active and cfg.witness:
             out.append(AskLease(self.epoch, ref))
         self._next_beat_at = now + cfg.heartbeat_s

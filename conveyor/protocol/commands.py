@@ -431,6 +431,21 @@ class JobsReply(Body, frozen=True):
     req: Any = None
 
 
+class PromoteRequest(Body, frozen=True):
+    """PROMOTE: become the active dispatcher of the pair; `force` even with a journal behind the active's."""
+
+    force: bool = False
+    req: Any = None
+
+
+class PromoteReply(Body, frozen=True):
+    """PROMOTE_REPLY: `ok` (promoting, or already active) or refused; `message` says which and why."""
+
+    ok: bool
+    message: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    req: Any = None
+
+
 class LimitsReply(Body, frozen=True):
     """LIMITS_REPLY: each key (rule, tokens or running, waiting, oldest wait); `error` if a rule was refused."""
 
@@ -511,6 +526,7 @@ class PairBeat(Body, frozen=True):
     echo: Seq = 0
     endpoint: str = ""
     stream: Epoch = 0
+    promote: bool = False  # an operator promoted the sender: the active yields to it
 
 
 class ShippedInsert(Entry, frozen=True):
@@ -604,6 +620,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.ACK: Ack,
     Cmd.LIMITS: LimitsRequest,
     Cmd.SCHEDULE: ScheduleRequest,
+    Cmd.PROMOTE: PromoteRequest,
     Cmd.WELCOME: Welcome,
     Cmd.ACCEPTED: Accepted,
     Cmd.JOB_DONE: JobDone,
@@ -614,6 +631,7 @@ BODY_TYPES: dict[Cmd, Any] = {
     Cmd.LOGS_REPLY: LogsReply,
     Cmd.LIMITS_REPLY: LimitsReply,
     Cmd.SCHEDULE_REPLY: ScheduleReply,
+    Cmd.PROMOTE_REPLY: PromoteReply,
     Cmd.HEARTBEAT: Heartbeat,
     Cmd.ERROR: Error,
     Cmd.SHUTDOWN: Shutdown,

@@ -77,6 +77,7 @@ class Cmd(enum.IntEnum):
     ACK = 0x28  # JOB_DONE messages received, up to this sequence number
     LIMITS = 0x29  # list the limit keys, and set or remove some
     SCHEDULE = 0x2A  # create, change, pause, resume, trigger, backfill, delete, list, show, preview schedules
+    PROMOTE = 0x2B  # an operator: become the active dispatcher of the standby pair (answered even by a passive)
     # dispatcher -> client
     WELCOME = 0x30  # answer to HELLO
     ACCEPTED = 0x31  # these job ids are accepted (sent after the journal commit), rejected, or busy
@@ -88,6 +89,7 @@ class Cmd(enum.IntEnum):
     LOGS_REPLY = 0x37
     LIMITS_REPLY = 0x38
     SCHEDULE_REPLY = 0x39
+    PROMOTE_REPLY = 0x3A  # promoted (or already active), or refused and why
     # both directions, any peer
     HEARTBEAT = 0x40
     ERROR = 0x41  # fatal for the session: another protocol version, or a key not allowed this command
