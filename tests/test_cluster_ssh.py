@@ -396,6 +396,7 @@ def test_a_pair_in_the_inventory_gives_each_process_its_role_peer_and_witness(tm
     (('host = "h2"\naddress = "tcp://10.231.9.2:5555"', 'address = "tcp://10.231.9.2:5556"\njournal = "b.db"'),
      "[backup] bind: port 5556 is also [dispatcher] pair_bind on the same host"),
     (('insecure = true\n[backup]', 'keys = "/etc/conveyor/keys"\n[backup]'), "[dispatcher] sets keys but [backup]"),
+    (('[witness]\n', '[witness]\nkeys = "/etc/conveyor/keys"\n'), "[witness] keys: the dispatchers use no keys"),
     (('[[hosts]]\nname = "h3"', '[[hosts]]\nname = "witness"'), 'the name "witness" is taken by [witness]'),
     (('[backup]\nhost = "h2"\naddress = "tcp://10.231.9.2:5555"\ninsecure = true\n', ""),
      "[witness] is the third vote of a standby pair: add a [backup]"),
@@ -422,3 +423,19 @@ def test_pair_keys_without_a_backup_are_refused_by_the_cli_in_one_line(tmp_path:
     assert (res.returncode, res.stdout) == (2, ""), res.stderr
     assert res.stderr == (f"error: {hosts}: [dispatcher] failover_timeout is for a standby pair: add a [backup] "
                           "dispatcher or remove failover_timeout\n")
+
+
+def test_the_example_inventory_loads_and_so_does_its_commented_pair(tmp_path: Path) -> None:
+    import re
+
+    from conveyor.cluster.inventory import load_inventory
+
+    example = ROOT / "deploy" / "hosts.example.toml"
+    assert load_inventory(example).backup is None
+    head, pair = example.read_text().split("# [backup]\n")
+    pair = re.sub(r"^# (?=\[witness\]|[a-z_]+ = )(?!keys)", "", "[backup]\n" + pair, flags=re.M)  # it is insecure
+    (tmp_path / "hosts.toml").write_text(head + pair)
+    inv = load_inventory(tmp_path / "hosts.toml")
+    assert inv.backup is not None and inv.witness is not None
+    assert inv.addresses == ["tcp://10.0.0.5:5555", "tcp://10.0.0.11:5555"]
+    assert inv.dispatcher.args[inv.dispatcher.args.index("--peer") + 1] == "tcp://10.0.0.11:5556"

@@ -297,10 +297,12 @@ def _pair(
         bind = _expect(witness.get("bind", f"tcp://0.0.0.0:{port}"), str, f"{w} bind")
         if not _tcp_port(bind):
             raise InventoryError(f"{w} bind must look like tcp://HOST:PORT with a fixed port, got {bind!r}")
-        if ("keys" in witness) != keyed["primary"]:
-            raise InventoryError(f"{w} keys: set it {'too' if keyed['primary'] else 'only'} when the dispatchers "
-                                 f"{'set keys (the same key directory)' if keyed['primary'] else 'do'}: "
-                                 "the witness speaks CURVE with the dispatcher key pair")
+        if keyed["primary"] and "keys" not in witness:
+            raise InventoryError(f"{w}: the dispatchers use keys, so set keys here too (the dispatcher key "
+                                 "directory): they speak CURVE to the witness")
+        if "keys" in witness and not keyed["primary"]:
+            raise InventoryError(f"{w} keys: the dispatchers use no keys, so the witness cannot either "
+                                 "(remove it, or give [dispatcher] and [backup] keys)")
         state_dir = _opt_str(witness, "state_dir", w) or DEFAULT_STATE_DIR
         state = _expect(witness.get("state", f"{state_dir.rstrip('/')}/witness.epoch"), str, f"{w} state")
         args = ["witness", "--bind", bind, "--state", state, "--failover-timeout", f"{timeout:g}",
