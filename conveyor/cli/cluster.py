@@ -53,8 +53,7 @@ def up(
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start the dispatcher (a pair: the witness, the primary, the backup), then a worker on every host;
-    leave whatever already runs alone."""
+    """Start the dispatcher (a pair: witness, primary, backup), then a worker per host; leave what runs alone."""
     inventory = _load(inventory_file, host)
     report = _Report(inventory, as_json)
     if not host:
@@ -102,8 +101,7 @@ def status(
     keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show each host's worker (running or not) and what the dispatcher sees (of a pair: which one is
-    active); exit 1 unless all run."""
+    """Show each host's worker and what the dispatcher sees (a pair: which is active); exit 1 unless all run."""
     inventory = _load(inventory_file, host)
     report = _Report(inventory, as_json)
     if inventory.backup is None:
@@ -208,8 +206,7 @@ def down(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop the workers (SIGTERM: they finish their tasks and exit; killed after a timeout), then the dispatcher
-    (a pair: both dispatchers at once, then the witness)."""
+    """Stop the workers (SIGTERM: they drain; killed after a timeout), then the dispatcher(s) and the witness."""
     inventory = _load(inventory_file, host)
     report = _Report(inventory, as_json)
     if timeout is not None:
