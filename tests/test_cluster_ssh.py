@@ -36,13 +36,16 @@ class SshHosts:
                 "python": sys.executable, "workdir": str(ROOT), "drain_timeout": 5, **extra}
 
     def write_inventory(self, hosts: list[dict[str, Any]], dispatcher: dict[str, Any] | None = None,
-                        **defaults: Any) -> Path:
+                        tables: dict[str, dict[str, Any]] | None = None, **defaults: Any) -> Path:
+        """hosts.toml: [defaults], [dispatcher] (local, on admin), `tables` ([backup], [witness]), [[hosts]]."""
         admin = self.net["admin"]
         disp = {"host": "local", "address": f"tcp://{admin.address}:{PORT}",
                 "bind": f"tcp://{admin.address}:{PORT}", "journal": False, "insecure": True,
                 "state_dir": str(self.tmp / "state-admin")}
         disp.update(dispatcher or {})
         lines = ["[defaults]", *_toml_items(self.ssh_defaults(**defaults)), "", "[dispatcher]", *_toml_items(disp)]
+        for name, table in (tables or {}).items():
+            lines += ["", f"[{name}]", *_toml_items(table)]
         for host in hosts:
             lines += ["", "[[hosts]]", *_toml_items(host)]
         path = self.tmp / "hosts.toml"
@@ -169,6 +172,77 @@ def test_cluster_up_status_down(ssh_hosts: SshHosts) -> None:
             ssh_hosts.conveyor("cluster", "down", str(inventory), "--timeout", "5")
 
 
+def test_cluster_runs_a_standby_pair_with_a_witness(ssh_hosts: SshHosts) -> None:
+    """The primary on admin (local), the backup on b and the witness on c (over ssh), workers on b and c."""
+    net, tmp = ssh_hosts.net, ssh_hosts.tmp
+    admin, b, c = net["admin"], net["b"], net["c"]
+    primary, backup = f"tcp://{admin.address}:{PORT}", f"tcp://{b.address}:{PORT}"
+    inventory = ssh_hosts.write_inventory(
+        [{"name": "b", "address": b.address, "mode": "threads", "concurrency": 2, "state_dir": str(tmp / "state-b")},
+         {"name": "c", "address": c.address, "mode": "threads", "concurrency": 2, "state_dir": str(tmp / "state-c")}],
+        dispatcher={"journal": str(tmp / "primary.db"), "pair_bind": f"tcp://{admin.address}:{PORT + 1}",
+                    "failover_timeout": 1},
+        tables={
+            "backup": {"host": "b", "address": backup, "bind": backup, "journal": str(tmp / "backup.db"),
+                       "insecure": True},
+            "witness": {"host": "c", "address": f"tcp://{c.address}:5557", "bind": f"tcp://{c.address}:5557",
+                        "state": str(tmp / "witness.epoch")},
+        },
+    )
+    finished = False
+    try:
+        up = ssh_hosts.conveyor("cluster", "up", str(inventory), "--wait", "--timeout", "30")
+        assert up.returncode == 0, up.stdout + up.stderr
+        lines = [ln for ln in up.stdout.splitlines() if ln.strip()]
+        assert [ln.split()[0] for ln in lines[:5]] == ["witness", "dispatcher", "backup", "b", "c"], up.stdout
+        by = {ln.split()[0]: ln for ln in lines}
+        assert "started (pid" in by["witness"] and f"tcp://{c.address}:5557" in by["witness"], up.stdout
+        assert "started (pid" in by["dispatcher"] and f"{primary} (primary)" in by["dispatcher"], up.stdout
+        assert "started (pid" in by["backup"] and f"{backup} (backup)" in by["backup"], up.stdout
+        assert f"all 2 worker(s) registered with the active dispatcher of {primary}, {backup}" in up.stdout
+        worker_cmd = Path(f"/proc/{conveyor_procs(c, '--name c')[0]}/cmdline").read_bytes().split(b"\0")
+        assert worker_cmd[worker_cmd.index(b"--connect") + 1].decode() == f"{primary},{backup}"
+
+        # a job through a client that knows both addresses
+        script = (f"from conveyor import Client\nwith Client({[primary, backup]!r}, connect_timeout=10) as cl:\n"
+                  "    print(cl.submit('tests.tasks:add', 20, 22).result(timeout=30))\n")
+        job = admin.run([sys.executable, "-c", script], cwd=ROOT, timeout=60)
+        assert (job.returncode, job.stdout.strip()) == (0, "42"), job.stderr
+
+        # up again: nothing new starts
+        again = ssh_hosts.conveyor("cluster", "up", str(inventory), "--json")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert {n: h["state"] for n, h in by_name(again).items()} == dict.fromkeys(
+            ("witness", "dispatcher", "backup", "b", "c"), "already-running")
+        assert len(conveyor_procs(b, "--role backup")) == 1 and len(conveyor_procs(c, "conveyor witness")) == 1
+
+        # status asks each dispatcher: one active, one passive, and the workers as the active sees them
+        st = ssh_hosts.conveyor("cluster", "status", str(inventory))
+        assert st.returncode == 0, st.stdout + st.stderr
+        st_lines = {ln.split()[0]: ln for ln in st.stdout.splitlines() if ln.strip()}
+        assert "running (pid" in st_lines["witness"], st.stdout
+        assert f"{primary} (primary): active in epoch 1" in st_lines["dispatcher"], st.stdout
+        assert "2 worker(s)" in st_lines["dispatcher"] and "1 succeeded" in st_lines["dispatcher"], st.stdout
+        assert f"{backup} (backup): passive in epoch 1" in st_lines["backup"], st.stdout
+        assert f"registered from {c.address} (threads" in st_lines["c"], st.stdout
+        st_json = ssh_hosts.conveyor("cluster", "status", str(inventory), "--json")
+        pair = json.loads(st_json.stdout)["pair"]
+        assert [(d["address"], d["state"]) for d in pair["dispatchers"]] == [(primary, "active"), (backup, "passive")]
+
+        # down: workers, then both dispatchers, then the witness; nothing is left running
+        down = ssh_hosts.conveyor("cluster", "down", str(inventory))
+        assert down.returncode == 0, down.stdout + down.stderr
+        down_lines = [ln for ln in down.stdout.splitlines() if ln.strip()]
+        assert [ln.split()[0] for ln in down_lines] == ["b", "c", "dispatcher", "backup", "witness"], down.stdout
+        assert all("stopped (pid" in ln for ln in down_lines), down.stdout
+        for host in (admin, b, c):
+            assert not conveyor_procs(host, "conveyor"), f"left running on {host.name}"
+        finished = True
+    finally:
+        if not finished:
+            ssh_hosts.conveyor("cluster", "down", str(inventory), "--timeout", "5")
+
+
 def test_cluster_up_reports_each_problem_on_one_line(ssh_hosts: SshHosts) -> None:
     net, tmp = ssh_hosts.net, ssh_hosts.tmp
     b, c, nossh = net["b"], net["c"], net["nossh"]
@@ -259,3 +333,109 @@ def test_an_inventory_may_ask_for_every_mode_and_no_other(tmp_path: Path) -> Non
                      'mode = "fibers"\n')
     with pytest.raises(InventoryError, match="choose threads, processes, asyncio, interpreters"):
         load_inventory(hosts)
+
+
+PAIR = """
+[dispatcher]
+address = "tcp://10.231.9.1:5555"
+journal = "/var/lib/conveyor/journal.db"
+insecure = true
+[backup]
+host = "h2"
+address = "tcp://10.231.9.2:5555"
+insecure = true
+[witness]
+host = "h3"
+address = "tcp://10.231.9.3:5557"
+[[hosts]]
+name = "h2"
+address = "10.231.9.2"
+[[hosts]]
+name = "h3"
+address = "10.231.9.3"
+"""
+
+
+def test_a_pair_in_the_inventory_gives_each_process_its_role_peer_and_witness(tmp_path: Path) -> None:
+    from conveyor.cluster.inventory import load_inventory
+
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(PAIR.replace('insecure = true\n[backup]', 'insecure = true\nfailover_timeout = 1.5\n[backup]'))
+    inv = load_inventory(hosts)
+    assert [p.name for p in inv.processes] == ["witness", "dispatcher", "backup", "h2", "h3"]
+    assert inv.dispatcher.args == [
+        "dispatcher", "--bind", "tcp://0.0.0.0:5555", "--journal", "/var/lib/conveyor/journal.db", "--role", "primary",
+        "--peer", "tcp://10.231.9.2:5556", "--pair-bind", "tcp://0.0.0.0:5556", "--failover-timeout", "1.5",
+        "--witness", "tcp://10.231.9.3:5557", "--insecure"]
+    assert inv.backup is not None and inv.backup.target.address == "10.231.9.2"
+    assert inv.backup.args[inv.backup.args.index("--peer") + 1] == "tcp://10.231.9.1:5556"
+    assert inv.backup.file_stem == "dispatcher-backup" and inv.backup.role == "backup"
+    assert inv.witness is not None and inv.witness.args == [
+        "witness", "--bind", "tcp://0.0.0.0:5557", "--state", "~/.local/state/conveyor/witness.epoch",
+        "--failover-timeout", "1.5"]
+    assert all(w.args[w.args.index("--connect") + 1] == "tcp://10.231.9.1:5555,tcp://10.231.9.2:5555"
+               for w in inv.workers)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("[witness]", "[witness]\nstate = 3"), "[witness] state: expected str, got 3"),
+    (('host = "h2"\naddress = "tcp://10.231.9.2:5555"', 'address = "tcp://10.231.9.1:5555"'),
+     "[backup] address 'tcp://10.231.9.1:5555' is the [dispatcher]'s too"),
+    (('host = "h2"\naddress = "tcp://10.231.9.2:5555"', 'address = "10.231.9.2"'),
+     "[backup] address must look like tcp://HOST:PORT, got '10.231.9.2'"),
+    (('[backup]\nhost = "h2"', '[backup]\nhost = "h9"'), "[backup] host 'h9': use \"local\" or the name"),
+    (('[backup]\n', '[backup]\nfailover_timeout = 2\n'), "[backup]: unknown key failover_timeout"),
+    (("insecure = true\n[backup]", "insecure = true\nfailover_timeout = 0\n[backup]"),
+     "[dispatcher] failover_timeout must be a positive number of seconds, got 0"),
+    (('journal = "/var/lib/conveyor/journal.db"', "journal = false"), "[dispatcher] journal = false: a standby pair"),
+    (("insecure = true\n[backup]", 'insecure = true\npair_bind = "tcp://0.0.0.0:5555"\n[backup]'),
+     "[dispatcher] pair_bind 'tcp://0.0.0.0:5555' has the port of bind"),
+    (('host = "h2"\naddress = "tcp://10.231.9.2:5555"',
+      'address = "tcp://10.231.9.2:5557"\njournal = "/var/lib/conveyor/journal.db"'),
+     "[backup] journal: the same file as [dispatcher]'s on the same host"),
+    (('host = "h2"\naddress = "tcp://10.231.9.2:5555"', 'address = "tcp://10.231.9.2:5556"\njournal = "b.db"'),
+     "[backup] bind: port 5556 is also [dispatcher] pair_bind on the same host"),
+    (('insecure = true\n[backup]', 'keys = "/etc/conveyor/keys"\n[backup]'), "[dispatcher] sets keys but [backup]"),
+    (('[witness]\n', '[witness]\nkeys = "/etc/conveyor/keys"\n'), "[witness] keys: the dispatchers use no keys"),
+    (('[[hosts]]\nname = "h3"', '[[hosts]]\nname = "witness"'), 'the name "witness" is taken by [witness]'),
+    (('[backup]\nhost = "h2"\naddress = "tcp://10.231.9.2:5555"\ninsecure = true\n', ""),
+     "[witness] is the third vote of a standby pair: add a [backup]"),
+])
+def test_a_bad_pair_in_the_inventory_is_one_line_saying_where(
+    tmp_path: Path, edit: tuple[str, str], message: str,
+) -> None:
+    from conveyor.cluster.inventory import load_inventory
+    from conveyor.errors import InventoryError
+
+    assert edit[0] in PAIR
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(PAIR.replace(edit[0], edit[1], 1))
+    with pytest.raises(InventoryError) as err:
+        load_inventory(hosts)
+    assert message in str(err.value) and str(err.value).startswith(f"{hosts}: ") and "\n" not in str(err.value)
+
+
+def test_pair_keys_without_a_backup_are_refused_by_the_cli_in_one_line(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[dispatcher]\naddress = "tcp://10.231.9.1:5555"\nfailover_timeout = 2\n')
+    res = subprocess.run([sys.executable, "-m", "conveyor", "cluster", "up", str(hosts)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert (res.returncode, res.stdout) == (2, ""), res.stderr
+    assert res.stderr == (f"error: {hosts}: [dispatcher] failover_timeout is for a standby pair: add a [backup] "
+                          "dispatcher or remove failover_timeout\n")
+
+
+def test_the_example_inventory_loads_and_so_does_its_commented_pair(tmp_path: Path) -> None:
+    import re
+
+    from conveyor.cluster.inventory import load_inventory
+
+    example = ROOT / "deploy" / "hosts.example.toml"
+    assert load_inventory(example).backup is None
+    head, pair = example.read_text().split("# [backup]\n")
+    pair = re.sub(r"^# (?=\[witness\]|[a-z_]+ = )(?!keys)", "", "[backup]\n" + pair, flags=re.M)  # it is insecure
+    (tmp_path / "hosts.toml").write_text(head + pair)
+    inv = load_inventory(tmp_path / "hosts.toml")
+    assert inv.backup is not None and inv.witness is not None
+    assert inv.addresses == ["tcp://10.0.0.5:5555", "tcp://10.0.0.11:5555"]
+    assert inv.dispatcher.args[inv.dispatcher.args.index("--peer") + 1] == "tcp://10.0.0.11:5556"

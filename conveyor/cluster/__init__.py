@@ -14,11 +14,16 @@ then stops the dispatcher. Each host gets one line: started / already running / 
 conveyor missing / wrong Python / failed, and for `status` running / not running plus what the
 dispatcher sees.
 
+An optional [backup] (and [witness]) makes the dispatcher a standby pair (docs/standby.md): `up`
+starts the witness, the primary and the backup before the workers, which connect to both; `status`
+asks each dispatcher which one is active; `down` stops both dispatchers, then the witness.
+
 The modules, bottom up:
 
 - ssh: Target, where a command runs (this machine or a host reached with ssh), and running a script there.
 - inventory: the inventory format; load_inventory reads and checks it into Processes to run.
 - remote: the sh scripts that start, check and stop a process on its host, and their Outcome.
+- probe: asking one dispatcher of a pair, and only that one, whether it is active.
 The typer commands (up, status, down and their per-host lines) are in conveyor/cli/cluster.py.
 """
 

@@ -3,8 +3,9 @@
 deploy/hosts.example.toml documents every key. [defaults] holds settings every [[hosts]] entry
 inherits; each [[hosts]] entry is one worker process (unless it says worker = false) on a host reached
 with ssh; [dispatcher] says where the dispatcher runs (this machine, or a [[hosts]] entry by name) and
-its address as workers see it. load_inventory turns the file into the processes to run, or raises
-InventoryError saying what is wrong, and where.
+its address as workers see it. An optional [backup] makes [dispatcher] the primary of a standby pair
+(docs/standby.md), and an optional [witness] adds the pair's third vote. load_inventory turns the file
+into the processes to run, or raises InventoryError saying what is wrong, and where.
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ HOST_KEYS = {
 DEFAULT_KEYS = HOST_KEYS - {"name", "address", "worker"}
 DISPATCHER_KEYS = {
     "host", "bind", "address", "journal", "args", "python", "conveyor", "workdir", "state_dir", "env", "keys",
-    "insecure",
+    "insecure", "pair_bind", "pair_address", "failover_timeout",
 }
+PAIR_KEYS = ("pair_bind", "pair_address", "failover_timeout")  # on [dispatcher]: only with a [backup]
+BACKUP_KEYS = DISPATCHER_KEYS - {"failover_timeout"}  # the pair's failover timeout is set once, on [dispatcher]
+WITNESS_KEYS = {"host", "bind", "address", "state", "keys", "args", "python", "conveyor", "workdir", "state_dir", "env"}
+DEFAULT_FAILOVER_TIMEOUT = 2.0  # `conveyor dispatcher --failover-timeout`'s default
 
 
 @dataclass
 class Process:
-    """One long-running conveyor process on a target: a host's worker or the dispatcher."""
+    """One long-running conveyor process on a target: a host's worker, a dispatcher or the witness."""
 
-    kind: str  # "worker" or "dispatcher"
-    name: str
+    kind: str  # "worker", "dispatcher" (the only one, or either of a pair) or "witness"
+    name: str  # a host entry's name; "dispatcher", "backup" or "witness"
     target: Target
     python: str | None  # run `PYTHON -m conveyor` ...
     conveyor: str | None  # ... or this command
@@ -54,49 +59,116 @@ class Process:
     mode: str = ""
     concurrency: int | None = None
     tags: list[str] = field(default_factory=list)
+    address: str = ""  # a dispatcher's or the witness's address, as the others see it
+    role: str = ""  # a dispatcher of a standby pair: "primary" or "backup"
 
     @property
     def file_stem(self) -> str:
-        return "dispatcher" if self.kind == "dispatcher" else f"worker-{self.name}"
+        """Its pid and log files' name in the state directory."""
+        if self.kind == "worker":
+            return f"worker-{self.name}"
+        return "dispatcher-backup" if self.name == "backup" else self.name
 
 
 @dataclass
 class Inventory:
     path: Path
-    address: str  # the dispatcher, as workers see it
+    address: str  # the dispatcher (of a pair: the primary), as workers see it
     dispatcher: Process
     workers: list[Process]
+    backup: Process | None = None  # a standby pair's backup dispatcher
+    witness: Process | None = None  # the pair's third vote
+
+    @property
+    def dispatchers(self) -> list[Process]:
+        """The dispatcher, and the backup of a pair."""
+        return [self.dispatcher, *([self.backup] if self.backup is not None else [])]
+
+    @property
+    def addresses(self) -> list[str]:
+        """The dispatchers' addresses as workers see them (workers get them as `--connect a,b`)."""
+        return [p.address for p in self.dispatchers]
+
+    @property
+    def services(self) -> list[Process]:
+        """What `up` starts before the workers, in order: the witness, the dispatcher, the backup."""
+        return [*([self.witness] if self.witness is not None else []), *self.dispatchers]
 
     @property
     def processes(self) -> list[Process]:
-        """The dispatcher, then the workers."""
-        return [self.dispatcher, *self.workers]
+        """The witness, the dispatchers, then the workers."""
+        return [*self.services, *self.workers]
 
 
 def load_inventory(path: str | Path) -> Inventory:
     """Read and check an inventory file; InventoryError says what is wrong, and where."""
     path = Path(path)
     data = _read_toml(path)
-    _check_keys(data, {"defaults", "dispatcher", "hosts"}, str(path))
+    _check_keys(data, {"defaults", "dispatcher", "backup", "witness", "hosts"}, str(path))
     defaults = _expect(data.get("defaults", {}), dict, f"{path}: [defaults]")
     _check_keys(defaults, DEFAULT_KEYS, f"{path}: [defaults]")
     hosts = _expect(data.get("hosts", []), list, f"{path}: [[hosts]]")
     disp = _expect(data.get("dispatcher"), dict, f"{path}: [dispatcher]")
     _check_keys(disp, DISPATCHER_KEYS, f"{path}: [dispatcher]")
+    backup = data.get("backup")
+    if backup is not None:
+        _check_keys(_expect(backup, dict, f"{path}: [backup]"), BACKUP_KEYS, f"{path}: [backup]")
+    witness = data.get("witness")
+    if witness is not None:
+        _check_keys(_expect(witness, dict, f"{path}: [witness]"), WITNESS_KEYS, f"{path}: [witness]")
+        if backup is None:
+            raise InventoryError(f"{path}: [witness] is the third vote of a standby pair: add a [backup] dispatcher "
+                                 "or remove [witness]")
+    if backup is None:
+        for key in PAIR_KEYS:
+            if key in disp:
+                raise InventoryError(f"{path}: [dispatcher] {key} is for a standby pair: add a [backup] dispatcher "
+                                     f"or remove {key}")
 
-    address = _expect(disp.get("address"), str, f"{path}: [dispatcher] address (the dispatcher as workers see it)")
-    parsed = urlparse(address)
-    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
-        raise InventoryError(f"{path}: [dispatcher] address must look like tcp://HOST:PORT, got {address!r}")
+    address, port = _service_address(disp, f"{path}: [dispatcher]", "the dispatcher as workers see it")
+    addresses = [address]
+    if backup is not None:
+        backup_address, _ = _service_address(backup, f"{path}: [backup]", "the backup as workers see it")
+        if backup_address == address:
+            raise InventoryError(f"{path}: [backup] address {backup_address!r} is the [dispatcher]'s too: "
+                                 "each dispatcher of the pair needs its own")
+        addresses.append(backup_address)
+    reserved = {"dispatcher": "[dispatcher]"}
+    if backup is not None:
+        reserved["backup"] = "[backup]"
+    if witness is not None:
+        reserved["witness"] = "[witness]"
 
-    entries = _host_entries(hosts, defaults, path)
+    entries = _host_entries(hosts, defaults, path, reserved)
     workers = []
     for i, entry in enumerate(entries, 1):
-        worker = _worker(entry, address, f"{path}: [[hosts]] #{i} ({entry['name']})")
+        worker = _worker(entry, ",".join(addresses), f"{path}: [[hosts]] #{i} ({entry['name']})")
         if worker is not None:
             workers.append(worker)
-    dispatcher = _dispatcher(disp, entries, parsed.port, f"{path}: [dispatcher]")
-    return Inventory(path=path, address=address, dispatcher=dispatcher, workers=workers)
+    if backup is None:
+        dispatcher = _dispatcher(disp, entries, port, f"{path}: [dispatcher]")
+        return Inventory(path=path, address=address, dispatcher=dispatcher, workers=workers)
+    primary, second, third = _pair(disp, backup, witness, entries, path)
+    return Inventory(path=path, address=address, dispatcher=primary, workers=workers, backup=second, witness=third)
+
+
+def _service_address(table: dict[str, Any], where: str, what: str) -> tuple[str, int]:
+    """A table's required `address` (tcp://HOST:PORT) and its port."""
+    address = _expect(table.get("address"), str, f"{where} address ({what})")
+    port = _tcp_port(address)
+    if port is None:
+        raise InventoryError(f"{where} address must look like tcp://HOST:PORT, got {address!r}")
+    return address, port
+
+
+def _tcp_port(address: str) -> int | None:
+    """The port of a tcp://HOST:PORT address; None if it is not one."""
+    try:
+        parsed = urlparse(address)
+        port = parsed.port
+    except ValueError:  # a port out of range or not a number
+        return None
+    return port if parsed.scheme == "tcp" and parsed.hostname and port is not None else None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -110,8 +182,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InventoryError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _host_entries(hosts: list[Any], defaults: dict[str, Any], path: Path) -> list[dict[str, Any]]:
-    """Each [[hosts]] entry over [defaults], with its (checked, unique) name."""
+def _host_entries(
+    hosts: list[Any], defaults: dict[str, Any], path: Path, reserved: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Each [[hosts]] entry over [defaults], with its (checked, unique) name; `reserved`: names of other lines."""
     entries: list[dict[str, Any]] = []
     names: set[str] = set()
     for i, raw in enumerate(hosts, 1):
@@ -124,8 +198,8 @@ def _host_entries(hosts: list[Any], defaults: dict[str, Any], path: Path) -> lis
         name = _expect(entry.get("name", host_address), str, f"{where} name")
         if not NAME_RE.match(name):
             raise InventoryError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-'")
-        if name == "dispatcher":
-            raise InventoryError(f"{where}: the name \"dispatcher\" is taken by the dispatcher's own line")
+        if name in reserved:
+            raise InventoryError(f"{where}: the name \"{name}\" is taken by {reserved[name]}'s own line")
         if name in names:
             raise InventoryError(f"{where}: a second host named {name!r} (give each entry its own name)")
         names.add(name)
@@ -164,18 +238,123 @@ def _worker(entry: dict[str, Any], address: str, where: str) -> Process | None:
 
 def _dispatcher(disp: dict[str, Any], entries: list[dict[str, Any]], port: int, where: str) -> Process:
     """The dispatcher [dispatcher] describes: here, or on the host entry it names (whose settings it inherits)."""
-    on = _expect(disp.get("host", "local"), str, f"{where} host")
     bind = _expect(disp.get("bind", f"tcp://0.0.0.0:{port}"), str, f"{where} bind")
-    args = ["dispatcher", "--bind", bind]
-    journal = disp.get("journal")
-    if journal is False:
-        args.append("--no-journal")
-    elif journal is not None:
-        args += ["--journal", _expect(journal, str, f"{where} journal")]
-    args += _keys_args(disp, where)
-    if _expect(disp.get("insecure", False), bool, f"{where} insecure"):
-        args.append("--insecure")
-    args += _str_list(disp.get("args", []), f"{where} args")
+    args = ["dispatcher", "--bind", bind, *_journal_args(disp, where), *_security_args(disp, where),
+            *_str_list(disp.get("args", []), f"{where} args")]
+    return _service(disp, entries, where, kind="dispatcher", name="dispatcher", args=args, address=disp["address"])
+
+
+def _pair(
+    disp: dict[str, Any], backup: dict[str, Any], witness: dict[str, Any] | None, entries: list[dict[str, Any]],
+    path: Path,
+) -> tuple[Process, Process, Process | None]:
+    """A standby pair: [dispatcher] as the primary, [backup], and the [witness] if there is one."""
+    where = {"primary": f"{path}: [dispatcher]", "backup": f"{path}: [backup]", "witness": f"{path}: [witness]"}
+    tables = {"primary": disp, "backup": backup}
+    timeout = float(_expect(disp.get("failover_timeout", DEFAULT_FAILOVER_TIMEOUT), (int, float),
+                            f"{where['primary']} failover_timeout"))
+    if not timeout > 0:
+        raise InventoryError(f"{where['primary']} failover_timeout must be a positive number of seconds, "
+                             f"got {disp['failover_timeout']!r}")
+    binds: dict[str, str] = {}
+    pair_binds: dict[str, str] = {}
+    pair_addresses: dict[str, str] = {}
+    for role, table in tables.items():
+        w = where[role]
+        if table.get("journal") is False:
+            raise InventoryError(f"{w} journal = false: a standby pair ships its journal to the other dispatcher "
+                                 "(give it a journal file, or remove [backup])")
+        address = table["address"]
+        binds[role] = _expect(table.get("bind", f"tcp://0.0.0.0:{_tcp_port(address)}"), str, f"{w} bind")
+        bind_port = _tcp_port(binds[role])
+        if not bind_port:
+            raise InventoryError(f"{w} bind must look like tcp://HOST:PORT with a fixed port in a standby pair, "
+                                 f"got {binds[role]!r}")
+        pair_binds[role] = _expect(table.get("pair_bind", f"{binds[role].rpartition(':')[0]}:{bind_port + 1}"), str,
+                                   f"{w} pair_bind")
+        pair_port = _tcp_port(pair_binds[role])
+        if not pair_port:
+            raise InventoryError(f"{w} pair_bind must look like tcp://HOST:PORT with a fixed port, "
+                                 f"got {pair_binds[role]!r}")
+        if pair_port == bind_port:
+            raise InventoryError(f"{w} pair_bind {pair_binds[role]!r} has the port of bind {binds[role]!r}: "
+                                 "the pair's link needs a port of its own")
+        pair_addresses[role] = _expect(table.get("pair_address", f"{address.rpartition(':')[0]}:{pair_port}"), str,
+                                       f"{w} pair_address")
+        if _tcp_port(pair_addresses[role]) is None:
+            raise InventoryError(f"{w} pair_address must look like tcp://HOST:PORT, got {pair_addresses[role]!r}")
+    keyed = {role: "keys" in table for role, table in tables.items()}
+    if keyed["primary"] != keyed["backup"]:
+        has, lacks = ("dispatcher", "backup") if keyed["primary"] else ("backup", "dispatcher")
+        raise InventoryError(f"{path}: [{has}] sets keys but [{lacks}] does not: the pair's link uses the "
+                             "dispatcher key pair, so give both the same key directory (copied to each host)")
+
+    witness_proc = None
+    witness_args: list[str] = []
+    if witness is not None:
+        w = where["witness"]
+        address, port = _service_address(witness, w, "the witness as the dispatchers see it")
+        bind = _expect(witness.get("bind", f"tcp://0.0.0.0:{port}"), str, f"{w} bind")
+        if not _tcp_port(bind):
+            raise InventoryError(f"{w} bind must look like tcp://HOST:PORT with a fixed port, got {bind!r}")
+        if keyed["primary"] and "keys" not in witness:
+            raise InventoryError(f"{w}: the dispatchers use keys, so set keys here too (the dispatcher key "
+                                 "directory): they speak CURVE to the witness")
+        if "keys" in witness and not keyed["primary"]:
+            raise InventoryError(f"{w} keys: the dispatchers use no keys, so the witness cannot either "
+                                 "(remove it, or give [dispatcher] and [backup] keys)")
+        state_dir = _opt_str(witness, "state_dir", w) or DEFAULT_STATE_DIR
+        state = _expect(witness.get("state", f"{state_dir.rstrip('/')}/witness.epoch"), str, f"{w} state")
+        args = ["witness", "--bind", bind, "--state", state, "--failover-timeout", f"{timeout:g}",
+                *_keys_args(witness, w), *_str_list(witness.get("args", []), f"{w} args")]
+        witness_proc = _service(witness, entries, w, kind="witness", name="witness", args=args, address=address)
+        witness_args = ["--witness", address]
+
+    procs: dict[str, Process] = {}
+    for role, other in (("primary", "backup"), ("backup", "primary")):
+        table, w = tables[role], where[role]
+        args = ["dispatcher", "--bind", binds[role], *_journal_args(table, w), "--role", role,
+                "--peer", pair_addresses[other], "--pair-bind", pair_binds[role],
+                "--failover-timeout", f"{timeout:g}", *witness_args, *_security_args(table, w),
+                *_str_list(table.get("args", []), f"{w} args")]
+        procs[role] = _service(table, entries, w, kind="dispatcher", name="dispatcher" if role == "primary"
+                               else "backup", args=args, address=table["address"], role=role)
+    _check_same_host(procs, witness_proc, binds, pair_binds, tables, where)
+    return procs["primary"], procs["backup"], witness_proc
+
+
+def _check_same_host(
+    procs: dict[str, Process], witness: Process | None, binds: dict[str, str], pair_binds: dict[str, str],
+    tables: dict[str, dict[str, Any]], where: dict[str, str],
+) -> None:
+    """Two dispatchers (or one and the witness) on one host need ports and journals of their own."""
+    primary, backup = procs["primary"], procs["backup"]
+    ports: dict[str, list[tuple[int | None, str]]] = {}
+    for role, proc in procs.items():
+        ports.setdefault(proc.target.label(), []).extend([
+            (_tcp_port(binds[role]), f"{where[role]} bind"), (_tcp_port(pair_binds[role]), f"{where[role]} pair_bind"),
+        ])
+    if witness is not None:
+        ports.setdefault(witness.target.label(), []).append((_tcp_port(witness.args[2]), f"{where['witness']} bind"))
+    for taken in ports.values():
+        first: dict[int | None, str] = {}
+        for port, what in taken:
+            if port in first:
+                raise InventoryError(f"{what}: port {port} is also {first[port].partition(': ')[2]} on the same "
+                                     "host: give each its own port")
+            first[port] = what
+    if primary.target.label() == backup.target.label() and tables["primary"].get("journal") == \
+            tables["backup"].get("journal"):
+        raise InventoryError(f"{where['backup']} journal: the same file as [dispatcher]'s on the same host "
+                             "(each dispatcher of the pair needs its own journal: set journal)")
+
+
+def _service(
+    table: dict[str, Any], entries: list[dict[str, Any]], where: str, *, kind: str, name: str, args: list[str],
+    address: str, role: str = "",
+) -> Process:
+    """A dispatcher or the witness: here, or on the host entry it names (whose settings it inherits)."""
+    on = _expect(table.get("host", "local"), str, f"{where} host")
     base: dict[str, Any] = {}
     target = Target()
     if on != "local":
@@ -184,18 +363,31 @@ def _dispatcher(disp: dict[str, Any], entries: list[dict[str, Any]], port: int, 
             raise InventoryError(f"{where} host {on!r}: use \"local\" or the name of a [[hosts]] entry")
         base = match[0]
         target = _target(base, where, base["address"])
-    if "python" in disp or "conveyor" in disp:  # how to run conveyor: the dispatcher's own setting ...
-        python, conveyor_cmd = _opt_str(disp, "python", where), _opt_str(disp, "conveyor", where)
-    elif on == "local":  # ... else this very Python for a local dispatcher ...
+    if "python" in table or "conveyor" in table:  # how to run conveyor: the table's own setting ...
+        python, conveyor_cmd = _opt_str(table, "python", where), _opt_str(table, "conveyor", where)
+    elif on == "local":  # ... else this very Python for a local process ...
         python, conveyor_cmd = sys.executable, None
     else:  # ... else the named host's
         python, conveyor_cmd = _opt_str(base, "python", where), _opt_str(base, "conveyor", where)
     return Process(
-        kind="dispatcher", name="dispatcher", target=target, python=python, conveyor=conveyor_cmd, args=args,
-        workdir=_opt_str(disp, "workdir", where) or _opt_str(base, "workdir", where) or "~",
-        state_dir=_opt_str(disp, "state_dir", where) or _opt_str(base, "state_dir", where) or DEFAULT_STATE_DIR,
-        env={**_env(base, where), **_env(disp, where)}, stop_timeout=30.0,
+        kind=kind, name=name, target=target, python=python, conveyor=conveyor_cmd, args=args,
+        workdir=_opt_str(table, "workdir", where) or _opt_str(base, "workdir", where) or "~",
+        state_dir=_opt_str(table, "state_dir", where) or _opt_str(base, "state_dir", where) or DEFAULT_STATE_DIR,
+        env={**_env(base, where), **_env(table, where)}, stop_timeout=30.0, address=address, role=role,
     )
+
+
+def _journal_args(table: dict[str, Any], where: str) -> list[str]:
+    journal = table.get("journal")
+    if journal is False:
+        return ["--no-journal"]
+    return [] if journal is None else ["--journal", _expect(journal, str, f"{where} journal")]
+
+
+def _security_args(table: dict[str, Any], where: str) -> list[str]:
+    """A dispatcher's `--keys DIR` and/or `--insecure`."""
+    insecure = _expect(table.get("insecure", False), bool, f"{where} insecure")
+    return [*_keys_args(table, where), *(["--insecure"] if insecure else [])]
 
 
 # --- checking values ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What runs on each host, and what it came to: the `sh` scripts behind up, status and down.
 
-A process (a worker or the dispatcher) is started detached (setsid + nohup) so it outlives the SSH
+A process (a worker, a dispatcher or the witness) is started detached (setsid + nohup) so it outlives the SSH
 session, with a pid file and a log file in its host's state directory. `up` finds a running process
 by its pid file and command line and leaves it alone, so running it twice starts nothing twice;
 `down` sends SIGTERM (a worker drains, then exits), waits up to the stop timeout, then kills.
@@ -30,6 +30,7 @@ class Outcome:
     pid: int | None = None
     detail: str = ""
     seen: dict[str, Any] | None = None  # the dispatcher's view of this worker (status)
+    pair: dict[str, Any] | None = None  # a dispatcher of a standby pair: its own answer (status)
 
     def line(self, width: int, where_width: int) -> str:
         """NAME  WHERE  STATE (pid N): DETAIL"""
@@ -46,6 +47,8 @@ class Outcome:
         }
         if self.seen is not None:
             out["dispatcher_view"] = self.seen
+        if self.pair is not None:
+            out["pair"] = self.pair
         return out
 
 
@@ -59,11 +62,11 @@ def run(process: Process, action: Action) -> Outcome:
     else:
         timeout = target.connect_timeout + process.stop_timeout + 30
     state, rest = target.run(script(process, action), timeout)
-    return _outcome(process.name, target.label(), state, rest)
+    return _outcome(process.name, target.label(), state, rest, drains=process.kind == "worker")
 
 
-def _outcome(name: str, where: str, state: str, rest: str) -> Outcome:
-    """The Outcome of a report: STATE, then for these states a pid, then details."""
+def _outcome(name: str, where: str, state: str, rest: str, drains: bool = True) -> Outcome:
+    """The Outcome of a report: STATE, then for these states a pid, then details (`drains`: a worker's)."""
     if state in ("started", "already-running", "running", "stopped", "killed"):
         pid_text, _, detail = rest.partition(" ")
         pid = int(pid_text) if pid_text.isdigit() else None
@@ -72,7 +75,7 @@ def _outcome(name: str, where: str, state: str, rest: str) -> Outcome:
             if state == "killed":
                 detail = f"did not stop within {seconds} s"
             else:
-                detail = f"drained in {seconds} s" if name != "dispatcher" else f"in {seconds} s"
+                detail = f"drained in {seconds} s" if drains else f"in {seconds} s"
         return Outcome(name, where, state, pid, detail.strip())
     return Outcome(name, where, state, detail=rest.strip())
 
@@ -82,8 +85,8 @@ def script(process: Process, action: Action) -> str:
     stem = process.file_stem
     if process.kind == "worker":
         mark1, mark2, ready = "conveyor worker ", f"--name {process.name} ", "connecting to"
-    else:
-        mark1, mark2, ready = "conveyor dispatcher ", f"--bind {process.args[2]} ", "^tcp://"
+    else:  # a dispatcher or the witness: `conveyor dispatcher|witness --bind ADDRESS ...`; it prints ADDRESS
+        mark1, mark2, ready = f"conveyor {process.args[0]} ", f"--bind {process.args[2]} ", "^tcp://"
     lines = [
         f"STATE={sh_word(process.state_dir)}",
         f"WORKDIR={sh_word(process.workdir)}",
