@@ -1,7 +1,9 @@
 #!/opt/conveyor/bin/python
 """Health checks of the Conveyor image, for Docker healthchecks and Kubernetes exec probes.
 
-    conveyor-healthcheck dispatcher       healthy when the dispatcher in this container answers `status`
+    conveyor-healthcheck dispatcher       healthy when the dispatcher in this container answers `status`, or
+                                          (one of a standby pair, docs/standby.md) answers it with a redirect:
+                                          a passive dispatcher is in a normal state
     conveyor-healthcheck worker           healthy when this container's worker is registered with its dispatcher
     conveyor-healthcheck worker --local   healthy when this container's worker loop wrote its health file
                                           (`conveyor worker --health-file PATH`) within --max-age seconds: it
@@ -77,6 +79,42 @@ def ask_status(address: str, keys: str | None, timeout_s: float) -> dict[str, An
         return client.status(timeout=max(0.5, deadline - time.monotonic()))  # type: ignore[no-any-return]
 
 
+def probe_dispatcher(address: str, keys: str | None, timeout_s: float) -> tuple[bool, str]:
+    """One STATUS on a socket of its own, not through a Client: a Client given one address waits for an
+    active dispatcher, but a passive one of a standby pair answers every request with a REDIRECT, and is
+    healthy too. (Asking is a client's vote for a takeover, as any client's is, in a pair without a
+    witness; with one, only the witness's lease counts.)"""
+    import zmq
+
+    from conveyor.protocol import Cmd, encode
+    from conveyor.protocol import commands as c
+    from conveyor.protocol.frames import split
+    from conveyor.security.keys import load_peer_credentials
+    from conveyor.transport.sockets import configure_socket
+
+    credentials = load_peer_credentials(keys, "client") if keys is not None else None
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        configure_socket(sock, credentials, 64 << 20)
+        sock.connect(address)
+        sock.send_multipart(encode(Cmd.STATUS, {"req": 1}))
+        if not sock.poll(int(timeout_s * 1000)):
+            return False, f"dispatcher {address}: no answer within {timeout_s:g} s"
+        cmd, raw, _ = split(sock.recv_multipart())
+        body = c.decode_body(cmd, raw)
+    finally:
+        sock.close()
+    if cmd == Cmd.REDIRECT:
+        active = f", the active: {body.active}" if body.active else ", no active heard"
+        return True, f"passive (standby pair, epoch {body.epoch}{active})"
+    if cmd == Cmd.STATUS_REPLY:
+        pair = body.dispatcher.get("pair")
+        about = f", {pair['state']} {pair['role']} in epoch {pair['epoch']}, {pair['replication']}" if pair else ""
+        return True, f"{len(body.workers)} worker(s), {body.queued} queued{about}"
+    return False, f"dispatcher {address}: answered {cmd.name} {body}"
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.local:
@@ -99,13 +137,14 @@ def main(argv: list[str]) -> int:
     if keys is None:
         os.environ.pop("CONVEYOR_KEYS", None)  # the Client would read it otherwise
     try:
+        if args.role == "dispatcher":
+            ok, message = probe_dispatcher(address, keys, args.timeout)
+            print(f"{'healthy' if ok else 'unhealthy'}: {message}")
+            return 0 if ok else 1
         status = ask_status(address, keys, args.timeout)
     except Exception as exc:
         print(f"unhealthy: dispatcher {address}: {type(exc).__name__}: {exc}")
         return 1
-    if args.role == "dispatcher":
-        print(f"healthy: {len(status['workers'])} worker(s), {status['queued']} queued")
-        return 0
     name = args.name or os.environ.get("CONVEYOR_NAME")
     if not name:
         with open("/etc/hostname") as f:

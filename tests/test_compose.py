@@ -1,7 +1,8 @@
 """deploy/docker-compose.yml end to end: build the image (deploy/build-image.sh, no pulls), bring the
 keyed cluster up (CurveZMQ keys made by its `keys` service), copy the client keys out as the README
 says, submit from this host through the published port with them (and be refused without them),
-scale the workers, drain on `down`.
+scale the workers, drain on `down`. deploy/docker-compose.pair.yml: the standby pair fails over when
+the active dispatcher's container is killed (SIGKILL), every acknowledged job finishing once.
 
 Needs root, docker, docker-compose and a Docker daemon (started here if it is not running). Outside
 CI a missing piece skips with the reason; with CI=true it fails.
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from tests.conftest_netns import require
 
 IMAGE = os.environ.get("CONVEYOR_TEST_IMAGE", "conveyor:test")
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+PAIR_FILE = ROOT / "deploy" / "docker-compose.pair.yml"
 
 
 def _docker_answers() -> bool:
@@ -94,8 +97,9 @@ def free_port() -> int:
 
 
 class Compose:
-    def __init__(self, image: str, port: int, **settings: str):
-        self.project = f"cvtest{os.getpid()}"
+    def __init__(self, image: str, port: int, *files: Path, project: str = "cvtest", **settings: str):
+        self.project = f"{project}{os.getpid()}"
+        self.files = files or (COMPOSE_FILE,)
         self.address = f"tcp://127.0.0.1:{port}"
         self.keys: Path | None = None  # the client keys copied out of the cluster (copy_client_keys)
         self.env = {**os.environ, "CONVEYOR_IMAGE": image, "CONVEYOR_PUBLISH": f"127.0.0.1:{port}", **settings}
@@ -104,13 +108,35 @@ class Compose:
 
     @property
     def base(self) -> list[str]:
-        return ["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE)]
+        return ["docker-compose", "-p", self.project, *(arg for f in self.files for arg in ("-f", str(f)))]
 
     def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         cmd = [*self.base, *args]
         res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, check=False)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         return res
+
+    def container(self, service: str) -> str:
+        ids = self("ps", "-q", service).stdout.split()
+        assert len(ids) == 1, (service, ids)
+        return ids[0]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """The project's containers, volumes and networks still in Docker (none after `down -v`)."""
+        label = f"label=com.docker.compose.project={self.project}"
+        out = {}
+        for kind, ls in (("containers", ["ps", "-a"]), ("volumes", ["volume", "ls"]), ("networks", ["network", "ls"])):
+            found: set[str] = set()
+            for flt in (label, f"name={self.project}_"):
+                res = subprocess.run(["docker", *ls, "-q", "--filter", flt], capture_output=True, text=True,
+                                     timeout=30, check=True)
+                found |= set(res.stdout.split())
+            out[kind] = sorted(found)
+        return out
+
+    def exec(self, service: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", "exec", self.container(service), *command], capture_output=True, text=True,
+                              timeout=60)
 
     def health(self, service: str) -> list[str]:
         ids = self("ps", "-q", service).stdout.split()
@@ -207,3 +233,82 @@ def test_compose_cluster_scales_serves_the_host_and_drains(conveyor_image: str, 
         if waiter is not None:
             stop_process(waiter)
         compose("down", "-v", "--remove-orphans", "--timeout", "10")
+
+
+@pytest.mark.timeout(300)
+def test_compose_pair_fails_over_on_docker_kill_and_every_acknowledged_job_finishes(
+    conveyor_image: str, tmp_path: Path,
+) -> None:
+    # Each execution leaves a file in a directory of this host's, mounted in every worker: counted at the end.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o777)  # the workers run as the image's `conveyor` user
+    override = tmp_path / "runs.yml"
+    override.write_text(f'version: "2.4"\nservices:\n  worker:\n    volumes:\n      - {runs}:/runs\n')
+    ports = free_port(), free_port()
+    compose = Compose(conveyor_image, ports[0], PAIR_FILE, override, project="cvpair", CONVEYOR_MODE="threads",
+                      CONVEYOR_CONCURRENCY="2", CONVEYOR_DRAIN_TIMEOUT="10",
+                      CONVEYOR_PUBLISH_A=f"127.0.0.1:{ports[0]}", CONVEYOR_PUBLISH_B=f"127.0.0.1:{ports[1]}")
+    addresses = [f"tcp://127.0.0.1:{port}" for port in ports]
+    compose.address = ",".join(addresses)  # `conveyor --dispatcher a,b`
+    down = False
+    try:
+        compose("up", "-d", "--scale", "worker=2")
+        # the workers start once both dispatchers are healthy: the passive one counts as healthy
+        assert compose.health("dispatcher-a") == compose.health("dispatcher-b") == ["healthy"]
+        check = compose.exec("dispatcher-b", "conveyor-healthcheck", "dispatcher")
+        assert (check.returncode, check.stdout.split(",")[0]) == (0, "healthy: passive (standby pair"), check
+        keys = compose.copy_client_keys(tmp_path / "conveyor-keys")
+
+        with Client(addresses, keys=str(keys), connect_timeout=30) as client:
+            def in_sync() -> dict[str, Any] | None:
+                status = client.status()
+                pair: dict[str, Any] = status["dispatcher"]["pair"]
+                return pair if len(status["workers"]) == 2 and pair["replication"] == "in-sync" else None
+
+            pair = wait_until(in_sync, 60, 0.2, "2 workers and the pair in sync")
+            assert (pair["role"], pair["state"], pair["epoch"]) == ("primary", "active", 1), pair
+
+            n = 24  # half-second jobs on 2 workers x 2 threads: about 3 s of work
+            futures = [client.options(keep=True).submit(
+                "conveyor.builtins:shell", f"mktemp /runs/{i}.XXXXXX >/dev/null && sleep 0.5 && echo {i}")
+                for i in range(n)]
+            client._conn.wait_accepted(futures, 30)  # type: ignore[union-attr]
+            assert all(f._accepted for f in futures), "every job acknowledged (in both journals) before the kill"
+
+            wait_until(lambda: len(list(runs.iterdir())) >= 6, 30, 0.02, "jobs to be running")
+            subprocess.run(["docker", "kill", compose.container("dispatcher-a")], capture_output=True, timeout=30,
+                           check=True)  # SIGKILL
+            assert sum(f.done() for f in futures) < n, "the kill came after the run"
+
+            # every acknowledged job finishes, once, through the backup: one result each, its own
+            assert [f.result(timeout=90)["stdout"] for f in futures] == [f"{i}\n" for i in range(n)]
+            assert {f.info["state"] for f in futures} == {"succeeded"}
+            status = client.status()
+            pair = status["dispatcher"]["pair"]
+            assert (pair["role"], pair["state"], pair["epoch"]) == ("backup", "active", 2), pair
+            # the backup took over the unfinished ones from its journal (`submitted` counts them) and finished
+            # each of them once, as the first outcome; nothing failed, expired or was retried
+            totals = status["totals"]
+            assert 0 < totals["submitted"] == totals["succeeded"] <= n, totals
+            assert totals["failed"] == totals["expired"] == totals["retried"] == 0, totals
+            # none was lost: each ran. At least once, not exactly once: a job in a worker's hands at the kill
+            # may run again, since the new active queues every unfinished job and hands it to the first worker
+            # that registers, maybe before the one holding it re-registers (seen: 2 or 3 of the 24 twice)
+            ran = Counter(p.name.split(".")[0] for p in runs.iterdir())
+            assert set(ran) == {str(i) for i in range(n)}, ran
+
+        shown = compose.conveyor("status")  # the CLI on this host, given both addresses
+        assert shown.returncode == 0, shown.stderr
+        assert "pair: backup active in epoch 2" in shown.stdout, shown.stdout
+        # `docker kill` is a manual stop (no restart): started again, the old primary joins as the passive
+        compose("start", "dispatcher-a")
+        wait_until(lambda: "passive (standby pair, epoch 2" in compose.exec(
+            "dispatcher-a", "conveyor-healthcheck", "dispatcher").stdout, 60, 0.2, "dispatcher-a back, passive")
+
+        compose("down", "-v", "--remove-orphans", "--timeout", "10")
+        down = True
+        assert compose.leftovers() == {"containers": [], "volumes": [], "networks": []}
+    finally:
+        if not down:
+            compose("down", "-v", "--remove-orphans", "--timeout", "10")
