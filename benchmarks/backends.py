@@ -194,6 +194,83 @@ class ConveyorThreadsBackend(ConveyorBackend):
     name = "conveyor_threads"
 
 
+class ConveyorPairBackend(ConveyorBackend):
+    """A standby pair (issue 17): two dispatchers, each with its own journal, ACCEPTED after both commit
+    while in sync; one worker and the client given both addresses. Set against "conveyor" (one dispatcher,
+    the same worker), it is the cost of synchronous journal shipping on every workload."""
+
+    name = "conveyor_pair"
+
+    def _start(self, stack: contextlib.ExitStack) -> None:
+        import subprocess
+        import time
+
+        from conveyor import Client
+
+        self._stack_ref = stack
+        state = tempfile.mkdtemp(prefix="conveyor-bench-pair-")
+        stack.callback(shutil.rmtree, state, ignore_errors=True)
+        ports = [_free_port() for _ in range(4)]
+        addr = {"primary": f"tcp://127.0.0.1:{ports[0]}", "backup": f"tcp://127.0.0.1:{ports[1]}"}
+        pair = {"primary": f"tcp://127.0.0.1:{ports[2]}", "backup": f"tcp://127.0.0.1:{ports[3]}"}
+        self.addresses = [addr["primary"], addr["backup"]]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        level = "info" if self.cluster_logs else "warning"
+        out = None if self.cluster_logs else subprocess.DEVNULL
+
+        def spawn(*args: str) -> None:
+            proc = subprocess.Popen([sys.executable, "-m", "conveyor", *args, "--log-level", level],
+                                    stdout=subprocess.DEVNULL, stderr=out, cwd=REPO_ROOT)
+            self.procs.append(proc)
+            stack.callback(_stop, proc)
+
+        for role, other in (("primary", "backup"), ("backup", "primary")):
+            spawn("dispatcher", "--bind", addr[role], "--journal", os.path.join(state, f"{role}.db"), "--role", role,
+                  "--peer", pair[other], "--pair-bind", pair[role])
+        spawn("worker", "--connect", ",".join(self.addresses), "--mode", self.setup.mode,
+              "--concurrency", str(self.setup.slots))
+        self.client = Client(self.addresses, connect_timeout=60.0)
+        stack.callback(self.client.close)
+        self.client.wait_for_workers(1, timeout=60.0)
+        deadline = time.monotonic() + 60.0  # measured in sync, as deployed: ACCEPTED waits for the backup
+        while self.client.status()["dispatcher"].get("pair", {}).get("replication") != "in-sync":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the standby pair did not get in sync within 60 s")
+            time.sleep(0.05)
+        if self.setup.mode != "processes":
+            self.client = self.client.options(mode=self.setup.mode)
+        self.cluster = _PairAddress(self.addresses)
+
+    def health(self) -> str | None:
+        dead = [f"pid {p.pid} exited (code {p.returncode})" for p in self.procs if p.poll() is not None]
+        return "; ".join(dead) or None
+
+
+@dataclass(frozen=True, slots=True)
+class _PairAddress:
+    """What executor_map needs of a cluster: the addresses to connect an Executor to."""
+
+    address: list[str]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except Exception:
+            proc.kill()
+            proc.wait()
+
+
 # --- concurrent.futures.ProcessPoolExecutor --------------------------------------------------
 
 
@@ -477,6 +554,7 @@ def backend_specs(names: list[str] | None = None) -> list[BackendSpec]:
     specs = [
         BackendSpec("conveyor", "Conveyor", ConveyorBackend, version=conveyor.__version__),
         BackendSpec("conveyor_threads", "Conveyor threads", ConveyorThreadsBackend, version=conveyor.__version__),
+        BackendSpec("conveyor_pair", "Conveyor pair", ConveyorPairBackend, version=conveyor.__version__),
         BackendSpec("process_pool", "ProcessPool", PoolBackend, version=f"python {sys.version.split()[0]}"),
         BackendSpec("dask", "dask.distributed", DaskBackend, module="dask.distributed"),
         BackendSpec("ray", "Ray", RayBackend, module="ray"),

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=WORKLOAD_NAMES, metavar="NAME",
                         help=f"run only these workloads: {', '.join(WORKLOAD_NAMES)}")
     parser.add_argument("--backends", nargs="+", metavar="NAME",
-                        help="run only these backends: conveyor, conveyor_threads, process_pool, dask, ray")
+                        help="run only these backends: conveyor, conveyor_threads, conveyor_pair (a standby pair), "
+                             "process_pool, dask, ray")
     parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the JSON results (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds one sample may take before it counts as a hang (default 600, smoke 60)")

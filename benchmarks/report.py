@@ -19,6 +19,7 @@ SUBJECT = "conveyor"
 RATIO_COLUMNS = (
     ("conveyor", "process_pool", "Conveyor/pool"),
     ("conveyor_threads", "process_pool", "threads/pool"),
+    ("conveyor_pair", "conveyor", "pair/single"),
     ("conveyor", "dask", "Conveyor/dask"),
     ("conveyor", "ray", "Conveyor/Ray"),
 )
@@ -77,10 +78,14 @@ def peer_ratios(workload: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """Both Conveyor columns against every other backend: {"conveyor/dask": {metric: ratio}, ...}."""
     names = list(workload["results"])
     return {
-        f"{subject}/{baseline}": ratios(workload, subject, baseline)
-        for subject in ("conveyor", "conveyor_threads")
-        for baseline in names
-        if subject in names and not baseline.startswith("conveyor")
+        **{
+            f"{subject}/{baseline}": ratios(workload, subject, baseline)
+            for subject in ("conveyor", "conveyor_threads")
+            for baseline in names
+            if subject in names and not baseline.startswith("conveyor")
+        },
+        **({"conveyor_pair/conveyor": ratios(workload, "conveyor_pair", "conveyor")}
+           if {"conveyor_pair", "conveyor"} <= set(names) else {}),
     }
 
 

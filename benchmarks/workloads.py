@@ -390,7 +390,7 @@ class IoBound(Workload):
     )
 
     def setup(self, backend: str, sizes: Sizes) -> Setup | None:
-        if backend == "conveyor":
+        if backend in ("conveyor", "conveyor_pair"):
             return Setup(slots=sizes.io_concurrency, mode="asyncio")
         if backend == "conveyor_threads":
             return None

@@ -18,8 +18,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("bulk_noop", "default_map", "one_by_one", "executor_map", "latency", "payload", "cpu_bound", "io_bound")
-COMPARED = ("conveyor", "process_pool")
-BACKENDS = ("conveyor", "conveyor_threads", "process_pool")  # Dask and Ray only in real runs: they cost CI ~40 s
+COMPARED = ("conveyor", "conveyor_pair", "process_pool")
+# Dask and Ray only in real runs: they cost CI ~40 s
+BACKENDS = ("conveyor", "conveyor_threads", "conveyor_pair", "process_pool")
 
 
 def _positive_numbers(values: dict[str, Any]) -> bool:
