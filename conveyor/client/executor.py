@@ -19,7 +19,7 @@ import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -37,7 +37,9 @@ class Executor(concurrent.futures.Executor):
     `max_workers` slots in processes mode.
     """
 
-    def __init__(self, address: str | None = None, max_workers: int | None = None, **client_options: Any):
+    def __init__(
+        self, address: str | Sequence[str] | None = None, max_workers: int | None = None, **client_options: Any
+    ):
         if max_workers is not None:
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
