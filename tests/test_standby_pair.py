@@ -442,3 +442,21 @@ def test_promote_of_a_dispatcher_that_is_not_in_a_pair_is_refused_in_one_line(tm
         assert "not one of a standby pair" in assert_one_error_line(res, 1)
     finally:
         cluster.stop()
+
+
+def test_failover_counts_silence_from_the_start_and_leaves_a_passive_that_names_no_active() -> None:
+    """Two defects found by tests/test_standby_netns.py: a new client went to its second address at its first
+    turn (silence counted from 0), and a client at a passive that knows no active (cut off from its peer)
+    asked it again forever while the active served at the other address."""
+    f = Failover("tcp://b:2, tcp://a:1", settle_s=2.0)
+    f.started(100.0)
+    assert f.due(100.5, 0.0) is None  # nothing heard yet, but only 0.5 s since we started
+    f.redirected(c.Redirect("", 1), now=100.5)  # b is passive and does not hear its peer
+    assert f.due(100.75, 100.5) == ("tcp://b:2", False)  # asked again (the vote of a pair without a witness)
+    f.redirected(c.Redirect("", 1), now=101.5)
+    assert f.due(101.75, 101.5) == ("tcp://b:2", False)
+    f.redirected(c.Redirect("", 1), now=102.6)  # settle_s of "no active known": the other address
+    assert f.due(102.6, 102.6) == ("tcp://a:1", True)
+    assert f.admit(encode(Cmd.HEARTBEAT, c.Heartbeat(), epoch=1)[1])  # a serves
+    f.redirected(c.Redirect("", 1), now=110.0)  # a fresh stretch of "no active" starts again from here
+    assert f.due(110.25, 110.0) == ("tcp://a:1", False)

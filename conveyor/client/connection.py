@@ -406,6 +406,7 @@ class Connection:
         if watch is not None:  # refused keys fail at once; a second handshake means a new TCP connection
             poller.register(watch.socket, zmq.POLLIN)
         handshakes = 0
+        self.failover.started(time.monotonic())  # the first address's silence counts from now, not from 0
         self._send(Cmd.HELLO, {"client": self.client_id, "pid": os.getpid()})
         next_ping = time.monotonic() + self.heartbeat_interval_s
         try:

@@ -3,9 +3,10 @@
 A worker or client given several dispatcher addresses (`tcp://a:5555,tcp://b:5555`) talks to one at a
 time. `Failover` decides when to go to another: a passive dispatcher's REDIRECT that names the active
 (at once), one that does not (ask the same one again shortly: our asking is the vote a takeover needs),
-or silence for `settle_s`. It also fences: it remembers the highest epoch obeyed (`seen`, sent with
-every message) and refuses any message of a lower epoch (`admit`; the caller answers STALE and counts it).
-Pure logic, no socket: the client's and the worker's loops call it.
+or silence for `settle_s`, or `settle_s` of REDIRECTs that name no active (a passive cut off from
+its peer cannot tell; the other address may serve). It also fences: it remembers the highest epoch
+obeyed (`seen`, sent with every message) and refuses any message of a lower epoch (`admit`; the caller
+answers STALE and counts it). Pure logic, no socket: the client's and the worker's loops call it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Failover:
         self.switches = 0
         self._since = 0.0  # when we started talking to the current address (silence counts from then)
         self._due: tuple[float, int] | None = None  # (when, which address) a redirect decided
+        # Since when the current address has answered only "passive, no active known" (a REDIRECT naming
+        # none): after settle_s of that, the next address is tried (in a split of the pair's link, the
+        # passive does not hear the active, which may still serve at the other address).
+        self._unserved_since: float | None = None
 
     @property
     def current(self) -> str:
@@ -61,6 +66,8 @@ class Failover:
             self.stale += 1
             return False
         self.seen = max(self.seen, epoch)
+        if raw[:1] != _REDIRECT:
+            self._unserved_since = None  # served
         return True
 
     def stale_reply(self) -> c.Stale:
@@ -76,8 +83,14 @@ class Failover:
             else:  # named another way than we know it (0.0.0.0, a host name): the next one of ours
                 target = (self.index + 1) % len(self.addresses)
             self._due = (now, target)
+            self._unserved_since = None
         else:
-            self._due = (now + ASK_AGAIN_S, self.index)
+            if self._unserved_since is None:
+                self._unserved_since = now
+            if self.several and now - self._unserved_since >= self.settle_s:
+                self._due = (now, (self.index + 1) % len(self.addresses))
+            else:
+                self._due = (now + ASK_AGAIN_S, self.index)
 
     def due(self, now: float, last_heard: float) -> tuple[str, bool] | None:
         """(address, new) if it is time to talk to an address again: `new` means another one (reconnect),
@@ -109,6 +122,7 @@ class Failover:
         new = target != self.index
         if new:
             self.switches += 1
+            self._unserved_since = None
         self.index = target
         self._since = now
         return self.current, new
