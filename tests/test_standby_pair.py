@@ -425,8 +425,10 @@ def test_promote_moves_the_active_role_to_the_backup_and_no_job_is_lost(tmp_path
         wait_until(lambda: probe(p.addr["primary"], 0.5) == ("passive", 2), 20, 0.1, "the old primary, passive")
         assert probe(p.addr["backup"]) == ("active", 2)
         after = [client.options(keep=True).submit("tests.tasks:sleep_for", 0.01, i) for i in range(40, 60)]
+        # Each future resolves once with its own value. The client may be sent some results again
+        # (`duplicate_results`, dropped): the new active restores finished jobs from its journal and does
+        # not know which JOB_DONE the old one had delivered (acknowledgements are not journaled).
         assert sorted(f.result(timeout=60) for f in before + after) == list(range(60))
-        assert client.duplicate_results == 0
         again = subprocess.run(promote, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
         assert again.returncode == 0 and "epoch 2" in again.stdout, (again.stdout, again.stderr)  # already active
     finally:

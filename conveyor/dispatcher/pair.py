@@ -144,7 +144,9 @@ class Pair:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # At most a heartbeat: a peer that restarts hears us within one, long before its failover timeout
+        # (with 1 s of backoff against a 1 s timeout, a restarted old primary took over from a live active).
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(100, int(self.config.heartbeat_s * 1000)))
         creds = self._credentials
         if creds is not None:
             sock.setsockopt(zmq.CURVE_SECRETKEY, creds.secret)
