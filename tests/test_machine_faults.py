@@ -205,7 +205,8 @@ def test_a_slow_journal_disk_starves_nothing(tmp_path: Path) -> None:
             join(group, cluster.dispatcher.pid)
             cluster.wait_for_workers(cluster.start_worker("threads", 2))
             client = cluster.client()
-            futures = [client.options(keep=True).submit(tasks.size_of, os.urandom(20_000)) for _ in range(20)]
+            # 10 jobs of 20 KB: with the journal's own pages and fsyncs, several seconds of commits at 64 KB/s
+            futures = [client.options(keep=True).submit(tasks.size_of, os.urandom(20_000)) for _ in range(10)]
             _, not_done = wait(futures, timeout=90)
             assert not not_done and all(f.result() == 20_000 for f in futures)
             status = client.status()
