@@ -141,6 +141,24 @@ def submit_to(address: str, seconds: float) -> int:
     return 0
 
 
+def pair_status(address: str) -> int:
+    """The pair's part of one dispatcher's STATUS (a client that knows only it: a passive answers too)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    sock.send_multipart(encode(Cmd.STATUS, {"req": 1}))
+    if not sock.poll(5000):
+        return 1
+    cmd, raw, _ = split(sock.recv_multipart())
+    if cmd == Cmd.REDIRECT:
+        return 1
+    _emit(c.decode_body(cmd, raw).dispatcher.get("pair", {}))
+    sock.close()
+    ctx.term()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     if mode == "sample":
@@ -153,6 +171,8 @@ def main(argv: list[str]) -> int:
         return fetch(rest[0], rest[1:])
     if mode == "submit-to":
         return submit_to(rest[0], float(rest[1]))
+    if mode == "pair-status":
+        return pair_status(rest[0])
     print(f"unknown mode {mode!r}", file=sys.stderr)
     return 2
 

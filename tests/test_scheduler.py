@@ -458,6 +458,40 @@ def test_cancel_running_job_sends_cancel_and_ignores_late_outcome() -> None:
     check_counters(s)
 
 
+def test_a_final_state_merged_from_the_pair_ends_a_queued_or_running_job_once() -> None:
+    """The pair's merge (Durability.adopt): the other side's final state beats ours while ours is unfinished."""
+    s = make()
+    ready(s, b"w", concurrency=1)
+    submit(s, "running")
+    submit(s, "queued")
+    run(s)
+    theirs = [{"worker": "far", "attempt": 1}]
+    assert s.merge_final("queued", SUCCEEDED, 1, theirs, {}, [b"far-result"], 1.0) is True
+    assert s.merge_final("running", FAILED, 2, theirs, exc_info(False), [b"exc"], 1.0) is True
+    acts = s.take_actions()
+    assert cancels(acts) == [(b"w", "running", 1)]  # the attempt here stops: the job has ended
+    assert sorted(deliveries(acts)) == [(CLIENT, "queued", SUCCEEDED), (CLIENT, "running", FAILED)]
+    assert s.jobs["queued"].result_frames == [b"far-result"] and s.jobs["queued"].history == theirs
+    assert s.jobs["running"].attempt == 2
+    ok(s, b"w", "running", 1, now=2.0)  # our attempt's late success: fenced, the merged state stands
+    assert s.jobs["running"].state == FAILED and deliveries(s.take_actions()) == []
+    check_counters(s)
+
+
+def test_a_merged_final_state_never_replaces_one_of_our_own() -> None:
+    s = make()
+    ready(s, b"w", concurrency=1)
+    submit(s, "a")
+    run(s)
+    ok(s, b"w", "a", 1, result=b"ours")
+    s.take_actions()
+    assert s.merge_final("a", FAILED, 1, [], exc_info(False), [b"exc"], 2.0) is False
+    assert s.merge_final("ghost", SUCCEEDED, 1, [], {}, [b"x"], 2.0) is False
+    assert s.merge_final("a", QUEUED, 1, [], {}, [], 2.0) is False  # not a final state: nothing to merge
+    assert s.jobs["a"].state == SUCCEEDED and s.jobs["a"].result_frames == [b"ours"]
+    assert s.take_actions() == []
+
+
 def test_cancel_delayed_retry_is_never_requeued() -> None:
     s = make()
     ready(s, b"w")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import re
 import shutil
 import signal
 import sqlite3
@@ -50,15 +51,16 @@ def _py(*args: str) -> list[str]:
 class NetPair:
     """The primary on host a, the backup on b, the witness on w, a worker on k; clients run on c."""
 
-    def __init__(self, net: netns.Network, tmp: Path):
-        self.net, self.tmp = net, tmp
+    def __init__(self, net: netns.Network, tmp: Path, witness: bool = True):
+        self.net, self.tmp, self.witness = net, tmp, witness
         self.host = {"primary": net["a"], "backup": net["b"]}
         self.addr = {role: f"tcp://{h.address}:{PORT}" for role, h in self.host.items()}
         self.pair_addr = {role: f"tcp://{h.address}:{PAIR_PORT}" for role, h in self.host.items()}
-        self.witness_addr = f"tcp://{net['w'].address}:{WITNESS_PORT}"
+        self.witness_addr = f"tcp://{net['w'].address}:{WITNESS_PORT}" if witness else ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._spawn(net["w"], "witness", ["witness", "--bind", self.witness_addr, "--state",
-                                          str(tmp / "witness.epoch"), "--failover-timeout", str(FAILOVER_S)])
+        if witness:
+            self._spawn(net["w"], "witness", ["witness", "--bind", self.witness_addr, "--state",
+                                              str(tmp / "witness.epoch"), "--failover-timeout", str(FAILOVER_S)])
 
     @property
     def addresses(self) -> str:
@@ -76,26 +78,28 @@ class NetPair:
         self._spawn(self.host[role], role, [
             "dispatcher", "--bind", self.addr[role], "--insecure", "--journal", str(self.journal(role)),
             "--role", role, "--peer", self.pair_addr[other], "--pair-bind", self.pair_addr[role],
-            "--witness", self.witness_addr, "--failover-timeout", str(FAILOVER_S), "--heartbeat-interval", HEARTBEAT])
+            *(["--witness", self.witness_addr] if self.witness else []),
+            "--failover-timeout", str(FAILOVER_S), "--heartbeat-interval", HEARTBEAT])
 
-    def start_worker(self) -> None:
-        self._spawn(self.net["k"], "worker", ["worker", "--connect", self.addresses, "--mode", "threads",
-                                              "--concurrency", "8", "--name", "worker-k",
-                                              "--heartbeat-interval", HEARTBEAT])
+    def start_worker(self, host: str = "k") -> None:
+        name = "worker" if host == "k" else f"worker-{host}"
+        self._spawn(self.net[host], name, ["worker", "--connect", self.addresses, "--mode", "threads",
+                                           "--concurrency", "8", "--name", f"worker-{host}",
+                                           "--heartbeat-interval", HEARTBEAT])
 
     def _spawn(self, host: netns.Host, name: str, args: list[str]) -> None:
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = host.popen(_py("-m", "conveyor", *args), stdout=log, stderr=log, cwd=ROOT)
         log.close()
 
-    def agent(self, *args: str, timeout: float = 60) -> str:
-        """Run tests/standby_netns_agent.py in host c to the end; its stdout."""
-        res = self.net["c"].run(_py("-m", "tests.standby_netns_agent", *args), cwd=ROOT, timeout=timeout)
+    def agent(self, *args: str, timeout: float = 60, host: str = "c") -> str:
+        """Run tests/standby_netns_agent.py in a host (c: it reaches everything) to the end; its stdout."""
+        res = self.net[host].run(_py("-m", "tests.standby_netns_agent", *args), cwd=ROOT, timeout=timeout)
         assert res.returncode == 0, f"{args[0]} failed ({res.returncode}): {res.stderr[-2000:]}\n{self.logs()}"
         return res.stdout
 
-    def agent_popen(self, *args: str) -> subprocess.Popen[bytes]:
-        return self.net["c"].popen(_py("-m", "tests.standby_netns_agent", *args), cwd=ROOT,
+    def agent_popen(self, *args: str, host: str = "c") -> subprocess.Popen[bytes]:
+        return self.net[host].popen(_py("-m", "tests.standby_netns_agent", *args), cwd=ROOT,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def logs(self) -> str:
@@ -103,9 +107,8 @@ class NetPair:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
 
     def stop(self) -> None:
-        for name in ("worker", "primary", "backup", "witness"):
-            if name in self.procs:
-                stop_process(self.procs[name])
+        for name in sorted(self.procs, key=lambda n: n.startswith(("primary", "backup", "witness"))):
+            stop_process(self.procs[name])  # workers first, then the dispatchers and the witness
 
 
 class Sampler:
@@ -186,9 +189,10 @@ def jobs_in(db: Path) -> dict[str, str]:
 class Load:
     """A connected client in host c (agent `load`): COUNT jobs paced GAP_S apart, results as they come."""
 
-    def __init__(self, pair: NetPair, count: int, gap_s: float, task_s: float, offset: int):
+    def __init__(self, pair: NetPair, count: int, gap_s: float, task_s: float, offset: int, host: str = "c"):
         self.count, self.offset = count, offset
-        self.proc = pair.agent_popen("load", pair.addresses, str(count), str(gap_s), str(task_s), str(offset))
+        self.proc = pair.agent_popen("load", pair.addresses, str(count), str(gap_s), str(task_s), str(offset),
+                                     host=host)
         assert self.proc.stdout is not None
         self.reader = LineReader(self.proc.stdout)
         self.results: dict[int, Any] = {}
@@ -222,8 +226,9 @@ class Load:
                 stream.close()
 
 
-def detached(pair: NetPair, count: int, offset: int, addresses: str | None = None) -> list[str]:
-    ids = pair.agent("detach", addresses or pair.addresses, str(count), "0.05", str(offset)).split()
+def detached(pair: NetPair, count: int, offset: int, addresses: str | None = None, host: str = "c",
+             task_s: float = 0.05) -> list[str]:
+    ids = pair.agent("detach", addresses or pair.addresses, str(count), str(task_s), str(offset), host=host).split()
     assert len(ids) == count
     return ids
 
@@ -425,3 +430,85 @@ def test_the_active_killed_and_its_journal_destroyed_everything_acknowledged_fin
               f"{len(sampler.samples)} samples")
     finally:
         sampler.close()
+
+
+def test_without_a_witness_a_split_has_two_actives_and_the_heal_merges_to_one_final_state_per_job(
+    netns_network: Callable[..., netns.Network], tmp_path: Path,
+) -> None:
+    """Promise 5 without a witness: the pair cannot reach each other while each reaches a worker and clients
+    of its own (a: ka, ca; b: kb, cb; c, the sampler and the fetch, reaches both and is the backup's vote).
+    Both serve; after the heal one is active, and every acknowledged job has one final state and one result."""
+    net = netns_network(["a", "b", "ka", "kb", "ca", "cb", "c"])
+    pair = NetPair(net, tmp_path, witness=False)
+    a, b = net["a"], net["b"]
+    cuts = [(a, b), (a, net["kb"]), (a, net["cb"]), (b, net["ka"]), (b, net["ca"])]
+    sampler: Sampler | None = None
+    loads: list[Load] = []
+    try:
+        pair.start("primary")
+        pair.start("backup")
+        pair.start_worker("ka")
+        pair.start_worker("kb")
+        sampler = Sampler(pair)
+        sampler.wait(lambda s: s["a"] == ["active", 1] and s["b"] == ["passive", 1], 30, "the primary active")
+        wait_until(lambda: "in sync; ACCEPTED" in (pair.tmp / "primary.log").read_text(), 10, 0.05, "in sync")
+        # In both journals and still running at the split: both sides will run them to the end.
+        before = detached(pair, 16, offset=0, task_s=1.5)
+        for x, y in cuts:
+            _blackhole(x, y, add=True)
+            _blackhole(y, x, add=True)
+        cut_at = time.monotonic()
+        try:
+            two = sampler.wait(lambda s: s["a"] == ["active", 1] and s["b"] == ["active", 2], 20, "two actives")
+            loads = [Load(pair, 20, gap_s=0.05, task_s=0.05, offset=100, host="ca"),
+                     Load(pair, 20, gap_s=0.05, task_s=0.05, offset=200, host="cb")]
+            side_a = detached(pair, 15, offset=1000, host="ca")  # acknowledged by the primary alone
+            side_b = detached(pair, 15, offset=2000, host="cb")  # by the backup alone
+            side_a += detached(pair, 5, offset=1015, host="ca", task_s=1.0)  # may still run at the heal
+            split_samples = sampler.since(cut_at)
+        finally:
+            for x, y in cuts:
+                _blackhole(x, y, add=False)
+                _blackhole(y, x, add=False)
+        healed_at = time.monotonic()
+        assert both_serving(split_samples), "without a witness both sides serve in this split"
+        one = sampler.wait(lambda s: s["a"] == ["passive", 2] and s["b"] == ["active", 2], 30,
+                           "one active after the heal, the lower epoch passive")
+        # The stepped-down primary rejoins passive and hands over what only it holds: until then the active
+        # does not know the jobs only the primary acknowledged (a fetch by id would find no such job).
+        wait_until(lambda: "merged what the peer handed over" in (pair.tmp / "backup.log").read_text(), 30, 0.1,
+                   "the merge")
+        merged_at = time.monotonic()
+        for load in loads:
+            load.finish(90, pair.logs)
+            load.check()
+        ids = before + side_a + side_b
+        fetched = fetch_all(pair, ids)
+        assert sorted(fetched.values()) == [*range(16), *range(1000, 1020), *range(2000, 2015)]
+        final = dict.fromkeys(ids, "succeeded")
+        wait_until(lambda: {i: jobs_in(pair.journal("backup")).get(i) for i in final} == final, 30, 0.1,
+                   "one final state per job in the active's journal")
+        wait_until(lambda: {i: jobs_in(pair.journal("primary")).get(i) for i in final} == final, 30, 0.1,
+                   "the same in the passive's")
+        status = json.loads(pair.agent("pair-status", pair.addr["backup"]).strip().splitlines()[-1])
+        sampler.drain()
+        epochs_only_increase(sampler.samples)
+        after = [s for s in sampler.samples if s["t"] >= one["t"]]
+        assert not both_serving(after), both_serving(after)[:3]
+        primary_log = (pair.tmp / "primary.log").read_text()
+        twice_there = re.findall(r"(\d+) job\(s\) ended on both sides while apart", primary_log)
+        ran_twice_there = sum(int(m) for m in twice_there)
+        print(f"\nsplit brain without a witness: two actives {two['t'] - cut_at:.2f} s after the cut, "
+              f"{len(both_serving(split_samples))} of {len(split_samples)} samples with both serving; "
+              f"one active {one['t'] - healed_at:.2f} s after the heal, merged {merged_at - healed_at:.2f} s after "
+              f"it: "
+              f"{status['adopted']} job(s) only the other held, {status['adopted_finals']} final state(s) it "
+              f"reached; ran on both sides: {status['ran_twice'] + ran_twice_there}; "
+              f"{sum(len(ld.results) for ld in loads)} connected + {len(fetched)} detached jobs, one result each "
+              f"({sum(ld.duplicates or 0 for ld in loads)} duplicate results dropped by the clients)")
+    finally:
+        for load in loads:
+            load.close()
+        if sampler is not None:
+            sampler.close()
+        pair.stop()

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from conveyor.dispatcher.committer import Commit, Committer
-from conveyor.dispatcher.journal import Journal
+from conveyor.dispatcher.journal import Batch, Journal
 from conveyor.dispatcher.model import FINISHED_STATES, Job, shift_history
 from conveyor.dispatcher.scheduler import OFFLOAD_AFTER_S, OFFLOADED, Scheduler
 from conveyor.dispatcher.timing import due_and_expiry
@@ -231,26 +231,42 @@ class Durability:
         if self._commit_at is None:
             self._commit_at = now  # retried at committer.retry_at
 
-    def adopt(self, inserts: dict[str, tuple[Any, ...]]) -> int:
-        """Jobs handed over by the other dispatcher of a pair (only its journal held them): accepted here as
-        if restored from our journal, and recorded in it. Returns how many were new."""
+    def adopt(self, batch: Batch) -> dict[str, int]:
+        """What the other dispatcher of a pair handed over after the two were apart (a merge, pair.py):
+        jobs only its journal held, and final states it reached. The rule, per job: a final state beats an
+        unfinished one (ours, if running, is stopped); if both ended, ours stands (the job ran on both
+        sides: counted). Recorded in our journal like any other change. Returns the counts."""
         now, now_wall = time.monotonic(), time.time()
-        n = 0
-        for job_id, _seq, owner, raw_opts, frames, deps in inserts.values():
-            if job_id in self.scheduler.jobs:
+        counts = {"jobs": 0, "finals": 0, "ran_twice": 0}
+        scheduler = self.scheduler
+        for job_id, _seq, owner, raw_opts, frames, deps in batch.inserts.values():
+            final = batch.finishes.get(job_id)
+            known = scheduler.jobs.get(job_id)
+            if known is None:
+                try:
+                    opts = c.options_from_raw(raw_opts)
+                except ValueError as exc:
+                    log.error("handed over: job %s has unusable options (%s); dropped", job_id, exc)
+                    continue
+                due, expires = due_and_expiry(opts, now, now_wall)
+                # A finished job needs no parents (its dependants here, if any, came with it and follow).
+                parents, after, allow = _deps(None if final is not None else deps)
+                scheduler.submit(job_id, opts, list(frames), owner, now, due, expires, parents, after, allow,
+                                 restoring=True)
+                self.journal.submitted(job_id, scheduler.jobs[job_id].seq, owner, raw_opts, list(frames), deps)
+                counts["jobs"] += 1
+            if final is None:
                 continue
-            try:
-                opts = c.options_from_raw(raw_opts)
-            except ValueError as exc:
-                log.error("handed over: job %s has unusable options (%s); dropped", job_id, exc)
+            state, attempts, history, info, result, _expires_at, _id = final
+            if scheduler.jobs[job_id].state in FINISHED_STATES:
+                counts["ran_twice"] += known is not None  # both sides ended it: ours stands
                 continue
-            due, expires = due_and_expiry(opts, now, now_wall)
-            parents, after, allow = _deps(deps)
-            job = self.scheduler.submit(job_id, opts, list(frames), owner, now, due, expires, parents, after, allow,
-                                        restoring=True)
-            self.journal.submitted(job.id, job.seq, owner, raw_opts, list(frames), deps)
-            n += 1
-        return n
+            scheduler.merge_final(
+                job_id, state, attempts, shift_history(_unpacked(history, []), now - now_wall),
+                _unpacked(info, {}), list(result), now,
+            )
+            counts["finals"] += 1
+        return counts
 
     def release(self, upto: int | None) -> None:
         """The passive acknowledged batches up to `upto` (None: replication is degraded, nothing waits for
@@ -285,3 +301,14 @@ def _deps(raw: bytes | None) -> tuple[list[str], list[str], list[str]]:
         log.error("journal: unreadable dependencies %r: the job runs without them", raw[:40])
         return [], [], []
     return parents, after, allow
+
+
+def _unpacked(raw: bytes | None, empty: Any) -> Any:
+    """A job's history or result info as the journal keeps them (msgpack), or `empty`."""
+    if not raw:
+        return empty
+    try:
+        return msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError:
+        log.error("journal: unreadable history or result info %r", raw[:40])
+        return empty

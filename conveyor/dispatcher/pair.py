@@ -84,7 +84,7 @@ class Pair:
         self.on_activate: Callable[[int, bool], None] = lambda epoch, behind: None
         self.on_step_down: Callable[[str], None] = lambda reason: None
         self.on_acked: Callable[[int | None], None] = lambda upto: None  # ACCEPTED up to here may go (None: all)
-        self.on_handover: Callable[[Batch], int] = lambda batch: 0  # adopt jobs only a former active held
+        self.on_handover: Callable[[Batch], dict[str, int]] = lambda batch: {}  # merge what a former active held
         self.snapshot_ready: Callable[[], bool] = lambda: True  # no commit in flight
         # shipping (active)
         self.seq = 0  # the last batch shipped
@@ -93,6 +93,7 @@ class Pair:
         self.snapshots = 0
         self._snapshot_wanted = False
         self._snapshot_at = -float("inf")
+        self._peer_instance = ""
         # applying (passive)
         self.stream = 0  # the epoch whose batches `applied` counts (0: none since we started)
         self.applied = 0
@@ -103,6 +104,8 @@ class Pair:
         self._may_hold_more = journal.epoch > 0
         self.handed_over = 0
         self.adopted = 0
+        self.adopted_finals = 0
+        self.ran_twice = 0  # jobs both sides ran to the end while apart (at-least-once: counted, not hidden)
         # counts, for status
         self.redirected = 0
         self.stale_answers = 0  # STALE answers received: messages of ours a peer refused
@@ -232,7 +235,7 @@ class Pair:
                 stream_seq = self.committed_seq if self.standby.active else self.applied
                 self._send_peer(Cmd.PAIR_BEAT, c.PairBeat(
                     action.epoch, action.active, stream_seq, action.ref, action.echo, self.endpoint,
-                    self.standby.epoch if self.standby.active else self.stream, action.promote))
+                    self.standby.epoch if self.standby.active else self.stream, action.promote, self.node))
             elif isinstance(action, sb.AskLease):
                 if self.witness is not None:
                     _send(self.witness, Cmd.LEASE, c.Lease(self.node, action.epoch, action.ref))
@@ -284,6 +287,9 @@ class Pair:
         now = now_s()
         if cmd == Cmd.PAIR_BEAT:
             self.peer_endpoint = body.endpoint
+            if body.instance != self._peer_instance:  # the peer (re)started: a snapshot sent before is lost
+                self._peer_instance = body.instance
+                self._snapshot_at = -float("inf")
             # An active's position is its own; a passive's counts only if it is of our epoch's stream.
             ours = self.standby.active and body.stream == self.standby.epoch
             seq = body.seq if body.active or ours else 0
@@ -355,9 +361,13 @@ class Pair:
         batch = _batch_of(b, frames)
         if self.standby.active:
             if b.handover and b.epoch == self.standby.epoch:
-                n = self.on_handover(batch)
-                self.adopted += n
-                log.warning("standby pair: adopted %d unfinished job(s) only the peer's journal held", n)
+                counts = self.on_handover(batch)
+                self.adopted += counts.get("jobs", 0)
+                self.adopted_finals += counts.get("finals", 0)
+                self.ran_twice += counts.get("ran_twice", 0)
+                log.warning("standby pair: merged what the peer handed over: %d job(s) only its journal held, "
+                            "%d final state(s) it reached, %d job(s) that ended on both sides (ours stands)",
+                            counts.get("jobs", 0), counts.get("finals", 0), counts.get("ran_twice", 0))
             return  # else two actives (a split): the higher epoch wins; their merge is a later step
         if b.snapshot:
             batch.deletes = self.journal.job_ids()
@@ -380,17 +390,36 @@ class Pair:
         self._apply(self.standby.handle(sb.JournalAt(self.applied), now))
 
     def _hand_over(self, epoch: int, snapshot: Batch) -> None:
-        """Before our journal takes the snapshot: our unfinished jobs it lacks stay, and go to the active."""
+        """Before our journal takes the snapshot: what we hold that it lacks goes to the active (the merge).
+
+        That is every job it does not know (accepted here while we were cut off, degraded, or active beside
+        it in a split), and every final state we reached for a job it still has unfinished. The active
+        applies the rule (Durability.adopt): a final state beats an unfinished one, its own final state
+        stands. Jobs it lacks stay in our journal until its stream brings them back."""
         self._may_hold_more = False
         ours = self.journal.dump()
-        only_ours = {i: row for i, row in ours.inserts.items() if i not in snapshot.inserts and i not in ours.finishes}
-        if not only_ours:
+        theirs = snapshot.inserts
+        only_ours = {i for i in ours.inserts if i not in theirs}
+        ended_here = {i for i in ours.finishes if i in theirs and i not in snapshot.finishes}
+        # Ended on both sides with different attempts: it ran twice (in a split both sides ran it).
+        done_there = snapshot.finishes
+        twice = sum(1 for i, row in ours.finishes.items() if i in done_there and row[2] != done_there[i][2])
+        self.ran_twice += twice
+        send = only_ours | ended_here
+        if twice:
+            log.warning("standby pair: %d job(s) ended on both sides while apart (they ran twice); the active's "
+                        "final states stand", twice)
+        if not send:
             return
-        snapshot.deletes -= set(only_ours)
-        body, frames = _batch_body(epoch, 0, 0, Batch(only_ours, {}, set()))
-        self._send_peer(Cmd.PAIR_BATCH, c.PairBatch(body.epoch, 0, 0, body.inserts, handover=True), frames)
-        self.handed_over += len(only_ours)
-        log.warning("standby pair: handing %d unfinished job(s) only our journal holds to the active", len(only_ours))
+        snapshot.deletes -= only_ours
+        handover = Batch({i: ours.inserts[i] for i in send}, {i: ours.finishes[i] for i in send if i in ours.finishes},
+                         set())
+        body, frames = _batch_body(epoch, 0, 0, handover)
+        self._send_peer(Cmd.PAIR_BATCH, c.PairBatch(body.epoch, 0, 0, body.inserts, body.finishes, handover=True),
+                        frames)
+        self.handed_over += len(send)
+        log.warning("standby pair: handing %d job(s) only our journal holds and %d final state(s) only we reached "
+                    "to the active (a merge)", len(only_ours), len(ended_here))
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -414,6 +443,8 @@ class Pair:
             "snapshots": self.snapshots,
             "handed_over": self.handed_over,
             "adopted": self.adopted,
+            "adopted_finals": self.adopted_finals,
+            "ran_twice": self.ran_twice,
         }
 
 

@@ -320,6 +320,26 @@ class Scheduler:
         self._finish(job, CANCELLED, info, [], now)
         return True
 
+    def merge_final(
+        self, job_id: str, state: str, attempts: int, history: list[dict[str, Any]], info: dict[str, Any],
+        frames: list[Any], now: float,
+    ) -> bool:
+        """The final state the other dispatcher of a pair reached for a job while the two were apart (a
+        merge, pair.py): it ends the job here if the job is still unfinished (an attempt running here is
+        stopped); a final state of our own stands. True if it was taken."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state in FINISHED_STATES or state not in FINISHED_STATES:
+            return False
+        if job.state == RUNNING and job.worker is not None:
+            self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))
+            self._release(job)
+        else:
+            self._stop_waiting(job)
+        job.attempt = max(job.attempt, attempts)
+        job.history = [*job.history, *history]
+        self._finish(job, state, info, frames, now)
+        return True
+
     def forget(self, job_id: str) -> None:
         """Drop a finished job whose result was delivered and need not be kept."""
         job = self.jobs.get(job_id)

@@ -128,7 +128,7 @@ class Dispatcher:
             pair.on_step_down = self._step_down
             if self.durability is not None:
                 pair.on_acked = self.durability.release
-                pair.on_handover = lambda batch: self.durability.adopt(batch.inserts) if self.durability else 0
+                pair.on_handover = lambda batch: self.durability.adopt(batch) if self.durability else {}
                 pair.snapshot_ready = lambda: self.durability is not None and self.durability.idle
         self._fired = False  # the timetable created jobs this turn: the next poll does not wait
         self.clients = ClientSide(

@@ -527,6 +527,7 @@ class PairBeat(Body, frozen=True):
     endpoint: str = ""
     stream: Epoch = 0
     promote: bool = False  # an operator promoted the sender: the active yields to it
+    instance: str = ""  # the sending process (its node id, new at each start): a restarted one is sent a snapshot now
 
 
 class ShippedInsert(Entry, frozen=True):
@@ -555,7 +556,8 @@ class ShippedFinish(Entry, frozen=True):
 class PairBatch(Body, frozen=True):
     """PAIR_BATCH: batch `seq` of the active's journal in `epoch` (inserts' then finishes' frames follow).
     `snapshot` > 0: the whole journal as of `seq` (the passive replaces its jobs with it). `handover`: the
-    other way, a former active's unfinished jobs the snapshot lacked, for the active to adopt."""
+    other way, what a former active held that the snapshot lacked (jobs it alone knew, final states it alone
+    reached), for the active to merge."""
 
     epoch: Epoch
     seq: Seq
@@ -564,7 +566,7 @@ class PairBatch(Body, frozen=True):
     finishes: list[ShippedFinish] = []
     deletes: list[Id] = []
     schedules: list[tuple[str, bytes | None]] = []
-    handover: bool = False  # passive -> active: unfinished jobs only the sender's journal holds (a merge)
+    handover: bool = False  # passive -> active: what only the sender's journal holds (the merge)
 
 
 class PairAck(Body, frozen=True):
