@@ -1,14 +1,17 @@
-"""Programs tests/test_standby_netns.py runs inside namespace hosts (the test's own namespace reaches none).
+"""Programs tests/test_standby_netns.py and test_standby_chaos.py run inside namespace hosts (the tests' own
+namespace reaches none).
 
     python -m tests.standby_netns_agent sample A B        # probe both every 50 ms: one JSON line a sample
     python -m tests.standby_netns_agent load A,B COUNT GAP_S TASK_S OFFSET   # a connected client under load
     python -m tests.standby_netns_agent detach A,B COUNT TASK_S OFFSET       # submit, print ids, exit
     python -m tests.standby_netns_agent fetch A,B ID...    # one JSON line {"id", "value"} a job
     python -m tests.standby_netns_agent submit-to ADDRESS SECONDS  # one SUBMIT to that dispatcher alone
+    python -m tests.standby_netns_agent pair-status ADDRESS  # the pair's part of that dispatcher's STATUS
 
 `sample` asks both dispatchers at once (one STATUS each on fresh raw sockets, as tests/test_standby_pair.py's
 `probe` does; a REDIRECT means passive, i.e. not serving) and prints {"t": monotonic, "a": [state, epoch] or
-null, "b": ...} until stdin closes. `load` submits COUNT `sleep_for` jobs GAP_S apart, prints
+null, "b": ..., "sync": whether the active one reports its replication in sync} until stdin closes.
+`load` submits COUNT `sleep_for` jobs GAP_S apart, prints
 {"accepted": n} once all are acknowledged, then {"i", "value"} as each finishes and finally {"done",
 "duplicates"}.
 """
@@ -36,13 +39,14 @@ def _emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
-def _answer(parts: list[bytes]) -> list[Any]:
+def _answer(parts: list[bytes]) -> tuple[list[Any], str]:
+    """[state, epoch] of one dispatcher, and its replication ("in-sync", "degraded"; "" if passive)."""
     cmd, raw, _ = split(parts)
     body = c.decode_body(cmd, raw)
     if cmd == Cmd.REDIRECT:
-        return ["passive", body.epoch]
+        return ["passive", body.epoch], ""
     pair = body.dispatcher.get("pair", {})
-    return [pair.get("state", "?"), frame_epoch(parts[1])]
+    return [pair.get("state", "?"), frame_epoch(parts[1])], str(pair.get("replication", ""))
 
 
 def probe_both(ctx: zmq.Context[Any], addresses: list[str]) -> dict[str, Any]:
@@ -56,6 +60,7 @@ def probe_both(ctx: zmq.Context[Any], addresses: list[str]) -> dict[str, Any]:
         sock.send_multipart(encode(Cmd.STATUS, {"req": 1}))
         socks.append(sock)
     answers: list[list[Any] | None] = [None] * len(socks)
+    replication = [""] * len(socks)
     poller = zmq.Poller()
     for sock in socks:
         poller.register(sock, zmq.POLLIN)
@@ -65,12 +70,12 @@ def probe_both(ctx: zmq.Context[Any], addresses: list[str]) -> dict[str, Any]:
             ready = dict(poller.poll(max(1, int((deadline - time.monotonic()) * 1000))))
             for i, sock in enumerate(socks):
                 if sock in ready and answers[i] is None:
-                    answers[i] = _answer(sock.recv_multipart())
+                    answers[i], replication[i] = _answer(sock.recv_multipart())
                     poller.unregister(sock)
     finally:
         for sock in socks:
             sock.close()
-    return {"t": t, "a": answers[0], "b": answers[1]}
+    return {"t": t, "a": answers[0], "b": answers[1], "sync": "in-sync" in replication}
 
 
 def sample(a: str, b: str) -> int:
