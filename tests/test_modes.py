@@ -135,8 +135,7 @@ async def test_threads_mode_lends_the_slot_of_a_blocked_task_and_takes_it_back()
 
 # --- the Mode contract, in every mode ----------------------------------------------------------------
 
-MODE_NAMES = ("threads", "asyncio")  # processes: the multiprocessing fork server outlives an in-process test;
-# its contract runs end to end (test_end_to_end: cancels and timeouts per mode; test_worker_faults)
+MODE_NAMES = ("threads", "asyncio", "processes")  # (processes: its fork server ends with the mode's shutdown)
 
 
 def _mode(name: str, concurrency: int = 1) -> Mode:
@@ -214,3 +213,18 @@ async def test_a_stopped_running_task_is_never_reported_and_its_slot_comes_back(
         assert outcomes["job-1"].ok and "job-0" not in outcomes
     finally:
         await mode.shutdown()
+
+
+async def test_processes_mode_shutdown_ends_its_fork_server_and_children() -> None:
+    import psutil
+
+    mode = _mode("processes", 2)
+    outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
+    server = mode._forks.pid  # type: ignore[attr-defined]
+    family = [server, *mode.child_pids()]
+    assert server is not None and len(family) == 3 and all(psutil.pid_exists(p) for p in family)
+    mode.submit([_task(0, "tests.tasks:add", 1, 2)])
+    await _until(lambda: "job-0" in outcomes, "the task to be reported")
+    await mode.shutdown()
+    assert not [p for p in family if psutil.pid_exists(p)], "shutdown left a process of the mode running"

@@ -41,12 +41,14 @@ def test_the_worker_role_loads_only_its_mode() -> None:
     assert _loaded(code, (*UNUSED, "conveyor.dispatcher", "sqlite3")) == []
     modes = [m for m in _loaded(code, ("conveyor.worker",)) if m.startswith("conveyor.worker.modes.")]
     assert modes == ["conveyor.worker.modes.base", "conveyor.worker.modes.processes",
-                     "conveyor.worker.modes.processes.channel", "conveyor.worker.modes.processes.child"]
+                     "conveyor.worker.modes.processes.channel", "conveyor.worker.modes.processes.child",
+                     "conveyor.worker.modes.processes.forkserver"]
 
 
 def test_a_processes_child_loads_no_asyncio_psutil_or_sockets() -> None:
     # What the fork server preloads, hence what every child carries.
-    assert _loaded("import conveyor.worker.modes.processes.child", ("asyncio", "psutil", "zmq", "typer")) == []
+    code = "import conveyor.worker.modes.processes.child, conveyor.worker.modes.processes.forkserver"
+    assert _loaded(code, ("asyncio", "psutil", "zmq", "typer", "multiprocessing.resource_tracker")) == []
 
 
 def test_a_local_cluster_plans_a_free_address_and_leaves_taken_or_wildcard_ones_to_the_dispatcher() -> None:

@@ -143,3 +143,31 @@ def test_under_memory_pressure_the_kernel_kills_a_child_not_the_worker(tmp_path:
             assert client.submit(tasks.add, 2, 2).result(30) == 4  # and it still serves
     finally:
         cluster.stop()
+
+
+def test_kill_9_of_the_worker_ends_its_fork_server_and_children_busy_ones_too(cluster: Cluster) -> None:
+    """The fork server exits when its worker's end of the control socket closes, and the kernel kills its
+    children with it (PR_SET_PDEATHSIG): no task runs on as an orphan of a dead worker."""
+    name = cluster.start_worker("processes", 2)
+    client = cluster.client()
+    cluster.wait_for_workers(name)
+    pid = cluster.worker_pid(name)
+    marker = cluster.tmp / "busy"
+    busy = client.submit(tasks.sleep_marked, str(marker), 60)  # a child busy for a minute
+    idle = client.submit(tasks.whoami).result(30)["pid"]
+    family = wait_until(lambda: len(kids := psutil.Process(pid).children(recursive=True)) >= 3 and kids,
+                        what="the fork server and both children")
+    assert idle in {p.pid for p in family}
+    assert any("processes.forkserver" in " ".join(p.cmdline()) for p in family)
+    wait_until(marker.exists, what="the busy child to start its task")
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(alive(p) for p in family), timeout=10,
+               what="the fork server and every child, the busy one included, to exit")
+    assert not busy.done()  # (the dispatcher re-queues it once it declares the worker lost)

@@ -4,10 +4,12 @@ Each child has its own interpreter, memory and GIL, so CPU-bound Python code use
 that dies (segfault, os._exit, the OOM killer, the memory limit) fails only the task it was running, with
 WorkerCrashed, and is replaced; the worker and its other children carry on. A stopped task's child
 (timeout, cancel) is terminated (SIGTERM, then SIGKILL after a grace period) and replaced. Children are
-started by the `forkserver` method, so they do not inherit the worker's threads or sockets.
+forked by the pool's own fork server (forkserver.py), so they do not inherit the worker's threads or
+sockets, and they end with the pool.
 
     __init__.py   the pool: starting and replacing children, handing them tasks, crashes, memory limit
     channel.py    the worker's ends of one child's pipes (tasks out, outcomes and output back)
+    forkserver.py the process that forks the children, and the worker's handle on each child
     child.py      what runs in the child (and the wire format of the task pipe)
 
 A task blocked on its own child (conveyor.current_client()) lends its slot: its child process says so on
@@ -23,19 +25,19 @@ never comes back.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
-import sys
+import socket
 from collections import deque
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from conveyor.protocol import failures as perr
 from conveyor.worker.execution import Key, Outcome, Task, infra_failure
 from conveyor.worker.modes.base import Mode, ModeSettings, Report
 from conveyor.worker.modes.processes.channel import Child, ChildOutput, child_pipes
-from conveyor.worker.modes.processes.child import child_main
+from conveyor.worker.modes.processes.forkserver import ForkServer
 from conveyor.worker.reports import TaskReports
 
 if TYPE_CHECKING:
@@ -52,21 +54,13 @@ RESTART_BACKOFF = (0.1, 5.0)  # seconds between attempts to start a child that f
 SHUTDOWN_WAIT = 2.0  # seconds children get to exit at shutdown before they are killed
 
 
-def _context() -> Any:
-    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["conveyor.worker.modes.processes.child"])
-    return ctx
-
-
 class ProcessesMode(Mode):
     name = "processes"
 
     def __init__(self, settings: ModeSettings, reports: TaskReports | None = None):
         super().__init__(settings, reports)
         self.max_child_memory = settings.max_child_memory_bytes  # bytes of RSS; a child above it is killed
-        self._ctx = _context()
+        self._forks = ForkServer()  # started with the first child, ended at shutdown
         self._children: set[Child] = set()
         self._idle: deque[Child] = deque()
         self._waiting: deque[Task] = deque()  # submitted, no idle child yet (one is being replaced)
@@ -113,26 +107,25 @@ class ProcessesMode(Mode):
     # --- children -----------------------------------------------------------------------------------
 
     def _start_child(self) -> Child:
-        """Start one child (in a thread: forking and the fork server's handshake take a while)."""
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        """Start one child (in a thread: the fork server's start and handshake take a while)."""
+        ours, theirs = socket.socketpair()
+        parent_conn = Connection(ours.detach())
         reads: list[int] = []
-        writes: list[Any] = []
+        writes: list[int] = []
         try:
             if self.reports is not None:
                 reads, writes = child_pipes()
             level = logging.getLogger().getEffectiveLevel()
-            args = (child_conn, writes, level, self.capture_output) if writes else (child_conn,)
-            process = self._ctx.Process(target=child_main, args=args, daemon=True, name="conveyor-child")
-            process.start()
+            process = self._forks.start_child([theirs.fileno(), *writes], level, self.capture_output)
         except BaseException:
             parent_conn.close()
             for fd in reads:
                 os.close(fd)
             raise
         finally:
-            child_conn.close()
+            theirs.close()
             for w in writes:
-                w.close()
+                os.close(w)
         output = ChildOutput(self.reports, *reads) if self.reports is not None else None
         return Child(process, parent_conn, output)
 
@@ -269,6 +262,7 @@ class ProcessesMode(Mode):
         except OSError as exc:  # (poll can fail when the process is out of descriptors) the exit code is then unknown
             log.warning("processes mode: cannot reap child %d: %s", child.pid, exc)
         code = child.process.exitcode
+        child.process.close()
         child.close()  # what the task printed before the child died stays its output
         self._children.discard(child)
         self._unlend(child)
@@ -336,6 +330,8 @@ class ProcessesMode(Mode):
         self._loop.call_later(MEMORY_CHECK_INTERVAL, self._check_memory)
 
     async def shutdown(self) -> None:
+        import asyncio
+
         self._closing = True
         self._closed.set()
         if self._spawner is not None:
@@ -349,6 +345,7 @@ class ProcessesMode(Mode):
         for child in children:
             if child.output is not None and not child.dead:
                 child.output.close()
+        await asyncio.to_thread(self._forks.close)
 
 
 async def _reap(children: list[Child]) -> None:
@@ -360,3 +357,5 @@ async def _reap(children: list[Child]) -> None:
     for child in stuck:
         child.process.kill()
     await asyncio.gather(*(asyncio.to_thread(c.process.join, SHUTDOWN_WAIT) for c in stuck))
+    for child in children:  # (detached by the caller: nothing watches their status pipes any more)
+        child.process.close()

@@ -14,7 +14,6 @@ import select
 import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -22,6 +21,7 @@ import msgpack
 from conveyor.transport.shm import Segment
 from conveyor.worker.execution import Key, Task
 from conveyor.worker.modes.processes.child import IOV_MAX, LENT, consume
+from conveyor.worker.modes.processes.forkserver import ChildProcess
 from conveyor.worker.reports import TaskReports
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ OnLent = Callable[["Child", Key, bool], None]  # its task (key) blocks on a chil
 class Child:
     """One child process and the worker's ends of its pipes."""
 
-    def __init__(self, process: BaseProcess, conn: Connection, output: ChildOutput | None):
+    def __init__(self, process: ChildProcess, conn: Connection, output: ChildOutput | None):
         self.process = process
         self.conn = conn
         self.output = output
@@ -273,22 +273,18 @@ class ChildOutput:
                 self.reports.output(self.task, "log", str(record[1]))
 
 
-def child_pipes() -> tuple[list[int], list[Connection]]:
-    """(worker's read ends, child's write ends) of a child's stdout, stderr and events pipes.
-
-    The write ends are wrapped as Connections so that they can be passed to a child process; the worker
-    closes its copies once the child has started."""
+def child_pipes() -> tuple[list[int], list[int]]:
+    """(worker's read ends, child's write ends) of a child's stdout, stderr and events pipes. The worker
+    closes its copies of the write ends once the fork server has them."""
     reads: list[int] = []
-    writes: list[Connection] = []
+    writes: list[int] = []
     try:
         for _ in range(3):
             r, w = os.pipe()
             reads.append(r)
-            writes.append(Connection(w, readable=False))
+            writes.append(w)
     except OSError:
-        for fd in reads:
+        for fd in (*reads, *writes):
             os.close(fd)
-        for conn in writes:
-            conn.close()
         raise
     return reads, writes
