@@ -61,11 +61,11 @@ class Pair:
     def journal(self, role: str) -> Path:
         return self.tmp / f"{role}.db"
 
-    def start(self, role: str) -> None:
+    def start(self, role: str, *extra: str) -> None:
         other = "backup" if role == "primary" else "primary"
         args = ["dispatcher", "--bind", self.addr[role], "--journal", str(self.journal(role)), "--role", role,
                 "--peer", self.pair_addr[other], "--pair-bind", self.pair_addr[role],
-                "--failover-timeout", str(FAILOVER_S), "--heartbeat-interval", "0.2"]
+                "--failover-timeout", str(FAILOVER_S), "--heartbeat-interval", "0.2", *extra]
         if self.witness_addr is not None:
             args += ["--witness", self.witness_addr]
         if self.keys is not None:
@@ -296,6 +296,46 @@ def test_backup_gone_the_active_serves_degraded_and_catches_the_backup_up_when_i
     wait_until(lambda: client.status()["dispatcher"]["pair"]["replication"] == "in-sync", 20, 0.1, "in sync again")
     ids = {f.job_id for f in futures}
     assert ids <= set(jobs_in(pair.journal("backup"))), "the returning backup did not catch up"
+
+
+def test_with_require_backup_a_degraded_active_holds_new_jobs_until_the_backup_is_back(pair: Pair) -> None:
+    """--require-backup: never acknowledged on one copy. Degraded, SUBMIT answers busy (the client sends
+    again), so the jobs are in neither journal; the backup back and in sync, they are accepted in both."""
+    pair.start("primary", "--require-backup")
+    pair.start("backup", "--require-backup")
+    client = pair.client()
+
+    def replication() -> dict[str, Any]:
+        return dict(client.status()["dispatcher"]["pair"])
+
+    def accepted(futures: list[Any]) -> set[str]:
+        client._conn.wait_accepted(futures, 30)  # type: ignore[union-attr]
+        assert all(f._accepted for f in futures)
+        return {f.job_id for f in futures}
+
+    wait_until(lambda: replication()["replication"] == "in-sync", 20, 0.1, "in sync")
+    first = [client.submit("tests.tasks:add", 1, 1)]
+    assert accepted(first) <= set(jobs_in(pair.journal("backup")))  # in sync: as without the option
+    os.kill(pair.procs["backup"].pid, signal.SIGKILL)
+    pair.procs["backup"].wait()
+    wait_until(lambda: replication()["replication"] == "degraded", 10, 0.1, "degraded")
+    futures = [client.submit("tests.tasks:add", i, 1) for i in range(10)]
+    wait_until(lambda: replication()["held_back"] >= 10, 10, 0.1, "the new jobs held back")
+    assert not any(f._accepted or f.done() for f in futures), "acknowledged on one copy"
+    ids = {f.job_id for f in futures}
+    assert not ids & set(jobs_in(pair.journal("primary")))
+    shown = subprocess.run(conveyor_cmd("status", "--dispatcher", pair.addr["primary"]), cwd=ROOT,
+                           capture_output=True, text=True, timeout=30)
+    assert "new jobs wait (--require-backup)" in shown.stdout, shown.stdout + shown.stderr
+    assert "new jobs wait (--require-backup)" in (pair.tmp / "primary.log").read_text()
+    pair.start("backup", "--require-backup")
+    assert accepted(futures) == ids  # the client sent them again; ACCEPTED once both journals hold them
+    assert ids <= set(jobs_in(pair.journal("backup"))) and ids <= set(jobs_in(pair.journal("primary")))
+    pair.start_worker()
+    assert [f.result(30) for f in futures] == [i + 1 for i in range(10)] and first[0].result(30) == 2
+    alone = subprocess.run(conveyor_cmd("dispatcher", "--require-backup", "--no-journal"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=30)
+    assert "--require-backup needs --peer" in assert_one_error_line(alone, 2)
 
 
 def test_the_epoch_rides_in_the_command_frame_plain_or_packed() -> None:

@@ -136,7 +136,9 @@ def render_status(st: dict[str, Any], rates: list[float] | None = None, max_work
     if pair:  # a standby pair: degraded (one copy of the journal) in red
         degraded = pair.get("replication") == "degraded"
         head.append(f"\npair: {pair.get('role')} {pair.get('state')} in epoch {pair.get('epoch')}, "
-                    f"replication {pair.get('replication')}", style="bold red" if degraded else "dim")
+                    f"replication {pair.get('replication')}"
+                    + (", new jobs wait (--require-backup)" if degraded and pair.get("require_backup") else ""),
+                    style="bold red" if degraded else "dim")
     conns = st.get("connections") or {}
     if conns.get("accept_failures"):
         head.append(f"\nconnections: cannot accept more ({conns.get('last_error')}); serving the ones it has",

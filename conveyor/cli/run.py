@@ -87,6 +87,10 @@ def dispatcher(
     failover_timeout: Annotated[
         float, typer.Option(help="Standby pair: seconds of the peer's silence before a takeover may start.")
     ] = 2.0,
+    require_backup: Annotated[
+        bool, typer.Option(help="Standby pair: accept new jobs only while both journals are in sync "
+                           "(degraded, clients wait and send again).")
+    ] = False,
     log_level: LogLevelOpt = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -108,11 +112,13 @@ def dispatcher(
         except Exception as exc:
             raise CliError(f"cannot open the journal: {exc}") from None
     pair = None
+    if require_backup and peer is None:
+        raise CliError("--require-backup needs --peer (a standby pair)", EXIT_USAGE)
     if peer is not None:
         if store is None:
             raise CliError("a standby pair needs a journal (--no-journal cannot ship one)", EXIT_USAGE)
         try:
-            pair = _pair(bind, peer, role, pair_bind, witness, failover_timeout, keys, store)
+            pair = _pair(bind, peer, role, pair_bind, witness, failover_timeout, keys, store, require_backup)
         except (ValueError, ConveyorError) as exc:
             store.close()
             raise CliError(str(exc), EXIT_USAGE) from None
@@ -148,7 +154,7 @@ def dispatcher(
 
 def _pair(
     bind: str, peer: str, role: str, pair_bind: str | None, witness: str | None, failover_timeout_s: float,
-    keys: str | None, store: Any,
+    keys: str | None, store: Any, require_backup: bool = False,
 ) -> Any:
     """The standby pair's driver from the --peer options (ValueError: a usage error)."""
     from conveyor.dispatcher.pair import Pair
@@ -169,7 +175,7 @@ def _pair(
 
         credentials = load_dispatcher_credentials(keys)
     return Pair(config, peer=peer, bind=pair_bind, journal=store, endpoint=bind, witness=witness,
-                credentials=credentials)
+                credentials=credentials, require_backup=require_backup)
 
 
 def _schedules(path: str | None) -> list[Any]:

@@ -2,9 +2,10 @@
 
 Every handler gets the typed body of its command (conveyor/protocol/commands.py) and runs on the loop
 thread; `server.py` routes to them. The rules:
-- SUBMIT: each entry accepted, rejected (its own fault, with a reason), busy (no room now: sent again
-  later) or refused (it cannot be made durable now: the journal's disk is full). ACCEPTED goes out
-  after the journal commit that holds the accepted jobs (durability.py).
+- SUBMIT: each entry accepted, rejected (its own fault, with a reason), busy (no room now, or a pair
+  with --require-backup is degraded: sent again later) or refused (it cannot be made durable now: the
+  journal's disk is full). ACCEPTED goes out after the journal commit that holds the accepted jobs
+  (durability.py).
 - JOB_DONE is numbered per client and the jobs it carries are forgotten only once acknowledged (ACK,
   or `ack` in a ping): deliveries.py.
 - Requests that read state (STATUS, JOBS, LOGS, JOB_INFO) are answered at most REPLIES_PER_S times a
@@ -161,6 +162,14 @@ class ClientSide:
                 return
             reply.refused += [(e.job_id, durability.reason) for e, _, _ in new]
             checked = [x for x in checked if x[0].job_id in scheduler.jobs]
+        if new and durability is not None and durability.needs_replica:  # --require-backup, degraded
+            durability.replica.held_back += len(entries) if atomic else len(new)
+            if atomic:
+                reply.busy += [x.job_id for x in entries]
+                return
+            reply.busy += [e.job_id for e, _, _ in new]
+            checked = [x for x in checked if x[0].job_id in scheduler.jobs]
+            new = []
         waiting = scheduler.n_queued + scheduler.n_scheduled + scheduler.n_limited + scheduler.n_waiting
         full = (waiting + (len(new) if atomic else 1) > self.max_queued) or (
             scheduler.held_bytes > 0 and scheduler.held_bytes + (new_data if atomic else 0) > self.max_queued_bytes

@@ -140,6 +140,12 @@ class Durability:
     def reason(self) -> str:
         return self.committer.reason
 
+    @property
+    def needs_replica(self) -> bool:
+        """New jobs must wait: the pair runs with --require-backup and the passive is not in sync."""
+        replica = self.replica
+        return replica is not None and replica.require_backup and not replica.in_sync
+
     def submitted(
         self, job: Job, owner: bytes | None, opts: bytes, frames: list[Any], deps: bytes | None = None
     ) -> None:

@@ -66,8 +66,13 @@ class Pair:
         endpoint: str,
         witness: str | None = None,
         credentials: DispatcherCredentials | None = None,
+        require_backup: bool = False,
     ):
         self.config = config
+        # Accept new jobs only while in sync (both journals): degraded, SUBMIT answers busy (clients send
+        # again later) instead of acknowledging on one copy. Availability traded for the second copy.
+        self.require_backup = require_backup
+        self.held_back = 0  # new jobs answered busy for want of the backup
         self.peer_address = peer
         self.bind_address = bind
         self.witness_address = witness
@@ -268,8 +273,9 @@ class Pair:
             log.info("standby pair: in sync; ACCEPTED waits for both journals")
         else:
             self.degraded_since = time.monotonic()
-            log.warning("standby pair: DEGRADED: the backup is gone or behind; jobs are acknowledged with one "
-                        "copy of the journal until it catches up")
+            log.warning("standby pair: DEGRADED: the backup is gone or behind; %s until it catches up",
+                        "new jobs wait (--require-backup)" if self.require_backup
+                        else "jobs are acknowledged with one copy of the journal")
             self.on_acked(None)
 
     def _send_peer(self, cmd: Cmd, body: Any, frames: list[Any] | None = None) -> bool:
@@ -431,6 +437,8 @@ class Pair:
             "state": "active" if active else "passive",
             "epoch": st.epoch if active else st.seen,
             "replication": ("in-sync" if self.in_sync else "degraded") if active else "passive",
+            "require_backup": self.require_backup,
+            "held_back": self.held_back,
             "degraded_s": None if self.degraded_since is None or not active
             else round(time.monotonic() - self.degraded_since, 3),
             "seq": self.committed_seq if active else self.applied,
