@@ -14,8 +14,6 @@ import traceback
 from types import TracebackType
 from typing import Any
 
-import cloudpickle
-
 from conveyor import errors
 
 EXCEPTION = "exception"  # the task raised
@@ -82,6 +80,8 @@ def encode_exception(exc: BaseException, kind: str = EXCEPTION) -> tuple[dict[st
     tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     info = error_info(kind, type_name(type(exc)), str(exc), tb)
     try:
+        import cloudpickle  # (on first use: a dispatcher never pickles)
+
         frames = [cloudpickle.dumps(exc.with_traceback(None), protocol=5)]
     except Exception:
         frames = []

@@ -37,7 +37,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import msgpack
 
 from conveyor.errors import FunctionNotFound, ProtocolError
@@ -96,15 +95,26 @@ class ParentRange:
         return hash((ParentRange, self.start, self.stop))
 
 
-class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """Pickles ParentRef as a persistent id, so the worker's unpickler puts the parent's value there."""
+_ref_pickler: Any = None  # cloudpickle is imported on first use: a dispatcher never pickles
 
-    def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is ParentRef:
-            return (_PARENT_PID, obj.index)
-        if type(obj) is ParentRange:
-            return (_PARENTS_PID, obj.start, obj.stop)
-        return None
+
+def _ref_pickler_class() -> Any:
+    """A cloudpickle Pickler that pickles ParentRef as a persistent id, so the worker's unpickler puts the
+    parent's value there."""
+    global _ref_pickler
+    if _ref_pickler is None:
+        import cloudpickle
+
+        class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
+            def persistent_id(self, obj: Any) -> Any:
+                if type(obj) is ParentRef:
+                    return (_PARENT_PID, obj.index)
+                if type(obj) is ParentRange:
+                    return (_PARENTS_PID, obj.start, obj.stop)
+                return None
+
+        _ref_pickler = _RefPickler
+    return _ref_pickler
 
 
 def _plain(obj: Any, buffers: list[Any]) -> Any:
@@ -150,9 +160,11 @@ def encode_value(obj: Any, refs: bool = False) -> Frames:
     oob: list[pickle.PickleBuffer] = []
     if refs:
         out = io.BytesIO()
-        _RefPickler(out, protocol=5, buffer_callback=oob.append).dump(obj)
+        _ref_pickler_class()(out, protocol=5, buffer_callback=oob.append).dump(obj)
         body = out.getvalue()
     else:
+        import cloudpickle
+
         body = cloudpickle.dumps(obj, protocol=5, buffer_callback=oob.append)
     return [bytes((CODEC_PICKLE,)) + body, *(b.raw() for b in oob)]
 
@@ -290,6 +302,8 @@ def encode_function(fn: Callable[..., Any] | str) -> tuple[str, bytes | None]:
     ref = function_ref(fn)
     if ref is not None:
         return ref, None
+    import cloudpickle
+
     return display_name(fn), cloudpickle.dumps(fn, protocol=5)
 
 

@@ -30,7 +30,6 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from conveyor.protocol import failures as perr
@@ -109,7 +108,7 @@ class ProcessesMode(Mode):
     def _start_child(self) -> Child:
         """Start one child (in a thread: the fork server's start and handshake take a while)."""
         ours, theirs = socket.socketpair()
-        parent_conn = Connection(ours.detach())
+        task_fd = ours.detach()
         reads: list[int] = []
         writes: list[int] = []
         try:
@@ -118,7 +117,7 @@ class ProcessesMode(Mode):
             level = logging.getLogger().getEffectiveLevel()
             process = self._forks.start_child([theirs.fileno(), *writes], level, self.capture_output)
         except BaseException:
-            parent_conn.close()
+            os.close(task_fd)
             for fd in reads:
                 os.close(fd)
             raise
@@ -127,7 +126,7 @@ class ProcessesMode(Mode):
             for w in writes:
                 os.close(w)
         output = ChildOutput(self.reports, *reads) if self.reports is not None else None
-        return Child(process, parent_conn, output)
+        return Child(process, task_fd, output)
 
     def _adopt(self, child: Child) -> None:
         assert self._loop is not None
@@ -340,7 +339,7 @@ class ProcessesMode(Mode):
         for child in children:
             if not child.dead:
                 child.detach()
-            child.conn.close()  # EOF: an idle child exits by itself
+            child.close_task_pipe()  # EOF: an idle child exits by itself
         await _reap(children)
         for child in children:
             if child.output is not None and not child.dead:

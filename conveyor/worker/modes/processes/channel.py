@@ -13,7 +13,6 @@ import os
 import select
 import sys
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -36,9 +35,8 @@ OnLent = Callable[["Child", Key, bool], None]  # its task (key) blocks on a chil
 class Child:
     """One child process and the worker's ends of its pipes."""
 
-    def __init__(self, process: ChildProcess, conn: Connection, output: ChildOutput | None):
+    def __init__(self, process: ChildProcess, task_fd: int, output: ChildOutput | None):
         self.process = process
-        self.conn = conn
         self.output = output
         self.task: Task | None = None  # the task it runs (None once stopped: its outcome no longer counts)
         self.busy = False  # a task was written to it and its outcome has not come back
@@ -46,7 +44,7 @@ class Child:
         self.dying = False  # terminated by us: never handed another task
         self.killed_because: str | None = None
         self.lent = False  # its task waits on a child of its own: the pool has one more child meanwhile
-        self.fd = conn.fileno()
+        self.fd = task_fd  # the worker's end of the task pipe (a Unix socket pair)
         os.set_blocking(self.fd, False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_outcome: OnOutcome | None = None
@@ -187,9 +185,15 @@ class Child:
         assert self._on_outcome is not None
         self._on_outcome(self, bool(ok), info, frames)
 
+    def close_task_pipe(self) -> None:
+        """EOF for the child: an idle one exits by itself."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
         """The child is gone (or going): close the worker's ends, keeping what its output pipes still held."""
-        self.conn.close()
+        self.close_task_pipe()
         if self.output is not None:
             self.output.close()
 

@@ -1,14 +1,14 @@
 """A processes-mode child: read a task from the pipe, run it, write the outcome back; its output goes to pipes.
 
-The task pipe is the socket of a multiprocessing Connection, but read and written directly: one
-message is a 4-byte little-endian header length, the msgpack header, then the data frames back to back,
+The task pipe is one end of a Unix socket pair, read and written directly: one message is a 4-byte
+little-endian header length, the msgpack header, then the data frames back to back,
     parent -> child   [job_id, attempt, timeout, retry_on, [frame lengths]], then the call frames; a
                       length [name, size] is a frame in /dev/shm the child reads (transport/shm.py)
     child -> parent   [ok, info, [frame lengths]], then the result frames
                       or ["lent", job_id, attempt, waiting] (no frames): its task blocks on a child of
                       its own (waiting true) or stops waiting, so the worker may run one more task meanwhile
 written with one writev (not one write per frame) and read by a buffered reader, which reads a large
-frame straight into the bytes object the task gets (Connection.recv_bytes copies it several times).
+frame straight into the bytes object the task gets (multiprocessing's recv_bytes copies it several times).
 
 The child's side of output capture: file descriptors 1 and 2 become pipes the worker reads (so C-level
 writes, subprocesses' output and what a task wrote before it crashed are kept), Python's streams are
@@ -29,7 +29,6 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack
@@ -46,8 +45,8 @@ OOM_SCORE_BONUS = 500  # added to a child's oom_score_adj (capped at 1000): the 
 
 
 def child_main(
-    conn: Connection,
-    pipes: list[Connection] | None = None,
+    task_fd: int,
+    pipes: list[int] | None = None,
     log_level: int = logging.INFO,
     capture: bool = True,
     oom_score_bonus: int = OOM_SCORE_BONUS,
@@ -56,7 +55,7 @@ def child_main(
     raise_oom_score(oom_score_bonus)
     if pipes:  # stdout, stderr and events pipes to the worker
         install_capture(pipes, log_level, capture)
-    fd = conn.fileno()
+    fd = task_fd
     os.set_blocking(fd, True)
     reader = open(fd, "rb", buffering=READ_BUFFER, closefd=False)  # noqa: SIM115 - lives as long as the loop
     packer = msgpack.Packer()
@@ -204,20 +203,20 @@ class _LogHandler(logging.Handler):
         _write_event(["l", text])
 
 
-def install_capture(pipes: list[Connection], log_level: int = logging.INFO, capture_output: bool = True) -> None:
+def install_capture(pipes: list[int], log_level: int = logging.INFO, capture_output: bool = True) -> None:
     """fd 1 and 2 become the worker's pipes, unbuffered; logging and progress go to the events pipe. Called
     once, before the child runs any task. `pipes` are the write ends made by `channel.child_pipes`
-    (wrapped as Connections by the fork server). Without
+    (passed by the fork server). Without
     `capture_output`, only progress reports go to the worker."""
     global _events_fd
     stdout, stderr, events = pipes
     if capture_output:
-        os.dup2(stdout.fileno(), 1)
-        os.dup2(stderr.fileno(), 2)
-    _events_fd = os.dup(events.fileno())
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+    _events_fd = os.dup(events)
     task.process_reporter = _Reporter()
-    for conn in pipes:
-        conn.close()
+    for fd in pipes:
+        os.close(fd)
     if not capture_output:
         return
     # Unbuffered (as with `python -u`): what a task printed reaches the worker even if it then crashes.

@@ -159,7 +159,7 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 
 def serve(control_fd: int) -> None:
     """Run the fork server on `control_fd` until it closes."""
-    from multiprocessing.connection import Connection
+    import cloudpickle  # noqa: F401 - preloaded, as child.py is: a task's function may come by value
 
     from conveyor.worker.modes.processes import child  # preloaded: every child starts with it imported
 
@@ -199,7 +199,7 @@ def serve(control_fd: int) -> None:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             die_with_parent()
-            _run_child(child.child_main, Connection, child_fds, request)
+            _run_child(child.child_main, child_fds, request)
         statuses[pid] = status_w
         for fd in child_fds:
             os.close(fd)
@@ -221,12 +221,11 @@ def _receive(control: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data[4:]), fds
 
 
-def _run_child(main: Any, connection: Any, fds: list[int], request: dict[str, Any]) -> None:
+def _run_child(main: Any, fds: list[int], request: dict[str, Any]) -> None:
     code = 0
     try:
-        task_pipe, *pipes = fds
-        main(connection(task_pipe), [connection(fd, readable=False) for fd in pipes] or None,
-             request["log_level"], request["capture"])
+        task_fd, *pipes = fds
+        main(task_fd, pipes or None, request["log_level"], request["capture"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
