@@ -171,3 +171,29 @@ def test_kill_9_of_the_worker_ends_its_fork_server_and_children_busy_ones_too(cl
     wait_until(lambda: not any(alive(p) for p in family), timeout=10,
                what="the fork server and every child, the busy one included, to exit")
     assert not busy.done()  # (the dispatcher re-queues it once it declares the worker lost)
+
+
+def test_kill_9_of_the_fork_server_fails_the_running_task_clearly_and_a_new_one_serves(cluster: Cluster) -> None:
+    name = cluster.start_worker("processes", 1)
+    client = cluster.client()
+    cluster.wait_for_workers(name)
+    pid = cluster.worker_pid(name)
+    child = client.submit(tasks.whoami).result(30)["pid"]
+    server = psutil.Process(child).ppid()
+    assert server != pid and "processes.forkserver" in " ".join(psutil.Process(server).cmdline())
+    marker = cluster.tmp / "busy"
+    busy = client.submit(tasks.sleep_marked, str(marker), 60)
+    wait_until(marker.exists, what="the task to start")
+    os.kill(server, signal.SIGKILL)
+
+    def errors() -> list[str]:
+        info = client.job_info(busy.job_id)[0] or {}
+        return [str(a.get("error")) for a in info.get("history", []) if a.get("error")]
+
+    crashed = wait_until(errors, interval=0.1, what="the attempt to fail")
+    assert "WorkerCrashed" in crashed[0] and "the fork server that started it died" in crashed[0], crashed
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert client.cancel(busy) == [busy.job_id]  # (its retry runs on the new fork server's child, the one slot)
+    again = client.submit(tasks.whoami).result(30)
+    assert psutil.Process(again["pid"]).ppid() not in (server, pid)  # forked by a new fork server
+    assert psutil.Process(pid).is_running()

@@ -39,14 +39,15 @@ class ChildProcess:
         self.pid = pid
         self.sentinel = status_fd  # readable once the child has exited (its code) or the server died (EOF)
         self.exitcode: int | None = None
+        self.server_died = False  # its status pipe closed without a code: the fork server died, and it with it
 
     def _poll(self, timeout_s: float | None) -> int | None:
         if self.exitcode is None and self.sentinel >= 0:
             ready, _, _ = select.select([self.sentinel], [], [], timeout_s)
             if ready:
                 data = os.read(self.sentinel, STATUS_BYTES)
-                code = int.from_bytes(data, "little", signed=True) if len(data) == STATUS_BYTES else UNKNOWN_EXIT
-                self.exitcode = code
+                self.server_died = len(data) != STATUS_BYTES
+                self.exitcode = UNKNOWN_EXIT if self.server_died else int.from_bytes(data, "little", signed=True)
         return self.exitcode
 
     def is_alive(self) -> bool:
