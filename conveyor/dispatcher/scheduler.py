@@ -311,14 +311,19 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None or job.state in FINISHED_STATES:
             return False
+        self._stop_anywhere(job)
+        info = perr.error_info(perr.CANCELLED, "JobCancelled", "the job was cancelled")
+        self._finish(job, CANCELLED, info, [], now)
+        return True
+
+    def _stop_anywhere(self, job: Job) -> None:
+        """An unfinished job is about to be finished from outside: stop its running attempt (its late
+        outcome is fenced) or take it out of whatever it waits in."""
         if job.state == RUNNING and job.worker is not None:
             self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))
             self._release(job)
         else:
             self._stop_waiting(job)
-        info = perr.error_info(perr.CANCELLED, "JobCancelled", "the job was cancelled")
-        self._finish(job, CANCELLED, info, [], now)
-        return True
 
     def merge_final(
         self, job_id: str, state: str, attempts: int, history: list[dict[str, Any]], info: dict[str, Any],
@@ -330,11 +335,7 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None or job.state in FINISHED_STATES or state not in FINISHED_STATES:
             return False
-        if job.state == RUNNING and job.worker is not None:
-            self.outbox.append(CancelRunning(job.worker, job.id, job.attempt))
-            self._release(job)
-        else:
-            self._stop_waiting(job)
+        self._stop_anywhere(job)
         job.attempt = max(job.attempt, attempts)
         job.history = [*job.history, *history]
         self._finish(job, state, info, frames, now)
