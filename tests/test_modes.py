@@ -9,6 +9,7 @@ stopped task comes back.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -228,3 +229,27 @@ async def test_processes_mode_shutdown_ends_its_fork_server_and_children() -> No
     await _until(lambda: "job-0" in outcomes, "the task to be reported")
     await mode.shutdown()
     assert not [p for p in family if psutil.pid_exists(p)], "shutdown left a process of the mode running"
+
+
+async def test_processes_mode_works_with_descriptors_past_1024() -> None:
+    """A worker with many children (or connections) has descriptors above select()'s FD_SETSIZE: its
+    children's status pipes are waited on with poll, which has no such limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # what the mode opens next is > 1024
+    try:
+        mode = _mode("processes", 1)
+        outcomes: dict[str, Outcome] = {}
+        await mode.start(_into(outcomes))
+        mode.submit([_task(0, "tests.tasks:add", 1, 2)])
+        await _until(lambda: "job-0" in outcomes, "the task to be reported")
+        assert outcomes["job-0"].ok
+        await mode.shutdown()  # waits on each child's status pipe
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

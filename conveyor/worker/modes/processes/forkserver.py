@@ -43,8 +43,9 @@ class ChildProcess:
 
     def _poll(self, timeout_s: float | None) -> int | None:
         if self.exitcode is None and self.sentinel >= 0:
-            ready, _, _ = select.select([self.sentinel], [], [], timeout_s)
-            if ready:
+            poller = select.poll()  # (not select.select: a worker with many children has descriptors past 1024)
+            poller.register(self.sentinel, select.POLLIN)
+            if poller.poll(None if timeout_s is None else timeout_s * 1000):
                 data = os.read(self.sentinel, STATUS_BYTES)
                 self.server_died = len(data) != STATUS_BYTES
                 self.exitcode = UNKNOWN_EXIT if self.server_died else int.from_bytes(data, "little", signed=True)
@@ -172,8 +173,11 @@ def serve(control_fd: int) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # (a handler, so that the wake-up fd is written)
     statuses: dict[int, int] = {}  # pid -> write end of its status pipe
     die_with_parent = _parent_death_signal(os.getpid())
+    poller = select.poll()
+    poller.register(control_fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
-        ready, _, _ = select.select([control_fd, wake_r], [], [])
+        ready = {fd for fd, _ in poller.poll()}
         if wake_r in ready:
             os.read(wake_r, 4096)
             _reap(statuses)
