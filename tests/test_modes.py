@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.errors import JobCancelled, TaskTimeout
-from conveyor.protocol.payload import encode_call
+from conveyor.protocol.payload import decode_value, encode_call
 from conveyor.worker.execution import Outcome, Task
 from conveyor.worker.modes import MODES, Mode, ModeSettings, ThreadsMode
 from conveyor.worker.reports import TaskReports
@@ -253,3 +253,25 @@ async def test_processes_mode_works_with_descriptors_past_1024() -> None:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def square_in_a_pool_of_its_own(x: int) -> int:
+    """A task that starts processes itself (a daemonic multiprocessing child could not)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return int(pool.apply(pow, (x, 2)))
+
+
+async def test_a_processes_mode_task_may_start_a_multiprocessing_pool_of_its_own() -> None:
+    mode = _mode("processes", 1)
+    outcomes: dict[str, Outcome] = {}
+    await mode.start(_into(outcomes))
+    try:
+        mode.submit([_task(0, "tests.test_modes:square_in_a_pool_of_its_own", 7)])
+        await _until(lambda: "job-0" in outcomes, "the task to be reported", 60)
+        outcome = outcomes["job-0"]
+        assert outcome.ok, outcome.info
+        assert decode_value(outcome.frames) == 49
+    finally:
+        await mode.shutdown()

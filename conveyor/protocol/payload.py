@@ -30,6 +30,7 @@ when every parent succeeded with one frame, joined (b"J", protocol/joined.py).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import pickle
@@ -95,26 +96,22 @@ class ParentRange:
         return hash((ParentRange, self.start, self.stop))
 
 
-_ref_pickler: Any = None  # cloudpickle is imported on first use: a dispatcher never pickles
-
-
+@functools.cache
 def _ref_pickler_class() -> Any:
     """A cloudpickle Pickler that pickles ParentRef as a persistent id, so the worker's unpickler puts the
-    parent's value there."""
-    global _ref_pickler
-    if _ref_pickler is None:
-        import cloudpickle
+    parent's value there. Made on first use: cloudpickle is imported only where something is pickled (a
+    dispatcher never pickles)."""
+    import cloudpickle
 
-        class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
-            def persistent_id(self, obj: Any) -> Any:
-                if type(obj) is ParentRef:
-                    return (_PARENT_PID, obj.index)
-                if type(obj) is ParentRange:
-                    return (_PARENTS_PID, obj.start, obj.stop)
-                return None
+    class _RefPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def persistent_id(self, obj: Any) -> Any:
+            if type(obj) is ParentRef:
+                return (_PARENT_PID, obj.index)
+            if type(obj) is ParentRange:
+                return (_PARENTS_PID, obj.start, obj.stop)
+            return None
 
-        _ref_pickler = _RefPickler
-    return _ref_pickler
+    return _RefPickler
 
 
 def _plain(obj: Any, buffers: list[Any]) -> Any:

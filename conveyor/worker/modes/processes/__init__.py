@@ -269,9 +269,12 @@ class ProcessesMode(Mode):
             self._idle.remove(child)
         task, child.task = child.task, None
         if task is not None and self._running.pop(task.key, None) is child and self._report is not None:
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             if child.process.server_died:
                 how = "the fork server that started it died, and it with it"
+            elif code is not None and code < 0:
+                how = f"killed by signal {-code}"
+            else:
+                how = f"exit code {code}"
             message = child.killed_because or f"the child process (pid {child.pid}) running the task died: {how}"
             self._report([infra_failure(task, perr.CRASHED, "WorkerCrashed", message)])
         if not self._closing:

@@ -205,9 +205,8 @@ class _LogHandler(logging.Handler):
 
 def install_capture(pipes: list[int], log_level: int = logging.INFO, capture_output: bool = True) -> None:
     """fd 1 and 2 become the worker's pipes, unbuffered; logging and progress go to the events pipe. Called
-    once, before the child runs any task. `pipes` are the write ends made by `channel.child_pipes`
-    (passed by the fork server). Without
-    `capture_output`, only progress reports go to the worker."""
+    once, before the child runs any task. `pipes` are the write ends made by `channel.child_pipes`, passed
+    on by the fork server. Without `capture_output`, only progress reports go to the worker."""
     global _events_fd
     stdout, stderr, events = pipes
     if capture_output:

@@ -163,7 +163,7 @@ def serve(control_fd: int) -> None:
     """Run the fork server on `control_fd` until it closes."""
     import cloudpickle  # noqa: F401 - preloaded, as child.py is: a task's function may come by value
 
-    from conveyor.worker.modes.processes import child  # preloaded: every child starts with it imported
+    from conveyor.worker.modes.processes import child  # noqa: F401 - preloaded: every child starts with it
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group; the worker ends us
     control = socket.socket(fileno=control_fd)
@@ -204,7 +204,7 @@ def serve(control_fd: int) -> None:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             die_with_parent()
-            _run_child(child.child_main, child_fds, request)
+            _run_child(child_fds, request)
         statuses[pid] = status_w
         for fd in child_fds:
             os.close(fd)
@@ -226,11 +226,14 @@ def _receive(control: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data[4:]), fds
 
 
-def _run_child(main: Any, fds: list[int], request: dict[str, Any]) -> None:
+def _run_child(fds: list[int], request: dict[str, Any]) -> None:
+    """In the forked child: run the task loop on the passed fds, then exit without the server's cleanup."""
+    from conveyor.worker.modes.processes.child import child_main  # (preloaded by the server)
+
     code = 0
     try:
         task_fd, *pipes = fds
-        main(task_fd, pipes or None, request["log_level"], request["capture"])
+        child_main(task_fd, pipes or None, request["log_level"], request["capture"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
