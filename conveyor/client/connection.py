@@ -33,7 +33,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import zmq
@@ -51,7 +51,7 @@ from conveyor.security.keys import PeerCredentials
 from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import watch_handshakes
-from conveyor.transport.sockets import configure_socket, keep_links_alive, send_parts
+from conveyor.transport.sockets import configure_socket, has_message, keep_links_alive, send_parts
 
 log = logging.getLogger("conveyor.client")
 
@@ -68,8 +68,7 @@ SUBMIT_BATCH_BYTES = 8 << 20
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # a dead TCP connection is torn down within this many heartbeat intervals (5 s at least)
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
-# Plain ints: pyzmq's enum flags cost a Python-level __or__ / __and__ on every use.
-_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost a Python-level __or__ on every use
 
 
 class Connection:
@@ -228,7 +227,7 @@ class Connection:
                 raise
             # The send may have taken in the signal for a message that arrived meanwhile (ZMQ_FD is
             # edge-triggered): then the I/O thread would sleep on it, so wake it.
-            readable = _readable(sock)
+            readable = has_message(sock)
         finally:
             self._sock_lock.release()
         if readable:
@@ -413,7 +412,7 @@ class Connection:
             while True:
                 wake_at = min(next_ping, self._busy_at) if self._busy else next_ping
                 timeout_s = max(0.0, wake_at - time.monotonic())
-                readable = _readable(sock)
+                readable = has_message(sock)
                 self._sock_lock.release()
                 try:
                     if self._settling:
@@ -563,7 +562,7 @@ class Connection:
         # recv_multipart without its RCVMORE getsockopt per part, and ZMQ_EVENTS rather than a raised
         # zmq.Again to find the end: a third of the cost per message.
         recv = sock.recv
-        while _readable(sock):
+        while has_message(sock):
             frame = recv(_NOBLOCK, copy=False)
             parts = [frame]
             while frame.more:  # the rest of a multipart message is always there
@@ -771,11 +770,6 @@ class Connection:
                 f.set_exception(exc)
         if not self.welcome.done():
             self.welcome.set_exception(exc)
-
-
-def _readable(sock: zmq.Socket[Any]) -> bool:
-    """Whether a message is waiting (ZMQ_EVENTS; this also takes in the socket's pending commands)."""
-    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def outcome_error(info: dict[str, Any], data: list[Any]) -> BaseException:

@@ -9,7 +9,7 @@ flags are plain integers, small parts are copied into the message (as pyzmq itse
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -18,6 +18,16 @@ from conveyor.security.keys import PeerCredentials
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _COPY_BELOW = zmq.COPY_THRESHOLD
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def has_message(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message is waiting (ZMQ_EVENTS; this also takes in the socket's pending commands).
+
+    A loop that sleeps on ZMQ_FD must ask this before it sleeps, and after each send: the descriptor is
+    edge-triggered, and any operation on the socket may take in the signal of a message that arrived.
+    """
+    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any], flags: int = 0) -> None:

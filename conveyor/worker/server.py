@@ -7,10 +7,12 @@ withdraw one there, arm a timer. Life of a worker (`Worker.run`):
 1. start the mode (threads, child processes or an event loop);
 2. connect: a new DEALER socket (TCP keepalive on, so the kernel tears down a half-open connection and
    libzmq connects again); the state sends READY and whatever it must send again;
-3. serve: a reader task turns each message into an event, and this loop beats HEARTBEAT; a socket
-   monitor notices when ZeroMQ re-established the TCP connection (a handshake after the first), which
-   the state treats as a new connection. If the dispatcher goes silent for its patience (or says
-   SHUTDOWN), the socket is closed and the worker connects again with backoff (Paranoid Pirate);
+3. serve: the loop reads the socket whenever its descriptor signals (a plain socket, not zmq.asyncio:
+   one wake-up reads every message waiting, with no future per message) and turns each message into an
+   event, and beats HEARTBEAT; a socket monitor notices when ZeroMQ re-established the TCP connection
+   (a handshake after the first), which the state treats as a new connection. If the dispatcher goes
+   silent for its patience (or says SHUTDOWN), the socket is closed and the worker connects again with
+   backoff (Paranoid Pirate);
 4. on SIGTERM/SIGINT the state drains; the loop ends when it says Finished.
 """
 
@@ -25,11 +27,10 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import zmq
-import zmq.asyncio
 
 from conveyor import task as task_api
 from conveyor.errors import DispatcherRefused, KeysError
@@ -42,7 +43,7 @@ from conveyor.security.keys import load_peer_credentials
 from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
-from conveyor.transport.sockets import configure_socket, keep_links_alive
+from conveyor.transport.sockets import configure_socket, has_message, keep_links_alive, send_parts
 from conveyor.worker.events import (
     Action,
     ArmTimer,
@@ -75,6 +76,8 @@ from conveyor.worker.state import WorkerConfig, WorkerState
 
 log = logging.getLogger("conveyor.worker")
 _BEAT = {"role": "worker"}
+
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost a Python-level __or__ on every use
 
 MAX_BACKOFF = 5.0
 AUTO_PREFETCH = 256  # most jobs held beyond the slots when the dispatcher sizes the window itself
@@ -118,7 +121,7 @@ class Worker:
         prefetch: int | None = None,
         capture_output: bool = True,
         output_limit_chars: int = DEFAULT_LIMIT_CHARS,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         keys: str | os.PathLike[str] | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         health_file: str | os.PathLike[str] | None = None,
@@ -194,8 +197,11 @@ class Worker:
             )
         )
         self._own_context = context is None
-        self._ctx = context or zmq.asyncio.Context()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context[Any] = context or zmq.Context()
+        self._sock: zmq.Socket[Any] | None = None
+        self._sock_fd = -1  # its ZMQ_FD, registered with the loop while connected
+        self._read_soon = False  # a read of the socket is scheduled on the loop (see _send)
+        self._served: asyncio.Future[None] | None = None  # this connection's end: SHUTDOWN, REDIRECT, refused
         self._handshakes: HandshakeWatch | None = None
         self._handshakes_seen = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -287,7 +293,7 @@ class Worker:
 
     def _open(self) -> None:
         """A new socket, hence a new connection for the state (READY, and what it must send again)."""
-        sock = self._ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -312,6 +318,9 @@ class Worker:
             self._handshakes.close()
             self._handshakes = None
         if self._sock is not None:
+            if self._sock_fd >= 0 and self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock_fd)
+            self._sock_fd = -1
             self._sock.close(linger=200)
             self._sock = None
             if tell_state:
@@ -340,7 +349,10 @@ class Worker:
         self._heard = False
         self._last_heard = loop.time()
         next_beat = self._last_heard + self._beat_every
-        reader = asyncio.create_task(self._read(sock))
+        served = self._served = loop.create_future()
+        self._sock_fd = cast(int, sock.getsockopt(zmq.FD))
+        loop.add_reader(self._sock_fd, self._read)
+        self._read()  # ZMQ_FD only signals new events: read what came before it was registered
         finished = asyncio.ensure_future(self._finished.wait())
         try:
             while True:
@@ -349,28 +361,49 @@ class Worker:
                     self._send(Cmd.HEARTBEAT, _BEAT)
                     next_beat = now + self._beat_every
                     self._check_handshakes()  # in case the monitor's wake-up was missed
+                    self._read()  # likewise for the socket's
                 if now - self._last_heard > self._patience:
                     return "served" if self._heard else "silent"
-                await asyncio.wait({reader, finished}, timeout=max(0.0, next_beat - now),
+                await asyncio.wait({served, finished}, timeout=max(0.0, next_beat - now),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if finished.done():
                     return "done"
-                if reader.done():
-                    reader.result()  # re-raises DispatcherRefused
-                    return "served"  # the dispatcher said it is shutting down
+                if served.done():
+                    served.result()  # re-raises DispatcherRefused
+                    return "served"  # the dispatcher said it is shutting down, or redirected us
         finally:
             finished.cancel()
-            reader.cancel()
+            self._served = None
+            if self._sock_fd >= 0:
+                loop.remove_reader(self._sock_fd)
+                self._sock_fd = -1
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        """Handle messages until the dispatcher says SHUTDOWN."""
-        assert self._loop is not None
-        while True:
-            parts = await sock.recv_multipart(copy=False)
-            self._heard = True
-            self._last_heard = self._loop.time()
-            if not self._on_message(parts):
-                return
+    def _read(self) -> None:
+        """Handle every message waiting on the socket (called when its descriptor signals, and after sends)."""
+        self._read_soon = False
+        sock, served, loop = self._sock, self._served, self._loop
+        if sock is None or served is None or served.done() or loop is None:
+            return
+        recv = sock.recv
+        try:
+            while has_message(sock):
+                frame = recv(_NOBLOCK, copy=False)
+                parts = [frame]
+                while frame.more:  # the rest of a multipart message is always there
+                    frame = recv(_NOBLOCK, copy=False)
+                    parts.append(frame)
+                self._heard = True
+                self._last_heard = loop.time()
+                if not self._on_message(parts):
+                    served.set_result(None)
+                    return
+                if self._sock is not sock:
+                    return  # the state closed this socket meanwhile
+        except DispatcherRefused as exc:
+            served.set_exception(exc)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EAGAIN:
+                raise
 
     def _on_message(self, parts: list[Any]) -> bool:
         """One message from the dispatcher; False means: drop this connection and connect again."""
@@ -527,13 +560,19 @@ class Worker:
             self._send(Cmd.PROGRESS, progress)
 
     def _send(self, cmd: Cmd, body: Any, frames: Sequence[Any] = ()) -> None:
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             return
         try:
-            # SNDHWM is 0, so this never waits: the returned future is already done.
-            self._sock.send_multipart(encode(cmd, body, frames, self.failover.seen), zmq.NOBLOCK, copy=False)
+            send_parts(sock, encode(cmd, body, frames, self.failover.seen), _NOBLOCK)  # SNDHWM 0: never waits
         except zmq.Again:
             log.warning("send queue full; dropping %s", cmd.name)
+        # A send may take in the descriptor's signal for a message that arrived meanwhile (ZMQ_FD is
+        # edge-triggered): then the loop would not wake for it, so read on its next turn.
+        if not self._read_soon and self._served is not None and has_message(sock):
+            self._read_soon = True
+            assert self._loop is not None
+            self._loop.call_soon(self._read)
 
 
 def _map_segments(e: c.AssignEntry, frames: list[Any]) -> tuple[list[Any], int]:
