@@ -10,16 +10,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 
 from conveyor import Client, JournalFull
+from conveyor.client import connection
 from conveyor.protocol import Cmd
 from conveyor.protocol.payload import encode_value
+from conveyor.transport.sockets import keep_links_alive
 from tests import tasks
 from tests.client_peer import ScriptedDispatcher
 from tests.conftest import Cluster, wait_until
 from tests.resetproxy import ResetProxy
+
+_NO_OPTIONS = msgspec.Raw(b"\xc0")  # nil: the dispatcher's defaults
 
 
 @pytest.fixture
@@ -129,3 +134,71 @@ def test_tcp_keepalive_guards_the_clients_connection_and_zmtp_heartbeats_are_off
     assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
     assert sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
     assert 1 <= sock.getsockopt(zmq.TCP_KEEPALIVE_IDLE) < sock.getsockopt(zmq.TCP_MAXRT) / 1000
+
+
+def _lone_round_trip(scripted: ScriptedDispatcher, conn: Any, seq: int) -> None:
+    future = conn.submit(conn.new_job_id(), _NO_OPTIONS, encode_value(seq))
+    (job_id,) = _submitted_ids(scripted, 1)
+    scripted.send(Cmd.JOB_DONE, *_done(seq, [(job_id, seq)]))
+    future.result(10)
+
+
+@pytest.fixture
+def lone_connection(scripted: ScriptedDispatcher, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A connection that never pings during the test (a ping acknowledges too) and, unless a test says
+    otherwise, holds an ACK back for as long as the test runs."""
+    monkeypatch.setattr(connection, "ACK_DELAY_S", 60.0)
+    conn = connection.Connection(scripted.address, heartbeat_interval_s=30.0)
+    conn.connect(10)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def test_the_ack_of_a_lone_round_trip_goes_out_with_the_next_submit(
+    scripted: ScriptedDispatcher, lone_connection: Any
+) -> None:
+    _lone_round_trip(scripted, lone_connection, 1)
+    lone_connection.submit(lone_connection.new_job_id(), _NO_OPTIONS, encode_value(2))
+    submit = scripted.expect(Cmd.SUBMIT)
+    ack = scripted.expect(Cmd.ACK)
+    assert ack.body == {"seq": 1}
+    at = scripted.received.index(ack)
+    assert scripted.received.index(submit) == at - 1, scripted.received  # with it, never on its own before it
+
+
+def test_an_ack_with_nothing_to_go_with_leaves_on_its_own(
+    scripted: ScriptedDispatcher, lone_connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "ACK_DELAY_S", 0.05)
+    _lone_round_trip(scripted, lone_connection, 1)
+    assert scripted.expect(Cmd.ACK).body == {"seq": 1}
+
+
+def test_closing_acknowledges_what_arrived(scripted: ScriptedDispatcher, lone_connection: Any) -> None:
+    _lone_round_trip(scripted, lone_connection, 1)
+    lone_connection.close()
+    assert scripted.expect(Cmd.ACK).body == {"seq": 1}  # else the dispatcher keeps the job for its result TTL
+
+
+@pytest.mark.parametrize("patience_s", [5.0, 126.0, 600.0, 3600.0])
+def test_links_with_a_long_patience_still_connect(patience_s: float) -> None:
+    """Heartbeats minutes apart (`--heartbeat-interval 60 --liveness 3`) mean keepalive over minutes: more
+    probes than the kernel takes (TCP_KEEPCNT 127), which once made libzmq fail every connection."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        for sock in (router, dealer):
+            sock.setsockopt(zmq.LINGER, 0)
+            keep_links_alive(sock, patience_s)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hello")
+        assert router.poll(10_000), "the connection was never made"
+        assert router.recv_multipart()[1] == b"hello"
+        assert dealer.getsockopt(zmq.TCP_KEEPALIVE_CNT) <= 127
+    finally:
+        router.close()
+        dealer.close()
+        ctx.term()

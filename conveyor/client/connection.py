@@ -65,6 +65,11 @@ SUBMIT_BATCH = 2048  # tasks per SUBMIT message at most
 # ... and about this many bytes of call frames (a larger job goes alone): a dispatcher reads a message
 # whole, so this bounds what one SUBMIT costs it in memory, and what a busy one costs to send again.
 SUBMIT_BATCH_BYTES = 8 << 20
+# An ACK waits this long for a message to go out with, usually the caller's next SUBMIT: sent together,
+# they wake the dispatcher once, where an ACK of its own would cost three wake-ups (ours, ZeroMQ's I/O
+# threads, the dispatcher's loop) on every lone round trip.
+ACK_DELAY_S = 0.005
+CLOSE_LINGER_MS = 200  # closing with an ACK just sent: ZeroMQ gets this long to deliver it
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # a dead TCP connection is torn down within this many heartbeat intervals (5 s at least)
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
@@ -110,6 +115,8 @@ class Connection:
         self._instance: str | None = None
         self._done_seq = 0  # the highest JOB_DONE number received (acknowledged with ACK)
         self._acked_seq = 0
+        self._ack_at = 0.0  # when an ACK of _done_seq goes out at the latest (0: nothing to acknowledge)
+        self._sends = 0  # messages sent: an ACK due goes with whatever else leaves in the same turn
         self._resync_why: str | None = None  # set when something may have been lost: resync this turn
         self._resend_requests = False
         self.resyncs = 0  # times everything pending was asked for again (after a gap, a reconnection, ...)
@@ -213,6 +220,7 @@ class Connection:
                 return False
             try:
                 self._send_submit([future])
+                self._ack_with_submit()
             except BaseException as exc:
                 # Failed, or interrupted between two parts (KeyboardInterrupt in the main thread): an
                 # empty part ends any partial message, which the dispatcher then drops as malformed, and
@@ -411,6 +419,8 @@ class Connection:
         try:
             while True:
                 wake_at = min(next_ping, self._busy_at) if self._busy else next_ping
+                if self._ack_at:
+                    wake_at = min(wake_at, self._ack_at)
                 timeout_s = max(0.0, wake_at - time.monotonic())
                 readable = has_message(sock)
                 self._sock_lock.release()
@@ -433,26 +443,30 @@ class Connection:
                         self._resend_requests = True
                     handshakes = watch.handshakes
                 if self._closing:
+                    if self._ack_at and self._resync_why is None:  # what it has received: the dispatcher may forget it
+                        self._send_ack()
+                        sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
                     break
                 if self.failover.several or self.failover.seen:
                     self._follow(sock)
                 if self._resync_why is not None:
                     self._resync()  # before the ACK below, so that it never acknowledges past a loss unasked
+                sends = self._sends
                 self._send_queued()
-                if self._done_seq != self._acked_seq:  # one ACK for every JOB_DONE of this turn
-                    self._acked_seq = self._done_seq
-                    self._send(Cmd.ACK, c.Ack(self._done_seq))
                 now = time.monotonic()
                 if self._busy and now >= self._busy_at:
                     self._resend_busy()
                 if now >= next_ping:
                     self._send(Cmd.HEARTBEAT, c.Heartbeat("client", ack=self._done_seq))
+                    self._acked_seq, self._ack_at = self._done_seq, 0.0
                     next_ping = now + self.heartbeat_interval_s
                     if self._instance is not None and now - self._last_heard > self.reconnect_timeout_s:
                         self._fail_all(DispatcherUnavailable(
                             f"lost the dispatcher at {self.address}: no answer for {self.reconnect_timeout_s:g} s"
                         ))
                         break
+                if self._done_seq != self._acked_seq:  # after the resync above: never past a loss unasked
+                    self._ack_due(now, self._sends != sends)
         except Exception as exc:  # never leave futures hanging because of a bug here
             log.exception("client I/O thread failed")
             self._fail_all(exc)
@@ -461,7 +475,7 @@ class Connection:
             if watch is not None:
                 watch.close()
             self._sock = None
-            sock.close(linger=0)
+            sock.close()  # LINGER 0, or CLOSE_LINGER_MS after a last ACK
             for names in list(self._segments.values()):  # SUBMITs never answered: nobody took these over
                 for name in names:
                     shm.remove(name)
@@ -504,6 +518,24 @@ class Connection:
         if sock is None:
             raise RuntimeError(f"the client of {self.address} is closed")
         send_parts(sock, encode(cmd, body, frames or (), self.failover.seen))
+        self._sends += 1
+
+    def _ack_due(self, now: float, sent_this_turn: bool) -> None:
+        """JOB_DONE arrived: acknowledge it with the messages of this turn, if any; else wait for company
+        (the caller's next SUBMIT, _ack_with_submit) at most ACK_DELAY_S."""
+        if not self._ack_at:
+            self._ack_at = now + ACK_DELAY_S
+        if sent_this_turn or now >= self._ack_at:
+            self._send_ack()
+
+    def _ack_with_submit(self) -> None:
+        """A caller sent its SUBMIT (holding _sock_lock, like every user of the socket): the ACK due goes too."""
+        if self._ack_at and self._resync_why is None:
+            self._send_ack()
+
+    def _send_ack(self) -> None:
+        self._acked_seq, self._ack_at = self._done_seq, 0.0
+        self._send(Cmd.ACK, c.Ack(self._done_seq))
 
     def _send_queued(self) -> None:
         with self._lock:
@@ -595,6 +627,7 @@ class Connection:
             if self._instance is not None and instance != self._instance:
                 log.warning("dispatcher restarted; re-sending %d unfinished job(s)", len(self._pending))
                 self._done_seq = self._acked_seq = 0  # the new instance numbers its JOB_DONE from 1
+                self._ack_at = 0.0
                 self._resync_why = "the dispatcher restarted"
                 self._resend_requests = True
             self._instance = instance

@@ -8,6 +8,7 @@ flags are plain integers, small parts are copied into the message (as pyzmq itse
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _COPY_BELOW = zmq.COPY_THRESHOLD
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+MAX_KEEPALIVE_PROBES = 127  # the most TCP_KEEPCNT Linux accepts
 
 
 def has_message(sock: zmq.Socket[Any]) -> bool:
@@ -65,6 +67,9 @@ def keep_links_alive(sock: zmq.Socket[Any], timeout_s: float) -> None:
     timeout_ms = int(timeout_s * 1000)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(timeout_s / 3)))  # seconds, as the kernel counts
-    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, max(1, int(timeout_s)))
+    # Probes a second apart, as many as fit in timeout_s; Linux takes at most 127 (TCP_KEEPCNT), and
+    # libzmq fails the connection on a value it refuses: beyond that, the probes are spaced out.
+    probes = max(1, min(MAX_KEEPALIVE_PROBES, int(timeout_s)))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, math.ceil(timeout_s / probes)))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, probes)
     sock.setsockopt(zmq.TCP_MAXRT, timeout_ms)
