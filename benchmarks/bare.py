@@ -10,9 +10,12 @@ sequential round trip it measures on this machine is what issue 6's latency targ
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -52,7 +55,9 @@ def _worker(back: str) -> None:
         sock.send_multipart(parts)  # [client, body]: the answer goes back as it came
 
 
-def measure(samples: int, warmup: int = 200) -> dict[str, Any]:
+@contextmanager
+def pipeline() -> Iterator[tuple[Callable[[], None], list[int]]]:
+    """The broker and the worker running: (one round trip, their pids)."""
     ctx = zmq.Context()
     probe = ctx.socket(zmq.ROUTER)
     front_port = probe.bind_to_random_port("tcp://127.0.0.1")
@@ -65,16 +70,17 @@ def measure(samples: int, warmup: int = 200) -> dict[str, Any]:
         p.start()
     client = ctx.socket(zmq.DEALER)
     client.connect(front)
+    counter = itertools.count()
+
+    def round_trip() -> None:
+        i = next(counter)
+        client.send(i.to_bytes(8, "little"))
+        if client.poll(10_000) == 0:
+            raise TimeoutError("the bare pipeline did not answer within 10 s")
+        assert int.from_bytes(client.recv(), "little") == i
+
     try:
-        ns: list[int] = []
-        for i in range(warmup + samples):
-            started = time.perf_counter_ns()
-            client.send(i.to_bytes(8, "little"))
-            if client.poll(10_000) == 0:
-                raise TimeoutError("the bare pipeline did not answer within 10 s")
-            assert int.from_bytes(client.recv(), "little") == i
-            if i >= warmup:
-                ns.append(time.perf_counter_ns() - started)
+        yield round_trip, [p.pid for p in procs if p.pid is not None]
         client.send(b"stop")
     finally:
         for p in procs:
@@ -84,6 +90,17 @@ def measure(samples: int, warmup: int = 200) -> dict[str, Any]:
                 p.join()
         client.close(linger=0)
         ctx.term()
+
+
+def measure(samples: int, warmup: int = 200) -> dict[str, Any]:
+    with pipeline() as (round_trip, _):
+        for _ in range(warmup):
+            round_trip()
+        ns: list[int] = []
+        for _ in range(samples):
+            started = time.perf_counter_ns()
+            round_trip()
+            ns.append(time.perf_counter_ns() - started)
     us = [x / 1000 for x in ns]
     cuts = statistics.quantiles(us, n=100, method="inclusive")
     return {"samples": samples, "p50_us": cuts[49], "p99_us": cuts[98], "mean_us": statistics.fmean(us)}

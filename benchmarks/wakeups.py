@@ -1,94 +1,89 @@
-"""Where a sequential round trip's time goes: context switches per round trip, by backend (issue 19).
+"""Where a sequential round trip's time goes: thread wake-ups per round trip, by backend and thread (issue 19).
 
     python -m benchmarks.wakeups                # 2,000 round trips per backend, 3 rounds, medians
     python -m benchmarks.wakeups --samples 500 --rounds 1
 
-On a 2-vCPU machine a lone round trip is mostly threads and processes waking one another: each wake-up
-is a context switch, and each costs tens of microseconds here whatever Python does around it. This counts
-them system-wide with `perf stat -e context-switches -a` (Linux; needs perf and permission for
-system-wide events) while one backend runs N sequential `submit(noop).result()` round trips, subtracts
-the machine's idle rate measured just before, and divides by N. The backends, in one run:
+On a 2-vCPU machine a lone round trip is mostly threads and processes waking one another, and each
+wake-up costs tens of microseconds whatever Python does around it. Linux counts, per thread, the times
+it blocked and had to be woken again (`voluntary_ctxt_switches` in /proc/PID/task/TID/status). This
+reads them for every thread of every process of a backend before and after N sequential
+`submit(noop).result()` round trips (after a warm-up), and divides by N. The backends, in one run:
 
-- bare: the bare pyzmq client -> ROUTER broker -> worker pipeline (benchmarks/bare.py), the floor;
+- bare: the bare pyzmq client -> ROUTER broker -> worker pipeline (benchmarks/bare.py), the floor of
+  four ZeroMQ hops;
 - pool: concurrent.futures.ProcessPoolExecutor(2);
 - conveyor threads / conveyor processes: a local cluster, one worker with 2 slots, journal on.
 
-Results go to benchmarks/results/wakeups-<UTC>.json.
+Threads are grouped by process role and by kind: ZeroMQ's I/O threads ("ZMQbg/IO/0") apart from the
+Python threads. Linux only. Results go to benchmarks/results/wakeups-<UTC>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+
+import psutil
 
 from benchmarks import bare
 from benchmarks.tasks import noop
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WARMUP = 200
+WARMUP = 300
 RoundTrip = Callable[[], None]
+Pids = Callable[[], list[tuple[str, int]]]  # (role, pid) of every process, asked after the warm-up
+Backend = AbstractContextManager[tuple[RoundTrip, Pids]]
 
 
-def _count_switches(run: Callable[[], None]) -> tuple[int, float]:
-    """(context switches system-wide, seconds) while run() runs."""
-    with tempfile.NamedTemporaryFile("r", suffix=".perf") as out:
-        perf = subprocess.Popen(
-            ["perf", "stat", "-a", "-x", ",", "-e", "context-switches", "-o", out.name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.2)  # perf has opened its counters
-        started = time.perf_counter()
-        try:
-            run()
-        finally:
-            elapsed = time.perf_counter() - started
-            perf.send_signal(signal.SIGINT)
-            perf.wait(10)
-        for line in out.read().splitlines():
-            fields = line.split(",")
-            if len(fields) > 2 and fields[2] == "context-switches":
-                return int(fields[0]), elapsed
-    raise RuntimeError("perf stat printed no context-switches count")
+def _switches(pids: list[tuple[str, int]]) -> Counter[str]:
+    """Voluntary context switches so far, by "role/thread kind" (ZeroMQ I/O threads apart)."""
+    out: Counter[str] = Counter()
+    for role, pid in pids:
+        for task in glob.glob(f"/proc/{pid}/task/*"):
+            try:
+                with open(f"{task}/comm") as f:
+                    name = f.read().strip()
+                with open(f"{task}/status") as f:
+                    status = f.read()
+            except OSError:  # the thread ended meanwhile
+                continue
+            kind = "zmq I/O" if name.startswith("ZMQbg") else "python"
+            out[f"{role}/{kind}"] += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    return out
 
 
-def _timed(round_trip: RoundTrip, samples: int) -> tuple[float, int, float]:
-    """(p50 µs, context switches, seconds) of `samples` round trips after a warm-up."""
-    for _ in range(WARMUP):
-        round_trip()
-    us: list[float] = []
-
-    def run() -> None:
-        for _ in range(samples):
-            t = time.perf_counter_ns()
-            round_trip()
-            us.append((time.perf_counter_ns() - t) / 1000)
-
-    switches, elapsed = _count_switches(run)
-    return statistics.median(us), switches, elapsed
+def _and_children(role: str, pid: int) -> list[tuple[str, int]]:
+    """A process and its descendants (a worker's fork server and children, a pool's processes)."""
+    return [(role, pid), *((f"{role} children", c.pid) for c in psutil.Process(pid).children(recursive=True))]
 
 
 @contextmanager
-def _pool() -> Iterator[RoundTrip]:
+def _bare() -> Iterator[tuple[RoundTrip, Pids]]:
+    with bare.pipeline() as (round_trip, (broker, worker)):
+        yield round_trip, lambda: [("client", os.getpid()), ("broker", broker), ("worker", worker)]
+
+
+@contextmanager
+def _pool() -> Iterator[tuple[RoundTrip, Pids]]:
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
-        yield lambda: pool.submit(noop).result(10)
+        yield (lambda: pool.submit(noop).result(10)), lambda: _and_children("client", os.getpid())
 
 
 @contextmanager
-def _conveyor(mode: str) -> Iterator[RoundTrip]:
+def _conveyor(mode: str) -> Iterator[tuple[RoundTrip, Pids]]:
     from conveyor import Client, LocalCluster
 
     state = tempfile.mkdtemp(prefix="conveyor-wakeups-")
@@ -98,7 +93,11 @@ def _conveyor(mode: str) -> Iterator[RoundTrip]:
         try:
             client.wait_for_workers(1, timeout=60)
             view = client if mode == "processes" else client.options(mode=mode)
-            yield lambda: view.submit(noop).result(10)
+            assert cluster.dispatcher is not None
+            dispatcher, worker = cluster.dispatcher.pid, cluster.workers[0].pid
+            yield (lambda: view.submit(noop).result(10)), lambda: [
+                ("client", os.getpid()), ("dispatcher", dispatcher), *_and_children("worker", worker)
+            ]
         finally:
             client.close()
     finally:
@@ -106,10 +105,21 @@ def _conveyor(mode: str) -> Iterator[RoundTrip]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _bare(samples: int) -> tuple[float, int, float]:
-    holder: dict[str, Any] = {}
-    switches, elapsed = _count_switches(lambda: holder.update(bare.measure(samples, WARMUP)))
-    return holder["p50_us"], switches, elapsed  # (the warm-up and start are inside this count: see note)
+def _sample(backend: Backend, samples: int) -> dict[str, float]:
+    with backend as (round_trip, processes):
+        for _ in range(WARMUP):
+            round_trip()
+        pids = processes()
+        before = _switches(pids)
+        us: list[float] = []
+        for _ in range(samples):
+            t = time.perf_counter_ns()
+            round_trip()
+            us.append((time.perf_counter_ns() - t) / 1000)
+        after = _switches(pids)
+    by_thread = {k: round((n - before.get(k, 0)) / samples, 2) for k, n in after.items()}
+    by_thread = {k: v for k, v in by_thread.items() if v >= 0.01}
+    return {"p50_us": statistics.median(us), "wakeups": round(sum(by_thread.values()), 2), **by_thread}
 
 
 def main() -> None:
@@ -118,46 +128,37 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    if shutil.which("perf") is None:
-        print("error: perf is not installed (Debian: apt-get install linux-perf)", file=sys.stderr)
+    if not os.path.exists(f"/proc/{os.getpid()}/task"):
+        print("error: this counts wake-ups from /proc/PID/task: Linux only", file=sys.stderr)
         sys.exit(1)
-    idle_switches, idle_s = _count_switches(lambda: time.sleep(2))
-    idle_rate = idle_switches / idle_s
-    cases: dict[str, Callable[[], tuple[float, int, float]]] = {
-        "bare": lambda: _bare(args.samples),
-        "pool": lambda: _with(_pool(), args.samples),
-        "conveyor threads": lambda: _with(_conveyor("threads"), args.samples),
-        "conveyor processes": lambda: _with(_conveyor("processes"), args.samples),
+    cases: dict[str, Callable[[], Backend]] = {
+        "bare": _bare,
+        "pool": _pool,
+        "conveyor threads": lambda: _conveyor("threads"),
+        "conveyor processes": lambda: _conveyor("processes"),
     }
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     for r in range(args.rounds):
         for name, case in cases.items():
-            p50, switches, elapsed = case()
-            n = args.samples + (WARMUP if name == "bare" else 0)
-            per = (switches - idle_rate * elapsed) / n
-            rows[name].append({"p50_us": p50, "switches_per_round_trip": per})
-            print(f"[round {r + 1}/{args.rounds}] {name:19} p50 {p50:7.0f} µs  {per:5.1f} context switches per round trip")
-    summary = {
-        name: {k: statistics.median(x[k] for x in runs) for k in ("p50_us", "switches_per_round_trip")}
-        for name, runs in rows.items()
-    }
-    print("\nmedians:")
-    for name, s in summary.items():
-        print(f"  {name:19} p50 {s['p50_us']:7.0f} µs  {s['switches_per_round_trip']:5.1f} switches")
+            row = _sample(case(), args.samples)
+            runs[name].append(row)
+            print(f"[round {r + 1}/{args.rounds}] {name:19} p50 {row['p50_us']:6.0f} µs, "
+                  f"{row['wakeups']:5.2f} wake-ups per round trip")
+    medians = {name: {k: round(statistics.median(row.get(k, 0.0) for row in rows), 2)
+                      for k in dict.fromkeys(k for row in rows for k in row)} for name, rows in runs.items()}
+    print("\nmedians, wake-ups per round trip by process and thread kind:")
+    for name, m in medians.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("p50_us", "wakeups"))
+        print(f"  {name:19} p50 {m['p50_us']:6.0f} µs, {m['wakeups']:5.2f} in all: {parts}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"wakeups-{stamp}.json")
-    doc = {"timestamp": stamp, "samples": args.samples, "rounds": args.rounds, "idle_switches_per_s": idle_rate,
-           "cpus": os.cpu_count(), "runs": rows, "medians": summary}
+    doc = {"timestamp": stamp, "samples": args.samples, "rounds": args.rounds, "cpus": os.cpu_count(),
+           "runs": runs, "medians": medians}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
     print(f"results: {path}")
-
-
-def _with(backend: Any, samples: int) -> tuple[float, int, float]:
-    with backend as round_trip:
-        return _timed(round_trip, samples)
 
 
 if __name__ == "__main__":

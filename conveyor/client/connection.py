@@ -68,7 +68,7 @@ SUBMIT_BATCH_BYTES = 8 << 20
 # An ACK waits this long for a message to go out with, usually the caller's next SUBMIT: sent together,
 # they wake the dispatcher once, where an ACK of its own would cost three wake-ups (ours, ZeroMQ's I/O
 # threads, the dispatcher's loop) on every lone round trip.
-ACK_DELAY_S = 0.005
+ACK_DELAY_S = 0.002  # under the commit window (5 ms): a lone job is still forgotten before its commit, never written
 CLOSE_LINGER_MS = 200  # closing with an ACK just sent: ZeroMQ gets this long to deliver it
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # a dead TCP connection is torn down within this many heartbeat intervals (5 s at least)

@@ -181,6 +181,14 @@ class Durability:
         if (now < self._commit_at or now < committer.retry_at) and not stopping:
             return
         self._commit_at = None
+        if not journal.dirty and self.replica is None:
+            # Nothing to write: what these replies accept finished and was forgotten within the window (a
+            # lone round trip), or was durable already (a re-send). ACCEPTED goes now, without waking the
+            # writer thread and this loop again for an empty commit. (A pair still ships: its passive
+            # acknowledges batches in order.)
+            acks, self._acks = self._acks, []
+            self._send_acks(acks)
+            return
         batch = journal.take_batch()
         seq = self.replica.ship(batch) if self.replica is not None else 0
         committer.submit(Commit(batch, self._acks, extra={"seq": seq}))
