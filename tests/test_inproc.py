@@ -13,7 +13,6 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-import zmq.asyncio
 
 from conveyor import Client, JobCancelled
 from conveyor.dispatcher import Dispatcher
@@ -46,7 +45,7 @@ class InprocCluster:
             name="inproc-worker",
             heartbeat_interval=HEARTBEAT,
             drain_timeout=5.0,
-            context=zmq.asyncio.Context.shadow(self.ctx),
+            context=self.ctx,
         )
         self.errors: list[BaseException] = []
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -197,7 +197,8 @@ class Worker:
             )
         )
         self._own_context = context is None
-        self._ctx: zmq.Context[Any] = context or zmq.Context()
+        # A plain context even when given a zmq.asyncio one (its sockets would return futures): a shadow of it.
+        self._ctx: zmq.Context[Any] = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
         self._sock_fd = -1  # its ZMQ_FD, registered with the loop while connected
         self._read_soon = False  # a read of the socket is scheduled on the loop (see _send)
