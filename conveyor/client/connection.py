@@ -521,11 +521,13 @@ class Connection:
         self._sends += 1
 
     def _ack_due(self, now: float, sent_this_turn: bool) -> None:
-        """JOB_DONE arrived: acknowledge it with the messages of this turn, if any; else wait for company
-        (the caller's next SUBMIT, _ack_with_submit) at most ACK_DELAY_S."""
+        """JOB_DONE arrived: acknowledge it now, unless nothing else is pending or went this turn: a lone
+        round trip's caller is about to send its next SUBMIT (_ack_with_submit), so the ACK waits for it,
+        at most ACK_DELAY_S. (With jobs pending, it goes at once: the dispatcher forgets their jobs before
+        its next commit instead of writing them.)"""
         if not self._ack_at:
             self._ack_at = now + ACK_DELAY_S
-        if sent_this_turn or now >= self._ack_at:
+        if sent_this_turn or self._pending or now >= self._ack_at:
             self._send_ack()
 
     def _ack_with_submit(self) -> None:

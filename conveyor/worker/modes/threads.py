@@ -1,9 +1,12 @@
 """threads mode: tasks run in a pool of threads inside the worker process.
 
-They share the worker's memory and, in CPython with the GIL, one core for Python code. The threads take
-tasks from one queue, so the worker hands this mode its prefetched tasks too (`queue_limit`): a thread
-goes from task to task without waiting for the worker's loop, and finished tasks are reported in batches,
-one loop wake-up for however many finish meanwhile.
+They share the worker's memory and, in CPython with the GIL, one core for Python code. A task goes
+straight to one idle thread, the one idle the shortest (each waits on a lock of its own), or else into a
+backlog that threads take from as they finish; so the worker hands this mode its prefetched tasks too
+(`queue_limit`): a thread goes from task to task without waiting for the worker's loop, and finished
+tasks are reported in batches, one loop wake-up for however many finish meanwhile. (One shared queue
+woke two threads per task once two were idle, and each wake-up costs tens of microseconds:
+benchmarks/wakeups.py.)
 
 A task that is stopped (timeout, cancel) gets an exception raised asynchronously in its thread
 (PyThreadState_SetAsyncExc): it lands at the next Python bytecode, so pure-Python code stops promptly,
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import queue
 import threading
+from _thread import LockType, allocate_lock
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor import task as task_api
 from conveyor.errors import JobCancelled, TaskTimeout
@@ -37,7 +41,22 @@ class _Item:
     task: Task
     thread: int | None = None  # while it runs
     started: bool = False
+    handed: bool = False  # given to a thread (no longer withdrawable)
     dropped: bool = False  # stopped or withdrawn: its thread skips it, or its outcome is not reported
+
+
+def _parked_lock() -> LockType:
+    lock = allocate_lock()
+    lock.acquire()
+    return lock
+
+
+@dataclass(slots=True, eq=False)
+class _Parking:
+    """Where one idle thread waits: its lock is released once, by whoever hands it a task (or None: exit)."""
+
+    lock: LockType = field(default_factory=_parked_lock)
+    item: _Item | None = None
 
 
 class ThreadsMode(Mode):
@@ -45,11 +64,12 @@ class ThreadsMode(Mode):
 
     def __init__(self, settings: ModeSettings, reports: TaskReports | None = None):
         super().__init__(settings, reports)
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._items: dict[Key, _Item] = {}  # submitted and not yet reported, stopped or withdrawn; queue order
+        self._backlog: deque[_Item] = deque()  # submitted while no thread was idle, in order
+        self._idle: list[_Parking] = []  # threads waiting for a task: the last to go idle is woken first
+        self._closing = False
+        self._items: dict[Key, _Item] = {}  # submitted and not yet reported, stopped or withdrawn; in order
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
-        self._target = self.concurrency  # threads that take tasks: the slots, plus those lent
         self._abandoned: set[int] = set()  # threads left running a stopped task: they exit when it returns
         self._retire = 0  # lent slots come back: that many threads exit once idle
         self._busy: set[_Item] = set()  # the items threads are running (an abandoned one leaves it)
@@ -79,22 +99,47 @@ class ThreadsMode(Mode):
     def _serve(self) -> None:
         me = threading.current_thread()
         task_api.lender.set(self)  # this thread's tasks may lend their slot (conveyor.task.slot_lent)
+        parking = _Parking()
         while True:
             try:
-                if not self._serve_one():
+                if not self._serve_one(parking):
                     break
             except (TaskTimeout, JobCancelled):
                 pass  # an interruption that landed just after its task had finished: this thread goes on
         with self._lock:
             self._threads.discard(me)
 
-    def _serve_one(self) -> bool:
-        """Run one queued task; False when this thread should exit."""
+    def _take(self, parking: _Parking) -> _Item | None:
+        """The next task for this thread, waiting for one if there is none; None: this thread exits."""
         with self._lock:
             if self._retire:
                 self._retire -= 1
-                return False  # a lent slot came back: one thread too many
-        item = self._queue.get()
+                return None  # a lent slot came back: one thread too many
+            if self._closing:
+                return None
+            if self._backlog:
+                item = self._backlog.popleft()
+                item.handed = True
+                return item
+            parking.item = None
+            self._idle.append(parking)
+        parking.lock.acquire()  # until _hand (a task) or _wake_one (None) releases it
+        return parking.item
+
+    def _hand(self, item: _Item | None) -> bool:
+        """Give an idle thread this task (None: exit), under the lock; False if no thread is idle."""
+        if not self._idle:
+            return False
+        parking = self._idle.pop()
+        parking.item = item
+        if item is not None:
+            item.handed = True
+        parking.lock.release()
+        return True
+
+    def _serve_one(self, parking: _Parking) -> bool:
+        """Run one task; False when this thread should exit."""
+        item = self._take(parking)
         if item is None:
             return False
         with self._lock:  # decided together with stop() and withdraw(): it either starts here or never
@@ -122,9 +167,6 @@ class ThreadsMode(Mode):
             if me in self._abandoned:  # a replacement took this thread's place
                 self._abandoned.discard(me)
                 more = False
-            elif self._retire:  # a lent slot came back
-                self._retire -= 1
-                more = False
             else:
                 more = True
         if wake and self._loop is not None:  # one wake-up of the loop for however many tasks finish before it runs
@@ -136,19 +178,14 @@ class ThreadsMode(Mode):
 
     def lend(self, job: Key) -> None:
         """On the task's thread, as it blocks on a child: one more thread, and the worker is told."""
-        with self._lock:
-            self._target += 1
         self._spawn()
         self._tell(job, True)
 
     def back(self, job: Key) -> None:
         """On the task's thread, as its wait ends: one thread fewer, once one is idle."""
         with self._lock:
-            self._target -= 1
-            if self._queue.empty():
-                self._queue.put(None)  # an idle thread exits now (or, if none is, the next to go idle)
-            else:
-                self._retire += 1  # every thread is busy (else it would take from the queue): the next to finish
+            if not self._hand(None):  # an idle thread exits now, or else the next to look for a task
+                self._retire += 1
         self._tell(job, False)
 
     def _tell(self, job: Key, lent: bool) -> None:
@@ -170,11 +207,12 @@ class ThreadsMode(Mode):
 
     def submit(self, tasks: Sequence[Task]) -> None:
         items = self._items
-        put = self._queue.put
-        for task in tasks:
-            item = _Item(task)
-            items[task.key] = item
-            put(item)
+        with self._lock:
+            for task in tasks:
+                item = _Item(task)
+                items[task.key] = item
+                if not self._hand(item):
+                    self._backlog.append(item)
 
     def stop(self, key: Key, reason: BaseException) -> None:
         item = self._items.pop(key, None)
@@ -197,34 +235,16 @@ class ThreadsMode(Mode):
         if item is None:
             return False
         with self._lock:
-            if item.started or item.dropped:
-                return False  # running or ran
-            if self._next_for_an_idle_thread(item):
-                return False  # not waiting for a slot: a free thread is about to take it
-            item.dropped = True
+            if item.handed or item.dropped:
+                return False  # a thread has it: running, or about to
+            item.dropped = True  # (the backlog's threads skip it)
         del self._items[key]
         return True
-
-    def _next_for_an_idle_thread(self, item: _Item) -> bool:
-        """True if item is among the first queued items that the idle threads will take (under the lock)."""
-        idle = self._target - len(self._busy)
-        if idle <= 0:
-            return False
-        for queued in self._items.values():  # in queue order
-            if queued.started or queued.dropped:
-                continue
-            if queued is item:
-                return True
-            idle -= 1
-            if idle == 0:
-                return False
-        return False
 
     async def shutdown(self) -> None:
         if self.capture_output:
             inproc_capture.uninstall()
         with self._lock:
-            self._target = 0
-            n = len(self._threads)
-        for _ in range(n):
-            self._queue.put(None)
+            self._closing = True
+            while self._hand(None):
+                pass
