@@ -51,7 +51,7 @@ from conveyor.security.keys import PeerCredentials
 from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import watch_handshakes
-from conveyor.transport.sockets import configure_socket, has_message, keep_links_alive, send_parts
+from conveyor.transport.sockets import configure_socket, has_message, keep_links_alive, recv_waiting, send_parts
 
 log = logging.getLogger("conveyor.client")
 
@@ -73,7 +73,6 @@ CLOSE_LINGER_MS = 200  # closing with an ACK just sent: ZeroMQ gets this long to
 BUSY_RETRY_S = 0.2  # a job the dispatcher had no room for is sent again this much later (§6 ACCEPTED)
 LINK_TIMEOUT_BEATS = 5  # a dead TCP connection is torn down within this many heartbeat intervals (5 s at least)
 ALIVE_BEATS = 3  # the dispatcher counts as reachable if heard from within this many intervals
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost a Python-level __or__ on every use
 
 
 class Connection:
@@ -593,15 +592,7 @@ class Connection:
             self._send(Cmd.SUBMIT, entries, frames)
 
     def _receive(self, sock: zmq.Socket[Any]) -> None:
-        # recv_multipart without its RCVMORE getsockopt per part, and ZMQ_EVENTS rather than a raised
-        # zmq.Again to find the end: a third of the cost per message.
-        recv = sock.recv
-        while has_message(sock):
-            frame = recv(_NOBLOCK, copy=False)
-            parts = [frame]
-            while frame.more:  # the rest of a multipart message is always there
-                frame = recv(_NOBLOCK, copy=False)
-                parts.append(frame)
+        while (parts := recv_waiting(sock)) is not None:
             try:
                 cmd, raw, frames = split(parts)
                 if not self.failover.admit(parts[1]):  # a dispatcher of a lower epoch than one obeyed

@@ -43,7 +43,14 @@ from conveyor.security.keys import load_peer_credentials
 from conveyor.transport import shm
 from conveyor.transport.failover import Failover
 from conveyor.transport.handshake import HandshakeWatch, watch_handshakes
-from conveyor.transport.sockets import configure_socket, has_message, keep_links_alive, send_parts
+from conveyor.transport.sockets import (
+    NOBLOCK,
+    configure_socket,
+    has_message,
+    keep_links_alive,
+    recv_waiting,
+    send_parts,
+)
 from conveyor.worker.events import (
     Action,
     ArmTimer,
@@ -77,7 +84,6 @@ from conveyor.worker.state import WorkerConfig, WorkerState
 log = logging.getLogger("conveyor.worker")
 _BEAT = {"role": "worker"}
 
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost a Python-level __or__ on every use
 
 MAX_BACKOFF = 5.0
 AUTO_PREFETCH = 256  # most jobs held beyond the slots when the dispatcher sizes the window itself
@@ -385,14 +391,8 @@ class Worker:
         sock, served, loop = self._sock, self._served, self._loop
         if sock is None or served is None or served.done() or loop is None:
             return
-        recv = sock.recv
         try:
-            while has_message(sock):
-                frame = recv(_NOBLOCK, copy=False)
-                parts = [frame]
-                while frame.more:  # the rest of a multipart message is always there
-                    frame = recv(_NOBLOCK, copy=False)
-                    parts.append(frame)
+            while (parts := recv_waiting(sock)) is not None:
                 self._heard = True
                 self._last_heard = loop.time()
                 if not self._on_message(parts):
@@ -565,7 +565,7 @@ class Worker:
         if sock is None:
             return
         try:
-            send_parts(sock, encode(cmd, body, frames, self.failover.seen), _NOBLOCK)  # SNDHWM 0: never waits
+            send_parts(sock, encode(cmd, body, frames, self.failover.seen), NOBLOCK)  # SNDHWM 0: never waits
         except zmq.Again:
             log.warning("send queue full; dropping %s", cmd.name)
         # A send may take in the descriptor's signal for a message that arrived meanwhile (ZMQ_FD is
